@@ -1,0 +1,2 @@
+"""Natural Language Autoencoders."""
+__version__ = "0.1.0"

@@ -1,0 +1,75 @@
+"""`nla <stage> --config FILE [--key value ...]` — one entry point, one subcommand per stage.
+
+Each stage lives in its own module exposing `main(argv) -> int`; the module docstring shows the
+single-process and multi-GPU commands. A stage whose module is not there yet says so and exits 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+STAGES: dict[str, tuple[str, str]] = {
+    "datagen": ("nla.datagen", "extract activations + teacher explanations into parquet datasets"),
+    "train-ar": ("nla.train_ar", "supervised warm start of the AR (explanation -> activation)"),
+    "train-av": ("nla.train_av", "supervised warm start of the AV (activation -> explanation)"),
+    "rl": ("nla.rl", "joint RL: GRPO on the AV with the live AR as reward, AR co-trained"),
+    "verbalize": ("nla.verbalize", "explanations for text or vectors from a checkpoint"),
+    "eval": ("nla.evaluate", "faithfulness report with controls"),
+    "demo": ("nla.demo", "the whole pipeline on the embedded model, small budget"),
+}
+
+USAGE = """usage: nla <stage> [--config FILE] [--output_dir DIR] [--key value ...]
+
+Natural Language Autoencoders: an AV verbalizes an activation, an AR reconstructs it from the text.
+
+stages:
+{stages}
+
+`nla <stage> --help` lists every option of a stage. Configs: configs/embedded.yaml, configs/smoke.yaml.
+"""
+
+
+def usage() -> str:
+    width = max(map(len, STAGES))
+    return USAGE.format(stages="\n".join(f"  {name:<{width}}  {desc}" for name, (_, desc) in STAGES.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from nla import __version__
+
+        print(__version__)
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"nla: unknown stage {stage!r}.\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name = STAGES[stage][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        module = None
+    if module is None or not hasattr(module, "main"):
+        print(f"nla {stage}: this stage is not built yet.", file=sys.stderr)
+        return 2
+    from nla.config import ConfigError
+    from nla.corpus import CorpusError
+    from nla.models import ModelError
+    from nla.sidecar import SidecarError
+
+    try:
+        return int(module.main(rest) or 0)
+    except (ConfigError, CorpusError, ModelError, SidecarError) as err:
+        print(f"nla {stage}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

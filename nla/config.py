@@ -1,0 +1,324 @@
+"""One dataclass per concern, composed into the config every stage reads.
+
+A single YAML file drives a whole run (`nla datagen`, `nla train-ar`, ... all take the same
+file), so field names are unique across the dataclasses and the CLI is flat:
+
+    nla train-ar --config configs/embedded.yaml --ar_lr 1e-4 --output_dir runs/x
+
+Parsing is trl's `TrlParser` (YAML sets defaults, CLI overrides them). We check YAML keys
+ourselves first only to give a better error: the unknown key, a close match, and the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+EMBEDDED_MODEL = "embedded:smollm2-135m"
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message says how to fix it."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = _help("Where this run writes data, checkpoints, metrics and the resolved config.", default="runs/default")
+    seed: int = _help("Seed for every RNG (positions, splits, sampling, init).", default=0)
+    resume: str = _help("'auto' resumes from the newest complete checkpoint in output_dir, 'never' starts fresh, or a checkpoint path.", default="auto")
+    device: str = _help("'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.", default="auto")
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device={self.device!r}: use 'auto', 'cpu' or 'cuda'.")
+
+
+@dataclass
+class ModelConfig:
+    model: str = _help(f"Target LM: '{EMBEDDED_MODEL}' (shipped via PyPI), a local HF folder, or a hub id (needs allow_hub).", default=EMBEDDED_MODEL)
+    layer: int | None = _help("Block K whose residual output is explained (= hidden_states[K+1]). Default: round(2/3 * n_layers).", default=None)
+    dtype: str = _help("Compute dtype: float32 or bfloat16.", default="float32")
+    allow_hub: bool = _help("Allow downloads from the HF hub (sets HF_HUB_OFFLINE=0). Off by default so nothing hangs offline.", default=False)
+    trust_remote_code: bool = _help("Pass trust_remote_code to transformers. Only for models you trust.", default=False)
+    cache_dir: str | None = _help("Cache for converted models and fetched wheels. Default: $NLA_CACHE or ~/.cache/nla.", default=None)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype={self.dtype!r}: use float32, bfloat16 or float16.")
+        if self.layer is not None and self.layer < 0:
+            raise ConfigError(f"layer={self.layer}: must be >= 0 (block index, counted from 0).")
+
+
+@dataclass
+class DataConfig:
+    corpus: str = _help("'builtin:python-docs', a .txt/.jsonl/.parquet file or folder, or 'hf:NAME[:CONFIG]:SPLIT' (needs allow_hub).", default="builtin:python-docs")
+    text_field: str = _help("Column/key holding the text in .jsonl/.parquet/HF corpora.", default="text")
+    max_docs: int | None = _help("Use at most this many documents (None = all).", default=None)
+    max_doc_tokens: int = _help("Documents are truncated to this many tokens before extraction.", default=256)
+    positions_per_doc: int = _help("Activation positions sampled per document.", default=4)
+    min_position: int = _help("Only positions with token index >= this (early positions have huge norms).", default=50)
+    split_fractions: str = _help("Document split av_sft,ar_sft,rl,val,test (normalised to sum 1).", default="0.25,0.25,0.4,0.05,0.05")
+    extract_batch_size: int = _help("Documents per extraction forward pass.", default=8)
+    data_dir: str | None = _help("Datasets folder (default: <output_dir>/data).", default=None)
+
+    def __post_init__(self) -> None:
+        parts = self.split_weights
+        if len(parts) != 5 or any(p < 0 for p in parts) or sum(parts) <= 0:
+            raise ConfigError(f"split_fractions={self.split_fractions!r}: give 5 non-negative numbers av_sft,ar_sft,rl,val,test.")
+        if self.positions_per_doc < 1:
+            raise ConfigError("positions_per_doc must be >= 1.")
+        if self.min_position >= self.max_doc_tokens:
+            raise ConfigError(f"min_position={self.min_position} must be < max_doc_tokens={self.max_doc_tokens}.")
+
+    @property
+    def split_weights(self) -> list[float]:
+        try:
+            parts = [float(x) for x in str(self.split_fractions).split(",")]
+        except ValueError:
+            raise ConfigError(f"split_fractions={self.split_fractions!r}: not a comma-separated list of numbers.") from None
+        total = sum(parts) or 1.0
+        return [p / total for p in parts]
+
+
+@dataclass
+class TeacherConfig:
+    teacher: str = _help("'local' (an HF causal LM) or 'openai' (any OpenAI-compatible chat endpoint).", default="local")
+    teacher_model: str = _help(f"Local model spec or the endpoint's model name. Default: the target model.", default="")
+    teacher_base_url: str = _help("Base URL of the OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.", default="")
+    teacher_api_key_env: str = _help("Environment variable holding the endpoint's API key (empty = no key).", default="OPENAI_API_KEY")
+    teacher_max_new_tokens: int = _help("Token cap for one teacher answer.", default=64)
+    teacher_temperature: float = _help("Teacher sampling temperature (0 = greedy).", default=0.0)
+    teacher_batch_size: int = _help("Prompts per local generate call.", default=16)
+    teacher_concurrency: int = _help("Parallel HTTP requests for the 'openai' teacher.", default=8)
+    teacher_timeout_s: float = _help("Per-request timeout for the 'openai' teacher.", default=60.0)
+    teacher_retries: int = _help("Retries with exponential backoff per request.", default=4)
+    teacher_context_chars: int = _help("The teacher sees at most this many characters of context before the position.", default=600)
+
+    def __post_init__(self) -> None:
+        if self.teacher not in ("local", "openai"):
+            raise ConfigError(f"teacher={self.teacher!r}: use 'local' or 'openai'.")
+
+
+@dataclass
+class ARConfig:
+    ar_lr: float = _help("AR SFT learning rate.", default=1e-4)
+    ar_steps: int = _help("AR SFT optimizer steps.", default=200)
+    ar_batch_size: int = _help("AR SFT rows per micro-batch (per process).", default=16)
+    ar_grad_accum: int = _help("Micro-batches per optimizer step.", default=1)
+    ar_lora_r: int = _help("LoRA rank for the AR blocks (0 = full fine-tuning).", default=16)
+    ar_eval_every: int = _help("Validate every N steps.", default=50)
+    ar_save_every: int = _help("Checkpoint every N steps.", default=100)
+    ar_shuffle_targets: bool = _help("Control run: train on targets permuted across rows.", default=False)
+    mse_scale: float | None = _help("Vectors are normalised to this norm before MSE (default sqrt(d_model)).", default=None)
+    ar_checkpoint: str | None = _help("AR checkpoint to load (default: <output_dir>/ar/final).", default=None)
+
+    def __post_init__(self) -> None:
+        if self.ar_lr <= 0 or self.ar_steps < 0 or self.ar_batch_size < 1:
+            raise ConfigError("ar_lr must be > 0, ar_steps >= 0, ar_batch_size >= 1.")
+
+
+@dataclass
+class AVConfig:
+    av_lr: float = _help("AV SFT learning rate.", default=2e-4)
+    av_steps: int = _help("AV SFT optimizer steps.", default=200)
+    av_batch_size: int = _help("AV SFT rows per micro-batch (per process).", default=8)
+    av_grad_accum: int = _help("Micro-batches per optimizer step.", default=1)
+    av_lora_r: int = _help("LoRA rank for the AV (0 = full fine-tuning).", default=16)
+    av_eval_every: int = _help("Validate (real and shuffled vectors) every N steps.", default=50)
+    av_save_every: int = _help("Checkpoint every N steps.", default=100)
+    injection_scale: float | None = _help("Norm the injected vector is rescaled to (default: the dataset's suggested p75 norm).", default=None)
+    max_new_tokens: int = _help("Explanation length cap when generating.", default=64)
+    av_checkpoint: str | None = _help("AV checkpoint to load (default: <output_dir>/av/final).", default=None)
+
+    def __post_init__(self) -> None:
+        if self.av_lr <= 0 or self.av_steps < 0 or self.av_batch_size < 1:
+            raise ConfigError("av_lr must be > 0, av_steps >= 0, av_batch_size >= 1.")
+        if self.injection_scale is not None and self.injection_scale <= 0:
+            raise ConfigError("injection_scale must be > 0.")
+
+
+@dataclass
+class RLConfig:
+    rl_steps: int = _help("Joint RL steps.", default=50)
+    rl_batch_size: int = _help("Activation vectors per RL step (per process).", default=4)
+    group_size: int = _help("GRPO samples per vector.", default=4)
+    rl_av_lr: float = _help("AV learning rate during RL.", default=1e-5)
+    rl_ar_lr: float = _help("AR learning rate during RL.", default=5e-5)
+    temperature: float = _help("Rollout sampling temperature.", default=1.0)
+    kl_coef: float = _help("Weight of the k3 KL to the frozen SFT AV (0 skips reference log-probs).", default=0.01)
+    clip_eps: float = _help("PPO ratio clip.", default=0.2)
+    reward: str = _help("'neg_mse' (-MSE_nrm) or 'neg_log_mse'.", default="neg_mse")
+    contrastive_coef: float = _help("Weight of the contrastive term (own vector vs others in batch) against template collapse.", default=0.0)
+    length_penalty: float = _help("Reward penalty per explanation token.", default=0.0)
+    max_response_tokens: int = _help("Rollout length cap; hitting it gives the failure reward.", default=150)
+    rl_save_every: int = _help("Checkpoint every N RL steps.", default=25)
+    rl_table_every: int = _help("Log a W&B table of samples every N steps.", default=10)
+
+    def __post_init__(self) -> None:
+        if self.reward not in ("neg_mse", "neg_log_mse"):
+            raise ConfigError(f"reward={self.reward!r}: use 'neg_mse' or 'neg_log_mse'.")
+        if self.group_size < 2:
+            raise ConfigError("group_size must be >= 2 (GRPO normalises rewards within a group).")
+
+
+@dataclass
+class EvalConfig:
+    eval_max_rows: int = _help("Evaluate at most this many rows.", default=64)
+    retrieval_candidates: int = _help("Candidates for top-1 retrieval (own vector + distractors).", default=16)
+    independent_ar: str | None = _help("A second AR checkpoint for an independent score.", default=None)
+
+
+@dataclass
+class LoggingConfig:
+    report_to: str = _help("'wandb' or 'none'. Metrics always also go to <output_dir>/metrics.jsonl.", default="wandb")
+    wandb_mode: str | None = _help("online/offline/disabled. Default: online if W&B credentials are configured, else offline.", default=None)
+    wandb_project: str = _help("W&B project.", default="nla")
+    run_name: str | None = _help("W&B run name (default: output_dir's name + stage).", default=None)
+    log_every: int = _help("Log metrics every N steps.", default=5)
+    progress: bool = _help("Show progress bars.", default=True)
+
+    def __post_init__(self) -> None:
+        if self.report_to not in ("wandb", "none"):
+            raise ConfigError(f"report_to={self.report_to!r}: use 'wandb' or 'none'.")
+        if self.wandb_mode not in (None, "online", "offline", "disabled"):
+            raise ConfigError(f"wandb_mode={self.wandb_mode!r}: use online, offline or disabled.")
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "teacher": TeacherConfig,
+    "ar": ARConfig,
+    "av": AVConfig,
+    "rl": RLConfig,
+    "eval": EvalConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclass
+class NLAConfig:
+    """Everything one run needs; each stage reads the sections it uses."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    ar: ARConfig = field(default_factory=ARConfig)
+    av: AVConfig = field(default_factory=AVConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.data_dir) if self.data.data_dir else self.output_dir / "data"
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for name in SECTIONS:
+            flat.update(dataclasses.asdict(getattr(self, name)))
+        return flat
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def save(self, directory: str | Path, name: str = "config.yaml") -> Path:
+        """Write the resolved config (flat, re-loadable with --config) atomically."""
+        from nla.io import atomic_write_text
+
+        path = Path(directory) / name
+        atomic_write_text(path, yaml.safe_dump(self.to_flat_dict(), sort_keys=False))
+        return path
+
+    def replace(self, **flat_overrides: Any) -> "NLAConfig":
+        """A copy with some flat fields changed (validated again)."""
+        return from_flat_dict({**self.to_flat_dict(), **flat_overrides})
+
+
+def valid_keys() -> list[str]:
+    return [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+
+
+def check_keys(keys: Iterable[str], source: str, also_valid: Iterable[str] = ()) -> None:
+    valid = valid_keys() + list(also_valid)
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"Unknown config key {key!r} in {source}.{hint} Valid keys: {', '.join(sorted(valid))}"
+            )
+
+
+def from_flat_dict(values: dict[str, Any]) -> NLAConfig:
+    check_keys(values, "config")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        sections[name] = cls(**{k: v for k, v in values.items() if k in names})
+    return NLAConfig(**sections)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} not found. Pass an existing YAML file to --config (see configs/).")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a YAML mapping of key: value.")
+    check_keys(data, str(path))
+    return data
+
+
+def parse_config(argv: list[str] | None = None, extra: Iterable[type] = ()) -> tuple[NLAConfig, list[Any]]:
+    """Parse `--config FILE` plus CLI overrides into an NLAConfig (and any stage-specific dataclasses)."""
+    from trl import TrlParser
+
+    argv = list(argv or [])
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a file path.")
+        load_yaml(argv[i + 1])  # friendly unknown-key error before trl's generic one
+    extra = list(extra)
+    extra_keys = [f.name for cls in extra for f in dataclasses.fields(cls)]
+    flags = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and a not in ("--config", "--help")]
+    check_keys([f for f in flags if f not in extra_keys], "the command line", extra_keys)
+    parser = TrlParser([*SECTIONS.values(), *extra])
+    try:
+        parsed = parser.parse_args_and_config(argv)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    n = len(SECTIONS)
+    cfg = NLAConfig(**dict(zip(SECTIONS, parsed[:n])))
+    return cfg, list(parsed[n:])
+
+
+def default_layer(n_layers: int) -> int:
+    """About 2/3 depth (the published choice), as a block index."""
+    return max(0, min(n_layers - 1, round(2 * n_layers / 3)))
+
+
+def default_mse_scale(d_model: int) -> float:
+    return math.sqrt(d_model)
+
+
+def dumps(cfg: NLAConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, default=str)

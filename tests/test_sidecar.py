@@ -1,0 +1,54 @@
+import pytest
+
+from nla import templates
+from nla.sidecar import Meta, SidecarError, make_token_spec, read_meta, verify_tokens, write_meta
+
+
+def test_token_spec_records_neighbours(tiny_tokenizer):
+    spec = make_token_spec(tiny_tokenizer, "㈠")
+    ids = templates.av_prompt_ids(tiny_tokenizer, "㈠")
+    i = ids.index(spec.injection_token_id)
+    assert (ids[i - 1], ids[i + 1]) == (spec.injection_left_neighbor_id, spec.injection_right_neighbor_id)
+    assert ids.count(spec.injection_token_id) == 1
+    suffix = tiny_tokenizer.encode(templates.ar_suffix(), add_special_tokens=False)
+    assert spec.critic_suffix_ids == suffix
+
+
+def test_multi_token_marker_rejected(tiny_tokenizer):
+    with pytest.raises(SidecarError, match="exactly one"):
+        make_token_spec(tiny_tokenizer, "§§§")
+
+
+def test_round_trip_and_wrong_tokenizer_fails(tmp_path, tiny_tokenizer, embedded_tokenizer):
+    meta = Meta("nla_dataset", make_token_spec(tiny_tokenizer, "㈠"), d_model=64, layer_index=2, base_model="tiny",
+                extra={"row_count": 3, "extraction": {"positions_per_doc": 2}})
+    path = write_meta(tmp_path / "x.parquet.nla_meta.yaml", meta)
+    back = read_meta(path)
+    assert back.tokens == meta.tokens and back.d_model == 64 and back.layer_index == 2
+    assert back.extra["row_count"] == 3 and back.extra["extraction"]["positions_per_doc"] == 2
+    back.verify(tiny_tokenizer, d_model=64)
+    with pytest.raises(SidecarError, match="hidden_size"):
+        back.verify(tiny_tokenizer, d_model=576)
+    with pytest.raises(SidecarError):
+        back.verify(embedded_tokenizer)  # another tokenizer: the marker/neighbours differ
+
+
+def test_reference_field_names_accepted(tiny_tokenizer):
+    spec = make_token_spec(tiny_tokenizer, "㈠")
+    old = {"kind": "nla_model", "role": "critic", "d_model": 64, "critic": {"extraction_layer_index": 2},
+           "tokens": {**spec.__dict__}, "prompt_templates": {"actor": templates.AV_TEMPLATE, "critic": templates.AR_TEMPLATE}}
+    meta = Meta.from_dict(old)
+    assert meta.layer_index == 2 and meta.ar_template == templates.AR_TEMPLATE
+    verify_tokens(meta.tokens, tiny_tokenizer)
+
+
+def test_missing_sidecar_is_one_clear_line(tmp_path):
+    with pytest.raises(SidecarError, match="nla_meta.yaml"):
+        read_meta(tmp_path)
+
+
+def test_extract_explanation():
+    assert templates.extract_explanation("x <explanation>\n a; b \n</explanation> y") == "a; b"
+    assert templates.extract_explanation("<explanation>unclosed") is None
+    assert templates.extract_explanation("<explanation> </explanation>") is None
+    assert templates.extract_explanation(templates.av_response("topic")) == "topic"
