@@ -1,0 +1,55 @@
+"""Residual output of block K without running the rest of the model.
+
+A forward hook on block K records its output and raises `_StopForward`, so nothing after block K
+runs (not the later blocks, not the final norm, not the LM head). The same function serves
+datagen extraction, the AR read-out on a shared base model, and verbalize; on a model truncated to
+K+1 blocks it simply stops at the last block. The result equals `hidden_states[K+1]`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _StopForward(Exception):
+    pass
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of an HF model (plain, CausalLM or PEFT-wrapped)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = getattr(base.config, "num_hidden_layers", None)
+    for name, module in base.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and name.split(".")[-1] in ("layers", "h", "blocks"):
+            return module
+    raise ValueError(f"could not find the {n} decoder blocks of {type(base).__name__}")
+
+
+def block_output(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int) -> torch.Tensor:
+    """[batch, seq, d_model] residual stream after block `layer` (0-based); grads flow if enabled."""
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"layer {layer} is out of range: the model has blocks 0..{len(layers) - 1}.")
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _args, output):
+        captured["h"] = output[0] if isinstance(output, (tuple, list)) else output
+        raise _StopForward
+
+    handle = layers[layer].register_forward_hook(hook)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "h" not in captured:
+        raise RuntimeError(f"block {layer} never ran; is the model's forward unusual?")
+    return captured["h"]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[batch] index of the last real token, for left or right padding alike."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(dim=1)

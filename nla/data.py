@@ -1,0 +1,78 @@
+"""Dataset splits on disk: `<data_dir>/<split>.parquet` + `<split>.parquet.nla_meta.yaml`.
+
+Columns (reference names): `doc_id`, `position`, `n_raw_tokens`, `activation_layer`,
+`activation_vector` (list<float32>, raw, never normalised), `detokenized_text_truncated`
+(context up to the position), `explanation` (teacher text; null for RL rows), `prompt` (AV user
+message, or the filled AR prompt in ar_sft), `response` (AV target, av_sft/val/test).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from nla.io import atomic_file
+from nla.sidecar import Meta, dataset_meta_path, read_meta, write_meta
+
+SPLITS = ("av_sft", "ar_sft", "rl", "val", "test")
+
+
+@dataclass
+class Split:
+    vectors: torch.Tensor  # [n, d] float32, raw activations
+    columns: dict[str, list[Any]]  # every other column, as python lists
+    meta: Meta
+    path: Path
+
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
+    def column(self, name: str) -> list[Any]:
+        if name not in self.columns:
+            raise KeyError(f"{self.path} has no column {name!r} (columns: {sorted(self.columns)}).")
+        return self.columns[name]
+
+
+def split_path(data_dir: str | Path, name: str) -> Path:
+    return Path(data_dir) / f"{name}.parquet"
+
+
+def write_split(path: str | Path, vectors: np.ndarray | torch.Tensor, columns: dict[str, list[Any]], meta: Meta) -> Path:
+    """Write parquet then sidecar, each atomically; `meta.extra['row_count']` is set here."""
+    path = Path(path)
+    vecs = vectors.detach().cpu().float().numpy() if isinstance(vectors, torch.Tensor) else np.asarray(vectors, np.float32)
+    n, d = vecs.shape if vecs.size else (0, meta.d_model)
+    for name, values in columns.items():
+        if len(values) != n:
+            raise ValueError(f"column {name!r} has {len(values)} rows, vectors have {n}.")
+    flat = pa.array(vecs.reshape(-1), type=pa.float32())
+    table = pa.table({**columns, "activation_vector": pa.FixedSizeListArray.from_arrays(flat, d)})
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp)
+    meta.extra["row_count"] = n
+    write_meta(dataset_meta_path(path), meta)
+    return path
+
+
+def load_split(path: str | Path, max_rows: int | None = None) -> Split:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `nla datagen` first (or set --data_dir).")
+    meta = read_meta(dataset_meta_path(path))
+    table = pq.read_table(path)
+    if max_rows is not None:
+        table = table.slice(0, max_rows)
+    col = table.column("activation_vector").combine_chunks()
+    d = meta.d_model or len(col[0]) if len(col) else meta.d_model
+    values = np.asarray(col.flatten() if hasattr(col, "flatten") else col.values, dtype=np.float32)
+    vectors = torch.from_numpy(values.reshape(len(col), -1).copy())
+    if len(col) and vectors.shape[1] != d:
+        raise ValueError(f"{path}: vectors have width {vectors.shape[1]} but the sidecar says d_model={d}.")
+    columns = {name: table.column(name).to_pylist() for name in table.column_names if name != "activation_vector"}
+    return Split(vectors, columns, meta, path)
