@@ -1,0 +1,30 @@
+"""LoRA is a config flag: r > 0 wraps the model with peft adapters, r == 0 means full fine-tuning."""
+
+from __future__ import annotations
+
+from torch import nn
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_config(r: int, layers: list[int] | None = None, dropout: float = 0.0):
+    """A LoraConfig on the attention/MLP projections, optionally only on `layers` (AR: blocks 0..K)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=TARGET_MODULES,
+                      layers_to_transform=layers, bias="none")
+
+
+def apply_lora(model: nn.Module, r: int, layers: list[int] | None = None, adapter_name: str = "default") -> nn.Module:
+    """Wrap `model` with a trainable LoRA adapter (base weights frozen), or return it as is for r == 0."""
+    if r <= 0:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(r, layers), adapter_name=adapter_name)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
