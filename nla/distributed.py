@@ -1,0 +1,26 @@
+"""Accelerate set-up shared by every stage.
+
+On a machine without CUDA, Accelerate only joins the process group when built with `cpu=True`
+(otherwise each of N launched processes silently trains alone as rank 0 of 1). One torch thread
+per process when several share a CPU avoids oversubscription.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def make_accelerator(device: str = "auto", grad_accum: int = 1, mixed_precision: str | None = None):
+    from accelerate import Accelerator
+
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    return Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision)
+
+
+def shard(items: list, accelerator) -> list:
+    """This process's share of `items` (round-robin by rank; order within a rank preserved)."""
+    return items[accelerator.process_index :: accelerator.num_processes]
