@@ -93,7 +93,7 @@ class DataConfig:
 
 @dataclass
 class TeacherConfig:
-    teacher: str = _help("'local' (an HF causal LM) or 'openai' (any OpenAI-compatible chat endpoint).", default="local")
+    teacher: str = _help("'local' (an HF causal LM), 'openai' (any OpenAI-compatible chat endpoint) or 'extractive' (model-free: last words + topic word; for smoke tests with random tiny models).", default="local")
     teacher_model: str = _help(f"Local model spec or the endpoint's model name. Default: the target model.", default="")
     teacher_base_url: str = _help("Base URL of the OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.", default="")
     teacher_api_key_env: str = _help("Environment variable holding the endpoint's API key (empty = no key).", default="OPENAI_API_KEY")
@@ -106,8 +106,8 @@ class TeacherConfig:
     teacher_context_chars: int = _help("The teacher sees at most this many characters of context before the position.", default=600)
 
     def __post_init__(self) -> None:
-        if self.teacher not in ("local", "openai"):
-            raise ConfigError(f"teacher={self.teacher!r}: use 'local' or 'openai'.")
+        if self.teacher not in ("local", "openai", "extractive"):
+            raise ConfigError(f"teacher={self.teacher!r}: use 'local', 'openai' or 'extractive'.")
 
 
 @dataclass

@@ -1,0 +1,244 @@
+"""`nla datagen`: activations + teacher explanations -> parquet splits with `nla_meta.yaml` sidecars.
+
+Single process (CPU or one GPU):
+
+    nla datagen --config configs/embedded.yaml --output_dir runs/demo
+
+Several GPUs (extraction chunks are sharded across processes; the main process then asks the
+teacher and writes the splits; a big teacher is best served separately, `--teacher openai`):
+
+    accelerate launch --multi_gpu --num_processes 8 -m nla.cli datagen --config configs/x.yaml \
+        --teacher openai --teacher_base_url http://localhost:8000/v1 --teacher_model NAME
+
+Steps: stream documents -> choose positions (seeded per document) -> block-K outputs, raw fp32,
+in resumable chunks under `<data_dir>/.work/` -> choose the marker (a single-token character
+absent from the corpus) -> split documents (stable hash of seed and doc id against
+`split_fractions`) -> teacher explanations for the av_sft/ar_sft/val/test rows (cached) ->
+`<data_dir>/<split>.parquet` + sidecars, and `datagen_summary.json`. A rerun after a crash redoes
+neither finished chunks nor cached teacher calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from nla import __version__, templates
+from nla.config import ConfigError, NLAConfig, default_layer
+from nla.corpus import iter_documents
+from nla.data import SPLITS, split_path, write_split
+from nla.extract import ChunkStore, Rows, ScanResult, choose_marker, norm_stats, scan_and_extract, stable_int, stable_unit
+from nla.io import atomic_write_text
+from nla.sidecar import Meta, TokenSpec, dataset_meta_path
+from nla.teacher import Explained, Teacher, TeacherCache, explain, make_teacher
+from nla.tracking import Tracker
+
+TEACHER_SPLITS = ("av_sft", "ar_sft", "val", "test")  # rows that need an explanation
+RESPONSE_SPLITS = ("av_sft", "val", "test")  # rows that carry the AV's target text
+SUMMARY = "datagen_summary.json"
+TAIL_CHARS = 160  # context shown next to sample explanations
+
+
+class DatagenError(ConfigError):
+    """datagen cannot go on; the message says how to fix it (finished chunks are kept)."""
+
+
+def split_of(seed: int, doc_id: str, weights: list[float]) -> str:
+    """The split of a document: a stable hash of (seed, doc_id) against the cumulative weights."""
+    u, total = stable_unit("split", seed, doc_id), 0.0
+    for name, w in zip(SPLITS, weights):
+        total += w
+        if u < total:
+            return name
+    return next(name for name, w in zip(reversed(SPLITS), reversed(weights)) if w > 0)  # rounding at u ~ 1
+
+
+def resolve_layer(cfg: NLAConfig, n_layers: int) -> int:
+    layer = cfg.model.layer if cfg.model.layer is not None else default_layer(n_layers)
+    if not 0 <= layer < n_layers:
+        raise DatagenError(f"layer={layer} is out of range for {cfg.model.model} (blocks 0..{n_layers - 1}); "
+                           f"pass --layer between 0 and {n_layers - 1} (default: {default_layer(n_layers)}).")
+    return layer
+
+
+@contextlib.contextmanager
+def disk_errors(work: Path) -> Iterator[None]:
+    """Turn a full disk into one line saying what to do; atomic writes left no partial file."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        raise DatagenError(f"disk full while writing {err.filename or 'the datasets'}: free space or pass --data_dir "
+                           f"on another disk, then rerun (finished chunks in {work} are kept).") from None
+
+
+def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
+    """Extract, explain, split and write; returns the numbers the demo prints (see module docstring)."""
+    from accelerate import PartialState
+
+    from nla.models import load_model_and_tokenizer
+
+    started = time.perf_counter()
+    state = PartialState()
+    rank, world, is_main = state.process_index, state.num_processes, state.is_main_process
+    work = cfg.data_dir / ".work"
+    model, tok, _ = load_model_and_tokenizer(cfg.model, cfg.run.device if world == 1 else str(state.device))
+    layer = resolve_layer(cfg, model.config.num_hidden_layers)
+    if is_main:
+        teacher = teacher or make_teacher(cfg, model, tok)
+        teacher.check()  # an unreachable endpoint fails now, not after the extraction
+    store = ChunkStore(work, {"model": cfg.model.model, "layer": layer, "dtype": cfg.model.dtype,
+                              "max_doc_tokens": cfg.data.max_doc_tokens, "min_position": cfg.data.min_position,
+                              "positions_per_doc": cfg.data.positions_per_doc, "seed": cfg.run.seed})
+    with disk_errors(work):
+        scan = _scan(cfg, tok, model, layer, store, (rank, world), is_main)
+        if world > 1:
+            state.wait_for_everyone()
+            if not is_main:
+                return {}
+            scan = _scan(cfg, tok, model, layer, store, (0, 1), True)  # every chunk is on disk now: reads only
+        _check_scan(cfg, scan)
+        spec = choose_marker(tok, scan.seen_chars, scan.seen_ids)
+        rows, vectors = scan.rows, scan.rows.matrix()
+        splits = [split_of(cfg.run.seed, d, cfg.data.split_weights) for d in rows.doc_id]
+        need = [i for i, s in enumerate(splits) if s in TEACHER_SPLITS]
+        tails = [rows.context[i][-cfg.teacher.teacher_context_chars:] for i in need]
+        explained = explain(teacher, tails, TeacherCache(work / "teacher_cache.jsonl"), cfg.logging.progress)
+        explanation: list[str | None] = [None] * len(rows)
+        for i, e in zip(need, explained.explanations):
+            explanation[i] = e
+        norms = norm_stats(vectors)
+        extra = _meta_extra(cfg, store, teacher, explained, norms)
+        counts = _write_splits(cfg.data_dir, rows, vectors, splits, explanation, spec, layer, cfg.model.model, extra)
+    samples = [(rows.context[i][-TAIL_CHARS:], explanation[i]) for i in need if explanation[i] is not None][:3]
+    result = {
+        "rows": counts, "norms": norms, "suggested_injection_scale": norms["p75"], "marker": spec.injection_char,
+        "samples": samples, "activations_per_s": scan.activations_per_s, "teacher_tokens_per_s": explained.tokens_per_s,
+        "data_dir": str(cfg.data_dir),
+    }
+    summary = {
+        **result, "marker_token_id": spec.injection_token_id, "layer": layer, "docs": scan.n_docs,
+        "skipped_short_docs": scan.n_skipped_short, "chunks_new": scan.n_chunks_new,
+        "chunks_reused": scan.n_chunks_reused, "teacher_requested": explained.n_requested,
+        "teacher_malformed": explained.n_malformed, "teacher_calls": explained.n_calls,
+        "teacher_raw_samples": explained.samples, "extract_s": round(scan.extract_seconds, 2),
+        "teacher_s": round(explained.seconds, 2), "wall_s": round(time.perf_counter() - started, 2),
+    }
+    atomic_write_text(cfg.data_dir / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False))
+    _log(cfg, summary)
+    if explained.n_requested and explained.n_malformed == explained.n_requested:
+        print(f"[nla datagen] warning: all {explained.n_requested} teacher answers were malformed, so av_sft/ar_sft/val/test "
+              "are empty. Use a stronger --teacher_model, raise --teacher_max_new_tokens, or --teacher extractive "
+              "for smoke tests.", file=sys.stderr)
+    return {**result, "wall_s": summary["wall_s"], "summary_path": str(cfg.data_dir / SUMMARY)}
+
+
+def _scan(cfg: NLAConfig, tok, model, layer: int, store: ChunkStore, shard: tuple[int, int], show: bool) -> ScanResult:
+    documents = iter_documents(cfg.data.corpus, cfg.data.text_field, cfg.data.max_docs, cfg.model.allow_hub)
+    return scan_and_extract(documents, tok, model, layer, store, max_doc_tokens=cfg.data.max_doc_tokens,
+                            positions_per_doc=cfg.data.positions_per_doc, min_position=cfg.data.min_position,
+                            seed=cfg.run.seed, batch_size=cfg.data.extract_batch_size, total=cfg.data.max_docs,
+                            show_progress=show and cfg.logging.progress, shard=shard)
+
+
+def _check_scan(cfg: NLAConfig, scan: ScanResult) -> None:
+    if scan.n_docs == 0:
+        raise DatagenError(f"corpus {cfg.data.corpus!r} yielded no documents (all empty?); point --corpus at "
+                           "non-empty text, or check --text_field.")
+    if len(scan.rows) == 0:
+        raise DatagenError(f"all {scan.n_docs} documents are too short: none has a non-special token at index >= "
+                           f"min_position={cfg.data.min_position} within max_doc_tokens={cfg.data.max_doc_tokens}; "
+                           "lower --min_position or raise --max_doc_tokens, or use longer documents.")
+
+
+def _meta_extra(cfg: NLAConfig, store: ChunkStore, teacher: Teacher, explained: Explained,
+                norms: dict[str, float]) -> dict[str, Any]:
+    model_name = Path(cfg.model.model).name.replace(":", "-")
+    fingerprint = stable_int(store.identity, cfg.data.corpus, cfg.data.max_docs, teacher.identity)
+    dataset_id = f"{model_name}-L{store.identity['layer']}-{fingerprint:016x}"
+    return {
+        "dataset_id": dataset_id,
+        "extraction": {"corpus": cfg.data.corpus, "positions_per_doc": cfg.data.positions_per_doc,
+                       "min_position": cfg.data.min_position, "max_doc_tokens": cfg.data.max_doc_tokens,
+                       "seed": cfg.run.seed, "dtype": cfg.model.dtype},
+        "activation_norms": norms,
+        "suggested_injection_scale": norms["p75"],
+        "teacher": {"provider": teacher.identity.split(":", 1)[0], "model": teacher.identity,
+                    "n_requested": explained.n_requested, "n_malformed": explained.n_malformed},
+        "provenance": {"created_by": "nla datagen", "nla_version": __version__, "split_fractions": cfg.data.split_fractions,
+                       "teacher_context_chars": cfg.teacher.teacher_context_chars},
+    }
+
+
+def _write_splits(data_dir: Path, rows: Rows, vectors: np.ndarray, splits: list[str], explanation: list[str | None],
+                  spec: TokenSpec, layer: int, base_model: str, extra: dict[str, Any]) -> dict[str, int]:
+    """One parquet + sidecar per split; rows of teacher splits whose answer was malformed are dropped."""
+    # an interrupted write must leave no mix of old and new splits (the summary, written last, marks completion)
+    stale = [data_dir / SUMMARY] + [p for n in SPLITS for p in (split_path(data_dir, n), dataset_meta_path(split_path(data_dir, n)))]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    av_message = templates.av_user_message(spec.injection_char)
+    counts = {}
+    for name in SPLITS:
+        idx = [i for i, s in enumerate(splits) if s == name and (name not in TEACHER_SPLITS or explanation[i] is not None)]
+        columns: dict[str, list[Any]] = {
+            "doc_id": [rows.doc_id[i] for i in idx],
+            "position": [rows.position[i] for i in idx],
+            "n_raw_tokens": [rows.n_raw_tokens[i] for i in idx],
+            "activation_layer": [layer] * len(idx),
+            "detokenized_text_truncated": [rows.context[i] for i in idx],
+            "explanation": [explanation[i] for i in idx],
+            "prompt": [templates.ar_prompt(explanation[i]) if name == "ar_sft" else av_message for i in idx],
+        }
+        if name in RESPONSE_SPLITS:
+            columns["response"] = [templates.av_response(explanation[i]) for i in idx]
+        meta = Meta("nla_dataset", spec, d_model=vectors.shape[1], layer_index=layer, base_model=base_model,
+                    extra=json.loads(json.dumps({**extra, "stage": name})))  # a deep copy per split
+        write_split(split_path(data_dir, name), vectors[idx], columns, meta)
+        counts[name] = len(idx)
+    return counts
+
+
+def _log(cfg: NLAConfig, summary: dict[str, Any]) -> None:
+    tracker = Tracker(cfg, "datagen")
+    metrics = {f"data/rows_{k}": v for k, v in summary["rows"].items()}
+    metrics.update({f"data/norm_{k}": v for k, v in summary["norms"].items()})
+    for key in ("suggested_injection_scale", "docs", "skipped_short_docs", "teacher_requested", "teacher_malformed",
+                "activations_per_s", "teacher_tokens_per_s", "wall_s"):
+        if summary[key] is not None:
+            metrics[f"data/{key}"] = summary[key]
+    tracker.log(metrics, step=0)
+    tracker.log_table("data/samples", ["context_tail", "explanation"], [list(s) for s in summary["samples"]], step=0)
+    tracker.summary(metrics)
+    tracker.finish()
+
+
+def _rate(value: float | None, unit: str) -> str:
+    return f"{value:.1f} {unit}" if value else f"- {unit} (all cached)"
+
+
+def main(argv: list[str]) -> int:
+    from nla.stage import start_stage
+
+    cfg, _ = start_stage(argv, "datagen")
+    out = run(cfg)
+    if not out:  # non-main process of a multi-GPU run
+        return 0
+    rows = ", ".join(f"{k} {v}" for k, v in out["rows"].items())
+    n = out["norms"]
+    print(f"datagen: {sum(out['rows'].values())} rows in {out['data_dir']} ({rows})")
+    print(f"activation norms: p50 {n['p50']:.2f}  p75 {n['p75']:.2f}  p95 {n['p95']:.2f}  mean {n['mean']:.2f}"
+          f"  -> suggested injection_scale {out['suggested_injection_scale']:.2f}")
+    print(f"marker {out['marker']!r}; {_rate(out['activations_per_s'], 'activations/s')}; "
+          f"{_rate(out['teacher_tokens_per_s'], 'teacher tokens/s')}; {out['wall_s']:.0f} s")
+    for context, expl in out["samples"]:
+        print(f"  ...{context[-80:]!r}\n      -> {expl}")
+    return 0

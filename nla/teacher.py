@@ -1,0 +1,301 @@
+"""Teacher explanations for the warm start: providers and a crash-safe cache.
+
+A teacher reads the context up to a position (its last `teacher_context_chars` characters) and
+answers `<explanation>phrase; phrase</explanation>`; answers without the closing tag are
+malformed and their rows dropped (as in the reference). Providers:
+
+- `local`: an HF causal LM (default: the target model itself, reusing the loaded weights).
+  Batched `generate`, LEFT padding with attention masks (pad == eos on small chat models), chat
+  template with the generation prompt, and the assistant turn prefilled with `<explanation>` so
+  small models answer in format; the prefill is re-attached before parsing.
+- `openai`: any OpenAI-compatible `/chat/completions` endpoint (vLLM, SGLang, llama.cpp server,
+  hosted APIs), stdlib `urllib`, a thread pool of `teacher_concurrency` requests, timeouts, and
+  retries with exponential backoff on connection errors, 429 and 5xx.
+- `extractive`: model-free and deterministic: quotes the last words of the context and its most
+  frequent long word. For smoke tests with random tiny models (which never close the tag) and as
+  a floor any real teacher must beat.
+
+The cache is an append-only JSONL keyed by sha256(teacher identity, template, context), flushed
+and fsynced after every batch, so reruns and crashes never redo a finished call.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from nla import templates
+from nla.config import ConfigError
+from nla.tracking import progress
+
+
+class TeacherError(ConfigError):
+    """The teacher cannot be used (unreachable, refused, misconfigured); the message says how to fix it."""
+
+
+@dataclass
+class Answer:
+    text: str  # the raw answer (with the prefill re-attached for the local teacher)
+    n_tokens: int  # generated tokens (for throughput)
+
+
+class Teacher(Protocol):
+    identity: str  # what determines the answers: provider, model, length cap, temperature
+    batch_size: int  # contexts per `complete` call (one cache flush each)
+
+    def check(self) -> None: ...  # fail fast before any expensive work
+
+    def complete(self, contexts: list[str]) -> list[Answer]: ...
+
+
+class LocalTeacher:
+    """An HF causal LM with a chat template; batched greedy (or sampled) generation."""
+
+    def __init__(self, model, tokenizer, name: str, max_new_tokens: int = 64, temperature: float = 0.0,
+                 batch_size: int = 16, prefill: str = templates.EXPLANATION_OPEN):
+        if not getattr(tokenizer, "chat_template", None):
+            raise TeacherError(f"teacher model {name!r} has no chat template; pass an instruct model via --teacher_model.")
+        self.model, self.tokenizer, self.prefill = model, tokenizer, prefill
+        self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
+        self.identity = f"local:{name}:max{max_new_tokens}:T{temperature}:prefill={prefill}"
+
+    def check(self) -> None:
+        pass
+
+    def prompt_text(self, context: str) -> str:
+        messages = [{"role": "user", "content": templates.teacher_prompt(context)}]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return text + self.prefill
+
+    @torch.inference_mode()
+    def complete(self, contexts: list[str]) -> list[Answer]:
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        # the chat template already wrote any BOS into the text: add no second one
+        enc = tok([self.prompt_text(c) for c in contexts], add_special_tokens=False, padding=True,
+                  padding_side="left", return_tensors="pt").to(next(self.model.parameters()).device)
+        eos = self.model.generation_config.eos_token_id or tok.eos_token_id
+        gen_cfg = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
+                                   temperature=self.temperature if self.temperature > 0 else None, top_p=None,
+                                   top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos,
+                                   stop_strings=[templates.EXPLANATION_CLOSE])
+        out = self.model.generate(**enc, generation_config=gen_cfg, tokenizer=tok)
+        new = out[:, enc["input_ids"].shape[1]:].tolist()
+        stops = set(eos if isinstance(eos, list) else [eos]) | {tok.pad_token_id}
+        answers = []
+        for row in new:
+            n = next((i for i, t in enumerate(row) if t in stops), len(row))
+            answers.append(Answer(self.prefill + tok.decode(row[:n], skip_special_tokens=True), n + (n < len(row))))
+        return answers
+
+
+class OpenAITeacher:
+    """An OpenAI-compatible `/chat/completions` endpoint, called concurrently with retries."""
+
+    def __init__(self, base_url: str, model: str, api_key: str = "", max_new_tokens: int = 64,
+                 temperature: float = 0.0, timeout_s: float = 60.0, retries: int = 4, concurrency: int = 8,
+                 batch_size: int = 16, backoff_s: float = 0.5):
+        if not base_url:
+            raise TeacherError("--teacher openai needs --teacher_base_url, e.g. http://localhost:8000/v1.")
+        if not model:
+            raise TeacherError("--teacher openai needs --teacher_model: the model name the endpoint serves.")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key = model, api_key
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.timeout_s, self.retries, self.concurrency, self.backoff_s = timeout_s, retries, concurrency, backoff_s
+        self.batch_size = max(batch_size, concurrency)
+        self.identity = f"openai:{base_url.rstrip('/')}:{model}:max{max_new_tokens}:T{temperature}"
+
+    def check(self) -> None:
+        """Open a TCP connection to the endpoint's host, so a missing server fails before extraction."""
+        parts = urllib.parse.urlsplit(self.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=min(self.timeout_s, 10.0)).close()
+        except OSError as err:
+            raise self._unreachable(err) from None
+
+    def _unreachable(self, err: BaseException) -> TeacherError:
+        reason = getattr(err, "reason", None) or err
+        return TeacherError(f"teacher endpoint {self.url} unreachable: {reason}; start the server or use --teacher local.")
+
+    def complete(self, contexts: list[str]) -> list[Answer]:
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(self._request, contexts))
+
+    def _request(self, context: str) -> Answer:
+        body = {"model": self.model, "messages": [{"role": "user", "content": templates.teacher_prompt(context)}],
+                "max_tokens": self.max_new_tokens, "temperature": self.temperature}
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"), headers=headers)
+        last: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+                    return self._parse(json.loads(resp.read().decode("utf-8")))
+            except urllib.error.HTTPError as err:
+                if err.code not in (408, 409, 425, 429) and err.code < 500:  # our request is wrong: retrying won't help
+                    detail = err.read().decode("utf-8", "replace")[:200]
+                    raise TeacherError(f"teacher endpoint {self.url} answered HTTP {err.code}: {detail!r}; "
+                                       "check --teacher_model and the API key (--teacher_api_key_env).") from None
+                last = err
+            except (urllib.error.URLError, TimeoutError, ConnectionError, socket.timeout) as err:
+                last = err
+        if isinstance(last, urllib.error.HTTPError):
+            raise TeacherError(f"teacher endpoint {self.url} kept failing (HTTP {last.code}, {self.retries + 1} tries); "
+                               "check the server's log, or raise --teacher_retries.")
+        raise self._unreachable(last)
+
+    def _parse(self, data: dict) -> Answer:
+        try:
+            text = data["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise TeacherError(f"teacher endpoint {self.url} did not answer in the OpenAI chat format "
+                               f"(got {str(data)[:120]!r}); check --teacher_base_url.") from None
+        n_tokens = (data.get("usage") or {}).get("completion_tokens") or len(text.split())
+        return Answer(text, int(n_tokens))
+
+
+class ExtractiveTeacher:
+    """Model-free: `<explanation>the words "...": a text about WORD</explanation>` from the context."""
+
+    identity = "extractive:v1"
+
+    def __init__(self, batch_size: int = 256):
+        self.batch_size = batch_size
+
+    def check(self) -> None:
+        pass
+
+    def complete(self, contexts: list[str]) -> list[Answer]:
+        return [self._explain(c) for c in contexts]
+
+    @staticmethod
+    def _explain(context: str) -> Answer:
+        words = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", context)
+        if not words:
+            inner = "symbols and punctuation"
+        else:
+            long_words = [w.lower() for w in words if len(w) >= 5] or [w.lower() for w in words]
+            topic = collections.Counter(long_words).most_common(1)[0][0]
+            inner = f'the words "{" ".join(words[-3:])}"; a text about {topic}'
+        text = f"{templates.EXPLANATION_OPEN}{inner}{templates.EXPLANATION_CLOSE}"
+        return Answer(text, len(inner.split()))
+
+
+def make_teacher(cfg, target_model=None, target_tokenizer=None) -> Teacher:
+    """The teacher `cfg.teacher` asks for; the local one reuses the target model when it is the teacher."""
+    t = cfg.teacher
+    if t.teacher == "extractive":
+        return ExtractiveTeacher()
+    if t.teacher == "openai":
+        key = os.environ.get(t.teacher_api_key_env, "") if t.teacher_api_key_env else ""
+        return OpenAITeacher(t.teacher_base_url, t.teacher_model, key, t.teacher_max_new_tokens, t.teacher_temperature,
+                             t.teacher_timeout_s, t.teacher_retries, t.teacher_concurrency, t.teacher_batch_size)
+    if t.teacher_model and t.teacher_model != cfg.model.model:
+        from nla.models import load_causal_lm, load_tokenizer, pick_device, resolve_model
+
+        path = resolve_model(t.teacher_model, cfg.model.cache_dir, cfg.model.allow_hub)
+        model = load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code).to(pick_device(cfg.run.device)).eval()
+        return LocalTeacher(model, load_tokenizer(path, cfg.model.trust_remote_code), t.teacher_model,
+                            t.teacher_max_new_tokens, t.teacher_temperature, t.teacher_batch_size)
+    return LocalTeacher(target_model, target_tokenizer, cfg.model.model, t.teacher_max_new_tokens,
+                        t.teacher_temperature, t.teacher_batch_size)
+
+
+class TeacherCache:
+    """Append-only JSONL of {key, answer, n_tokens}; a torn last line (crash mid-write) is ignored."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.entries: dict[str, dict] = {}
+        if self.path.is_file():
+            raw = self.path.read_bytes()
+            for line in raw.decode("utf-8", "replace").splitlines():
+                try:
+                    row = json.loads(line)
+                    self.entries[row["key"]] = row
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+            if raw and not raw.endswith(b"\n"):  # start the next entry on a fresh line
+                with open(self.path, "ab") as fh:
+                    fh.write(b"\n")
+
+    @staticmethod
+    def key(identity: str, context: str, template: str = templates.TEACHER_TEMPLATE) -> str:
+        return hashlib.sha256(json.dumps([identity, template, context]).encode("utf-8")).hexdigest()
+
+    def get(self, key: str) -> dict | None:
+        return self.entries.get(key)
+
+    def add(self, items: list[tuple[str, Answer]]) -> None:
+        rows = [{"key": k, "answer": a.text, "n_tokens": a.n_tokens} for k, a in items]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.entries.update((r["key"], r) for r in rows)
+
+
+@dataclass
+class Explained:
+    """Teacher results for a list of contexts, in order."""
+
+    explanations: list[str | None]  # None: malformed answer (row to drop)
+    n_requested: int = 0
+    n_malformed: int = 0
+    n_calls: int = 0  # contexts actually sent to the teacher this run (the rest came from the cache)
+    new_tokens: int = 0
+    seconds: float = 0.0
+    samples: list[str] = field(default_factory=list)  # a few raw answers, for eyeballing
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.new_tokens / self.seconds if self.seconds > 0 and self.new_tokens else None
+
+
+def explain(teacher: Teacher, contexts: list[str], cache: TeacherCache, show_progress: bool = True) -> Explained:
+    """Explanations for `contexts` (duplicates asked once), asking the teacher only for uncached ones."""
+    keys = [TeacherCache.key(teacher.identity, c) for c in contexts]
+    missing = list({k: c for k, c in zip(keys, contexts) if cache.get(k) is None}.items())
+    missing.sort(key=lambda kc: len(kc[1]))  # similar lengths share a batch: less padding
+    result = Explained(explanations=[], n_requested=len(contexts))
+    bar = progress(total=len(missing), enabled=show_progress and bool(missing), desc="datagen: teacher", unit="ctx")
+    for start in range(0, len(missing), teacher.batch_size):
+        batch = missing[start:start + teacher.batch_size]
+        t0 = time.perf_counter()
+        answers = teacher.complete([c for _, c in batch])
+        result.seconds += time.perf_counter() - t0
+        cache.add([(k, a) for (k, _), a in zip(batch, answers)])
+        result.n_calls += len(batch)
+        result.new_tokens += sum(a.n_tokens for a in answers)
+        bar.update(len(batch))
+    bar.close()
+    for k in keys:
+        answer = cache.get(k)["answer"]
+        parsed = templates.extract_explanation(answer)
+        result.explanations.append(parsed)
+        result.n_malformed += parsed is None
+        if len(result.samples) < 3:
+            result.samples.append(answer)
+    return result
