@@ -1,0 +1,202 @@
+"""Teachers: local batched generation, a REAL local OpenAI-compatible server (retries, errors), the cache."""
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from nla import templates
+from nla.config import parse_config
+from nla.datagen import run
+from nla.teacher import (Answer, ExtractiveTeacher, LocalTeacher, OpenAITeacher, TeacherCache, TeacherError, explain,
+                         make_teacher)
+
+SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+CONTEXTS = ["The for statement is used to iterate", "A class definition defines a class", "x"]
+
+
+class ChatServer:
+    """`/v1/chat/completions` on 127.0.0.1 (random port), answered by the tiny model's `generate`.
+
+    The random tiny model never writes the closing tag, so the server wraps its text in the
+    explanation tags, as a capable chat model asked for that format would answer.
+    """
+
+    def __init__(self, model, tokenizer, fail_first: int = 0, api_key: str = ""):
+        self.model, self.tokenizer, self.fail_first, self.api_key = model, tokenizer, fail_first, api_key
+        self.requests, self.in_flight, self.max_in_flight = 0, 0, 0
+        self.lock, self.gen_lock = threading.Lock(), threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def answer(self, body: dict) -> dict:
+        ids = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)
+        with self.gen_lock, torch.no_grad():
+            out = self.model.generate(**ids, max_new_tokens=body.get("max_tokens", 8), do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        new = out[0, ids["input_ids"].shape[1]:]
+        text = self.tokenizer.decode(new, skip_special_tokens=True).replace("<", "")
+        return {"choices": [{"message": {"role": "assistant", "content": f"<explanation>{text} words</explanation>"}}],
+                "usage": {"completion_tokens": len(new)}}
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                with server.lock:
+                    server.requests += 1
+                    n = server.requests
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                    time.sleep(0.05)  # let concurrent requests overlap
+                    if self.path != "/v1/chat/completions":
+                        return self._send(404, {"error": "not found"})
+                    if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                        return self._send(401, {"error": "bad key"})
+                    if n <= server.fail_first:
+                        return self._send(500, {"error": "overloaded"})
+                    self._send(200, server.answer(body))
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _send(self, code, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(tiny_model, tiny_tokenizer):
+    srv = ChatServer(tiny_model, tiny_tokenizer)
+    yield srv
+    srv.close()
+
+
+def free_port_url():
+    with socket.socket() as s:  # bound then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+def test_openai_teacher_against_a_real_server(server):
+    teacher = OpenAITeacher(server.url, "tiny", max_new_tokens=6, concurrency=3)
+    teacher.check()
+    answers = teacher.complete(CONTEXTS * 2)
+    assert len(answers) == 6 and all(templates.extract_explanation(a.text) for a in answers)
+    assert answers[0].text == answers[3].text and answers[0].n_tokens == 6  # greedy: same context, same answer
+    assert server.requests == 6 and server.max_in_flight > 1  # requests really ran concurrently
+
+
+def test_openai_teacher_retries_after_a_500(tiny_model, tiny_tokenizer):
+    srv = ChatServer(tiny_model, tiny_tokenizer, fail_first=1)
+    try:
+        answers = OpenAITeacher(srv.url, "tiny", max_new_tokens=4, concurrency=1, backoff_s=0.01).complete(CONTEXTS[:2])
+        assert all(templates.extract_explanation(a.text) for a in answers) and srv.requests == 3
+        srv.requests, srv.fail_first = 0, 10
+        with pytest.raises(TeacherError, match="kept failing.*HTTP 500"):
+            OpenAITeacher(srv.url, "tiny", retries=2, backoff_s=0.01).complete(CONTEXTS[:1])
+        assert srv.requests == 3  # one try + two retries
+    finally:
+        srv.close()
+
+
+def test_openai_teacher_key_from_env_and_refusal(tiny_model, tiny_tokenizer, monkeypatch):
+    srv = ChatServer(tiny_model, tiny_tokenizer, api_key="s3cret")
+    try:
+        cfg, _ = parse_config(["--config", SMOKE, "--teacher", "openai", "--teacher_base_url", srv.url,
+                               "--teacher_model", "tiny", "--teacher_api_key_env", "NLA_TEST_TEACHER_KEY"])
+        with pytest.raises(TeacherError, match="HTTP 401.*API key"):  # not retried: a wrong key stays wrong
+            make_teacher(cfg).complete(CONTEXTS[:1])
+        assert srv.requests == 1
+        monkeypatch.setenv("NLA_TEST_TEACHER_KEY", "s3cret")
+        assert templates.extract_explanation(make_teacher(cfg).complete(CONTEXTS[:1])[0].text)
+    finally:
+        srv.close()
+
+
+def test_unreachable_endpoint_one_line_error(tiny_model_dir, tmp_path):
+    url = free_port_url()
+    teacher = OpenAITeacher(url, "tiny", retries=1, backoff_s=0.01)
+    with pytest.raises(TeacherError, match=r"teacher endpoint .* unreachable: .*start the server or use --teacher local"):
+        teacher.check()
+    with pytest.raises(TeacherError, match="unreachable"):
+        teacher.complete(CONTEXTS[:1])
+    cfg, _ = parse_config(["--config", SMOKE, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path),
+                           "--teacher", "openai", "--teacher_base_url", url, "--teacher_model", "tiny"])
+    with pytest.raises(TeacherError, match="unreachable") as err:
+        run(cfg)
+    assert "\n" not in str(err.value)
+    assert not (cfg.data_dir / ".work").exists()  # failed before any extraction work
+
+
+def test_datagen_with_the_openai_teacher(server, tiny_model_dir, tmp_path):
+    cfg, _ = parse_config(["--config", SMOKE, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path),
+                           "--teacher", "openai", "--teacher_base_url", server.url, "--teacher_model", "tiny",
+                           "--teacher_max_new_tokens", "4", "--max_docs", "8", "--split_fractions", "1,1,0,0,0"])
+    out = run(cfg)
+    assert out["rows"]["av_sft"] + out["rows"]["ar_sft"] == 16 and out["rows"]["rl"] == 0
+    assert server.requests == 16 and out["teacher_tokens_per_s"] > 0
+    assert all(e.endswith("words") for _, e in out["samples"])
+
+
+def test_local_teacher_left_padding_matches_unbatched(tiny_model, tiny_tokenizer, tmp_path):
+    teacher = LocalTeacher(tiny_model, tiny_tokenizer, "tiny", max_new_tokens=6)
+    batched = teacher.complete(CONTEXTS)  # very different lengths: heavy left padding
+    single = [teacher.complete([c])[0] for c in CONTEXTS]
+    assert [a.text for a in batched] == [a.text for a in single]
+    assert all(a.text.startswith("<explanation>") and 0 < a.n_tokens <= 6 for a in batched)
+    assert len({a.text for a in batched}) == 3  # the context matters
+    result = explain(teacher, CONTEXTS, TeacherCache(tmp_path / "c.jsonl"), show_progress=False)
+    assert result.n_malformed == 3 and result.explanations == [None] * 3  # a random model never closes the tag
+
+
+def test_cache_survives_torn_lines_and_skips_cached_contexts(tmp_path):
+    path = tmp_path / "cache.jsonl"
+
+    class Counting(ExtractiveTeacher):
+        calls: list = []
+
+        def complete(self, contexts):
+            Counting.calls += contexts
+            return super().complete(contexts)
+
+    teacher = Counting(batch_size=2)
+    first = explain(teacher, CONTEXTS + CONTEXTS[:1], TeacherCache(path), show_progress=False)
+    assert sorted(Counting.calls) == sorted(CONTEXTS)  # the duplicate was asked once
+    assert first.n_requested == 4 and first.n_malformed == 0 and first.explanations[0] == first.explanations[3]
+    assert first.explanations[0] == 'the words "used to iterate"; a text about statement'
+    with open(path, "a") as fh:
+        fh.write('{"key": "torn')  # a crash mid-write
+    cache = TeacherCache(path)
+    assert len(cache.entries) == 3
+    key = TeacherCache.key("broken", "ctx")
+    cache.add([(key, Answer("no tags here", 3))])
+    reloaded = TeacherCache(path)
+    assert reloaded.get(key)["answer"] == "no tags here" and len(reloaded.entries) == 4
+    Counting.calls.clear()
+    again = explain(teacher, CONTEXTS, reloaded, show_progress=False)
+    assert Counting.calls == [] and again.explanations == first.explanations[:3]
+    assert TeacherCache.key("a", "ctx") != TeacherCache.key("b", "ctx") != TeacherCache.key("a", "ctx", "other {context}")
