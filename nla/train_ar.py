@@ -1,0 +1,337 @@
+"""`nla train-ar`: supervised warm start of the AR (explanation text -> activation of block K).
+
+    nla train-ar --config configs/embedded.yaml [--ar_steps 60] [--resume never]
+    accelerate launch --multi_gpu --num_processes 8 -m nla.cli train-ar --config configs/x.yaml
+
+Reads `<data_dir>/ar_sft.parquet` (train) and `<data_dir>/val.parquet`; writes checkpoints to
+`<output_dir>/ar/checkpoint-*/ar/` and the last one to `<output_dir>/ar/final/ar/`. Loss: mean
+MSE_nrm (both vectors at norm mse_scale = sqrt(d) by default, so MSE = 2(1 - cos)). FVE is the
+strict one: Var comes from the *training* targets and is stored in the sidecar for eval.
+
+Controls, because a content-blind AR can look good: at every validation the same AR reads empty
+text, other rows' explanations, and word salad; `--ar_shuffle_targets true` (or
+`--shuffled_control true`, which also trains the real one) trains on targets permuted across rows,
+into `<output_dir>/ar_shuffled_targets/` so a control never becomes the AR later stages load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nla.ar import ARModel, build_ar, load_ar, model_meta, pad_batch, save_ar
+from nla.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint
+from nla.config import ConfigError, NLAConfig
+from nla.data import Split, load_split, split_path
+from nla.metrics import cosine, mse_nrm, summarize, target_mean, target_variance
+from nla.models import load_tokenizer, resolve_model
+from nla.sidecar import SidecarError
+from nla.stage import start_stage
+from nla.templates import ar_prompt
+from nla.tracking import Tracker, progress
+
+CONTROL_DIR = "ar_shuffled_targets"
+MAX_CONSECUTIVE_SKIPS = 20  # non-finite steps in a row: the run is diverging, stop and say so
+
+
+@dataclass
+class TrainARArgs:
+    shuffled_control: bool = field(default=False, metadata={"help": "After the real AR, also train a shuffled-target control with the same settings and print both."})
+
+
+@dataclass
+class ARRows:
+    """Rows ready for the AR: prompt token ids (untruncated), raw targets [n, d], explanations."""
+    ids: list[list[int]]
+    targets: torch.Tensor
+    texts: list[str]
+    dropped: int = 0  # rows without explanation or with an over-length prompt
+
+
+def derangement(n: int, seed: int) -> torch.Tensor:
+    """[n] permutation with no fixed point (n >= 2): a cyclic shift over a random order."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = torch.empty(n, dtype=torch.long)
+    perm[order] = order.roll(-1)
+    return perm
+
+
+def batch_rows(n: int, global_batch: int, seed: int, micro_step: int) -> torch.Tensor:
+    """Row indices of global micro-batch `micro_step`: a fresh seeded shuffle per epoch, drop-last.
+
+    A pure function of the step, so resuming at a saved cursor replays exactly the same order.
+    """
+    per_epoch = max(1, n // global_batch)
+    epoch, j = divmod(micro_step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[j * global_batch:(j + 1) * global_batch]
+
+
+def load_rows(split: Split, ar: ARModel, tokenizer, check_prompts: bool = False) -> ARRows:
+    """Keep rows with an explanation, a finite target, and an AR prompt of <= ar.max_length tokens."""
+    texts = split.column("explanation")
+    finite = torch.isfinite(split.vectors).all(dim=1).tolist()
+    if check_prompts and "prompt" in split.columns:
+        for stored, text in zip(split.column("prompt")[:8], texts[:8]):
+            if text is not None and stored != ar_prompt(text, ar.template):
+                raise SidecarError(f"{split.path}: stored AR prompt {stored!r} differs from the template in the sidecar "
+                                   "(template drift); regenerate the data with `nla datagen`.")
+    keep = [i for i, t in enumerate(texts) if t is not None and finite[i]]
+    ids = ar.token_ids([texts[i] for i in keep], tokenizer)
+    fits = [k for k, x in enumerate(ids) if len(x) <= ar.max_length]
+    rows = [keep[k] for k in fits]
+    return ARRows([ids[k] for k in fits], split.vectors[rows], [texts[i] for i in rows], len(texts) - len(rows))
+
+
+def word_salad(tokenizer, n: int, seed: int, words: int = 12) -> list[str]:
+    """n strings of random whole-word vocabulary tokens: text with no relation to any activation."""
+    gen = torch.Generator().manual_seed(seed)
+    special = set(tokenizer.all_special_ids)
+    vocab = [w for i in range(len(tokenizer)) if i not in special
+             and (w := tokenizer.decode([i]).strip()).isalpha() and len(w) >= 3]
+    vocab = vocab or [tokenizer.decode([i]) for i in range(len(tokenizer)) if i not in special]
+    pick = torch.randint(len(vocab), (n, words), generator=gen)
+    return [" ".join(vocab[j] for j in row) for row in pick.tolist()]
+
+
+def evaluate(ar: ARModel, tokenizer, val: ARRows, scale: float, var: float, mean: torch.Tensor,
+             batch_size: int, seed: int) -> dict[str, float]:
+    """`ar/val_*` metrics (strict FVE with the training Var) and the three text controls."""
+    target = val.targets
+    real = summarize(ar.predict(val.texts, tokenizer, batch_size), target, scale, var, mean)
+    out = {f"ar/val_{k}": v for k, v in real.items() if k != "mse"} | {"ar/val_loss": real["mse"]}
+    empty = ar.predict([""], tokenizer).expand_as(target)  # one prompt: predict it once
+    others = [val.texts[i] for i in derangement(len(val.texts), seed).tolist()] if len(val.texts) > 1 else [""]
+    salad = word_salad(tokenizer, len(val.texts), seed)
+    out["ar/val_fve_nrm_empty_text"] = summarize(empty, target, scale, var, mean)["fve_nrm"]
+    out["ar/val_fve_nrm_random_text"] = summarize(ar.predict(others, tokenizer, batch_size), target, scale, var, mean)["fve_nrm"]
+    out["ar/val_fve_nrm_word_salad"] = summarize(ar.predict(salad, tokenizer, batch_size), target, scale, var, mean)["fve_nrm"]
+    return out
+
+
+class ARTrainer:
+    """The SFT loop on ready objects: AR, optimizer, scheduler, rows, accelerator, tracker."""
+
+    def __init__(self, cfg: NLAConfig, ar: ARModel, tokenizer, train: ARRows, val: ARRows, accelerator,
+                 tracker: Tracker, root: Path, meta_fn, start: dict[str, Any]):
+        self.cfg, self.ar, self.tok, self.train, self.val = cfg, ar, tokenizer, train, val
+        self.acc, self.tracker, self.root, self.meta_fn = accelerator, tracker, root, meta_fn
+        self.scale = cfg.ar.mse_scale or math.sqrt(ar.d_model)
+        self.var = target_variance(train.targets, self.scale)
+        self.mean = target_mean(train.targets, self.scale)
+        self.step, self.cursor, self.skipped = start.get("step", 0), start.get("cursor", 0), start.get("skipped", 0)
+        self.global_batch = cfg.ar.ar_batch_size * accelerator.num_processes
+        self.rows_seen, self.train_time, self.consecutive_skips = 0, 0.0, 0
+        self.last_ckpt: Path | None = start.get("path")
+
+    def micro_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This process's share of the next global micro-batch -> (ids, mask, raw targets) on device."""
+        rows = batch_rows(len(self.train.ids), self.global_batch, self.cfg.run.seed, self.cursor)
+        self.cursor += 1
+        mine = rows[self.acc.process_index::self.acc.num_processes]
+        ids, mask = pad_batch([self.train.ids[i] for i in mine.tolist()], self.tok.pad_token_id)
+        dev = self.acc.device
+        return ids.to(dev), mask.to(dev), self.train.targets[mine].to(dev)
+
+    def train_step(self, model, opt, sched, params) -> dict[str, float]:
+        """One optimizer step over ar_grad_accum micro-batches; a non-finite gradient skips the update."""
+        start, accum = time.time(), self.cfg.ar.ar_grad_accum
+        totals = torch.zeros(3, device=self.acc.device)  # loss sum, cos sum, rows
+        for i in range(accum):
+            ids, mask, target = self.micro_batch()
+            sync = contextlib.nullcontext() if i == accum - 1 else self.acc.no_sync(model)
+            with sync:
+                pred = model(ids, mask)
+                loss_rows = mse_nrm(pred, target, self.scale)  # [b]
+                self.acc.backward(loss_rows.mean() / accum)
+            totals += torch.stack([loss_rows.detach().sum(), cosine(pred.detach(), target).sum(),
+                                   torch.tensor(float(len(target)), device=totals.device)])
+        grad_norm = self.acc.clip_grad_norm_(params, 1.0)
+        if torch.isfinite(torch.as_tensor(grad_norm)):
+            opt.step()
+            self.consecutive_skips = 0
+        else:  # NaN/inf gradients (seen with bf16 ARs): drop this update rather than poison the weights
+            self.skipped += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                raise RuntimeError(f"{MAX_CONSECUTIVE_SKIPS} AR steps in a row had non-finite gradients; lower --ar_lr or use --dtype float32.")
+        opt.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # after a skipped update torch warns "scheduler before optimizer"
+            warnings.simplefilter("ignore", UserWarning)
+            sched.step()  # the schedule follows the step count, skipped or not
+        self.step += 1
+        loss_sum, cos_sum, rows = self.acc.reduce(totals, reduction="sum").tolist()
+        loss, cos = loss_sum / max(rows, 1), cos_sum / max(rows, 1)
+        self.rows_seen += rows
+        self.train_time += time.time() - start
+        return {"ar/loss": loss, "ar/fve_nrm": 1 - loss / max(self.var, 1e-12), "ar/cos": cos,
+                "ar/lr": sched.get_last_lr()[0], "ar/grad_norm": float(grad_norm), "ar/skipped_steps": self.skipped,
+                "ar/rows_per_s": self.rows_seen / max(self.train_time, 1e-9)}
+
+    def validate(self) -> dict[str, float]:
+        """Main process only (val is small; avoids gathering uneven shards); the others wait."""
+        out: dict[str, float] = {}
+        if self.acc.is_main_process and len(self.val.texts):
+            out = evaluate(self.ar, self.tok, self.val, self.scale, self.var, self.mean,
+                           self.cfg.ar.ar_batch_size, self.cfg.run.seed)
+        self.acc.wait_for_everyone()
+        return out
+
+    def save(self, opt, sched) -> None:
+        self.last_ckpt = self.root / f"checkpoint-{self.step:06d}"  # on every process: all know a save happened
+        if self.acc.is_main_process:
+            meta = self.meta_fn(self.scale, self.var, self.step)
+            save_checkpoint(
+                self.root, self.step, lambda d: save_ar(self.ar, d / "ar", meta, self.tok),
+                {"cursor": self.cursor, "skipped": self.skipped}, {"ar": opt, "ar_scheduler": sched})
+        self.acc.wait_for_everyone()
+
+    def fit(self, model, opt, sched) -> dict[str, Any]:
+        cfg = self.cfg.ar
+        params = self.ar.trainable_parameters()
+        model.train()
+        bar = progress(total=cfg.ar_steps, initial=self.step, enabled=self.cfg.logging.progress and self.acc.is_main_process,
+                       desc="train-ar")
+        while self.step < cfg.ar_steps:
+            metrics = self.train_step(model, opt, sched, params)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['ar/loss']:.3f}", fve=f"{metrics['ar/fve_nrm']:.3f}")
+            if self.step % self.cfg.logging.log_every == 0 or self.step == cfg.ar_steps:
+                self.tracker.log(metrics, self.step)
+            if self.step % cfg.ar_eval_every == 0 and self.step < cfg.ar_steps:
+                self.tracker.log(self.validate(), self.step)
+                model.train()
+            if self.step % cfg.ar_save_every == 0 or self.step == cfg.ar_steps:
+                self.save(opt, sched)
+        bar.close()
+        if self.last_ckpt is None:  # nothing trained in this call (0 steps, or resumed at the end)
+            self.save(opt, sched)
+        final = self.validate()
+        self.tracker.log(final, self.step)
+        return final
+
+
+def _load_data(cfg: NLAConfig, tokenizer) -> tuple[Split, Split]:
+    train = load_split(split_path(cfg.data_dir, "ar_sft"))
+    val = load_split(split_path(cfg.data_dir, "val"))
+    layer = train.meta.layer_index
+    if cfg.model.layer is not None and cfg.model.layer != layer:
+        raise ConfigError(f"--layer {cfg.model.layer} but {train.path} holds activations of block {layer}; "
+                          "drop --layer or regenerate the data with `nla datagen`.")
+    for split in (train, val):
+        split.meta.verify(tokenizer, where=str(split.path))
+        if split.meta.layer_index != layer:
+            raise SidecarError(f"{split.path}: layer {split.meta.layer_index} but ar_sft has layer {layer}; regenerate the data together.")
+    return train, val
+
+
+def make_accelerator(cfg: NLAConfig):
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=cfg.run.device == "cpu")
+
+
+def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
+    """Train the AR (or, with ar_shuffle_targets, the shuffled-target control); return key numbers."""
+    acc = accelerator or make_accelerator(cfg)
+    control = cfg.ar.ar_shuffle_targets
+    root = cfg.output_dir / (CONTROL_DIR if control else "ar")
+    model_path = resolve_model(cfg.model.model, cfg.model.cache_dir, cfg.model.allow_hub)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    train_split, val_split = _load_data(cfg, tokenizer)
+    resume = resolve_resume(cfg.run.resume, root)
+    if resume is not None:
+        ar, tokenizer = load_ar(resume, acc.device, cfg.model.dtype, trainable=True, trust_remote_code=cfg.model.trust_remote_code)
+    else:
+        ar = build_ar(model_path, train_split.meta.layer_index, cfg.ar.ar_lora_r, cfg.model.dtype, acc.device,
+                      train_split.meta.ar_template, cfg.model.trust_remote_code)
+    train_split.meta.verify(tokenizer, d_model=ar.d_model, where=str(train_split.path))
+    train, val = load_rows(train_split, ar, tokenizer, check_prompts=True), load_rows(val_split, ar, tokenizer)
+    if len(train.ids) < 1:
+        raise ConfigError(f"{train_split.path}: no usable rows (need an explanation and a prompt <= {ar.max_length} tokens).")
+    if control:  # the control: every row learns another row's target, so text carries no information
+        train.targets = train.targets[derangement(len(train.targets), cfg.run.seed + 1)]
+    opt = torch.optim.AdamW(ar.trainable_parameters(), lr=cfg.ar.ar_lr, weight_decay=0.0)
+    sched = _cosine_schedule(opt, cfg.ar.ar_steps)
+    start: dict[str, Any] = {}
+    if resume is not None:
+        start = {**load_checkpoint_state(resume, {"ar": opt, "ar_scheduler": sched}), "path": resume}
+    model, opt = acc.prepare(ar, opt)
+    tracker = Tracker(cfg, "train-ar-shuffled-targets" if control else "train-ar", is_main=acc.is_main_process)
+
+    def meta_fn(scale: float, var: float, step: int):
+        return model_meta(ar, train_split.meta, cfg.model.model, scale, {
+            "ar_target_variance": var, "control": "shuffled_targets" if control else None,
+            "training": {"stage": "train-ar", "step": step, "ar_steps": cfg.ar.ar_steps, "ar_lr": cfg.ar.ar_lr,
+                         "ar_batch_size": cfg.ar.ar_batch_size, "ar_grad_accum": cfg.ar.ar_grad_accum,
+                         "num_processes": acc.num_processes, "dtype": cfg.model.dtype, "seed": cfg.run.seed,
+                         "train_rows": len(train.ids), "dataset": str(train_split.path),
+                         "dataset_id": train_split.meta.extra.get("dataset_id")}})
+
+    trainer = ARTrainer(cfg, ar, tokenizer, train, val, acc, tracker, root, meta_fn, start)
+    began = time.time()
+    final = trainer.fit(model, opt, sched)
+    checkpoint = publish_final(trainer.last_ckpt, root) if acc.is_main_process else root / "final"
+    acc.wait_for_everyone()
+    summary = {
+        "val_fve_nrm": final.get("ar/val_fve_nrm"), "val_fve_vs_mean_pred": final.get("ar/val_fve_vs_mean_pred"),
+        "val_cos": final.get("ar/val_cos"), "val_fve_centered": final.get("ar/val_fve_centered"),
+        "controls": {"empty_text": final.get("ar/val_fve_nrm_empty_text"), "random_text": final.get("ar/val_fve_nrm_random_text"),
+                     "word_salad": final.get("ar/val_fve_nrm_word_salad")},
+        "shuffled_targets": control, "checkpoint": str(checkpoint), "steps": trainer.step,
+        "rows_per_s": trainer.rows_seen / max(trainer.train_time, 1e-9), "wall_s": round(time.time() - began, 1),
+        "skipped_steps": trainer.skipped, "train_rows": len(train.ids), "val_rows": len(val.texts),
+        "dropped_rows": train.dropped + val.dropped, "target_variance": trainer.var,
+    }
+    tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    tracker.finish()
+    return summary
+
+
+def _cosine_schedule(opt, steps: int):
+    """Cosine decay to 0 after a short linear warmup (5% of the steps, at least 1)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(opt, max(1, steps // 20), max(1, steps))
+
+
+def run_shuffled_control(cfg: NLAConfig, accelerator=None, steps: int | None = None) -> dict[str, Any]:
+    """The same training on targets permuted across rows (into <output_dir>/ar_shuffled_targets)."""
+    return run(cfg.replace(ar_shuffle_targets=True, **({"ar_steps": steps} if steps is not None else {})), accelerator)
+
+
+def format_table(real: dict[str, Any], control: dict[str, Any] | None = None) -> str:
+    """The headline: val fve_nrm of the real AR next to its controls (all strict FVE, training Var)."""
+    rows = [("real explanations", real["val_fve_nrm"]),
+            ("empty text", real["controls"]["empty_text"]),
+            ("other rows' explanations", real["controls"]["random_text"]),
+            ("word salad", real["controls"]["word_salad"])]
+    if control is not None:
+        rows.append(("shuffled-target control AR", control["val_fve_nrm"]))
+    lines = ["val fve_nrm (strict: 1 - MSE/Var, Var of training targets)"]
+    lines += [f"  {name:<28} {'n/a' if v is None else f'{v:+.3f}'}" for name, v in rows]
+    lines.append(f"  (lenient fve_vs_mean_pred of the real AR: {real['val_fve_vs_mean_pred']:+.3f})"
+                 if real["val_fve_vs_mean_pred"] is not None else "")
+    return "\n".join(lines).rstrip()
+
+
+def main(argv: list[str]) -> int:
+    cfg, (args,) = start_stage(argv, "train-ar", extra=[TrainARArgs])
+    acc = make_accelerator(cfg)
+    summary = run(cfg, acc)
+    control = run_shuffled_control(cfg, acc) if args.shuffled_control and not cfg.ar.ar_shuffle_targets else None
+    if control is not None:
+        summary["controls"]["shuffled_targets"] = control["val_fve_nrm"]
+    if acc.is_main_process:
+        print(f"[train-ar] {summary['steps']} steps, {summary['rows_per_s']:.1f} rows/s, {summary['wall_s']}s; "
+              f"checkpoint {summary['checkpoint']}")
+        print(format_table(summary, control))
+    acc.end_training()
+    return 0

@@ -1,0 +1,150 @@
+"""`nla train-ar` on a tiny learnable task: it learns, the controls do not, resume is exact."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from nla.ar import build_ar, load_ar
+from nla.config import from_flat_dict
+from nla.data import write_split
+from nla.metrics import fve_nrm
+from nla.sidecar import Meta, make_token_spec
+from nla.templates import ar_prompt
+from nla.tracking import Tracker
+from nla.train_ar import ARRows, ARTrainer, batch_rows, derangement, main, run, run_shuffled_control
+
+WORDS = ["apple", "river", "engine", "purple", "violin", "castle"]
+SMOKE = "configs/smoke.yaml"
+
+
+def write_task(data_dir, tok, model_dir, n_train=96, n_val=24, seed=0):
+    """Explanation = one of 6 words; its target = the word's fixed random vector + small noise."""
+    g = torch.Generator().manual_seed(seed)
+    protos = 3 * torch.randn(len(WORDS), 64, generator=g) + torch.randn(64, generator=g)  # shared offset: anisotropy
+    meta = Meta("nla_dataset", make_token_spec(tok, "㈠"), d_model=64, layer_index=1, base_model=str(model_dir))
+    for name, n, offset in (("ar_sft", n_train, 0), ("val", n_val, 1)):
+        which = [(i + offset) % len(WORDS) for i in range(n)]
+        vectors = protos[which] + 0.3 * torch.randn(n, 64, generator=g)
+        texts = [f"{WORDS[w]}" for w in which]
+        cols = {"explanation": texts, "prompt": [ar_prompt(t) for t in texts], "doc_id": [f"{name}-{i}" for i in range(n)]}
+        write_split(data_dir / f"{name}.parquet", vectors, cols, meta)
+
+
+def make_cfg(tmp_path, model_dir, **over):
+    flat = yaml.safe_load(open(SMOKE))
+    flat.update(model=str(model_dir), output_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), resume="never",
+                ar_steps=60, ar_lr=5e-3, ar_batch_size=8, ar_lora_r=8, ar_eval_every=30, ar_save_every=30, log_every=5)
+    flat.update(over)
+    return from_flat_dict(flat)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from 2 threads, and on a busy 2-core box OpenMP waits made them ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("ar-task")
+    write_task(root / "data", tiny_tokenizer, tiny_model_dir)
+    return root
+
+
+def test_batch_order_is_a_seeded_epoch_shuffle():
+    rows = [batch_rows(10, 4, seed=3, micro_step=k) for k in range(4)]
+    assert len(set(torch.cat(rows[:2]).tolist())) == 8  # drop-last, no repeats within an epoch
+    assert torch.equal(rows[3], batch_rows(10, 4, seed=3, micro_step=3)) and not torch.equal(rows[0], rows[2])
+    perm = derangement(7, seed=1)
+    assert sorted(perm.tolist()) == list(range(7)) and (perm != torch.arange(7)).all()
+
+
+def test_learns_and_controls_stay_at_chance(task, tiny_model_dir, tmp_path):
+    cfg = make_cfg(task, tiny_model_dir, output_dir=str(tmp_path / "run"))
+    real = run(cfg)
+    control = run_shuffled_control(cfg)
+    assert real["val_fve_nrm"] > 0.5, real
+    assert real["controls"]["empty_text"] <= 0.02 and real["controls"]["random_text"] < 0.1
+    assert real["controls"]["word_salad"] < 0.3 and control["val_fve_nrm"] <= 0.1, (real, control)
+    assert real["val_fve_vs_mean_pred"] >= real["val_fve_nrm"]
+    losses = [r["ar/loss"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl"))
+              if r["stage"] == "train-ar" and "ar/loss" in r]
+    assert losses[-1] < 0.5 * losses[0]
+    # The published checkpoint carries the training Var and scale; reloaded, it scores the same.
+    ar, tok = load_ar(real["checkpoint"])
+    extra = ar.meta.extra
+    assert extra["role"] == "ar" and extra["extraction"]["mse_scale"] == 8.0 and extra["control"] is None
+    val = load_split_rows(task / "data" / "val.parquet")
+    fve = fve_nrm(ar.predict(val[0], tok), val[1], 8.0, var=extra["ar_target_variance"])
+    assert fve == pytest.approx(real["val_fve_nrm"], abs=1e-4)
+    assert (tmp_path / "run" / "ar_shuffled_targets" / "final" / "ar").is_dir()  # never in <output_dir>/ar
+
+
+def load_split_rows(path):
+    from nla.data import load_split
+
+    split = load_split(path)
+    return split.column("explanation"), split.vectors
+
+
+def test_resume_is_exact(task, tiny_model_dir, tmp_path):
+    cfg = make_cfg(task, tiny_model_dir, output_dir=str(tmp_path / "run"), ar_steps=8, ar_save_every=4, ar_eval_every=100,
+                   ar_grad_accum=2, resume="auto")
+    straight = run(cfg)
+    root = tmp_path / "run" / "ar"
+    shutil.copytree(root / "final", tmp_path / "straight")
+    shutil.rmtree(root / "checkpoint-000008")
+    shutil.rmtree(root / "final")
+    resumed = run(cfg)  # picks up checkpoint-000004
+    assert resumed["steps"] == straight["steps"] == 8
+    state = json.loads((root / "final" / "trainer_state.json").read_text())
+    assert state["step"] == 8 and state["cursor"] == 16  # 8 steps x 2 micro-batches
+    for name in ("value_head.safetensors", "adapter_model.safetensors"):
+        a, b = load_file(str(tmp_path / "straight" / "ar" / name)), load_file(str(root / "final" / "ar" / name))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    fresh = run(cfg.replace(resume="never", ar_steps=4))  # 'never' starts over and ignores the checkpoints
+    assert fresh["steps"] == 4
+
+
+def test_non_finite_steps_are_skipped(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from accelerate import Accelerator
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, ar_steps=3, report_to="none")
+    ar = build_ar(str(tiny_model_dir), 1, lora_r=4)
+    ids = ar.token_ids(WORDS, tiny_tokenizer)
+    rows = ARRows(ids, torch.randn(len(ids), 64), list(WORDS))
+    calls = []
+
+    def first_grad_nan(grad):  # fault injection on a real gradient, as a bf16 overflow would produce
+        calls.append(1)
+        return grad * float("nan") if len(calls) == 1 else grad
+
+    ar.head.weight.register_hook(first_grad_nan)
+    acc = Accelerator(cpu=True)
+    opt = torch.optim.AdamW(ar.trainable_parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    trainer = ARTrainer(cfg, ar, tiny_tokenizer, rows, rows, acc, Tracker(cfg, "t", True), tmp_path / "ar",
+                        lambda *a: None, {})
+    head0 = ar.head.weight.detach().clone()
+    trainer.train_step(ar, opt, sched, ar.trainable_parameters())
+    assert trainer.skipped == 1 and torch.equal(ar.head.weight, head0)
+    trainer.train_step(ar, opt, sched, ar.trainable_parameters())
+    assert trainer.skipped == 1 and not torch.equal(ar.head.weight, head0) and torch.isfinite(ar.head.weight).all()
+
+
+def test_main_prints_the_table(task, tiny_model_dir, tmp_path, capsys):
+    argv = ["--config", SMOKE, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path / "run"),
+            "--data_dir", str(task / "data"), "--ar_steps", "2", "--shuffled_control", "true"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for row in ("real explanations", "empty text", "other rows' explanations", "word salad", "shuffled-target control"):
+        assert row in out
+    assert math.isfinite(float(out.split("real explanations")[1].split()[0]))
