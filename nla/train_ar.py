@@ -30,6 +30,7 @@ from nla.ar import ARModel, build_ar, load_ar, model_meta, pad_batch, save_ar
 from nla.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint
 from nla.config import ConfigError, NLAConfig
 from nla.data import Split, load_split, split_path
+from nla.distributed import make_accelerator
 from nla.metrics import cosine, mse_nrm, summarize, target_mean, target_variance
 from nla.models import load_tokenizer, resolve_model
 from nla.sidecar import SidecarError
@@ -232,15 +233,9 @@ def _load_data(cfg: NLAConfig, tokenizer) -> tuple[Split, Split]:
     return train, val
 
 
-def make_accelerator(cfg: NLAConfig):
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=cfg.run.device == "cpu")
-
-
 def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     """Train the AR (or, with ar_shuffle_targets, the shuffled-target control); return key numbers."""
-    acc = accelerator or make_accelerator(cfg)
+    acc = accelerator or make_accelerator(cfg.run.device)
     control = cfg.ar.ar_shuffle_targets
     root = cfg.output_dir / (CONTROL_DIR if control else "ar")
     model_path = resolve_model(cfg.model.model, cfg.model.cache_dir, cfg.model.allow_hub)
@@ -324,7 +319,7 @@ def format_table(real: dict[str, Any], control: dict[str, Any] | None = None) ->
 
 def main(argv: list[str]) -> int:
     cfg, (args,) = start_stage(argv, "train-ar", extra=[TrainARArgs])
-    acc = make_accelerator(cfg)
+    acc = make_accelerator(cfg.run.device)
     summary = run(cfg, acc)
     control = run_shuffled_control(cfg, acc) if args.shuffled_control and not cfg.ar.ar_shuffle_targets else None
     if control is not None:

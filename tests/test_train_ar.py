@@ -148,3 +148,22 @@ def test_main_prints_the_table(task, tiny_model_dir, tmp_path, capsys):
     for row in ("real explanations", "empty text", "other rows' explanations", "word salad", "shuffled-target control"):
         assert row in out
     assert math.isfinite(float(out.split("real explanations")[1].split()[0]))
+
+
+@pytest.mark.distributed
+def test_two_process_ddp_on_cpu(task, tiny_model_dir, tmp_path):
+    """2 gloo processes, batch 4 each (global 8): trains, only rank 0 writes, the sidecar records 2 processes."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/cpu_2proc.yaml",
+           "-m", "nla.cli", "train-ar", "--config", SMOKE, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path / "run"),
+           "--data_dir", str(task / "data"), "--ar_steps", "60", "--ar_lr", "5e-3", "--ar_batch_size", "4",
+           "--ar_lora_r", "8", "--ar_eval_every", "30", "--ar_save_every", "30"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fve = float(proc.stdout.split("real explanations")[1].split()[0])
+    side = yaml.safe_load((tmp_path / "run" / "ar" / "final" / "ar" / "nla_meta.yaml").read_text())
+    assert side["training"]["num_processes"] == 2 and fve > 0.5
+    assert proc.stdout.count("[train-ar]") == 1  # one summary: only the main process prints
