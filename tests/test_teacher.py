@@ -200,3 +200,18 @@ def test_cache_survives_torn_lines_and_skips_cached_contexts(tmp_path):
     again = explain(teacher, CONTEXTS, reloaded, show_progress=False)
     assert Counting.calls == [] and again.explanations == first.explanations[:3]
     assert TeacherCache.key("a", "ctx") != TeacherCache.key("b", "ctx") != TeacherCache.key("a", "ctx", "other {context}")
+
+
+@pytest.mark.parametrize("text, ended, expected", [
+    ("a; b; c</explanation> more", False, "a; b; c</explanation>"),
+    ("\n\nThe text is about loops. It goes on", False, "The text is about loops.</explanation>"),
+    ("Python 3.5 adds await. Then", False, "Python 3.5 adds await.</explanation>"),
+    ("first line\nsecond", False, "first line</explanation>"),
+    ("cut at the cap mid-senten", False, "cut at the cap mid-senten"),  # malformed: dropped
+    ("stopped by eos without a period", True, "stopped by eos without a period</explanation>"),
+])
+def test_local_answers_end_at_tag_sentence_or_line(text, ended, expected):
+    from nla.teacher import finish_answer
+
+    assert finish_answer(text, ended) == expected
+    assert (templates.extract_explanation("<explanation>" + finish_answer(text, ended)) is None) == (expected == text)
