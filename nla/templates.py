@@ -21,6 +21,12 @@ TEACHER_TEMPLATE = (
     "(topic, what kind of text, what comes next). Answer in the form "
     "<explanation>phrase; phrase; phrase</explanation>"
 )
+# `nla eval`'s paraphrase control: same claims, other words (the AR should score it about the same).
+PARAPHRASE_TEMPLATE = (
+    "Rewrite the following description in different words. Keep every claim and its meaning; "
+    "add nothing and drop nothing.\n<text>{explanation}</text>\n"
+    "Answer in the form <explanation>rewritten description</explanation>"
+)
 EXPLANATION_OPEN, EXPLANATION_CLOSE = "<explanation>", "</explanation>"
 
 _EXPLANATION_RE = re.compile(re.escape(EXPLANATION_OPEN) + r"(.*?)" + re.escape(EXPLANATION_CLOSE), re.S)

@@ -1,0 +1,237 @@
+"""Resolve an NLA checkpoint into a loaded AV + AR pair (ours or the public reference release).
+
+    from nla.checkpoints import load_nla
+    nla = load_nla(checkpoint="runs/demo/rl/final")             # a folder holding av/ and ar/
+    nla = load_nla(av="release/av", ar="release/ar")            # reference release: two HF folders
+    nla.explain(vectors)        # AV: [n, d] raw -> list[list[Sample]]
+    nla.predict(texts)          # AR: explanations -> [n, d]
+
+What `checkpoint` may be (first match wins):
+  1. a checkpoint folder holding `av/` and/or `ar/`, each with its `nla_meta.yaml` (`<run>/rl/final`,
+     `<run>/av/final`, `<run>/ar/final`);
+  2. a run folder (`--output_dir` of the training stages): `rl/final` if RL ran, else the SFT
+     outputs `av/final` + `ar/final`;
+  3. a single model folder with its sidecar (role av/actor or ar/critic).
+`av` / `ar` override the corresponding half. Both loaders verify their sidecar against the live
+tokenizer; here we also check the halves belong together (layer, d_model, marker tokens, AR
+tokenization), since a mismatched pair runs fine and reports garbage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+from torch import nn
+
+from nla import templates
+from nla.ar import ARModel, load_ar, mse_scale_of
+from nla.av import Sample, Verbalizer, load_av
+from nla.config import ConfigError
+from nla.models import load_causal_lm, pick_device, resolve_model
+from nla.sidecar import MODEL_META, Meta, SidecarError
+
+AV_ROLES, AR_ROLES = ("av", "actor"), ("ar", "critic")
+
+
+@dataclass
+class CheckpointPaths:
+    av: Path | None  # the AV folder itself (holds nla_meta.yaml)
+    ar: Path | None  # the AR folder itself
+
+
+def _role(folder: Path) -> str | None:
+    try:
+        return (yaml.safe_load((folder / MODEL_META).read_text()) or {}).get("role")
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _split_checkpoint(root: Path) -> CheckpointPaths:
+    """Cases 1-3 of the module docstring; raises ConfigError when none applies."""
+    if (root / "av" / MODEL_META).is_file() or (root / "ar" / MODEL_META).is_file():
+        for sub in ("av", "ar"):
+            if (root / sub).is_dir() and not (root / sub / MODEL_META).is_file():
+                raise SidecarError(f"{root / sub / MODEL_META} not found: every NLA checkpoint needs its nla_meta.yaml sidecar.")
+        return CheckpointPaths(*(root / s if (root / s / MODEL_META).is_file() else None for s in ("av", "ar")))
+    if (root / "rl" / "final").is_dir():
+        return _split_checkpoint(root / "rl" / "final")
+    sft = [root / s / "final" / s for s in ("av", "ar")]
+    if any((p / MODEL_META).is_file() for p in sft):
+        return CheckpointPaths(*(p if (p / MODEL_META).is_file() else None for p in sft))
+    if (root / MODEL_META).is_file():
+        role = _role(root)
+        if role in AV_ROLES:
+            return CheckpointPaths(root, None)
+        if role in AR_ROLES:
+            return CheckpointPaths(None, root)
+        raise SidecarError(f"{root / MODEL_META}: role is {role!r}; expected av/actor or ar/critic.")
+    raise ConfigError(f"no NLA checkpoint in {root}: expected av/ and ar/ folders with nla_meta.yaml (e.g. <run>/rl/final), "
+                      "a run folder, or pass --av DIR --ar DIR.")
+
+
+def resolve_paths(checkpoint: str | Path | None = None, av: str | Path | None = None, ar: str | Path | None = None,
+                  need_ar: bool = True) -> CheckpointPaths:
+    """The AV and AR folders to load; `av`/`ar` override the halves found in `checkpoint`."""
+    for name, value in (("checkpoint", checkpoint), ("av", av), ("ar", ar)):
+        if value is not None and not Path(value).exists():
+            raise ConfigError(f"--{name} {value}: no such folder.")
+    found = _split_checkpoint(Path(checkpoint)) if checkpoint is not None else CheckpointPaths(None, None)
+    paths = CheckpointPaths(_model_dir(av, "av") if av is not None else found.av,
+                            _model_dir(ar, "ar") if ar is not None else found.ar)
+    if paths.av is None:
+        raise ConfigError(f"no AV found{f' in {checkpoint}' if checkpoint else ''}: pass --checkpoint DIR (holding av/) or --av DIR.")
+    if need_ar and paths.ar is None:
+        raise ConfigError(f"no AR found{f' in {checkpoint}' if checkpoint else ''}: pass --checkpoint DIR (holding ar/) or --ar DIR.")
+    return paths
+
+
+def _model_dir(path: str | Path, sub: str) -> Path:
+    """A folder holding `<sub>/nla_meta.yaml`, or the model folder itself."""
+    path = Path(path)
+    if (path / sub / MODEL_META).is_file():
+        return path / sub
+    if not (path / MODEL_META).is_file():
+        found = _split_checkpoint(path)  # a run folder or checkpoint given as --av/--ar
+        pick = found.av if sub == "av" else found.ar
+        if pick is None:
+            raise SidecarError(f"{path / MODEL_META} not found: every NLA checkpoint needs its nla_meta.yaml sidecar.")
+        return pick
+    return path
+
+
+def check_pair(av_meta: Meta, ar: ARModel, av_tokenizer, ar_tokenizer, where: str = "checkpoint") -> None:
+    """Raise a one-line SidecarError unless the AV and AR were made for the same layer, width and tokenizer."""
+    ar_meta = ar.meta
+    if av_meta.layer_index != ar.layer:
+        raise SidecarError(f"{where}: the AV explains layer {av_meta.layer_index} but the AR reconstructs layer {ar.layer}; "
+                           "use an AV and AR trained on the same data.")
+    av_d = av_meta.d_model or ar.d_model
+    if av_d != ar.d_model:
+        raise SidecarError(f"{where}: the AV has d_model {av_d} but the AR {ar.d_model}; they belong to different models.")
+    if ar_meta is not None and ar_meta.tokens.ids != av_meta.tokens.ids:
+        raise SidecarError(f"{where}: the AV and AR sidecars record different marker tokens ({av_meta.tokens.ids} vs "
+                           f"{ar_meta.tokens.ids}); they were made with different tokenizers or data.")
+    probe = templates.ar_prompt("a probe: lists, loops and 3.14")
+    if av_tokenizer(probe)["input_ids"] != ar_tokenizer(probe)["input_ids"]:
+        raise SidecarError(f"{where}: the AV and AR tokenizers split text differently; they belong to different base models.")
+
+
+@dataclass
+class NLA:
+    """A loaded AV (always) and AR (optional), plus the target model M for extraction on demand."""
+
+    verbalizer: Verbalizer
+    ar: ARModel | None
+    ar_tokenizer: Any
+    paths: CheckpointPaths
+    target_spec: str | None = None  # overrides the AV sidecar's base_checkpoint for extraction
+    cache_dir: str | None = None
+    allow_hub: bool = False
+    dtype: str = "float32"
+    _target: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def meta(self) -> Meta:
+        return self.verbalizer.meta
+
+    @property
+    def tokenizer(self):
+        return self.verbalizer.tokenizer
+
+    @property
+    def layer(self) -> int:
+        return self.meta.layer_index
+
+    @property
+    def d_model(self) -> int:
+        return self.verbalizer.model.get_input_embeddings().weight.shape[-1]
+
+    @property
+    def mse_scale(self) -> float:
+        return mse_scale_of(self.ar) if self.ar is not None else math.sqrt(self.d_model)
+
+    @property
+    def ar_variance(self) -> float | None:
+        """The strict-FVE Var the AR was trained against (its sidecar), or None."""
+        var = (self.ar.meta.extra if self.ar is not None and self.ar.meta else {}).get("ar_target_variance")
+        return float(var) if var else None
+
+    def explain(self, vectors: torch.Tensor, num_samples: int = 1, temperature: float = 1.0,
+                max_new_tokens: int | None = None) -> list[list[Sample]]:
+        """vectors [n, d] raw -> n lists of `num_samples` Samples."""
+        return self.verbalizer.verbalize(vectors.to(self.verbalizer.device), num_samples, temperature, max_new_tokens)
+
+    def predict(self, texts: list[str], ar: ARModel | None = None, tokenizer=None) -> torch.Tensor:
+        """Explanations -> [n, d] fp32 on the CPU (None/failed texts read as '')."""
+        ar = ar or self.ar
+        if ar is None:
+            raise ConfigError("this needs an AR: pass --checkpoint DIR holding ar/, or --ar DIR.")
+        return ar.predict([t or "" for t in texts], tokenizer or self.ar_tokenizer)
+
+    @contextlib.contextmanager
+    def target_model(self) -> Iterator[nn.Module]:
+        """The target LM M: the AV with its LoRA adapter switched off, or (full-weight AV) the base model loaded once."""
+        model = self.verbalizer.model
+        if hasattr(model, "disable_adapter") and self.target_spec is None:
+            with model.disable_adapter():
+                yield model
+            return
+        if self._target is None:
+            self._target = self._load_target()
+        yield self._target
+
+    def _load_target(self) -> nn.Module:
+        spec = self.target_spec or self.meta.base_model
+        if not spec:
+            raise SidecarError(f"{self.paths.av}: the sidecar names no base_checkpoint; pass --target_model DIR to extract activations.")
+        try:
+            path = resolve_model(spec, self.cache_dir, self.allow_hub)
+        except Exception as err:  # a hub id from a released sidecar, hub off: say how to point at a local copy
+            raise ConfigError(f"target model {spec!r} for activation extraction: {err} (or pass --target_model DIR).") from None
+        model = load_causal_lm(path, self.dtype).to(self.verbalizer.device).eval()
+        n_layers, width = model.config.num_hidden_layers, model.config.hidden_size
+        if width != self.d_model or self.layer >= n_layers:
+            raise SidecarError(f"target model {spec}: hidden_size {width}, {n_layers} blocks, but the AV needs d_model "
+                               f"{self.d_model} and block {self.layer}; pass the matching --target_model.")
+        return model
+
+
+def load_nla(checkpoint: str | Path | None = None, av: str | Path | None = None, ar: str | Path | None = None, *,
+             need_ar: bool = False, device: str = "auto", dtype: str = "float32", max_new_tokens: int = 64,
+             target_model: str | None = None, cache_dir: str | None = None, allow_hub: bool = False) -> NLA:
+    """Load the AV (and the AR when there is one, or when `need_ar`) and check they belong together."""
+    paths = resolve_paths(checkpoint, av, ar, need_ar)
+    verbalizer = load_av(paths.av, device=device, dtype=dtype, max_new_tokens=max_new_tokens, cache_dir=cache_dir,
+                         allow_hub=allow_hub)
+    ar_model, ar_tok = (None, None)
+    if paths.ar is not None:
+        ar_model, ar_tok = load_checked_ar(paths.ar, verbalizer, str(paths.av), device, dtype)
+    return NLA(verbalizer, ar_model, ar_tok, paths, target_model, cache_dir, allow_hub, dtype)
+
+
+def load_from_config(cfg, checkpoint: str | None, av: str | None, ar: str | None, need_ar: bool,
+                     target_model: str | None = None) -> NLA:
+    """`load_nla` for a stage: `--av_checkpoint`/`--ar_checkpoint` fill in for --av/--ar, and with
+    no checkpoint at all the run folder `--output_dir` is searched (rl/final, else the SFT finals)."""
+    av = av or cfg.av.av_checkpoint
+    ar = ar or cfg.ar.ar_checkpoint
+    if checkpoint is None and av is None:
+        checkpoint = cfg.output_dir
+    return load_nla(checkpoint, av, ar, need_ar=need_ar, device=cfg.run.device, dtype=cfg.model.dtype,
+                    max_new_tokens=cfg.av.max_new_tokens, target_model=target_model, cache_dir=cfg.model.cache_dir,
+                    allow_hub=cfg.model.allow_hub)
+
+
+def load_checked_ar(path: str | Path, verbalizer: Verbalizer, av_where: str = "AV", device: str = "auto",
+                    dtype: str = "float32") -> tuple[ARModel, Any]:
+    """An AR (ours or reference; a folder or a checkpoint holding ar/) checked against a loaded AV."""
+    folder = _model_dir(path, "ar")
+    ar_model, ar_tok = load_ar(folder, device=pick_device(device), dtype=dtype)
+    check_pair(verbalizer.meta, ar_model, verbalizer.tokenizer, ar_tok, where=f"AV {av_where} + AR {folder}")
+    return ar_model, ar_tok

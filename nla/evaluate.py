@@ -1,0 +1,353 @@
+"""`nla eval`: how much of an activation the explanations carry, with the controls that keep it honest.
+
+    nla eval --checkpoint runs/demo/rl/final --data runs/demo/data/test.parquet --output_dir runs/demo/eval
+    nla eval --av release/av --ar release/ar --texts docs.jsonl --output_dir out --independent_ar other/ar
+    (multi-GPU: not needed; eval is one process, a few minutes on one GPU for thousands of rows)
+
+Writes `<report_dir>/report.json`, `report.md`, `rows.jsonl` and PNG plots (`report_dir` defaults to
+`--output_dir`). The AV explains each vector greedily (`--eval_temperature 0`); the AR reconstructs
+the vector from the explanation; FVE is the strict one, 1 - MSE/Var of the normalised targets, with
+Var from the AR sidecar (its training targets) when recorded, else from the eval targets.
+
+Controls (each an FVE on the same rows): `shuffled_vector` (the AV sees another row's vector, the
+AR must reconstruct the row's own), `zero_vector` / `mean_vector` (the AV sees one uninformative
+vector for every row), `empty_text` (the AR reads ""), `random_text` (the AR reads another row's
+explanation). A real NLA scores far above all five; a content-blind AR shows up as empty_text ~
+real. Also: a paraphrase control (the teacher rewrites each explanation; FVE should barely move),
+FVE with explanations cut to 8/16/32/64 tokens, top-1 retrieval among 16 candidate vectors,
+and an independent AR (`--independent_ar`), since the co-trained AR flatters its own AV.
+Failed explanations (no closing tag) are scored as the AR reading what was extracted, else "",
+as `nla rl`'s held-out number is; `extraction_fail_rate` says how many.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from nla import metrics, templates
+from nla.checkpoints import NLA, load_checked_ar, load_from_config
+from nla.config import ConfigError, NLAConfig
+from nla.data import load_split, split_path
+from nla.extract import choose_positions
+from nla.report import format_table, write_report
+from nla.sidecar import SidecarError
+from nla.stage import start_stage
+from nla.teacher import LocalTeacher, TeacherCache, explain as teacher_explain, make_teacher
+from nla.tracking import Tracker, progress
+from nla.train_ar import derangement
+from nla.verbalize import extract_text_rows, read_texts
+
+LENGTHS = (8, 16, 32, 64)
+FVE_DEFINITION = "strict: 1 − MSE/Var of normalised targets"
+Predict = Callable[[list], torch.Tensor]  # explanations (str or None) -> [n, d]
+Explain = Callable[[torch.Tensor], list]  # vectors [n, d] -> explanations (str or None)
+
+
+def _opt(text: str, default: Any = None) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class EvalArgs:
+    checkpoint: str | None = _opt("NLA checkpoint: a folder holding av/ and ar/ (e.g. <run>/rl/final), or a run folder.")
+    av: str | None = _opt("AV folder (ours, or a reference release); overrides the checkpoint's AV.")
+    ar: str | None = _opt("AR folder (ours, or a reference release); overrides the checkpoint's AR.")
+    data: str | None = _opt("A dataset split (.parquet + sidecar) to evaluate (default: <data_dir>/test.parquet).")
+    texts: str | None = _opt("Or a .jsonl of rows with 'text': positions drawn as in datagen (min_position, positions_per_doc).")
+    target_model: str | None = _opt("Model that extracts activations from --texts (default: the AV sidecar's base_checkpoint).")
+    report_dir: str | None = _opt("Where report.json/report.md/plots go (default: --output_dir).")
+    eval_temperature: float = _opt("AV sampling temperature for eval (0 = greedy).", 0.0)
+    paraphrase_control: bool = _opt("Run the paraphrase control (the teacher rewrites each explanation).", True)
+
+
+# ---------------------------------------------------------------- scoring (pure)
+
+
+@dataclass
+class Scorer:
+    """Strict FVE and friends at one scale and Var, so every number in a report is comparable."""
+
+    scale: float
+    var: float
+    n_candidates: int = 16
+    seed: int = 0
+
+    def row_fve(self, pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """[n, d] x2 -> [n]: 1 - MSE_nrm(row) / Var (averages to `fve`)."""
+        return 1.0 - metrics.mse_nrm(pred, targets, self.scale) / max(self.var, metrics.EPS)
+
+    def fve(self, pred: torch.Tensor, targets: torch.Tensor) -> float:
+        return metrics.fve_nrm(pred, targets, self.scale, self.var)
+
+    def headline(self, pred: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """The main numbers: strict and centred FVE, the lenient one (labelled), cosine, MSE, top-1."""
+        g = torch.Generator().manual_seed(self.seed)
+        s = metrics.summarize(pred, targets, self.scale, self.var)
+        return {"fve_nrm": s["fve_nrm"], "fve_centered": s["fve_centered"], "fve_vs_mean_pred": s["fve_vs_mean_pred"],
+                "cos_mean": s["cos"], "mse_mean": s["mse"],
+                "top1_retrieval": metrics.top1_retrieval(pred, targets, self.n_candidates, g, self.scale)}
+
+
+def control_fves(explain: Explain, predict: Predict, vectors: torch.Tensor, explanations: list,
+                 scorer: Scorer) -> dict[str, dict[str, float]]:
+    """The five controls' FVE against the rows' own vectors [n, d] (n >= 2).
+
+    AV side: shuffled_vector (another row's vector), zero_vector, mean_vector (one explanation
+    each, broadcast to every row). AR side: empty_text, random_text (another row's explanation).
+    """
+    n = vectors.shape[0]
+    perm = derangement(n, scorer.seed)
+    uninformative = torch.stack([torch.zeros_like(vectors[0]), vectors.float().mean(dim=0)])
+    av_texts = explain(torch.cat([vectors[perm], uninformative.to(vectors.dtype)]))
+    others = derangement(n, scorer.seed + 1)
+    ar_texts = av_texts + ["", *[explanations[i] for i in others.tolist()]]
+    pred = predict(ar_texts)  # one batched AR pass: [n + 2 + 1 + n, d]
+    parts = {"shuffled_vector": pred[:n], "zero_vector": pred[n:n + 1].expand(n, -1),
+             "mean_vector": pred[n + 1:n + 2].expand(n, -1), "empty_text": pred[n + 2:n + 3].expand(n, -1),
+             "random_text": pred[n + 3:]}
+    return {name: {"fve_nrm": scorer.fve(p, vectors), "top1_retrieval": scorer.headline(p, vectors)["top1_retrieval"]}
+            for name, p in parts.items()}
+
+
+def truncate_tokens(texts: list, tokenizer, n_tokens: int) -> list:
+    """Keep the first `n_tokens` tokens of each explanation (None stays None)."""
+    out = []
+    for t in texts:
+        if t is None:
+            out.append(None)
+            continue
+        ids = tokenizer.encode(t, add_special_tokens=False)
+        out.append(t if len(ids) <= n_tokens else tokenizer.decode(ids[:n_tokens]))
+    return out
+
+
+def length_curve(predict: Predict, texts: list, targets: torch.Tensor, tokenizer, scorer: Scorer,
+                 lengths: tuple[int, ...] = LENGTHS) -> dict[str, float]:
+    """FVE with explanations cut to each length, plus 'full'. One AR pass for all lengths."""
+    cut = [truncate_tokens(texts, tokenizer, k) for k in lengths] + [texts]
+    pred = predict([t for version in cut for t in version]).view(len(cut), len(texts), -1)
+    return {str(k): scorer.fve(p, targets) for k, p in zip([*lengths, "full"], pred)}
+
+
+def paraphrase_scores(paraphrased: list, originals: list, predict: Predict, targets: torch.Tensor,
+                      scorer: Scorer) -> dict[str, Any]:
+    """FVE of paraphrases vs the originals on the rows where both exist; retained = ratio (None if orig <= 0)."""
+    keep = [i for i, (p, o) in enumerate(zip(paraphrased, originals)) if p is not None and o is not None]
+    asked = sum(o is not None for o in originals)
+    out: dict[str, Any] = {"n": len(keep), "fail_rate": 1 - len(keep) / asked if asked else None,
+                           "fve_nrm": None, "fve_original": None, "fve_retained": None}
+    if len(keep) < 2:
+        return out
+    pred = predict([paraphrased[i] for i in keep] + [originals[i] for i in keep])
+    sub = targets[keep]
+    out["fve_nrm"], out["fve_original"] = scorer.fve(pred[:len(keep)], sub), scorer.fve(pred[len(keep):], sub)
+    if out["fve_original"] > 0:
+        out["fve_retained"] = out["fve_nrm"] / out["fve_original"]
+    return out
+
+
+# ---------------------------------------------------------------- paraphrase control
+
+
+class LocalParaphraser(LocalTeacher):
+    """The local teacher, asked to rewrite an explanation (PARAPHRASE_TEMPLATE) instead of writing one."""
+
+    @classmethod
+    def wrap(cls, teacher: LocalTeacher) -> "LocalParaphraser":
+        p = cls(teacher.model, teacher.tokenizer, "", teacher.max_new_tokens, teacher.temperature, teacher.batch_size,
+                teacher.prefill)
+        p.identity = f"paraphrase:{templates.PARAPHRASE_TEMPLATE!r}:{teacher.identity}"  # its own cache keys
+        return p
+
+    def prompt_text(self, explanation: str) -> str:
+        messages = [{"role": "user", "content": templates.PARAPHRASE_TEMPLATE.format(explanation=explanation)}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + self.prefill
+
+
+def reverse_claims(text: str) -> str:
+    """Model-free stand-in for a paraphrase: the same claims in reverse order (the paper: order barely matters)."""
+    return "; ".join(reversed([c.strip() for c in text.split(";") if c.strip()])) or text
+
+
+def paraphrase(cfg: NLAConfig, nla: NLA, texts: list, cache_path: Path) -> tuple[list, str]:
+    """-> (one paraphrase per text, None where the text or the teacher's answer is missing; the method used)."""
+    todo = [t for t in texts if t is not None]
+    if cfg.teacher.teacher == "extractive":
+        return [None if t is None else reverse_claims(t) for t in texts], "claims reversed (model-free; --teacher extractive)"
+    if cfg.teacher.teacher == "openai":
+        raise ConfigError("the paraphrase control runs with --teacher local or extractive (the endpoint teacher has a "
+                          "fixed prompt); pass one of those, or --paraphrase_control false.")
+    with nla.target_model() as model:  # the target model (AV adapter off) is the default local teacher
+        base = make_teacher(cfg, model, nla.tokenizer)
+        done = teacher_explain(LocalParaphraser.wrap(base), todo, TeacherCache(cache_path), show_progress=cfg.logging.progress)
+    answers = iter(done.explanations)
+    return [None if t is None else next(answers) for t in texts], f"teacher {base.identity}"
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class EvalData:
+    vectors: torch.Tensor  # [n, d] raw
+    info: list[dict[str, Any]]  # doc_id, position, context per row
+    teacher: list | None  # the dataset's teacher explanations, when it has them
+    source: str
+
+
+def load_eval_data(cfg: NLAConfig, args: EvalArgs, nla: NLA) -> EvalData:
+    if args.data is not None and args.texts is not None:
+        raise ConfigError("give --data or --texts, not both.")
+    limit = cfg.eval.eval_max_rows
+    if args.texts is not None:
+        special = set(nla.tokenizer.all_special_ids)
+        d = cfg.data
+
+        def pick(ids: list[int], doc_id: str) -> list[int]:  # datagen's position rule
+            return choose_positions(ids, special, d.positions_per_doc, d.min_position, cfg.run.seed, doc_id)
+
+        vectors, info = extract_text_rows(nla, read_texts(args.texts, d.text_field), d.max_doc_tokens,
+                                          d.extract_batch_size, pick)
+        return EvalData(vectors[:limit], info[:limit], None, f"texts:{args.texts}")
+    path = Path(args.data) if args.data else split_path(cfg.data_dir, "test")
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: pass --data FILE.parquet or --texts FILE.jsonl (or run `nla datagen`).")
+    split = load_split(path, max_rows=limit)
+    if split.meta.layer_index != nla.layer or split.vectors.shape[1] != nla.d_model:
+        raise SidecarError(f"{path}: layer {split.meta.layer_index}, width {split.vectors.shape[1]}, but the checkpoint "
+                           f"explains layer {nla.layer}, d_model {nla.d_model}; evaluate on data from the same model and layer.")
+    cols = split.columns
+    n = len(split)
+    contexts = cols.get("detokenized_text_truncated") or [""] * n
+    info = [{"doc_id": cols.get("doc_id", [None] * n)[i], "position": cols.get("position", [None] * n)[i],
+             "context": contexts[i] or ""} for i in range(n)]
+    return EvalData(split.vectors, info, cols.get("explanation"), f"data:{path}")
+
+
+# ---------------------------------------------------------------- the evaluation
+
+
+def _explainer(nla: NLA, temperature: float, max_new_tokens: int, enabled: bool, failed_out: list | None = None) -> Explain:
+    """vectors -> explanation strings (None when failed extraction yields nothing), in chunks with a bar."""
+    def explain(vectors: torch.Tensor) -> list:
+        texts, bs = [], nla.verbalizer.batch_size
+        for start in progress(range(0, len(vectors), bs), enabled=enabled, desc="eval: AV", unit="batch"):
+            for (s,) in nla.explain(vectors[start:start + bs], 1, temperature, max_new_tokens):
+                texts.append(s.explanation)
+                if failed_out is not None:
+                    failed_out.append(s)
+        return texts
+    return explain
+
+
+def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir: Path) -> tuple[dict[str, Any], list[dict]]:
+    """All numbers of the report, plus one dict per row."""
+    vectors, n = data.vectors, len(data.vectors)
+    if n < 2:
+        raise ConfigError(f"{data.source}: {n} row(s); eval needs at least 2 (controls compare rows).")
+    var = nla.ar_variance
+    var_source = "ar_sidecar (the AR's training targets)"
+    if var is None:
+        var, var_source = metrics.target_variance(vectors, nla.mse_scale), "eval_targets (the AR sidecar records none)"
+    scorer = Scorer(nla.mse_scale, var, cfg.eval.retrieval_candidates, cfg.run.seed)
+    show, timing = cfg.logging.progress, {}
+    t0 = time.time()
+    samples: list = []
+    explain = _explainer(nla, args.eval_temperature, cfg.av.max_new_tokens, show, samples)
+    explanations = explain(vectors)
+    explain_controls = _explainer(nla, args.eval_temperature, cfg.av.max_new_tokens, show)
+    timing["verbalize_s"] = time.time() - t0
+    pred = nla.predict(explanations)
+    report: dict[str, Any] = {"n": n, "source": data.source, "checkpoint": {"av": str(nla.paths.av), "ar": str(nla.paths.ar)},
+                              "fve_definition": FVE_DEFINITION, "var": var, "var_source": var_source,
+                              "mse_scale": nla.mse_scale, "temperature": args.eval_temperature,
+                              "selection": "greedy" if args.eval_temperature == 0 else "first_sample",
+                              **scorer.headline(pred, vectors)}
+    report["top1_chance"] = 1 / min(cfg.eval.retrieval_candidates, n)
+    t0 = time.time()
+    report["controls"] = control_fves(explain_controls, nla.predict, vectors, explanations, scorer)
+    timing["controls_s"] = time.time() - t0
+    if data.teacher is not None and any(t is not None for t in data.teacher):
+        keep = [i for i, t in enumerate(data.teacher) if t is not None]
+        report["teacher_explanations"] = {"n": len(keep), "fve_nrm": scorer.fve(nla.predict([data.teacher[i] for i in keep]),
+                                                                               vectors[keep])}
+    para = None
+    if args.paraphrase_control:
+        t0 = time.time()
+        para, method = paraphrase(cfg, nla, explanations, cache_dir / "paraphrase_cache.jsonl")
+        report["paraphrase"] = {"method": method, **paraphrase_scores(para, explanations, nla.predict, vectors, scorer)}
+        timing["paraphrase_s"] = time.time() - t0
+    lengths = [len(nla.ar_tokenizer.encode(e, add_special_tokens=False)) for e in explanations if e is not None]
+    report["explanation_tokens_mean"] = sum(lengths) / len(lengths) if lengths else 0.0
+    report["response_tokens_mean"] = sum(s.n_tokens for s in samples) / n
+    report["fve_by_length"] = length_curve(nla.predict, explanations, vectors, nla.ar_tokenizer, scorer)
+    report["non_latin_rate"] = metrics.non_latin_rate(s.text for s in samples)
+    report["extraction_fail_rate"] = sum(s.failed for s in samples) / n
+    report["independent_ar"] = independent_ar(cfg, nla, explanations, vectors, scorer) if cfg.eval.independent_ar else None
+    report["timing"] = timing
+    row_fve = scorer.row_fve(pred, vectors).tolist()
+    rows = [{**info, "context": (info.get("context") or "")[-200:], "explanation": e, "failed": s.failed, "fve_nrm": f,
+             **({"teacher_explanation": data.teacher[i]} if data.teacher is not None else {}),
+             **({"paraphrase": para[i]} if para is not None else {})}
+            for i, (info, e, s, f) in enumerate(zip(data.info, explanations, samples, row_fve))]
+    return report, rows
+
+
+def independent_ar(cfg: NLAConfig, nla: NLA, explanations: list, vectors: torch.Tensor, scorer: Scorer) -> dict[str, Any]:
+    """The same explanations scored by a second AR (its own Var and scale when its sidecar has them)."""
+    ar, tok = load_checked_ar(cfg.eval.independent_ar, nla.verbalizer, str(nla.paths.av), cfg.run.device, cfg.model.dtype)
+    other = NLA(nla.verbalizer, ar, tok, nla.paths)
+    var, source = other.ar_variance, "ar_sidecar"
+    if var is None:
+        var, source = metrics.target_variance(vectors, other.mse_scale), "eval_targets"
+    s = Scorer(other.mse_scale, var, scorer.n_candidates, scorer.seed)
+    pred = other.predict(explanations + [""])
+    return {"path": cfg.eval.independent_ar, "fve_nrm": s.fve(pred[:-1], vectors), "var": var, "var_source": source,
+            "empty_text_fve_nrm": s.fve(pred[-1:].expand_as(vectors), vectors)}
+
+
+def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """`eval/...` keys for metrics.jsonl / W&B (the README lists them)."""
+    out = {f"eval/{k}": report[k] for k in ("fve_nrm", "fve_centered", "cos_mean", "top1_retrieval", "non_latin_rate",
+                                             "extraction_fail_rate", "explanation_tokens_mean")}
+    out |= {f"eval/control/{k}": v["fve_nrm"] for k, v in report["controls"].items()}
+    out |= {f"eval/fve_by_length/{k}": v for k, v in report["fve_by_length"].items()}
+    para = report.get("paraphrase") or {}
+    out |= {f"eval/paraphrase_{k}": para[k] for k in ("fve_nrm", "fve_retained") if para.get(k) is not None}
+    if report.get("independent_ar"):
+        out["eval/independent_ar_fve_nrm"] = report["independent_ar"]["fve_nrm"]
+    return out
+
+
+def run(cfg: NLAConfig, args: EvalArgs | None = None, nla: NLA | None = None,
+        report_dir: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate and write the report; returns the report dict (what report.json holds)."""
+    args = args or EvalArgs()
+    began = time.time()
+    nla = nla or load_from_config(cfg, args.checkpoint, args.av, args.ar, need_ar=True, target_model=args.target_model)
+    if nla.ar is None:
+        raise ConfigError("eval needs an AR: pass --checkpoint DIR holding ar/, or --ar DIR.")
+    out_dir = Path(report_dir or args.report_dir or cfg.output_dir)
+    data = load_eval_data(cfg, args, nla)
+    report, rows = evaluate(cfg, args, nla, data, out_dir)
+    report["wall_s"] = round(time.time() - began, 1)
+    report["files"] = write_report(report, rows, out_dir)
+    step = int((nla.meta.extra.get("training") or {}).get("step") or 0)
+    tracker = Tracker(cfg, "eval")
+    tracker.log(flat_metrics(report), step)
+    tracker.summary(flat_metrics(report))
+    tracker.finish()
+    return report
+
+
+def main(argv: list[str]) -> int:
+    cfg, (args,) = start_stage(argv, "eval", extra=[EvalArgs])
+    report = run(cfg, args)
+    print(format_table(report))
+    print(f"[eval] {report['n']} rows, {report['wall_s']}s -> {report['files']['report_md']}")
+    return 0

@@ -1,0 +1,198 @@
+"""`nla eval`'s outputs: report.json, report.md, rows.jsonl and PNG plots (matplotlib, Agg canvas).
+
+Plots use matplotlib's object API with the Agg canvas (no pyplot, no global backend switch), so
+they render headless and never touch a caller's interactive figures. Every file is written
+atomically. `format_table` is the short summary `nla eval` prints.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from nla.io import atomic_write_bytes, atomic_write_text
+
+CONTROL_NOTES = {
+    "shuffled_vector": "AV sees another row's vector",
+    "zero_vector": "AV sees a zero vector",
+    "mean_vector": "AV sees the mean vector",
+    "empty_text": "AR reads an empty explanation",
+    "random_text": "AR reads another row's explanation",
+}
+MARGIN = 0.05  # a real NLA should beat every control by more than this (in FVE)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def bars(report: dict[str, Any]) -> list[tuple[str, float]]:
+    """(label, fve) for the controls chart: the real score, then what it is compared against."""
+    out = [("real", report["fve_nrm"])]
+    out += [(k, v["fve_nrm"]) for k, v in report["controls"].items()]
+    para = report.get("paraphrase") or {}
+    if para.get("fve_nrm") is not None:
+        out.append(("paraphrase", para["fve_nrm"]))
+    if report.get("teacher_explanations"):
+        out.append(("teacher text", report["teacher_explanations"]["fve_nrm"]))
+    if report.get("independent_ar"):
+        out.append(("independent AR", report["independent_ar"]["fve_nrm"]))
+    return out
+
+
+def warnings(report: dict[str, Any]) -> list[str]:
+    """Plain-language flags for the failure modes others have hit (REFERENCE §7)."""
+    real, out = report["fve_nrm"], []
+    best_name, best = max(((k, v["fve_nrm"]) for k, v in report["controls"].items()), key=lambda kv: kv[1])
+    if best >= real - MARGIN:
+        out.append(f"control '{best_name}' scores {best:.3f}, within {MARGIN} of the real {real:.3f}: "
+                   "the explanations carry little vector-specific information.")
+    if report["controls"]["empty_text"]["fve_nrm"] >= real - MARGIN:
+        out.append("empty text scores about as well as the explanations: the AR may be content-blind.")
+    if report["top1_retrieval"] <= 1.5 * report["top1_chance"]:
+        out.append(f"top-1 retrieval {report['top1_retrieval']:.3f} is near chance {report['top1_chance']:.3f}: "
+                   "possible template collapse (one description for every vector).")
+    if report["extraction_fail_rate"] > 0.2:
+        out.append(f"{report['extraction_fail_rate']:.0%} of explanations failed (no closing tag or length cap).")
+    if report["non_latin_rate"] > 0.1:
+        out.append(f"{report['non_latin_rate']:.0%} of responses contain non-Latin letters: check the injection.")
+    return out
+
+
+def _figure(width: float = 6.0, height: float = 3.6):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _save(fig, path: Path) -> str:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return str(path)
+
+
+def plot_controls(report: dict[str, Any], path: Path) -> str:
+    items = bars(report)
+    fig, ax = _figure(7.0, 3.8)
+    values = [v if v is not None and math.isfinite(v) else 0.0 for _, v in items]
+    colors = ["tab:blue"] + ["tab:gray"] * len(report["controls"]) + ["tab:green"] * (len(items) - 1 - len(report["controls"]))
+    ax.bar(range(len(items)), values, color=colors)
+    ax.set_xticks(range(len(items)), [k for k, _ in items], rotation=30, ha="right")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_ylabel("FVE (strict)")
+    ax.set_title(f"Real explanations vs controls (n={report['n']})")
+    return _save(fig, path)
+
+
+def plot_lengths(report: dict[str, Any], path: Path) -> str:
+    curve = report["fve_by_length"]
+    points = [(int(k), v) for k, v in curve.items() if k != "full"]
+    fig, ax = _figure()
+    ax.plot([k for k, _ in points], [v for _, v in points], marker="o", label="cut to N tokens")
+    ax.axhline(curve["full"], color="tab:blue", linestyle="--", label="full explanation")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([k for k, _ in points], [str(k) for k, _ in points])
+    ax.set_xlabel("explanation tokens kept")
+    ax.set_ylabel("FVE (strict)")
+    ax.legend()
+    ax.set_title("FVE by explanation length")
+    return _save(fig, path)
+
+
+def plot_histogram(rows: list[dict[str, Any]], path: Path) -> str:
+    values = [r["fve_nrm"] for r in rows if r.get("fve_nrm") is not None and math.isfinite(r["fve_nrm"])]
+    fig, ax = _figure()
+    ax.hist(values, bins=min(30, max(5, len(values) // 3)), color="tab:blue")
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("per-row FVE (1 − MSE/Var)")
+    ax.set_ylabel("rows")
+    ax.set_title("Per-row FVE")
+    return _save(fig, path)
+
+
+def markdown(report: dict[str, Any], rows: list[dict[str, Any]], n_samples: int = 8) -> str:
+    """report.md: headline, controls, paraphrase, length curve, independent AR, flags, sample rows."""
+    r = report
+    lines = [f"# NLA evaluation\n", f"- data: `{r['source']}` ({r['n']} rows); AV `{r['checkpoint']['av']}`, AR `{r['checkpoint']['ar']}`",
+             f"- FVE is **{r['fve_definition']}**; Var = {_fmt(r['var'], 4)} from {r['var_source']}; "
+             f"vectors normalised to {_fmt(r['mse_scale'], 2)}",
+             f"- explanations: {r['selection']} (temperature {r['temperature']})\n",
+             "| metric | value |", "|---|---|"]
+    for key in ("fve_nrm", "fve_centered", "fve_vs_mean_pred", "cos_mean", "top1_retrieval", "top1_chance",
+                "explanation_tokens_mean", "extraction_fail_rate", "non_latin_rate"):
+        label = key + (" (lenient: vs predicting the mean)" if key == "fve_vs_mean_pred" else "")
+        lines.append(f"| {label} | {_fmt(r[key])} |")
+    lines += ["\n## Controls\n", "| control | what it does | fve_nrm | top-1 |", "|---|---|---|---|",
+              f"| real | the AV's explanation of the row's own vector | {_fmt(r['fve_nrm'])} | {_fmt(r['top1_retrieval'])} |"]
+    for k, v in r["controls"].items():
+        lines.append(f"| {k} | {CONTROL_NOTES.get(k, '')} | {_fmt(v['fve_nrm'])} | {_fmt(v.get('top1_retrieval'))} |")
+    if r.get("teacher_explanations"):
+        lines.append(f"| teacher text | AR reads the dataset's teacher explanation | {_fmt(r['teacher_explanations']['fve_nrm'])} | |")
+    para = r.get("paraphrase")
+    if para:
+        lines += ["\n## Paraphrase control\n", f"Method: {para['method']}. Rows: {para['n']} "
+                  f"(teacher failed on {_fmt(para['fail_rate'])}). FVE original {_fmt(para['fve_original'])} → "
+                  f"paraphrased {_fmt(para['fve_nrm'])}; retained {_fmt(para['fve_retained'])}."]
+    lines += ["\n## FVE by explanation length\n", "| tokens | " + " | ".join(r["fve_by_length"]) + " |",
+              "|---" * (len(r["fve_by_length"]) + 1) + "|", "| fve_nrm | " + " | ".join(_fmt(v) for v in r["fve_by_length"].values()) + " |"]
+    ind = r.get("independent_ar")
+    if ind:
+        lines += ["\n## Independent AR\n", f"`{ind['path']}`: fve_nrm {_fmt(ind['fve_nrm'])} (Var {_fmt(ind['var'], 4)} from "
+                  f"{ind['var_source']}); its empty-text control {_fmt(ind['empty_text_fve_nrm'])}."]
+    flags = warnings(r)
+    lines += ["\n## Flags\n"] + ([f"- ⚠ {w}" for w in flags] or ["- none: the real score clears every control."])
+    lines += ["\n## Plots\n"] + [f"![{name}]({Path(p).name})" for name, p in (r.get("files") or {}).items() if p.endswith(".png")]
+    lines += ["\n## Sample rows\n", "| context (tail) | explanation | fve |", "|---|---|---|"]
+    for row in rows[:n_samples]:
+        ctx = (row.get("context") or "")[-80:].replace("|", "\\|").replace("\n", " ")
+        expl = (row["explanation"] or "<failed>").replace("|", "\\|").replace("\n", " ")[:160]
+        lines.append(f"| …{ctx} | {expl} | {_fmt(row['fve_nrm'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], rows: list[dict[str, Any]], out_dir: str | Path) -> dict[str, str]:
+    """Write plots, rows.jsonl, report.md and report.json (last) into `out_dir`; return their paths."""
+    out = Path(out_dir)
+    files = {"controls_png": plot_controls(report, out / "controls.png"),
+             "fve_by_length_png": plot_lengths(report, out / "fve_by_length.png"),
+             "fve_hist_png": plot_histogram(rows, out / "fve_hist.png")}
+    files["rows"] = str(atomic_write_text(out / "rows.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows)))
+    files["report_md"] = str(out / "report.md")
+    files["report_json"] = str(out / "report.json")
+    report["files"] = files
+    atomic_write_text(out / "report.md", markdown(report, rows))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    return files
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """metric | value, then control | fve_nrm, for the terminal."""
+    r = report
+    head = [("fve_nrm (strict)", r["fve_nrm"]), ("fve_centered", r["fve_centered"]), ("cos_mean", r["cos_mean"]),
+            (f"top1_retrieval (chance {r['top1_chance']:.3f})", r["top1_retrieval"]),
+            ("explanation_tokens_mean", r["explanation_tokens_mean"]), ("extraction_fail_rate", r["extraction_fail_rate"]),
+            ("non_latin_rate", r["non_latin_rate"])]
+    head += [(f"fve @ {k} tokens", v) for k, v in r["fve_by_length"].items()]
+    para = r.get("paraphrase") or {}
+    if para:
+        head += [("paraphrase fve_nrm", para.get("fve_nrm")), ("paraphrase fve_retained", para.get("fve_retained"))]
+    if r.get("independent_ar"):
+        head.append(("independent AR fve_nrm", r["independent_ar"]["fve_nrm"]))
+    lines = [f"{'metric':<34} value", "-" * 44] + [f"{k:<34} {_fmt(v)}" for k, v in head]
+    lines += ["", f"{'control':<34} fve_nrm", "-" * 44, f"{'real explanations':<34} {_fmt(r['fve_nrm'])}"]
+    lines += [f"{k:<34} {_fmt(v['fve_nrm'])}" for k, v in r["controls"].items()]
+    lines += [f"! {w}" for w in warnings(r)]
+    lines.append(f"(FVE: {r['fve_definition']}; Var {r['var']:.4f} from {r['var_source']})")
+    return "\n".join(lines)

@@ -1,0 +1,305 @@
+"""`nla eval`: known-answer scoring, controls, the length curve, both checkpoint formats, errors.
+
+The end-to-end tests share one trained toy NLA (built once per session, ~20 s): an AV trained to
+name which of 4 centres a vector was drawn around, and an AR trained to map the name back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from nla import templates
+from nla.cli import main as cli
+from nla.config import from_flat_dict, load_yaml
+from nla.data import write_split
+from nla.evaluate import (EvalArgs, LocalParaphraser, Scorer, control_fves, length_curve, paraphrase_scores,
+                          reverse_claims, run, truncate_tokens)
+from nla.metrics import normalize, target_variance
+from nla.models import tiny_llama
+from nla.sidecar import Meta, make_token_spec
+from nla.testing import build_tiny_tokenizer
+
+MARKER, D, LAYER = "㈠", 64, 1
+WORDS = ["apple", "river", "music", "stone"]
+SMOKE = "configs/smoke.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from 2 threads; on a busy 2-core box OpenMP waits make them far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- the shared toy NLA
+
+
+def build_toy(root):
+    """Model, data (av_sft/ar_sft/val/test) and trained AV + AR under `root`; reused when already built."""
+    from nla import train_ar, train_av
+
+    if (root / "ready").is_file():
+        return root
+    tok = build_tiny_tokenizer()
+    # init std 0.2: at HF's 0.02 a tiny model's text barely depends on the prompt (see tests/test_train_av.py).
+    model = tiny_llama(len(tok), d_model=D, seed=0, initializer_range=0.2, pad_token_id=tok.pad_token_id,
+                       eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(len(WORDS), D, generator=g) * 3
+    meta = Meta("nla_dataset", make_token_spec(tok, MARKER), d_model=D, layer_index=LAYER, base_model=str(root / "model"),
+                extra={"suggested_injection_scale": 8.0})
+    for name, n in (("av_sft", 256), ("ar_sft", 128), ("val", 32), ("test", 16)):
+        label = torch.randint(0, len(WORDS), (n,), generator=g)
+        expl = [WORDS[i] for i in label]
+        prompts = [templates.ar_prompt(e) for e in expl] if name == "ar_sft" else [templates.av_user_message(MARKER)] * n
+        cols = {"prompt": prompts, "response": [templates.av_response(e) for e in expl], "explanation": expl,
+                "detokenized_text_truncated": [f"a text about {e}" for e in expl],
+                "doc_id": [f"{name}-{i}" for i in range(n)], "position": list(range(n))}
+        write_split(root / "data" / f"{name}.parquet", centres[label] + torch.randn(n, D, generator=g), cols, meta)
+    base = config(root, root / "run")
+    train_av.run(base.replace(av_steps=40, av_batch_size=16, av_lr=1e-2, av_eval_every=1000, av_save_every=1000))
+    train_ar.run(base.replace(ar_steps=40, ar_batch_size=8, ar_lr=5e-3, ar_lora_r=8, ar_eval_every=1000, ar_save_every=1000))
+    (root / "ready").write_text("ok")
+    return root
+
+
+def config(root, out, **over):
+    values = {**load_yaml(SMOKE), "model": str(root / "model"), "data_dir": str(root / "data"), "output_dir": str(out),
+              "resume": "never", "av_lora_r": 8, "max_new_tokens": 24, "teacher": "extractive", **over}
+    return from_flat_dict(values)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return build_toy(tmp_path_factory.getbasetemp() / "nla-eval-toy")
+
+
+# ---------------------------------------------------------------- pure scoring
+
+
+def test_scorer_known_answers():
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randn(12, D, generator=g) + 2.0  # a shared offset: anisotropic, like real activations
+    scorer = Scorer(scale=8.0, var=target_variance(targets, 8.0), n_candidates=16)
+    perfect = scorer.headline(3.0 * targets, targets)  # the norm does not matter, only the direction
+    assert perfect["fve_nrm"] == pytest.approx(1.0, abs=1e-5) and perfect["top1_retrieval"] == 1.0
+    assert perfect["cos_mean"] == pytest.approx(1.0, abs=1e-5) and perfect["fve_centered"] == pytest.approx(1.0, abs=1e-4)
+    constant = scorer.headline(normalize(targets, 8.0).mean(0, keepdim=True).expand_as(targets), targets)
+    assert constant["fve_nrm"] <= 0.0 and constant["fve_vs_mean_pred"] == pytest.approx(0.0, abs=1e-5)
+    assert constant["cos_mean"] > 0.5  # raw cosine flatters the mean direction; the FVE does not
+    shifted = scorer.headline(targets.roll(1, dims=0), targets)  # every row predicts its neighbour's vector
+    assert shifted["top1_retrieval"] == 0.0 and shifted["fve_nrm"] < 0.0
+    assert float(scorer.row_fve(targets.roll(1, 0), targets).mean()) == pytest.approx(scorer.fve(targets.roll(1, 0), targets), abs=1e-5)
+
+
+def word_pipeline(noise=0.0):
+    """A known NLA on centre-drawn vectors: explain = nearest centre's word, predict = that centre."""
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(len(WORDS), D, generator=g) * 3
+    label = torch.arange(16) % len(WORDS)
+    vectors = centres[label] + noise * torch.randn(16, D, generator=g)
+
+    def explain(v):
+        return [WORDS[int(i)] if n > 0 else None for i, n in
+                zip((normalize(v, 1.0) @ normalize(centres, 1.0).T).argmax(1), v.norm(dim=1))]
+
+    def predict(texts):  # "" / None / unknown words carry nothing: a constant guess
+        return torch.stack([centres[WORDS.index(t)] if t in WORDS else torch.ones(D) for t in texts])
+
+    return vectors, explain, predict
+
+
+def test_controls_on_a_known_pipeline():
+    vectors, explain, predict = word_pipeline()
+    scorer = Scorer(8.0, target_variance(vectors, 8.0))
+    texts = explain(vectors)
+    assert scorer.fve(predict(texts), vectors) == pytest.approx(1.0, abs=1e-5)
+    controls = control_fves(explain, predict, vectors, texts, scorer)
+    assert set(controls) == {"shuffled_vector", "zero_vector", "mean_vector", "empty_text", "random_text"}
+    for name, c in controls.items():
+        assert c["fve_nrm"] < 0.5, (name, c)  # nothing reconstructs like the real explanation
+    assert controls["empty_text"]["fve_nrm"] <= 0.0 and controls["zero_vector"]["fve_nrm"] <= 0.0
+    assert controls["shuffled_vector"]["top1_retrieval"] < 0.5
+
+
+def test_length_curve_is_monotone_when_cutting_removes_words(tiny_tokenizer):
+    """AR stand-in: sum of the vectors of the whole words it reads; targets = all 8 words' sum."""
+    g = torch.Generator().manual_seed(2)
+    vocab = ["apple", "river", "music", "stone", "cloud", "engine", "violin", "castle", "purple", "garden", "forest", "silver"]
+    emb = {w: torch.randn(D, generator=g) for w in vocab}
+    texts = [" ".join(vocab[(i + j) % len(vocab)] for j in range(8)) for i in range(10)]
+    targets = torch.stack([sum(emb[w] for w in t.split()) for t in texts])
+
+    def predict(batch):
+        return torch.stack([sum((emb[w] for w in (t or "").split() if w in emb), torch.full((D,), 1e-3)) for t in batch])
+
+    assert truncate_tokens(["apple river", None], tiny_tokenizer, 100) == ["apple river", None]
+    scorer = Scorer(8.0, target_variance(targets, 8.0))
+    curve = length_curve(predict, texts, targets, tiny_tokenizer, scorer, lengths=(2, 4, 8, 16))
+    values = list(curve.values())
+    assert list(curve) == ["2", "4", "8", "16", "full"]
+    assert all(a < b for a, b in zip(values[:-2], values[1:-1])) and values[-2] <= values[-1] + 1e-6, curve
+    assert curve["full"] == pytest.approx(1.0, abs=1e-5) and curve["2"] < 0.6
+
+
+def test_paraphrase_scores_and_model_free_paraphrase(tiny_tokenizer):
+    vectors, explain, predict = word_pipeline()
+    texts = explain(vectors)
+    scorer = Scorer(8.0, target_variance(vectors, 8.0))
+    same = paraphrase_scores(list(texts), texts, predict, vectors, scorer)
+    assert same["fve_retained"] == pytest.approx(1.0) and same["fail_rate"] == 0.0 and same["n"] == 16
+    broken = paraphrase_scores([None] * 4 + ["gibberish"] * 12, texts, predict, vectors, scorer)
+    assert broken["n"] == 12 and broken["fail_rate"] == pytest.approx(0.25) and broken["fve_retained"] < 0.5
+    assert reverse_claims("a loop; a list ;a dict") == "a dict; a list; a loop" and reverse_claims("one claim") == "one claim"
+    from nla.teacher import LocalTeacher
+
+    para = LocalParaphraser.wrap(LocalTeacher(None, tiny_tokenizer, "m"))
+    prompt = para.prompt_text("a loop over a list")
+    assert "Rewrite the following description" in prompt and "<text>a loop over a list</text>" in prompt
+    assert prompt.endswith("<explanation>") and para.identity != LocalTeacher(None, tiny_tokenizer, "m").identity
+
+
+# ---------------------------------------------------------------- end to end on the toy
+
+
+def eval_args(**kw):
+    return EvalArgs(**{"eval_temperature": 0.0, **kw})
+
+
+def test_eval_on_trained_toy(toy, tmp_path):
+    cfg = config(toy, tmp_path / "out", independent_ar=str(toy / "run" / "ar" / "final"))
+    report = run(cfg, eval_args(checkpoint=str(toy / "run"), data=str(toy / "data" / "test.parquet")))
+    assert report["n"] == 16 and report["fve_nrm"] > 0.5 and report["extraction_fail_rate"] < 0.2, report
+    for name, c in report["controls"].items():
+        assert c["fve_nrm"] < report["fve_nrm"] - 0.5, (name, report["controls"])
+    assert report["var_source"].startswith("ar_sidecar") and report["fve_definition"].startswith("strict")
+    assert report["top1_retrieval"] > report["top1_chance"]
+    assert report["paraphrase"]["fve_retained"] == pytest.approx(1.0)  # one-claim answers: reversal is the identity
+    assert set(report["fve_by_length"]) == {"8", "16", "32", "64", "full"}
+    # the same AR given as the independent one must give the same number
+    assert report["independent_ar"]["fve_nrm"] == pytest.approx(report["fve_nrm"], abs=1e-5)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["fve_nrm"] == report["fve_nrm"] and saved["controls"] == report["controls"]
+    for f in ("report.md", "controls.png", "fve_by_length.png", "fve_hist.png", "rows.jsonl"):
+        assert (tmp_path / "out" / f).stat().st_size > 100, f
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "shuffled_vector" in md and "strict" in md and "none: the real score clears every control" in md
+    rows = [json.loads(x) for x in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    assert np.mean([r["fve_nrm"] for r in rows]) == pytest.approx(report["fve_nrm"], abs=1e-5)
+    assert sum(r["explanation"] == r["teacher_explanation"] for r in rows) >= 12
+    logged = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["eval/fve_nrm"] == report["fve_nrm"] and "eval/control/empty_text" in logged[-1]
+
+
+def test_eval_from_texts_with_local_paraphraser(toy, tmp_path, tiny_tokenizer):
+    """--texts: datagen's position rule, activations = the base model's hidden_states[K+1]; local teacher runs."""
+    from transformers import AutoModelForCausalLM
+
+    texts = ["def add(a, b):\n    return a + b  # numbers in, their sum out, nothing else", "x = [i * i for i in range(10)] and more"]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t, "doc_id": f"d{i}"}) + "\n" for i, t in enumerate(texts)))
+    cfg = config(toy, tmp_path / "out", teacher="local", min_position=4, positions_per_doc=3)
+    report = run(cfg, eval_args(checkpoint=str(toy / "run"), texts=str(tmp_path / "t.jsonl")))
+    rows = [json.loads(x) for x in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    assert report["n"] == 6 == len(rows) and all(r["position"] >= 4 for r in rows)
+    assert report["paraphrase"]["method"].startswith("teacher local:") and report["paraphrase"]["fail_rate"] is not None
+    assert (tmp_path / "out" / "paraphrase_cache.jsonl").is_file()
+    # the vectors explained are the plain base model's block-K outputs (the AV's LoRA switched off)
+    from nla.checkpoints import load_nla
+    from nla.verbalize import extract_text_rows
+
+    nla = load_nla(toy / "run", device="cpu")
+    vectors, info = extract_text_rows(nla, [{"text": texts[0], "doc_id": "d0", "positions": [4, 9]}], 256)
+    base = AutoModelForCausalLM.from_pretrained(toy / "model").eval()
+    ids = tiny_tokenizer(texts[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        hidden = base(ids, output_hidden_states=True).hidden_states[LAYER + 1][0]
+    assert torch.allclose(vectors, hidden[[4, 9]], atol=1e-5) and [r["position"] for r in info] == [4, 9]
+
+
+def to_reference_format(toy, dest):
+    """Our trained pair, rewritten in the published release layout (full weights, old field names)."""
+    from safetensors.torch import save_file
+
+    from nla.ar import load_ar
+    from nla.av import load_av
+
+    av = load_av(toy / "run" / "av" / "final", device="cpu")
+    av.model.merge_and_unload().save_pretrained(dest / "av")
+    av.tokenizer.save_pretrained(dest / "av")
+    ar, tok = load_ar(toy / "run" / "ar" / "final")
+    ar.backbone.merge_and_unload().save_pretrained(dest / "ar")  # config.json: K+1 blocks
+    tok.save_pretrained(dest / "ar")
+    save_file({"weight": ar.head.weight.detach().contiguous()}, str(dest / "ar" / "value_head.safetensors"))
+    tokens = json.loads(json.dumps(make_token_spec(tok, MARKER).__dict__))
+    common = {"kind": "nla_model", "schema_version": 1, "stage": "rl", "base_checkpoint": "org/tiny-base", "d_model": D,
+              "extraction": {"injection_scale": 8.0, "mse_scale": 8.0}, "tokens": tokens,
+              "prompt_templates": {"actor": templates.AV_TEMPLATE, "critic": templates.AR_TEMPLATE}}
+    (dest / "av" / "nla_meta.yaml").write_text(yaml.safe_dump({**common, "role": "actor", "critic": {"extraction_layer_index": LAYER}},
+                                                               allow_unicode=True))
+    (dest / "ar" / "nla_meta.yaml").write_text(yaml.safe_dump({**common, "role": "critic", "critic": {"extraction_layer_index": LAYER}},
+                                                               allow_unicode=True))
+
+
+def test_reference_release_pair_scores_like_ours(toy, tmp_path):
+    to_reference_format(toy, tmp_path / "release")
+    data = str(toy / "data" / "test.parquet")
+    ours = run(config(toy, tmp_path / "ours"), eval_args(checkpoint=str(toy / "run"), data=data, paraphrase_control=False))
+    ref = run(config(toy, tmp_path / "ref"), eval_args(av=str(tmp_path / "release" / "av"), ar=str(tmp_path / "release" / "ar"),
+                                                       data=data, paraphrase_control=False))
+    assert ref["var_source"].startswith("eval_targets")  # the release sidecar records no training Var
+    assert ref["mse_mean"] == pytest.approx(ours["mse_mean"], abs=1e-4) and ref["cos_mean"] == pytest.approx(ours["cos_mean"], abs=1e-5)
+    assert "paraphrase" not in ref
+
+
+def _broken_copy(toy, tmp_path, kind):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(toy / "run" / "av" / "final" / "av", ckpt / "av")
+    shutil.copytree(toy / "run" / "ar" / "final" / "ar", ckpt / "ar")
+    side_path = ckpt / ("ar" if kind == "d_model" else "av") / "nla_meta.yaml"
+    side = yaml.safe_load(side_path.read_text())
+    if kind == "no_sidecar":
+        side_path.unlink()
+        return ckpt
+    if kind == "d_model":
+        side["d_model"] = 128
+    elif kind == "marker":
+        side["tokens"]["injection_char"] = "marker"  # several tokens in any tokenizer
+    elif kind == "layer":
+        side["ar"] = {"num_hidden_layers": 2}  # the AV claims another layer than its AR
+    side_path.write_text(yaml.safe_dump(side, allow_unicode=True))
+    return ckpt
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("no_sidecar", "nla_meta.yaml"),
+    ("d_model", "d_model is 128"),
+    ("marker", "encodes to"),
+    ("layer", "explains layer 2 but the AR reconstructs layer 1"),
+])
+def test_bad_checkpoint_is_a_one_line_cli_error(toy, tmp_path, capsys, kind, message):
+    ckpt = _broken_copy(toy, tmp_path, kind)
+    code = cli(["eval", "--config", SMOKE, "--checkpoint", str(ckpt), "--data", str(toy / "data" / "test.parquet"),
+                "--output_dir", str(tmp_path / "out"), "--max_new_tokens", "24"])
+    err = capsys.readouterr().err.strip().splitlines()  # (transformers' load bars may come first)
+    assert code == 2 and err[-1].startswith("nla eval: error:") and message in err[-1], err
+    assert sum(line.startswith("nla eval") for line in err) == 1
+
+
+def test_missing_inputs_are_one_line_cli_errors(toy, tmp_path, capsys):
+    base = ["eval", "--config", SMOKE, "--output_dir", str(tmp_path / "out")]
+    assert cli(base + ["--checkpoint", str(tmp_path / "nowhere")]) == 2
+    assert cli(base + ["--checkpoint", str(toy / "run"), "--data", str(tmp_path / "none.parquet")]) == 2
+    assert cli(base + ["--av", str(toy / "run" / "av" / "final")]) == 2  # eval needs an AR
+    errors = [e for e in capsys.readouterr().err.strip().splitlines() if e.startswith("nla eval")]
+    assert len(errors) == 3 and all(e.startswith("nla eval: error:") for e in errors), errors
+    assert "no such folder" in errors[0] and "none.parquet" in errors[1] and "no AR" in errors[2]
