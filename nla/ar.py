@@ -175,7 +175,8 @@ def build_ar(model_path: str, layer: int, lora_r: int, dtype: str = "float32", d
     """A fresh AR on blocks 0..layer of `model_path`: LoRA on every block (r > 0) or full fine-tuning.
 
     LoRA covers blocks 0..K, which here are all the blocks (the truncated backbone has no others),
-    so no layer filter is passed.
+    so no layer filter is passed (peft's default layer regex would not even match a base model's
+    top-level `layers.N` names without `layers_pattern`).
     """
     from nla.lora import apply_lora
 
@@ -199,10 +200,14 @@ def save_ar(ar: ARModel, directory: str | Path, meta: Meta, tokenizer=None) -> P
     return directory
 
 
-def model_meta(ar: ARModel, base: Meta, base_checkpoint: str, mse_scale: float, extra: dict[str, Any]) -> Meta:
-    """The AR's model sidecar: tokens/templates from the dataset sidecar, role ar, scales, provenance."""
+def model_meta(ar: ARModel, base: Meta, base_checkpoint: str, mse_scale: float, extra: dict[str, Any],
+               injection_scale: float | None = None) -> Meta:
+    """The AR's model sidecar: tokens/templates from the dataset sidecar, role ar, scales, provenance.
+
+    `injection_scale` is informational for an AR (it never injects); the reference format has the field.
+    """
     lora = getattr(getattr(ar.backbone, "peft_config", {}).get("default"), "r", 0)
-    injection = (base.extra.get("extraction") or {}).get("injection_scale")
+    injection = injection_scale if injection_scale is not None else base.extra.get("suggested_injection_scale")
     return Meta(
         kind="nla_model", tokens=base.tokens, av_template=base.av_template, ar_template=ar.template,
         d_model=ar.d_model, layer_index=ar.layer, base_model=base_checkpoint,
@@ -328,3 +333,33 @@ def mse_scale_of(ar: ARModel) -> float:
     """The sidecar's mse_scale, else sqrt(d)."""
     scale = ((ar.meta.extra if ar.meta else {}).get("extraction") or {}).get("mse_scale")
     return float(scale) if scale else math.sqrt(ar.d_model)
+
+
+def save_shared_ar(model: nn.Module, ar: ARModel, directory: str | Path, meta: Meta, adapter_name: str = "ar",
+                   tokenizer=None) -> Path:
+    """Inverse of `attach_to_shared_base`: write the AR adapter in the truncated-backbone layout.
+
+    The saved folder is the same as `save_ar` writes after SFT, so `load_ar` and a later
+    `attach_to_shared_base` read it unchanged.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    inner = model.get_base_model()
+    prefix = f"base_model.model.{inner.base_model_prefix}." if hasattr(inner, inner.base_model_prefix) else "base_model.model."
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    state = {"base_model.model." + k.removeprefix(prefix): v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(state, str(directory / ADAPTER_FILE))
+    config = model.peft_config[adapter_name]
+    inference_mode, config.inference_mode = config.inference_mode, True
+    try:
+        config.save_pretrained(str(directory))
+    finally:
+        config.inference_mode = inference_mode
+    save_file({"weight": ar.head.weight.detach().float().cpu().contiguous()}, str(directory / HEAD_FILE))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    write_meta(directory / MODEL_META, meta)
+    return directory

@@ -26,7 +26,8 @@ def write_task(data_dir, tok, model_dir, n_train=96, n_val=24, seed=0):
     """Explanation = one of 6 words; its target = the word's fixed random vector + small noise."""
     g = torch.Generator().manual_seed(seed)
     protos = 3 * torch.randn(len(WORDS), 64, generator=g) + torch.randn(64, generator=g)  # shared offset: anisotropy
-    meta = Meta("nla_dataset", make_token_spec(tok, "㈠"), d_model=64, layer_index=1, base_model=str(model_dir))
+    meta = Meta("nla_dataset", make_token_spec(tok, "㈠"), d_model=64, layer_index=1, base_model=str(model_dir),
+                extra={"suggested_injection_scale": 3.0, "dataset_id": "words6"})
     for name, n, offset in (("ar_sft", n_train, 0), ("val", n_val, 1)):
         which = [(i + offset) % len(WORDS) for i in range(n)]
         vectors = protos[which] + 0.3 * torch.randn(n, 64, generator=g)
@@ -81,7 +82,8 @@ def test_learns_and_controls_stay_at_chance(task, tiny_model_dir, tmp_path):
     # The published checkpoint carries the training Var and scale; reloaded, it scores the same.
     ar, tok = load_ar(real["checkpoint"])
     extra = ar.meta.extra
-    assert extra["role"] == "ar" and extra["extraction"]["mse_scale"] == 8.0 and extra["control"] is None
+    assert extra["role"] == "ar" and extra["extraction"] == {"mse_scale": 8.0, "injection_scale": 3.0}
+    assert extra["control"] is None and extra["training"]["dataset_id"] == "words6"
     val = load_split_rows(task / "data" / "val.parquet")
     fve = fve_nrm(ar.predict(val[0], tok), val[1], 8.0, var=extra["ar_target_variance"])
     assert fve == pytest.approx(real["val_fve_nrm"], abs=1e-4)
