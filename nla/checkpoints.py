@@ -222,6 +222,9 @@ def load_from_config(cfg, checkpoint: str | None, av: str | None, ar: str | None
     av = av or cfg.av.av_checkpoint
     ar = ar or cfg.ar.ar_checkpoint
     if checkpoint is None and av is None:
+        if not cfg.output_dir.is_dir():
+            raise ConfigError(f"no checkpoint given and --output_dir {cfg.output_dir} does not exist: "
+                              "pass --checkpoint DIR, or --av DIR [--ar DIR].")
         checkpoint = cfg.output_dir
     return load_nla(checkpoint, av, ar, need_ar=need_ar, device=cfg.run.device, dtype=cfg.model.dtype,
                     max_new_tokens=cfg.av.max_new_tokens, target_model=target_model, cache_dir=cfg.model.cache_dir,

@@ -2,7 +2,8 @@
 
     nla eval --checkpoint runs/demo/rl/final --data runs/demo/data/test.parquet --output_dir runs/demo/eval
     nla eval --av release/av --ar release/ar --texts docs.jsonl --output_dir out --independent_ar other/ar
-    (multi-GPU: not needed; eval is one process, a few minutes on one GPU for thousands of rows)
+    (multi-GPU: eval is a single-process job, minutes on one GPU for thousands of rows; run it plainly,
+     not under `accelerate launch`, e.g. `CUDA_VISIBLE_DEVICES=0 nla eval ...` next to a training run)
 
 Writes `<report_dir>/report.json`, `report.md`, `rows.jsonl` and PNG plots (`report_dir` defaults to
 `--output_dir`). The AV explains each vector greedily (`--eval_temperature 0`); the AR reconstructs
@@ -23,7 +24,7 @@ as `nla rl`'s held-out number is; `extraction_fail_rate` says how many.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,7 +41,7 @@ from nla.stage import start_stage
 from nla.teacher import LocalTeacher, TeacherCache, explain as teacher_explain, make_teacher
 from nla.tracking import Tracker, progress
 from nla.train_ar import derangement
-from nla.verbalize import extract_text_rows, read_texts
+from nla.verbalize import extract_text_rows, option, read_texts
 
 LENGTHS = (8, 16, 32, 64)
 FVE_DEFINITION = "strict: 1 − MSE/Var of normalised targets"
@@ -48,21 +49,17 @@ Predict = Callable[[list], torch.Tensor]  # explanations (str or None) -> [n, d]
 Explain = Callable[[torch.Tensor], list]  # vectors [n, d] -> explanations (str or None)
 
 
-def _opt(text: str, default: Any = None) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class EvalArgs:
-    checkpoint: str | None = _opt("NLA checkpoint: a folder holding av/ and ar/ (e.g. <run>/rl/final), or a run folder.")
-    av: str | None = _opt("AV folder (ours, or a reference release); overrides the checkpoint's AV.")
-    ar: str | None = _opt("AR folder (ours, or a reference release); overrides the checkpoint's AR.")
-    data: str | None = _opt("A dataset split (.parquet + sidecar) to evaluate (default: <data_dir>/test.parquet).")
-    texts: str | None = _opt("Or a .jsonl of rows with 'text': positions drawn as in datagen (min_position, positions_per_doc).")
-    target_model: str | None = _opt("Model that extracts activations from --texts (default: the AV sidecar's base_checkpoint).")
-    report_dir: str | None = _opt("Where report.json/report.md/plots go (default: --output_dir).")
-    eval_temperature: float = _opt("AV sampling temperature for eval (0 = greedy).", 0.0)
-    paraphrase_control: bool = _opt("Run the paraphrase control (the teacher rewrites each explanation).", True)
+    checkpoint: str | None = option("NLA checkpoint: a folder holding av/ and ar/ (e.g. <run>/rl/final), or a run folder.")
+    av: str | None = option("AV folder (ours, or a reference release); overrides the checkpoint's AV.")
+    ar: str | None = option("AR folder (ours, or a reference release); overrides the checkpoint's AR.")
+    data: str | None = option("A dataset split (.parquet + sidecar) to evaluate; unset (and no --texts): <data_dir>/test.parquet.")
+    texts: str | None = option("Or a .jsonl of rows with 'text': positions drawn as in datagen (min_position, positions_per_doc).")
+    target_model: str | None = option("Model that extracts activations from --texts; unset: the AV sidecar's base_checkpoint.")
+    report_dir: str | None = option("Where report.json/report.md/plots go; unset: --output_dir.")
+    eval_temperature: float = option("AV sampling temperature for eval (0 = greedy).", 0.0)
+    paraphrase_control: bool = option("Run the paraphrase control (the teacher rewrites each explanation).", True)
 
 
 # ---------------------------------------------------------------- scoring (pure)

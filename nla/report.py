@@ -47,22 +47,24 @@ def bars(report: dict[str, Any]) -> list[tuple[str, float]]:
     return out
 
 
-def warnings(report: dict[str, Any]) -> list[str]:
-    """Plain-language flags for the failure modes others have hit (REFERENCE §7)."""
+def flags(report: dict[str, Any]) -> list[str]:
+    """Plain-language warnings for the failure modes others have hit (REFERENCE §7)."""
     real, out = report["fve_nrm"], []
     best_name, best = max(((k, v["fve_nrm"]) for k, v in report["controls"].items()), key=lambda kv: kv[1])
+    if report["non_latin_rate"] > 0.1:
+        out.append(f"{report['non_latin_rate']:.0%} of responses contain non-Latin letters: check the injection.")
+    if report["extraction_fail_rate"] == 1.0:  # every row read "": the comparisons below say nothing more
+        return out + ["every explanation failed (no closing tag, or the length cap): an untrained AV, or raise max_new_tokens."]
     if best >= real - MARGIN:
         out.append(f"control '{best_name}' scores {best:.3f}, within {MARGIN} of the real {real:.3f}: "
                    "the explanations carry little vector-specific information.")
-    if report["controls"]["empty_text"]["fve_nrm"] >= real - MARGIN:
+    if report["extraction_fail_rate"] < 0.5 and report["controls"]["empty_text"]["fve_nrm"] >= real - MARGIN:
         out.append("empty text scores about as well as the explanations: the AR may be content-blind.")
     if report["top1_retrieval"] <= 1.5 * report["top1_chance"]:
         out.append(f"top-1 retrieval {report['top1_retrieval']:.3f} is near chance {report['top1_chance']:.3f}: "
                    "possible template collapse (one description for every vector).")
     if report["extraction_fail_rate"] > 0.2:
         out.append(f"{report['extraction_fail_rate']:.0%} of explanations failed (no closing tag or length cap).")
-    if report["non_latin_rate"] > 0.1:
-        out.append(f"{report['non_latin_rate']:.0%} of responses contain non-Latin letters: check the injection.")
     return out
 
 
@@ -125,7 +127,7 @@ def plot_histogram(rows: list[dict[str, Any]], path: Path) -> str:
 def markdown(report: dict[str, Any], rows: list[dict[str, Any]], n_samples: int = 8) -> str:
     """report.md: headline, controls, paraphrase, length curve, independent AR, flags, sample rows."""
     r = report
-    lines = [f"# NLA evaluation\n", f"- data: `{r['source']}` ({r['n']} rows); AV `{r['checkpoint']['av']}`, AR `{r['checkpoint']['ar']}`",
+    lines = ["# NLA evaluation\n", f"- data: `{r['source']}` ({r['n']} rows); AV `{r['checkpoint']['av']}`, AR `{r['checkpoint']['ar']}`",
              f"- FVE is **{r['fve_definition']}**; Var = {_fmt(r['var'], 4)} from {r['var_source']}; "
              f"vectors normalised to {_fmt(r['mse_scale'], 2)}",
              f"- explanations: {r['selection']} (temperature {r['temperature']})\n",
@@ -151,8 +153,8 @@ def markdown(report: dict[str, Any], rows: list[dict[str, Any]], n_samples: int 
     if ind:
         lines += ["\n## Independent AR\n", f"`{ind['path']}`: fve_nrm {_fmt(ind['fve_nrm'])} (Var {_fmt(ind['var'], 4)} from "
                   f"{ind['var_source']}); its empty-text control {_fmt(ind['empty_text_fve_nrm'])}."]
-    flags = warnings(r)
-    lines += ["\n## Flags\n"] + ([f"- ⚠ {w}" for w in flags] or ["- none: the real score clears every control."])
+    warned = flags(r)
+    lines += ["\n## Flags\n"] + ([f"- ⚠ {w}" for w in warned] or ["- none: the real score clears every control."])
     lines += ["\n## Plots\n"] + [f"![{name}]({Path(p).name})" for name, p in (r.get("files") or {}).items() if p.endswith(".png")]
     lines += ["\n## Sample rows\n", "| context (tail) | explanation | fve |", "|---|---|---|"]
     for row in rows[:n_samples]:
@@ -193,6 +195,6 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"{'metric':<34} value", "-" * 44] + [f"{k:<34} {_fmt(v)}" for k, v in head]
     lines += ["", f"{'control':<34} fve_nrm", "-" * 44, f"{'real explanations':<34} {_fmt(r['fve_nrm'])}"]
     lines += [f"{k:<34} {_fmt(v['fve_nrm'])}" for k, v in r["controls"].items()]
-    lines += [f"! {w}" for w in warnings(r)]
+    lines += [f"! {w}" for w in flags(r)]
     lines.append(f"(FVE: {r['fve_definition']}; Var {r['var']:.4f} from {r['var_source']})")
     return "\n".join(lines)

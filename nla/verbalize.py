@@ -3,7 +3,7 @@
     nla verbalize --checkpoint runs/demo/rl/final --text "def add(a, b): return a + b" --positions 3,7
     nla verbalize --checkpoint runs/demo/rl/final --texts docs.jsonl --num_samples 4 --rerank_with_ar
     nla verbalize --av release/av --ar release/ar --vectors acts.npy --temperature 0 --out expl.jsonl
-    (multi-GPU: not needed; one process explains thousands of vectors per minute on a GPU)
+    (multi-GPU: a single-process job; run it plainly, e.g. `CUDA_VISIBLE_DEVICES=0 nla verbalize ...`)
 
 Input: `--text` (every token position, or `--positions 3,7,12`), `--texts FILE.jsonl` (rows with
 `text`, optional `doc_id` and `positions`), or `--vectors FILE` (parquet column
@@ -40,23 +40,24 @@ from nla.metrics import mse_nrm, target_variance
 from nla.stage import start_stage
 
 
-def _opt(text: str, default: Any = None) -> Any:
+def option(text: str, default: Any = None) -> Any:
+    """A stage-only CLI option (help text + default) for the `extra` dataclasses."""
     return field(default=default, metadata={"help": text})
 
 
 @dataclass
 class VerbalizeArgs:
-    checkpoint: str | None = _opt("NLA checkpoint: a folder holding av/ and ar/ (e.g. <run>/rl/final), or a run folder.")
-    av: str | None = _opt("AV folder (ours, or a reference release: HF folder + nla_meta.yaml); overrides the checkpoint's AV.")
-    ar: str | None = _opt("AR folder (ours, or a reference release); overrides the checkpoint's AR. Optional for verbalize.")
-    text: str | None = _opt("A text to explain at every token position (or at --positions).")
-    texts: str | None = _opt("A .jsonl file of rows with 'text' (key: --text_field), optional 'doc_id' and 'positions'.")
-    vectors: str | None = _opt("Raw activations: .parquet (column activation_vector), .npy, or .safetensors (one [n, d] tensor).")
-    positions: str | None = _opt("Token positions to explain, e.g. '3,7,12' (default: all non-special tokens).")
-    num_samples: int = _opt("Explanations sampled per vector.", 1)
-    rerank_with_ar: bool = _opt("Keep the sample the AR reconstructs best (best-of-K; needs an AR; FVE is then optimistic).", False)
-    out: str | None = _opt("Output JSONL (default: <output_dir>/verbalize/explanations.jsonl).")
-    target_model: str | None = _opt("Model that extracts activations from text (default: the AV sidecar's base_checkpoint).")
+    checkpoint: str | None = option("NLA checkpoint: a folder holding av/ and ar/ (e.g. <run>/rl/final), or a run folder.")
+    av: str | None = option("AV folder (ours, or a reference release: HF folder + nla_meta.yaml); overrides the checkpoint's AV.")
+    ar: str | None = option("AR folder (ours, or a reference release); overrides the checkpoint's AR. Optional for verbalize.")
+    text: str | None = option("A text to explain at every token position (or at --positions).")
+    texts: str | None = option("A .jsonl file of rows with 'text' (key: --text_field), optional 'doc_id' and 'positions'.")
+    vectors: str | None = option("Raw activations: .parquet (column activation_vector), .npy, or .safetensors (one [n, d] tensor).")
+    positions: str | None = option("Token positions to explain, e.g. '3,7,12'; unset: every non-special token.")
+    num_samples: int = option("Explanations sampled per vector.", 1)
+    rerank_with_ar: bool = option("Keep the sample the AR reconstructs best (best-of-K; needs an AR; FVE is then optimistic).", False)
+    out: str | None = option("Output JSONL; unset: <output_dir>/verbalize/explanations.jsonl.")
+    target_model: str | None = option("Model that extracts activations from text; unset: the AV sidecar's base_checkpoint.")
 
 
 # ---------------------------------------------------------------- inputs
@@ -117,7 +118,9 @@ def read_vectors(path: str | Path, d_model: int) -> tuple[torch.Tensor, list[dic
         table = pq.read_table(path)
         if "activation_vector" not in table.column_names:
             raise ConfigError(f"{path} has no column 'activation_vector' (columns: {table.column_names}).")
-        vectors = torch.tensor(table.column("activation_vector").to_pylist(), dtype=torch.float32)
+        col = table.column("activation_vector").combine_chunks()
+        flat = np.asarray(col.flatten(), dtype=np.float32)
+        vectors = torch.from_numpy(flat.reshape(len(col), -1).copy()) if len(col) else torch.zeros(0, d_model)
         keep = [c for c in ("doc_id", "position") if c in table.column_names]
         rows = [dict(zip(keep, vals)) for vals in zip(*(table.column(c).to_pylist() for c in keep))] if keep else None
     else:

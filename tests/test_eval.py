@@ -169,6 +169,31 @@ def test_paraphrase_scores_and_model_free_paraphrase(tiny_tokenizer):
     assert prompt.endswith("<explanation>") and para.identity != LocalTeacher(None, tiny_tokenizer, "m").identity
 
 
+def test_flags_name_the_failure_modes():
+    from nla.report import flags
+
+    controls = {k: {"fve_nrm": -0.5} for k in ("shuffled_vector", "zero_vector", "mean_vector", "random_text")}
+    good = {"fve_nrm": 0.6, "controls": {**controls, "empty_text": {"fve_nrm": 0.0}}, "top1_retrieval": 0.8,
+            "top1_chance": 1 / 16, "extraction_fail_rate": 0.0, "non_latin_rate": 0.0}
+    assert flags(good) == []
+    blind = {**good, "controls": {**controls, "empty_text": {"fve_nrm": 0.58}}}
+    assert any("content-blind" in f for f in flags(blind))
+    collapsed = {**good, "top1_retrieval": 0.07}
+    assert any("template collapse" in f for f in flags(collapsed))
+    failed = {**blind, "extraction_fail_rate": 1.0, "non_latin_rate": 0.5}
+    assert len(flags(failed)) == 2 and "non-Latin" in flags(failed)[0] and "every explanation failed" in flags(failed)[1]
+
+
+def test_stage_options_do_not_shadow_config_keys():
+    import dataclasses
+
+    from nla.config import valid_keys
+    from nla.verbalize import VerbalizeArgs
+
+    for cls in (EvalArgs, VerbalizeArgs):
+        assert not {f.name for f in dataclasses.fields(cls)} & set(valid_keys()), cls
+
+
 # ---------------------------------------------------------------- end to end on the toy
 
 
