@@ -229,15 +229,15 @@ def load_eval_data(cfg: NLAConfig, args: EvalArgs, nla: NLA) -> EvalData:
 # ---------------------------------------------------------------- the evaluation
 
 
-def _explainer(nla: NLA, temperature: float, max_new_tokens: int, enabled: bool, failed_out: list | None = None) -> Explain:
-    """vectors -> explanation strings (None when failed extraction yields nothing), in chunks with a bar."""
+def _explainer(nla: NLA, temperature: float, max_new_tokens: int, enabled: bool, samples_out: list | None = None) -> Explain:
+    """vectors -> explanations (None where nothing was extracted), in chunks with a progress bar; the Samples go to `samples_out`."""
     def explain(vectors: torch.Tensor) -> list:
         texts, bs = [], nla.verbalizer.batch_size
         for start in progress(range(0, len(vectors), bs), enabled=enabled, desc="eval: AV", unit="batch"):
             for (s,) in nla.explain(vectors[start:start + bs], 1, temperature, max_new_tokens):
                 texts.append(s.explanation)
-                if failed_out is not None:
-                    failed_out.append(s)
+                if samples_out is not None:
+                    samples_out.append(s)
         return texts
     return explain
 

@@ -286,6 +286,23 @@ def test_reference_release_pair_scores_like_ours(toy, tmp_path):
     assert "paraphrase" not in ref
 
 
+def test_checkpoint_resolution(toy, tmp_path):
+    """A run folder means rl/final when RL ran, else the SFT finals; --av/--ar override halves."""
+    from nla.checkpoints import resolve_paths
+
+    run_dir = toy / "run"
+    sft = resolve_paths(run_dir)
+    assert sft.av == run_dir / "av" / "final" / "av" and sft.ar == run_dir / "ar" / "final" / "ar"
+    assert resolve_paths(run_dir / "av" / "final", need_ar=False).ar is None
+    rl = tmp_path / "run" / "rl" / "final"
+    for sub in ("av", "ar"):
+        shutil.copytree(run_dir / sub / "final" / sub, rl / sub)
+    assert resolve_paths(tmp_path / "run") == resolve_paths(rl) and resolve_paths(rl).av == rl / "av"
+    mixed = resolve_paths(rl, ar=run_dir / "ar" / "final")
+    assert mixed.av == rl / "av" and mixed.ar == run_dir / "ar" / "final" / "ar"
+    assert resolve_paths(None, av=rl / "av", need_ar=False).av == rl / "av"  # the model folder itself
+
+
 def _broken_copy(toy, tmp_path, kind):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(toy / "run" / "av" / "final" / "av", ckpt / "av")
