@@ -352,12 +352,15 @@ def save_shared_ar(model: nn.Module, ar: ARModel, directory: str | Path, meta: M
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
     state = {"base_model.model." + k.removeprefix(prefix): v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(state, str(directory / ADAPTER_FILE))
+    # Saved as SFT writes it: every block of the truncated backbone, so no layer filter (a filter of
+    # blocks 0..K would be re-applied to the truncated model's own numbering and could match nothing).
     config = model.peft_config[adapter_name]
-    inference_mode, config.inference_mode = config.inference_mode, True
+    saved = config.inference_mode, config.layers_to_transform
+    config.inference_mode, config.layers_to_transform = True, None
     try:
         config.save_pretrained(str(directory))
     finally:
-        config.inference_mode = inference_mode
+        config.inference_mode, config.layers_to_transform = saved
     save_file({"weight": ar.head.weight.detach().float().cpu().contiguous()}, str(directory / HEAD_FILE))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

@@ -163,6 +163,7 @@ class RLConfig:
     length_penalty: float = _help("Reward penalty per explanation token.", default=0.0)
     max_response_tokens: int = _help("Rollout length cap; hitting it gives the failure reward.", default=150)
     rl_save_every: int = _help("Checkpoint every N RL steps.", default=25)
+    rl_shuffle_control: bool = _help("Control run: the AV sees another row's vector while the AR must reconstruct the row's own.", default=False)
     rl_table_every: int = _help("Log a W&B table of samples every N steps.", default=10)
 
     def __post_init__(self) -> None:

@@ -1,45 +1,108 @@
-"""`nla demo`: the pipeline end to end on the embedded model within a small CPU budget.
+"""`nla demo`: the whole pipeline on the embedded model within a small CPU budget.
 
     nla demo --config configs/embedded.yaml [--output_dir runs/demo]
     (multi-GPU: run the stages one by one with launch/local.sh; the demo is a single-process tour)
 
-Each step below runs when its stage is built; the demo prints what it measured and writes
-`<output_dir>/summary.json`.
+datagen -> AR SFT (+ a short shuffled-target control) -> AV SFT -> eval of the SFT pair on held-out
+documents -> joint RL -> eval of the RL checkpoint -> `<output_dir>/summary.json`:
+    {"sft": <eval report>, "rl": <eval report>, "checkpoint": "<rl/final>", "wall_s": ...}
+Every stage resumes (datagen caches chunks and teacher answers, trainers restart from their newest
+checkpoint), so a second `make demo` only redoes what is missing.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
-import torch
-
-from nla.config import NLAConfig
 from nla.io import atomic_write_text
-from nla.models import load_model_and_tokenizer, resolve_model
+from nla.models import resolve_model
 from nla.stage import start_stage
 
 
-def chat_reply(cfg: NLAConfig, prompt: str = "In one sentence, what is a neural network?") -> str:
-    """A greedy chat reply from the target model: proof the real model loads and runs."""
-    model, tok, _ = load_model_and_tokenizer(cfg.model, cfg.run.device)
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True).to(model.device)
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+def _banner(text: str) -> None:
+    print(f"\n=== {text} " + "=" * max(0, 70 - len(text)), flush=True)
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def sft_vs_rl_table(sft: dict[str, Any], rl: dict[str, Any]) -> str:
+    """Held-out metrics of both checkpoints next to their controls."""
+    rows = [("fve_nrm (strict)", "fve_nrm"), ("fve_centered", "fve_centered"), ("cos_mean", "cos_mean"),
+            ("top1_retrieval (of 16)", "top1_retrieval"), ("explanation_tokens_mean", "explanation_tokens_mean"),
+            ("non_latin_rate", "non_latin_rate")]
+    lines = [f"{'metric':<34}{'SFT':>10}{'RL':>10}"]
+    lines += [f"{name:<34}{_fmt(sft.get(key)):>10}{_fmt(rl.get(key)):>10}" for name, key in rows]
+    for control in sorted(rl.get("controls", {})):
+        name = f"control: {control} fve_nrm"
+        lines.append(f"{name:<34}{_fmt(sft['controls'][control]['fve_nrm']):>10}{_fmt(rl['controls'][control]['fve_nrm']):>10}")
+    if "paraphrase" in rl:
+        lines.append(f"{'paraphrase fve_retained':<34}{_fmt(sft['paraphrase'].get('fve_retained')):>10}"
+                     f"{_fmt(rl['paraphrase'].get('fve_retained')):>10}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
-    start = time.time()
+    from nla import datagen, evaluate, rl, train_ar, train_av
+    from nla.distributed import make_accelerator
+
+    began = time.time()
     cfg, _ = start_stage(argv, "demo")
     t0 = time.time()
     path = resolve_model(cfg.model.model, cfg.model.cache_dir, cfg.model.allow_hub)
     print(f"[demo] model {cfg.model.model} -> {path} (resolved in {time.time() - t0:.1f}s)")
-    prompt = "In one sentence, what is a neural network?"
-    reply = chat_reply(cfg, prompt)
-    print(f"[demo] user: {prompt}\n[demo] assistant (greedy): {reply}")
-    summary = {"model": cfg.model.model, "model_path": path, "chat_reply": reply, "wall_s": round(time.time() - start, 1)}
-    atomic_write_text(cfg.output_dir / "summary.json", json.dumps(summary, indent=2))
-    print(f"[demo] wrote {cfg.output_dir / 'summary.json'}")
+    acc = make_accelerator(cfg.run.device)
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn, *args, **kw):
+        start = time.time()
+        out = fn(*args, **kw)
+        timings[name] = round(time.time() - start, 1)
+        return out
+
+    try:
+        _banner("1/6 datagen: activations + teacher explanations")
+        data = timed("datagen", datagen.run, cfg)
+        print(datagen.describe(data))
+
+        _banner("2/6 AR warm start (explanation -> activation), with a shuffled-target control")
+        ar = timed("train_ar", train_ar.run, cfg, acc)
+        control = timed("train_ar_control", train_ar.run_shuffled_control, cfg, acc, max(10, cfg.ar.ar_steps // 3))
+        print(train_ar.format_table(ar, control))
+
+        _banner("3/6 AV warm start (activation -> explanation), with the shuffled-vector control")
+        av = timed("train_av", train_av.run, cfg, acc)
+        print(train_av.describe(av))
+
+        _banner("4/6 eval of the SFT pair on held-out documents")
+        sft_args = evaluate.EvalArgs(av=str(cfg.output_dir / "av" / "final"), ar=str(cfg.output_dir / "ar" / "final"))
+        sft_report = timed("eval_sft", evaluate.run, cfg, sft_args, report_dir=cfg.output_dir / "eval_sft")
+
+        _banner("5/6 joint RL: GRPO on the AV, live AR as reward, AR co-trained")
+        rl_out = timed("rl", rl.run, cfg, acc)
+        print(rl.describe(rl_out))
+
+        _banner("6/6 eval of the RL checkpoint on the same held-out documents")
+        rl_args = evaluate.EvalArgs(checkpoint=rl_out["checkpoint"])
+        rl_report = timed("eval_rl", evaluate.run, cfg, rl_args, report_dir=cfg.output_dir / "eval_rl")
+    finally:
+        acc.end_training()
+
+    summary = {"sft": sft_report, "rl": rl_report, "checkpoint": rl_out["checkpoint"], "wall_s": round(time.time() - began, 1),
+               "stage_seconds": timings, "datagen": {k: data[k] for k in ("rows", "norms", "suggested_injection_scale") if k in data},
+               "ar_sft": {k: v for k, v in ar.items() if k != "history"}, "ar_shuffled_control": control,
+               "av_sft": {k: v for k, v in av.items() if k != "samples"},
+               "rl_training": rl_out}
+    atomic_write_text(cfg.output_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    _banner("held-out results (strict FVE; controls alongside)")
+    print(sft_vs_rl_table(sft_report, rl_report))
+    print(f"\n[demo] stage seconds: {timings}")
+    print(f"[demo] total {summary['wall_s']:.0f}s; reports: {cfg.output_dir / 'eval_sft' / 'report.md'}, "
+          f"{cfg.output_dir / 'eval_rl' / 'report.md'}")
+    print(f"[demo] summary: {cfg.output_dir / 'summary.json'}")
+    print(f"[demo] final checkpoint: {rl_out['checkpoint']}")
     return 0
+

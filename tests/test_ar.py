@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from nla import templates
-from nla.ar import (ARModel, attach_to_shared_base, build_ar, identity_head, load_ar, model_meta, save_ar)
+from nla.ar import (ARModel, attach_to_shared_base, build_ar, identity_head, load_ar, model_meta, save_ar, save_shared_ar)
 from nla.backbone import last_token_index
 from nla.metrics import cosine, mse_nrm
 from nla.models import ModelError, load_tokenizer
@@ -123,6 +123,10 @@ def test_lora_ar_runs_on_a_shared_full_base(tmp_path, tiny_model_dir, tok):
     full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     shared = attach_to_shared_base(full, tmp_path / "ar", tok, adapter_name="ar")
     assert torch.allclose(shared.predict(TEXTS, tok), ar.predict(TEXTS, tok), atol=1e-5)
+    # ... and what RL saves from the shared base loads back as a plain AR with the same predictions
+    save_shared_ar(shared.backbone, shared, tmp_path / "rl_ar", shared.meta, adapter_name="ar")
+    again, _ = load_ar(tmp_path / "rl_ar")
+    assert torch.allclose(again.predict(TEXTS, tok), ar.predict(TEXTS, tok), atol=1e-5)
 
 
 def write_reference_ar(folder, tiny_model_dir, tok, layer, critic_layer=None, d_model=64, role="critic"):

@@ -27,9 +27,3 @@ def test_bad_config_is_one_line_error(tmp_path, capsys):
 def test_console_script_runs():
     proc = subprocess.run([sys.executable, "-m", "nla.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "train-ar" in proc.stdout
-
-
-def test_demo_chat_reply_on_tiny_model(tmp_path, tiny_model_dir, capsys):
-    rc = main(["demo", "--config", "configs/smoke.yaml", "--model", str(tiny_model_dir), "--output_dir", str(tmp_path)])
-    assert rc == 0
-    assert (tmp_path / "summary.json").is_file() and (tmp_path / "demo" / "config.yaml").is_file()

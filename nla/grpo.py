@@ -1,0 +1,246 @@
+"""The joint RL step: GRPO on the AV with the live AR as reward; the AR keeps learning on the same text.
+
+One base model in memory carries three LoRA adapters: `av` (the policy, trainable), `av_ref` (the
+frozen SFT AV: the KL reference) and `ar` (blocks 0..K, trainable), plus the AR's linear head.
+peft's `set_adapter` also flips `requires_grad`, so each phase builds gradients only for its own
+adapter: the AR update can never push gradient into the AV, nor the AV update into the AR.
+
+A step, top to bottom (docs/design.md §8):
+  rollout    G samples per vector from the AV at temperature T, capped at max_response_tokens
+  score      the AR reads each explanation; the forward keeps its graph for the AR update
+  update_ar  one supervised MSE step on the successful explanations (shares the score forward)
+  rewards    -MSE_nrm (or -log), -2 for failures, optional length / contrastive terms
+  advantages group-normalised rewards
+  update_av  clipped policy loss + kl_coef * k3 KL to av_ref (reference pass skipped if kl_coef=0)
+The trainer receives ready objects; `nla/rl.py` loads models and runs the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nla import metrics, rewards, templates
+from nla.ar import ARModel
+from nla.av import Rollout, Verbalizer, response_logprobs
+from nla.config import RLConfig
+
+AV, AV_REF, AR = "av", "av_ref", "ar"
+
+
+@dataclass
+class RolloutOut:
+    rollout: Rollout
+    targets: torch.Tensor  # [N, d] raw vector of each row's group (N = n * G): what the AR must reconstruct
+    injected: torch.Tensor  # [N, d] what the AV saw (== targets, except in the shuffled-vector control)
+    explanations: list[str | None]
+    failed: torch.Tensor  # [N] bool: no explanation between tags, or hit the length cap
+    n_tokens: torch.Tensor  # [N] generated tokens
+
+
+@dataclass
+class ScoreOut:
+    pred: torch.Tensor  # [N, d] fp32 AR predictions before the AR update (detached)
+    mse: torch.Tensor  # [N] MSE_nrm of pred vs target
+    over_length: torch.Tensor  # [N] bool: AR prompt longer than the AR's max length
+    loss: torch.Tensor  # AR loss on usable rows, graph kept for update_ar
+    usable: torch.Tensor  # [N] bool: rows the AR trains on
+
+
+@dataclass
+class AVUpdateOut:
+    loss: float
+    policy_loss: float
+    kl: float
+    clip_fraction: float
+    grad_norm: float
+    skipped: bool
+
+
+@dataclass
+class StepOut:
+    metrics: dict[str, float]
+    samples: list[tuple[int, str, float]] = field(default_factory=list)  # (row of group, explanation, fve)
+
+
+class JointTrainer:
+    """GRPO on the AV + supervised AR, on one shared PEFT base model."""
+
+    def __init__(self, model: nn.Module, verbalizer: Verbalizer, ar: ARModel, tokenizer, cfg: RLConfig,
+                 mse_scale: float, target_var: float, av_opt: torch.optim.Optimizer, ar_opt: torch.optim.Optimizer,
+                 av_sched=None, ar_sched=None, accelerator=None, max_grad_norm: float = 1.0):
+        self.model, self.verbalizer, self.ar, self.tokenizer, self.cfg = model, verbalizer, ar, tokenizer, cfg
+        self.mse_scale, self.target_var = mse_scale, target_var
+        self.av_opt, self.ar_opt, self.av_sched, self.ar_sched = av_opt, ar_opt, av_sched, ar_sched
+        self.accelerator, self.max_grad_norm = accelerator, max_grad_norm
+
+    # ------------------------------------------------------------------ the step
+    def step(self, vectors: torch.Tensor, injected: torch.Tensor | None = None) -> StepOut:
+        """One joint step on this process's vectors [n, d] (raw). `injected` (control runs only):
+        the vectors the AV sees instead, e.g. permuted, while the AR must still reconstruct `vectors`."""
+        timer = _Timer()
+        with timer("rollout"):
+            ro = self.rollout(vectors, injected)
+        with timer("score"):
+            sc = self.score(ro)
+        with timer("update_ar"):
+            ar_grad_norm, ar_skipped = self.update_ar(sc)
+        rw = self.rewards(ro, sc)
+        adv = rewards.group_advantages(rw.total, self.cfg.group_size)
+        with timer("update_av"):
+            av = self.update_av(ro, adv)
+        out = self.step_metrics(ro, sc, rw, av, ar_grad_norm, ar_skipped)
+        out.metrics.update({f"rl/time_{k}_s": v for k, v in timer.seconds.items()})
+        return out
+
+    def rollout(self, vectors: torch.Tensor, injected: torch.Tensor | None = None) -> RolloutOut:
+        self.model.set_adapter(AV)
+        self.model.eval()
+        g = self.cfg.group_size
+        injected = vectors if injected is None else injected
+        ro = self.verbalizer.rollout(injected, g, self.cfg.temperature, self.cfg.max_response_tokens)
+        explanations = [templates.extract_explanation(t) for t in ro.texts]
+        failed = torch.tensor([e is None for e in explanations]) | ro.hit_cap.cpu()
+        n_tokens = ro.response_mask.sum(-1).cpu()
+        return RolloutOut(ro, vectors.repeat_interleave(g, 0).float().cpu(), injected.repeat_interleave(g, 0).float().cpu(),
+                          explanations, failed, n_tokens)
+
+    def score(self, ro: RolloutOut) -> ScoreOut:
+        """AR forward with grad (its graph serves update_ar, so the AR runs once per step)."""
+        self.model.set_adapter(AR)
+        self.ar.train()
+        inputs = self.ar.encode([e or "" for e in ro.explanations], self.tokenizer)
+        pred = self.ar(inputs.input_ids, inputs.attention_mask)  # [N, d] fp32
+        targets = ro.targets.to(pred.device)
+        per_row = metrics.mse_nrm(pred, targets, self.mse_scale)  # [N]
+        usable = (~ro.failed & ~inputs.over_length).to(pred.device)
+        # A masked mean (0 when nothing is usable) keeps every rank's backward and all-reduce in step.
+        loss = (per_row * usable).sum() / usable.sum().clamp_min(1)
+        return ScoreOut(pred.detach().float().cpu(), per_row.detach().cpu(), inputs.over_length, loss, usable.cpu())
+
+    def update_ar(self, sc: ScoreOut) -> tuple[float, bool]:
+        self.ar_opt.zero_grad(set_to_none=True)
+        sc.loss.backward()
+        return self._optimizer_step(self.ar_opt, self.ar_sched)
+
+    def rewards(self, ro: RolloutOut, sc: ScoreOut) -> rewards.Rewards:
+        return rewards.compute_rewards(
+            sc.mse, ro.failed | sc.over_length, ro.n_tokens, sc.pred, ro.targets,
+            kind=self.cfg.reward, length_coef=self.cfg.length_penalty, contrastive_coef=self.cfg.contrastive_coef,
+            scale=self.mse_scale, group_size=self.cfg.group_size)
+
+    def update_av(self, ro: RolloutOut, advantages: torch.Tensor) -> AVUpdateOut:
+        r = ro.rollout
+        device = r.sequences.device
+        vecs = ro.injected.to(device)
+        hook = self.verbalizer.hook
+        ref_lp = None
+        if self.cfg.kl_coef > 0:
+            self.model.set_adapter(AV_REF)
+            with torch.no_grad():
+                ref_lp = response_logprobs(self.model, r.sequences, r.attention_mask, r.response_mask, vecs, hook)
+        self.model.set_adapter(AV)
+        self.model.train()
+        self.av_opt.zero_grad(set_to_none=True)
+        lp = response_logprobs(self.model, r.sequences, r.attention_mask, r.response_mask, vecs, hook)
+        # One update per rollout (on-policy): old log-probs are the current ones, detached. The
+        # ratio is 1 and the clip inactive, but the gradient is the GRPO gradient; the clip
+        # matters if more than one update is ever taken on the same rollouts.
+        policy_loss, clip_fraction = rewards.clipped_policy_loss(lp, lp.detach(), advantages.to(device), r.response_mask,
+                                                                 self.cfg.clip_eps)
+        kl = rewards.k3_kl(lp, ref_lp, r.response_mask) if ref_lp is not None else torch.zeros((), device=device)
+        loss = policy_loss + self.cfg.kl_coef * kl
+        loss.backward()
+        grad_norm, skipped = self._optimizer_step(self.av_opt, self.av_sched)
+        return AVUpdateOut(float(loss), float(policy_loss), float(kl), float(clip_fraction), grad_norm, skipped)
+
+    # ------------------------------------------------------------------ helpers
+    def _optimizer_step(self, opt: torch.optim.Optimizer, sched) -> tuple[float, bool]:
+        """All-reduce grads across processes, clip, skip non-finite steps (bf16 NaNs), step."""
+        params = [p for group in opt.param_groups for p in group["params"]]
+        sync_gradients(params, self.accelerator)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        if not torch.isfinite(torch.tensor(grad_norm)):
+            opt.zero_grad(set_to_none=True)
+            return grad_norm, True
+        opt.step()
+        if sched is not None:
+            sched.step()
+        return grad_norm, False
+
+    def step_metrics(self, ro: RolloutOut, sc: ScoreOut, rw: rewards.Rewards, av: AVUpdateOut,
+                     ar_grad_norm: float, ar_skipped: bool) -> StepOut:
+        ok = sc.usable
+        n_groups = ro.targets.shape[0] // self.cfg.group_size
+        m: dict[str, float] = {
+            "rl/reward_mean": float(rw.total.mean()),
+            "rl/reward_std": float(rw.total.std(unbiased=False)),
+            "rl/extraction_fail_rate": float(ro.failed.float().mean()),
+            "rl/response_len": float(ro.n_tokens.float().mean()),
+            "rl/non_latin_rate": metrics.non_latin_rate(ro.rollout.texts),
+            "rl/kl": av.kl, "rl/policy_loss": av.policy_loss, "rl/clip_fraction": av.clip_fraction,
+            "rl/av_grad_norm": av.grad_norm, "rl/av_skipped_step": float(av.skipped),
+            "ar/loss": float(sc.loss.detach()), "ar/grad_norm": ar_grad_norm, "ar/skipped_step": float(ar_skipped),
+        }
+        # Same keys on every process (NaN when nothing was usable) so the metric gather stays in step.
+        nan = float("nan")
+        m["rl/mse_nrm"] = float(sc.mse[ok].mean()) if ok.any() else nan
+        m["rl/fve_nrm"] = 1.0 - m["rl/mse_nrm"] / self.target_var
+        m["rl/top1_in_batch"] = (top1_in_batch(sc.pred[ok], ro.targets[ok], ro.targets[:: self.cfg.group_size], self.mse_scale)
+                                 if ok.any() else nan)
+        m["rl/n_groups"] = float(n_groups)
+        fve = 1.0 - sc.mse / self.target_var
+        samples = [(i // self.cfg.group_size, e or "<failed>", float(fve[i]) if ok[i] else float("nan"))
+                   for i, e in enumerate(ro.explanations)]
+        return StepOut(m, samples)
+
+
+def top1_in_batch(pred: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor, scale: float) -> float:
+    """Share of rows whose AR prediction is nearest (MSE_nrm) to its own vector among the batch's
+    distinct vectors. pred, targets: [M, d]; candidates: [n, d]. Template collapse drives it to 1/n."""
+    p = metrics.normalize(pred, scale)
+    nearest = torch.cdist(p, metrics.normalize(candidates.float(), scale)).min(dim=1).values  # [M]
+    own = (p - metrics.normalize(targets.float(), scale)).norm(dim=1)  # [M]
+    return float((own <= nearest + 1e-6).float().mean())
+
+
+def sync_gradients(params: list[nn.Parameter], accelerator) -> None:
+    """Average LoRA grads across processes by hand (no DDP wrapper: adapters switch between phases)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+        offset += n
+
+
+class _Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def adapter_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:
+    """The LoRA parameters of one adapter (by name), whatever requires_grad says right now."""
+    return [p for n, p in model.named_parameters() if f".{adapter}." in n and "lora_" in n]
+
+
+def describe_metrics(metrics_: dict[str, Any]) -> str:
+    keys = ["rl/reward_mean", "rl/fve_nrm", "rl/kl", "rl/response_len", "rl/extraction_fail_rate", "ar/loss"]
+    return "  ".join(f"{k.split('/')[1]}={metrics_[k]:.3f}" for k in keys if k in metrics_)

@@ -1,0 +1,202 @@
+"""`nla rl`: joint RL of the warm-started AV and AR (GRPO on the AV, live AR as reward).
+
+    nla rl --config configs/embedded.yaml --output_dir runs/demo
+    accelerate launch --multi_gpu --num_processes 8 -m nla.cli rl --config configs/qwen2.5-7b-l20.yaml
+
+Reads `<data_dir>/rl.parquet` (vectors) and `val.parquet` (held-out check), the SFT AV
+(`--av_checkpoint`, default `<output_dir>/av/final`) and AR (`--ar_checkpoint`, default
+`<output_dir>/ar/final`). Loads ONE base model with three adapters (av, av_ref, ar; see
+`nla/grpo.py`) and writes `<output_dir>/rl/checkpoint-N/{av,ar}/` and `<output_dir>/rl/final`.
+Each process generates rollouts for its share of every global batch; LoRA grads are averaged.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nla import metrics
+from nla.ar import attach_to_shared_base, mse_scale_of, save_shared_ar, _ar_dir, _read_ar_meta
+from nla.av import Verbalizer, injection_scale_of, read_av_meta, resolve_av_dir
+from nla.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint
+from nla.config import ConfigError, NLAConfig
+from nla.data import load_split, split_path
+from nla.distributed import make_accelerator
+from nla.grpo import AR, AV, AV_REF, JointTrainer, adapter_parameters, describe_metrics
+from nla.models import load_causal_lm, load_tokenizer, resolve_model
+from nla.sidecar import MODEL_META, write_meta
+from nla.stage import start_stage
+from nla.tracking import Tracker, progress
+
+
+def sft_paths(cfg: NLAConfig) -> tuple[Path, Path]:
+    av = resolve_av_dir(cfg.av.av_checkpoint or cfg.output_dir / "av" / "final")
+    ar = _ar_dir(Path(cfg.ar.ar_checkpoint or cfg.output_dir / "ar" / "final"))
+    for name, path in (("AV", av), ("AR", ar)):
+        if not (path / MODEL_META).is_file():
+            flag = "--av_checkpoint" if name == "AV" else "--ar_checkpoint"
+            raise ConfigError(f"no SFT {name} at {path}: run `nla train-{name.lower()}` first or pass {flag} DIR.")
+    return av, ar
+
+
+def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, device):
+    """One base model + adapters av (trainable), av_ref (frozen SFT AV), ar (trainable) + AR head."""
+    from peft import PeftModel
+
+    av_meta = read_av_meta(sft_av)
+    if not (sft_av / "adapter_config.json").is_file():
+        raise ConfigError(f"{sft_av} is a full-weight AV; joint RL shares one base model and needs LoRA adapters (av_lora_r > 0).")
+    base_path = resolve_model(av_meta.base_model, cfg.model.cache_dir, cfg.model.allow_hub)
+    tokenizer = load_tokenizer(base_path)
+    base = load_causal_lm(base_path, cfg.model.dtype)
+    av_src = resume / "av" if resume else sft_av
+    ar_src = resume / "ar" if resume else sft_ar
+    model = PeftModel.from_pretrained(base, str(av_src), adapter_name=AV, is_trainable=True)
+    model.load_adapter(str(sft_av), adapter_name=AV_REF, is_trainable=False)
+    ar = attach_to_shared_base(model, ar_src, tokenizer, adapter_name=AR, trainable=True)
+    av_meta.verify(tokenizer, d_model=model.config.hidden_size, where=str(sft_av / MODEL_META))
+    if ar.layer != av_meta.layer_index:
+        raise ConfigError(f"the AV explains layer {av_meta.layer_index} but the AR reads layer {ar.layer}; train them on the same data.")
+    model.to(device)
+    ar.to(device)
+    verbalizer = Verbalizer(model, tokenizer, av_meta, injection_scale_of(av_meta, str(sft_av)), cfg.rl.max_response_tokens)
+    return model, tokenizer, verbalizer, ar, av_meta
+
+
+def batch_indices(n_rows: int, seed: int, cursor: int, global_batch: int) -> torch.Tensor:
+    """Rows for the global batch starting at `cursor` (an epoch = one seeded permutation)."""
+    out = []
+    while len(out) < global_batch:
+        epoch, offset = divmod(cursor, n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = min(global_batch - len(out), n_rows - offset)
+        out += perm[offset:offset + take].tolist()
+        cursor += take
+    return torch.tensor(out)
+
+
+def held_out_fve(verbalizer: Verbalizer, ar, tokenizer, model, vectors: torch.Tensor, scale: float, var: float) -> dict[str, float]:
+    """Greedy explanations of held-out vectors, scored by the live AR (the co-trained one)."""
+    model.set_adapter(AV)
+    samples = verbalizer.verbalize(vectors, num_samples=1, temperature=0.0)
+    texts = [s[0].explanation or "" for s in samples]
+    model.set_adapter(AR)
+    pred = ar.predict(texts, tokenizer)
+    mse = metrics.mse_nrm(pred, vectors.float(), scale)
+    return {"fve_nrm": float(1 - mse.mean() / var), "fail_rate": float(sum(s[0].failed for s in samples) / max(1, len(samples)))}
+
+
+def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
+    acc = accelerator or make_accelerator(cfg.run.device)
+    rc = cfg.rl
+    root = cfg.output_dir / ("rl_shuffle_control" if rc.rl_shuffle_control else "rl")
+    sft_av, sft_ar = sft_paths(cfg)
+    resume = resolve_resume(cfg.run.resume, root)
+    model, tokenizer, verbalizer, ar, av_meta = load_joint(cfg, sft_av, sft_ar, resume, acc.device)
+    data = load_split(split_path(cfg.data_dir, "rl"))
+    data.meta.verify(tokenizer, d_model=model.config.hidden_size, where=str(data.path))
+    if data.meta.layer_index != av_meta.layer_index:
+        raise ConfigError(f"{data.path} holds layer {data.meta.layer_index} but the AV was trained on layer {av_meta.layer_index}.")
+    ar_meta = _read_ar_meta(sft_ar)
+    scale = mse_scale_of(ar)
+    var = float(ar_meta.extra.get("ar_target_variance") or metrics.target_variance(data.vectors, scale))
+
+    av_params, ar_params = adapter_parameters(model, AV), adapter_parameters(model, AR) + [ar.head.weight]
+    av_opt = torch.optim.AdamW(av_params, lr=rc.rl_av_lr, weight_decay=0.0)
+    ar_opt = torch.optim.AdamW(ar_params, lr=rc.rl_ar_lr, weight_decay=0.0)
+    warm = max(1, rc.rl_steps // 20)
+    av_sched = torch.optim.lr_scheduler.LambdaLR(av_opt, lambda s: min(1.0, (s + 1) / warm))
+    ar_sched = torch.optim.lr_scheduler.LambdaLR(ar_opt, lambda s: min(1.0, (s + 1) / warm))
+    optimizers = {"av": av_opt, "ar": ar_opt, "av_scheduler": av_sched, "ar_scheduler": ar_sched}
+    state: dict[str, Any] = {"step": 0, "cursor": 0}
+    if resume is not None:
+        state = load_checkpoint_state(resume, optimizers)
+    trainer = JointTrainer(model, verbalizer, ar, tokenizer, rc, scale, var, av_opt, ar_opt, av_sched, ar_sched, acc)
+    tracker = Tracker(cfg, root.name, is_main=acc.is_main_process)
+    contexts = data.columns.get("detokenized_text_truncated") or [""] * len(data)
+
+    def write(tmp: Path, step: int) -> None:
+        extra = {"stage": "rl", "training": {"stage": "rl", "step": step, "sft_av": str(sft_av), "sft_ar": str(sft_ar)}}
+        av_out = tmp / "av"
+        model.save_pretrained(str(tmp), selected_adapters=[AV])  # -> tmp/av/adapter_*
+        tokenizer.save_pretrained(av_out)
+        write_meta(av_out / MODEL_META, _with(av_meta, extra))
+        save_shared_ar(model, ar, tmp / "ar", _with(ar_meta, {**extra, "ar_target_variance": var}), AR, tokenizer)
+
+    global_batch = rc.rl_batch_size * acc.num_processes
+    step, cursor = int(state["step"]), int(state["cursor"])
+    began, history = time.time(), []
+    bar = progress(range(step, rc.rl_steps), enabled=acc.is_main_process and cfg.logging.progress, desc="rl", initial=step,
+                   total=rc.rl_steps)
+    for step in bar:
+        rows = batch_indices(len(data), cfg.run.seed, cursor, global_batch)[acc.process_index::acc.num_processes]
+        cursor += global_batch
+        vectors = data.vectors[rows].to(acc.device)
+        out = trainer.step(vectors, vectors.roll(1, dims=0) if rc.rl_shuffle_control else None)
+        m = mean_over_processes(out.metrics, acc)
+        history.append(m)
+        if (step + 1) % cfg.logging.log_every == 0 or step == 0:
+            tracker.log(m, step + 1)
+            bar.set_postfix_str(describe_metrics(m))
+        if rc.rl_table_every and (step + 1) % rc.rl_table_every == 0:
+            table = [[(contexts[int(rows[g])] or "")[-160:], text, fve] for g, text, fve in out.samples]
+            tracker.log_table("rl/samples", ["context_tail", "explanation", "fve_nrm"], table, step + 1)
+        if (step + 1) % rc.rl_save_every == 0 or step + 1 == rc.rl_steps:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                save_checkpoint(root, step + 1, lambda d, s=step + 1: write(d, s), {"cursor": cursor, "sft_av": str(sft_av)},
+                                optimizers)
+            acc.wait_for_everyone()
+    final = root / "final"
+    last = resolve_resume("auto", root)
+    if acc.is_main_process and last is not None:
+        final = publish_final(last, root)
+    summary: dict[str, Any] = {"steps": rc.rl_steps, "checkpoint": str(final), "wall_s": round(time.time() - began, 1)}
+    if history:
+        first, tail = history[0], history[-max(1, len(history) // 5):]
+        summary["reward_first"] = first["rl/reward_mean"]
+        summary["reward_last"] = sum(h["rl/reward_mean"] for h in tail) / len(tail)
+        summary["seconds_per_step"] = summary["wall_s"] / max(1, len(history))
+    if acc.is_main_process:
+        val = load_split(split_path(cfg.data_dir, "val"), max_rows=cfg.eval.eval_max_rows)
+        summary["val"] = held_out_fve(verbalizer, ar, tokenizer, model, val.vectors.to(acc.device), scale, var)
+        tracker.log({"rl/val_fve_nrm": summary["val"]["fve_nrm"]}, rc.rl_steps)
+        tracker.summary(summary["val"])
+    tracker.finish()
+    return summary
+
+
+def mean_over_processes(values: dict[str, float], acc) -> dict[str, float]:
+    """One gather for all metrics; NaN entries (nothing usable on a process) are left out of the mean."""
+    keys = sorted(values)
+    local = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=acc.device)
+    every = acc.gather(local.unsqueeze(0)).reshape(-1, len(keys)).cpu()  # [processes, k]
+    return {k: float(v) for k, v in zip(keys, every.nanmean(dim=0))}
+
+
+def _with(meta, extra: dict[str, Any]):
+    from dataclasses import replace
+
+    return replace(meta, extra={**meta.extra, **extra})
+
+
+def describe(s: dict[str, Any]) -> str:
+    nan = float("nan")
+    return (f"[rl] {s['steps']} steps in {s['wall_s']}s; reward {s.get('reward_first', nan):.3f} -> "
+            f"{s.get('reward_last', nan):.3f}; held-out fve_nrm (live AR, greedy) {s.get('val', {}).get('fve_nrm', nan):.3f}; "
+            f"checkpoint {s['checkpoint']}")
+
+
+def main(argv: list[str]) -> int:
+    cfg, _ = start_stage(argv, "rl")
+    acc = make_accelerator(cfg.run.device)
+    try:
+        s = run(cfg, acc)
+        if acc.is_main_process:
+            print(describe(s))
+    finally:
+        acc.end_training()
+    return 0
