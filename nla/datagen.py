@@ -87,7 +87,11 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
     from nla.models import load_model_and_tokenizer
 
     started = time.perf_counter()
-    state = PartialState()
+    import torch
+
+    # without CUDA, Accelerate joins the process group only with cpu=True (else each process runs alone)
+    cpu = cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
     rank, world, is_main = state.process_index, state.num_processes, state.is_main_process
     work = cfg.data_dir / ".work"
     model, tok, _ = load_model_and_tokenizer(cfg.model, cfg.run.device if world == 1 else str(state.device))
@@ -104,7 +108,9 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
             state.wait_for_everyone()
             if not is_main:
                 return {}
-            scan = _scan(cfg, tok, model, layer, store, (0, 1), True)  # every chunk is on disk now: reads only
+            own = scan  # every chunk is on disk now: the main process reads them all, in corpus order
+            scan = _scan(cfg, tok, model, layer, store, (0, 1), False)
+            scan.n_chunks_new, scan.rows_new, scan.extract_seconds = own.n_chunks_new, own.rows_new, own.extract_seconds
         _check_scan(cfg, scan)
         spec = choose_marker(tok, scan.seen_chars, scan.seen_ids)
         rows, vectors = scan.rows, scan.rows.matrix()
@@ -225,20 +231,27 @@ def _rate(value: float | None, unit: str) -> str:
     return f"{value:.1f} {unit}" if value else f"- {unit} (all cached)"
 
 
+def describe(out: dict[str, Any]) -> str:
+    """A few readable lines: row counts, norm percentiles, marker, speeds, three (context tail, explanation) pairs."""
+    n = out["norms"]
+    lines = [
+        f"datagen: {sum(out['rows'].values())} rows in {out['data_dir']} ("
+        + ", ".join(f"{k} {v}" for k, v in out["rows"].items()) + ")",
+        f"activation norms: p50 {n['p50']:.2f}  p75 {n['p75']:.2f}  p95 {n['p95']:.2f}  mean {n['mean']:.2f}"
+        f"  -> suggested injection_scale {out['suggested_injection_scale']:.2f}",
+        f"marker {out['marker']!r}; {_rate(out['activations_per_s'], 'activations/s')}; "
+        f"{_rate(out['teacher_tokens_per_s'], 'teacher tokens/s')}; {out['wall_s']:.0f} s",
+    ]
+    for context, expl in out["samples"]:
+        lines.append(f"  ...{context[-80:]!r}\n      -> {expl}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     from nla.stage import start_stage
 
     cfg, _ = start_stage(argv, "datagen")
     out = run(cfg)
-    if not out:  # non-main process of a multi-GPU run
-        return 0
-    rows = ", ".join(f"{k} {v}" for k, v in out["rows"].items())
-    n = out["norms"]
-    print(f"datagen: {sum(out['rows'].values())} rows in {out['data_dir']} ({rows})")
-    print(f"activation norms: p50 {n['p50']:.2f}  p75 {n['p75']:.2f}  p95 {n['p95']:.2f}  mean {n['mean']:.2f}"
-          f"  -> suggested injection_scale {out['suggested_injection_scale']:.2f}")
-    print(f"marker {out['marker']!r}; {_rate(out['activations_per_s'], 'activations/s')}; "
-          f"{_rate(out['teacher_tokens_per_s'], 'teacher tokens/s')}; {out['wall_s']:.0f} s")
-    for context, expl in out["samples"]:
-        print(f"  ...{context[-80:]!r}\n      -> {expl}")
+    if out:  # (empty on the non-main processes of a multi-GPU run)
+        print(describe(out))
     return 0

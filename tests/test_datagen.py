@@ -196,3 +196,39 @@ def test_bad_inputs_give_one_line_fixes(tiny_model_dir, tmp_path):
     with pytest.raises(DatagenError, match="all 3 documents are too short.*lower --min_position") as err:
         run(smoke_cfg(tiny_model_dir, tmp_path / "c", "--corpus", str(tmp_path / "short.jsonl")))
     assert "\n" not in str(err.value)
+
+
+def test_main_prints_counts_norms_and_samples(tiny_model_dir, tmp_path, capsys):
+    from nla.cli import main
+
+    assert main(["datagen", "--config", SMOKE, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path),
+                 "--teacher", "extractive"]) == 0
+    out = capsys.readouterr().out
+    assert "av_sft" in out and "p75" in out and "suggested injection_scale" in out and out.count("->") >= 4
+    assert (tmp_path / "datagen" / "config.yaml").is_file()
+
+
+@pytest.mark.distributed
+def test_two_processes_shard_chunks_and_match_one_process(tiny_model_dir, tmp_path):
+    """2 gloo processes split the extraction chunks; the datasets equal a single-process run's."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["--config", SMOKE, "--model", str(tiny_model_dir), "--teacher", "extractive", "--max_docs", "150"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/cpu_2proc.yaml",
+           "-m", "nla.cli", "datagen", *args, "--output_dir", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count(" rows in ") == 1, proc.stdout  # only the main process reports
+    two = tmp_path / "two" / "data"
+    chunks = sorted(p.name for p in (two / ".work").glob("extract-*.parquet"))
+    assert len(chunks) == 3  # 150 docs, 64 per chunk
+    assert json.loads((two / "datagen_summary.json").read_text())["chunks_new"] == 2  # rank 0: chunks 0, 2; rank 1: 1
+    one = smoke_cfg(tiny_model_dir, tmp_path / "one", "--max_docs", "150")
+    run(one)
+    assert sorted(p.name for p in (one.data_dir / ".work").glob("extract-*.parquet")) == chunks
+    a, b = all_rows(one.data_dir), all_rows(two)
+    assert [r[:3] for r in a] == [r[:3] for r in b]
+    assert all(torch.allclose(x[3], y[3], atol=1e-5) for x, y in zip(a, b))
