@@ -1,0 +1,375 @@
+"""Speed benchmarks on the embedded model; every ratio is measured inside one run.
+
+    python bench/run.py --quick                       # a few minutes on 2 CPU cores
+    python bench/run.py --dtype bfloat16 --out bench.json
+    python bench/run.py --quick --model DIR --no-append   # any local HF folder (tests use a tiny one)
+
+Prints one line per measurement and, last, one JSON object. Keys:
+  injection_overhead_ratio  batched greedy generate with the InjectionHook on / off (same batch,
+                            same prompt, min_new_tokens == max_new_tokens), median of interleaved pairs
+  extraction_tokens_per_s   block_output(layer K) on batches of builtin-corpus text (real tokens/s)
+  ar_samples_per_s          AR LoRA training forward + backward + AdamW step, rows/s
+  av_sft_tokens_per_s       AV LoRA SFT (vector injected) forward + backward + step, real tokens/s
+  rl_step_s                 one JointTrainer.step on n vectors x G samples (median)
+  rl_overhead_ratio         that step / the sum of its parts timed alone on the same state and seed
+                            (rollout generate + AV forward/backward + AR forward/backward, + the
+                            reference forward when kl_coef > 0)
+  peak_rss_mb, machine info and the exact command.
+The budget targets (injection <= 1.03, RL <= 1.3) are checked here and reported as `*_met`,
+never asserted by timed tests. Results are appended to docs/benchmarks.md unless --no-append.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from nla import templates  # noqa: E402
+from nla.ar import ARModel, build_ar, identity_head  # noqa: E402
+from nla.av import Verbalizer, build_generation_batch, build_sft_batch, prompt_ids, response_logprobs  # noqa: E402
+from nla.backbone import block_output, decoder_layers  # noqa: E402
+from nla.config import RLConfig  # noqa: E402
+from nla.corpus import BUILTIN, iter_documents  # noqa: E402
+from nla.extract import choose_marker  # noqa: E402
+from nla.grpo import AR, AV, AV_REF, JointTrainer, adapter_parameters  # noqa: E402
+from nla.injection import InjectionHook  # noqa: E402
+from nla.lora import lora_config  # noqa: E402
+from nla.models import load_causal_lm, load_tokenizer, resolve_model, torch_dtype  # noqa: E402
+from nla.sidecar import Meta  # noqa: E402
+
+TARGETS = {"injection_overhead_ratio": 1.03, "rl_overhead_ratio": 1.3}
+EXPLANATION = "a Python tutorial; defining a function; the next line is its body"
+
+
+@dataclass
+class Sizes:
+    """Workload sizes. `quick` is a few minutes on 2 cores; `tiny` is for the test on a 4-layer model."""
+
+    gen_batch: int = 16
+    gen_tokens: int = 32
+    repeats: int = 5
+    text_batch: int = 8
+    text_tokens: int = 128
+    train_batch: int = 8
+    train_steps: int = 3
+    rl_n: int = 4
+    rl_group: int = 4
+    rl_tokens: int = 48
+    rl_repeats: int = 3  # the first is a warm-up and is dropped
+    kl_coef: float = 0.01  # RLConfig's default: the reference forward is part of the step
+    lora_r: int = 8
+    layer: int = 20
+
+    @classmethod
+    def quick(cls) -> "Sizes":
+        return cls(gen_batch=8, gen_tokens=16, repeats=5, text_batch=4, text_tokens=64, train_batch=4, train_steps=2,
+                   rl_n=2, rl_group=4, rl_tokens=24, rl_repeats=3)
+
+    @classmethod
+    def tiny(cls) -> "Sizes":
+        return cls(gen_batch=2, gen_tokens=3, repeats=2, text_batch=2, text_tokens=16, train_batch=2, train_steps=1,
+                   rl_n=2, rl_group=2, rl_tokens=4, rl_repeats=2, lora_r=2, layer=1)
+
+
+@dataclass
+class Context:
+    model_path: str
+    dtype: str
+    tokenizer: Any
+    meta: Meta
+    layer: int
+    d_model: int
+    scale: float
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def make_context(model_path: str, dtype: str, layer: int) -> Context:
+    """Tokenizer, a marker that is one token in it, and an AV sidecar for the benchmark model."""
+    tokenizer = load_tokenizer(model_path)
+    model = load_causal_lm(model_path, dtype)
+    d, n_layers = model.config.hidden_size, len(decoder_layers(model))
+    layer = min(layer, n_layers - 1)
+    spec = choose_marker(tokenizer, set(), set())
+    meta = Meta(kind="nla_model", tokens=spec, d_model=d, layer_index=layer, base_model=model_path)
+    return Context(model_path, dtype, tokenizer, meta, layer, d, scale=float(math.sqrt(d)))
+
+
+def real_texts(tokenizer, n: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n builtin-corpus documents cut to max_tokens, right-padded: (ids [n, t], mask [n, t])."""
+    rows = [tokenizer.encode(doc.text, add_special_tokens=False)[:max_tokens] for doc in iter_documents(BUILTIN, max_docs=n)]
+    t = max(map(len, rows))
+    ids = torch.full((len(rows), t), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def bench_injection(ctx: Context, s: Sizes) -> dict[str, float]:
+    """Greedy generate of exactly gen_tokens new tokens, hook on vs off; median of per-pair ratios."""
+    from transformers import GenerationConfig
+
+    model = load_causal_lm(ctx.model_path, ctx.dtype).eval()
+    ids, mask = build_generation_batch(ctx.tokenizer, s.gen_batch, ctx.meta)
+    gen = GenerationConfig(max_new_tokens=s.gen_tokens, min_new_tokens=s.gen_tokens, do_sample=False, top_p=None,
+                           top_k=None, temperature=None, pad_token_id=ctx.tokenizer.pad_token_id,
+                           eos_token_id=ctx.tokenizer.eos_token_id)
+    hook = InjectionHook(model, *ctx.meta.tokens.ids, ctx.scale)
+    vectors = torch.randn(s.gen_batch, ctx.d_model, generator=torch.Generator().manual_seed(0))
+
+    def plain() -> None:
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+
+    def injected() -> None:
+        hook.set_vectors(vectors)
+        with torch.no_grad(), hook:
+            model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        assert hook.injected == s.gen_batch, "the hook did not inject: the benchmark would be meaningless"
+
+    plain(), injected()  # warm-up
+    on, off = [], []
+    for i in range(s.repeats):  # interleaved, order alternating, so drift on a shared machine cancels
+        if i % 2:
+            on.append(timed(injected)), off.append(timed(plain))
+        else:
+            off.append(timed(plain)), on.append(timed(injected))
+    ratio = statistics.median(a / b for a, b in zip(on, off))
+    new_tokens = s.gen_batch * s.gen_tokens
+    return {"injection_overhead_ratio": ratio, "generate_plain_s": statistics.median(off),
+            "generate_injected_s": statistics.median(on), "generate_new_tokens_per_s": new_tokens / statistics.median(off)}
+
+
+def bench_extraction(ctx: Context, s: Sizes) -> dict[str, float]:
+    model = load_causal_lm(ctx.model_path, ctx.dtype).eval()
+    ids, mask = real_texts(ctx.tokenizer, s.text_batch, s.text_tokens)
+
+    def run() -> None:
+        with torch.no_grad():
+            block_output(model, ids, mask, ctx.layer)
+
+    run()
+    seconds = statistics.median(timed(run) for _ in range(max(1, s.repeats // 2)))
+    return {"extraction_tokens_per_s": float(mask.sum()) / seconds}
+
+
+def bench_ar(ctx: Context, s: Sizes) -> dict[str, float]:
+    """AR training step (truncated LoRA backbone + head, MSE to random targets) in rows/s."""
+    torch.manual_seed(0)
+    ar = build_ar(ctx.model_path, ctx.layer, s.lora_r, ctx.dtype)
+    ar.train()
+    opt = torch.optim.AdamW(ar.trainable_parameters(), lr=1e-4)
+    inputs = ar.encode([f"{EXPLANATION} {i}" for i in range(s.train_batch)], ctx.tokenizer)
+    targets = torch.randn(s.train_batch, ctx.d_model)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = (ar(inputs.input_ids, inputs.attention_mask) - targets).pow(2).mean()
+        loss.backward()
+        opt.step()
+
+    step()
+    seconds = statistics.median(timed(step) for _ in range(s.train_steps))
+    return {"ar_samples_per_s": s.train_batch / seconds}
+
+
+def bench_av_sft(ctx: Context, s: Sizes) -> dict[str, float]:
+    """AV LoRA SFT step with the vector injected (the loss train_av uses), real tokens/s."""
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm(ctx.model_path, ctx.dtype), lora_config(s.lora_r), adapter_name=AV)
+    model.train()
+    hook = InjectionHook(model, *ctx.meta.tokens.ids, ctx.scale)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    responses = [templates.av_response(f"{EXPLANATION}, case {i}") for i in range(s.train_batch)]
+    batch = build_sft_batch(ctx.tokenizer, prompt_ids(ctx.tokenizer, ctx.meta), responses)
+    vectors = torch.randn(s.train_batch, ctx.d_model)
+    response = batch["labels"] != -100
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = -response_logprobs(model, batch["input_ids"], batch["attention_mask"], response, vectors, hook).sum()
+        (loss / response.sum()).backward()
+        opt.step()
+
+    step()
+    seconds = statistics.median(timed(step) for _ in range(s.train_steps))
+    return {"av_sft_tokens_per_s": float(batch["attention_mask"].sum()) / seconds}
+
+
+def joint_setup(ctx: Context, s: Sizes) -> tuple[JointTrainer, Any, Verbalizer, ARModel, RLConfig]:
+    """One base model with fresh LoRA adapters av, av_ref, ar (as nla/rl.py's load_joint, in memory)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm(ctx.model_path, ctx.dtype), lora_config(s.lora_r), adapter_name=AV)
+    model.add_adapter(AV_REF, lora_config(s.lora_r))
+    model.add_adapter(AR, lora_config(s.lora_r, layers=list(range(ctx.layer + 1))))
+    ar = ARModel(model, ctx.layer, identity_head(ctx.d_model))
+    verbalizer = Verbalizer(model, ctx.tokenizer, ctx.meta, ctx.scale, s.rl_tokens)
+    cfg = RLConfig(rl_batch_size=s.rl_n, group_size=s.rl_group, max_response_tokens=s.rl_tokens, kl_coef=s.kl_coef)
+    av_opt = torch.optim.AdamW(adapter_parameters(model, AV), lr=1e-5)
+    ar_opt = torch.optim.AdamW(adapter_parameters(model, AR) + [ar.head.weight], lr=1e-5)
+    trainer = JointTrainer(model, verbalizer, ar, ctx.tokenizer, cfg, math.sqrt(ctx.d_model), 1.0, av_opt, ar_opt)
+    return trainer, model, verbalizer, ar, cfg
+
+
+def rl_parts(model, verbalizer: Verbalizer, ar: ARModel, tokenizer, vectors: torch.Tensor, cfg: RLConfig,
+             seed: int) -> dict[str, float]:
+    """The step's essential work timed alone, on the same state and seed (no optimizer steps)."""
+    g, seconds = cfg.group_size, {}
+    model.set_adapter(AV)
+    model.eval()
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    ro = verbalizer.rollout(vectors, g, cfg.temperature, cfg.max_response_tokens)
+    seconds["rollout"] = time.perf_counter() - start
+    rows = vectors.repeat_interleave(g, 0)
+    lp_args = (ro.sequences, ro.attention_mask, ro.response_mask, rows, verbalizer.hook)
+    if cfg.kl_coef > 0:
+        model.set_adapter(AV_REF)
+        with torch.no_grad():
+            seconds["av_ref_forward"] = timed(lambda: response_logprobs(model, *lp_args))
+    model.set_adapter(AV)
+    model.train()
+    seconds["av_forward_backward"] = timed(lambda: response_logprobs(model, *lp_args).sum().backward())
+    model.set_adapter(AR)
+    ar.train()
+    texts = [templates.extract_explanation(t) or "" for t in ro.texts]
+
+    def ar_fb() -> None:
+        inputs = ar.encode(texts, tokenizer)
+        (ar(inputs.input_ids, inputs.attention_mask) - rows.float()).pow(2).mean().backward()
+
+    seconds["ar_forward_backward"] = timed(ar_fb)
+    model.zero_grad(set_to_none=True)
+    ar.head.zero_grad(set_to_none=True)
+    return seconds
+
+
+def bench_rl(ctx: Context, s: Sizes) -> dict[str, float]:
+    """Per repeat: the parts alone, then one JointTrainer.step from the same state and seed."""
+    trainer, model, verbalizer, ar, cfg = joint_setup(ctx, s)
+    vectors = torch.randn(s.rl_n, ctx.d_model, generator=torch.Generator().manual_seed(1)) * ctx.scale
+    steps, sums, parts = [], [], []
+    for r in range(s.rl_repeats):
+        p = rl_parts(model, verbalizer, ar, ctx.tokenizer, vectors, cfg, seed=100 + r)
+        torch.manual_seed(100 + r)
+        step_s = timed(lambda: trainer.step(vectors))
+        if r == 0 and s.rl_repeats > 1:
+            continue  # warm-up
+        steps.append(step_s), sums.append(sum(p.values())), parts.append(p)
+    out = {"rl_step_s": statistics.median(steps), "rl_overhead_ratio": statistics.median(a / b for a, b in zip(steps, sums))}
+    for key in parts[0]:
+        out[f"rl_part_{key}_s"] = statistics.median(p[key] for p in parts)
+    out["rl_rows"] = s.rl_n * s.rl_group
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+
+def machine_info(dtype: str) -> dict[str, Any]:
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    try:
+        bf16 = bool(torch.cpu._is_avx512_bf16_supported())  # private API; absent on some builds
+    except AttributeError:
+        bf16 = None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(), "dtype": dtype,
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_bf16_supported": bf16,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def run_all(model_path: str, dtype: str, sizes: Sizes, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every measurement on the model at `model_path`; returns the flat result dict (no files written)."""
+    ctx = make_context(model_path, dtype, sizes.layer)
+    result: dict[str, Any] = {"model": model_path, "layer": ctx.layer, "sizes": vars(sizes).copy()}
+    for name, fn in [("injection", bench_injection), ("extraction", bench_extraction), ("ar", bench_ar),
+                     ("av_sft", bench_av_sft), ("rl", bench_rl)]:
+        start = time.perf_counter()
+        part = fn(ctx, sizes)
+        result.update(part)
+        log(f"[bench] {name:<10} {time.perf_counter() - start:6.1f}s  " + "  ".join(f"{k}={v:.4g}" for k, v in part.items()
+                                                                               if isinstance(v, (int, float))))
+    for key, limit in TARGETS.items():
+        result[key.replace("_ratio", "_target")] = limit
+        result[key.replace("_ratio", "_met")] = bool(result[key] <= limit)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    result.update(machine_info(dtype))
+    return result
+
+
+def markdown(result: dict[str, Any], load: tuple[float, float]) -> str:
+    keys = ["injection_overhead_ratio", "injection_overhead_met", "extraction_tokens_per_s", "ar_samples_per_s",
+            "av_sft_tokens_per_s", "rl_step_s", "rl_overhead_ratio", "rl_overhead_met", "generate_new_tokens_per_s",
+            "peak_rss_mb"]
+    rows = "\n".join(f"| `{k}` | {result[k]:.4g} |" if isinstance(result[k], float) else f"| `{k}` | {result[k]} |"
+                     for k in keys)
+    machine = ", ".join(f"{k}={result[k]}" for k in ["cpu", "cpu_count", "torch_threads", "torch", "transformers", "dtype",
+                                                     "device", "cpu_bf16_supported", "gpu"])
+    return (f"\n### bench/run.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {result['dtype']}\n\n"
+            f"Command: `{result['command']}`  \nMachine: {machine}; load average (1 min) {load[0]:.2f} before, "
+            f"{load[1]:.2f} after  \nSizes: {result['sizes']}\n\n| key | value |\n|---|---|\n{rows}\n\n"
+            f"```json\n{json.dumps(result, sort_keys=True)}\n```\n")
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description="NLA speed benchmarks (ratios measured in one run).")
+    ap.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--model", default="embedded:smollm2-135m", help="embedded:NAME or a local HF model folder")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", default=None, help="also write the JSON object to this file")
+    ap.add_argument("--no-append", action="store_true", help="do not append the results to docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    result = run_all(resolve_model(args.model), args.dtype, Sizes.quick() if args.quick else Sizes())
+    result["command"] = shlex.join(["python", "bench/run.py", *argv])
+    load = (load_before, os.getloadavg()[0])
+    result["load_avg_1m"] = list(load)
+    if args.out:
+        from nla.io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(result, sort_keys=True) + "\n")
+    if not args.no_append:
+        # One append-mode write, not read-modify-replace: colleagues may be editing the same file.
+        with open(ROOT / "docs" / "benchmarks.md", "a", encoding="utf-8") as f:
+            f.write(markdown(result, load))
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

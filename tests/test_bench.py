@@ -1,0 +1,46 @@
+"""bench/run.py runs end to end on the tiny model: every key present, ratios positive and finite.
+
+No timing assertions: the budget targets are checked (and reported) by the benchmark itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "run.py"
+NUMBERS = ["injection_overhead_ratio", "extraction_tokens_per_s", "ar_samples_per_s", "av_sft_tokens_per_s",
+           "rl_step_s", "rl_overhead_ratio", "peak_rss_mb", "generate_new_tokens_per_s",
+           "rl_part_rollout_s", "rl_part_av_forward_backward_s", "rl_part_ar_forward_backward_s", "rl_part_av_ref_forward_s"]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("nla_bench_run", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_tiny_model_keys_and_ratios(tiny_model_dir):
+    bench = _bench()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = bench.run_all(str(tiny_model_dir), "float32", bench.Sizes.tiny(), log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    for key in NUMBERS:
+        assert isinstance(result[key], float), key
+        assert math.isfinite(result[key]) and result[key] > 0, (key, result[key])
+    assert isinstance(result["injection_overhead_met"], bool) and isinstance(result["rl_overhead_met"], bool)
+    assert result["rl_overhead_met"] == (result["rl_overhead_ratio"] <= bench.TARGETS["rl_overhead_ratio"])
+    assert result["dtype"] == "float32" and result["device"] in ("cpu", "cuda")
+    assert result["layer"] == 1 and result["cpu_count"] >= 1 and result["torch"] == torch.__version__
+    json.dumps(result)  # the last line of the CLI must be one JSON object
+    assert "command" not in result  # added by main(), which also writes files; run_all writes none
