@@ -115,7 +115,7 @@ class AVTrainer:
         self.last_eval: dict[str, Any] = {}
         self.start_eval: dict[str, Any] = {}  # step 0 (fresh runs only)
         self.last_checkpoint: Path | None = None
-        self.tokens_per_s = 0.0
+        self.tokens_per_s, self.train_s = 0.0, 0.0  # this run's training steps only
 
     # -- one micro-batch
     def _batch(self, rows: list[int], split: Split) -> dict[str, torch.Tensor]:
@@ -136,15 +136,19 @@ class AVTrainer:
     def train_step(self, step: int) -> dict[str, float]:
         micro = self._step_rows(step)
         batches = [self._batch(rows, self.data.train) for rows in micro]
-        # Normalise by the response tokens of the whole step, so accumulation == one big batch.
+        # Normalise by the response tokens of the whole global step (every micro-batch on every
+        # process), so accumulation and N processes x B both equal one big batch. DDP averages the
+        # gradients over processes, hence the factor num_processes.
         total = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
+        global_total = float(self.acc.reduce(torch.tensor(float(total), device=self.acc.device), "sum"))
+        norm = max(global_total, 1.0) / self.acc.num_processes
         loss_sum = 0.0
         for i, (rows, batch) in enumerate(zip(micro, batches)):
             # no_sync: DDP all-reduces gradients only on the last micro-batch of the step.
             ctx = self.acc.no_sync(self.model) if i < len(micro) - 1 else contextlib.nullcontext()
             with ctx:
                 nll = self._nll(batch, self.data.train.vectors[rows])
-                self.acc.backward(nll / total)
+                self.acc.backward(nll / norm)
             loss_sum += float(nll.detach())
         grad_norm = self.acc.clip_grad_norm_(trainable_parameters(self.unwrapped), MAX_GRAD_NORM)
         finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
@@ -216,21 +220,24 @@ class AVTrainer:
         if start_step == 0:
             self.start_eval = self.evaluate(0)  # the starting point: real vs shuffled before any training
         self.model.train()
-        window_loss, window_tokens, t0 = [], 0.0, time.time()
+        # Throughput counts training steps only (not evals or saves): (tokens, seconds).
+        window_loss, window, total = [], [0.0, 0.0], [0.0, 0.0]
         bar = progress(range(start_step, steps), enabled=self.cfg.logging.progress and self.acc.is_main_process,
                        desc="train-av", initial=start_step, total=steps)
         for step in bar:
+            t0 = time.time()
             stats = self.train_step(step)
+            for acc in (window, total):
+                acc[0], acc[1] = acc[0] + stats["tokens"], acc[1] + time.time() - t0
             window_loss.append(stats["av/loss"])
-            window_tokens += stats["tokens"]
             done = step + 1
             if done % self.cfg.logging.log_every == 0 or done == steps:
-                self.tokens_per_s = window_tokens / max(time.time() - t0, 1e-9)
                 self.tracker.log({"av/loss": sum(window_loss) / len(window_loss), "av/lr": self.sched.get_last_lr()[0],
-                                  "av/tokens_per_s": self.tokens_per_s, "av/grad_norm": stats["av/grad_norm"],
+                                  "av/tokens_per_s": window[0] / max(window[1], 1e-9), "av/grad_norm": stats["av/grad_norm"],
                                   "av/skipped_step": stats["av/skipped_step"]}, done)
                 bar.set_postfix(loss=f"{window_loss[-1]:.3f}")
-                window_loss, window_tokens, t0 = [], 0.0, time.time()
+                window_loss, window = [], [0.0, 0.0]
+            self.tokens_per_s, self.train_s = total[0] / max(total[1], 1e-9), total[1]
             if done % cfg.av_eval_every == 0 or done == steps:
                 self.evaluate(done)
             if done % cfg.av_save_every == 0 or done == steps:
@@ -292,10 +299,30 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
                "extraction_fail_rate": ev.get("av/extraction_fail_rate"),
                "samples": [tuple(r) for r in ev.get("samples", [])[:3]], "checkpoint": str(final) if final else None,
                "injection_scale": data.injection_scale, "tokens_per_s": trainer.tokens_per_s,
+               "train_s": round(trainer.train_s, 1),
                "steps": cfg.av.av_steps, "resumed_from_step": start_step, "wall_s": round(time.time() - start, 1)}
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     tracker.finish()
     return summary
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """A few readable lines: speed, val loss real vs shuffled (the evidence), three samples next to their teacher."""
+    def num(key: str, fmt: str) -> str:
+        return "-" if summary.get(key) is None else format(summary[key], fmt)
+
+    lines = [
+        f"train-av: {summary['steps']} steps, {summary['wall_s']}s wall, {num('train_s', '')}s training "
+        f"({num('tokens_per_s', '.0f')} tok/s), injection_scale {num('injection_scale', '.4g')}",
+        f"val loss real {num('val_loss', '.4f')} vs shuffled vectors {num('val_loss_shuffled', '.4f')} "
+        f"(gap {num('shuffle_gap', '+.4f')}; at step 0: {num('val_loss_start', '.4f')}, gap {num('shuffle_gap_start', '+.4f')}; "
+        "gap > 0 means the AV reads the vector)",
+        f"greedy samples: non-Latin rate {num('non_latin_rate', '.2f')}, extraction failures {num('extraction_fail_rate', '.2f')}",
+    ]
+    for context, teacher, av in summary["samples"]:
+        lines.append(f"  ...{context[-80:]!r}\n      teacher: {teacher}\n      AV:      {av[:200]}")
+    lines.append(f"checkpoint: {summary['checkpoint']}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
@@ -303,13 +330,6 @@ def main(argv: list[str]) -> int:
     acc = make_accelerator(cfg.run.device)
     summary = run(cfg, acc)
     if acc.is_main_process:
-        print(f"[train-av] {summary['steps']} steps in {summary['wall_s']}s, {summary['tokens_per_s']:.0f} tok/s, "
-              f"injection_scale {summary['injection_scale']:.4g}")
-        print(f"[train-av] val loss real {summary['val_loss']:.4f} vs shuffled vectors {summary['val_loss_shuffled']:.4f} "
-              f"(gap {summary['shuffle_gap']:+.4f}; > 0 means the AV reads the vector)")
-        print(f"[train-av] non-Latin rate {summary['non_latin_rate']:.2f}, extraction failures {summary['extraction_fail_rate']:.2f}")
-        for context, teacher, av in summary["samples"]:
-            print(f"  context: {context!r}\n    teacher: {teacher}\n    AV:      {av}")
-        print(f"[train-av] final checkpoint: {summary['checkpoint']}")
+        print(describe(summary))
     acc.end_training()
     return 0
