@@ -87,6 +87,8 @@ def test_resume_continues_exactly(toy, tmp_path, capsys):
     assert train_av.main(args) == 0
     printed = capsys.readouterr().out
     assert "val loss real" in printed and "shuffled" in printed and printed.count("teacher:") == 3
+    # describe() copes with what non-main processes / resumed runs leave empty.
+    assert "val loss real -" in train_av.describe({"steps": 0, "wall_s": 0, "samples": [], "checkpoint": None})
     root = tmp_path / "run" / "av"
     straight = load_file(root / "final" / "av" / "adapter_model.safetensors")
     shutil.rmtree(root / "checkpoint-000004")
