@@ -28,7 +28,7 @@ from nla.distributed import make_accelerator
 from nla.grpo import AR, AV, AV_REF, JointTrainer, adapter_parameters, describe_metrics
 from nla.models import load_causal_lm, load_tokenizer, resolve_model
 from nla.sidecar import MODEL_META, write_meta
-from nla.stage import start_stage
+from nla.stage import seed_everything, start_stage
 from nla.tracking import Tracker, progress
 
 
@@ -90,6 +90,7 @@ def held_out_fve(verbalizer: Verbalizer, ar, tokenizer, model, vectors: torch.Te
 
 
 def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
+    seed_everything(cfg.run.seed)  # run() called directly (demo, tests) is as reproducible as the CLI
     acc = accelerator or make_accelerator(cfg.run.device)
     rc = cfg.rl
     root = cfg.output_dir / ("rl_shuffle_control" if rc.rl_shuffle_control else "rl")

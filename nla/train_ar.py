@@ -34,7 +34,7 @@ from nla.distributed import make_accelerator
 from nla.metrics import cosine, mse_nrm, summarize, target_mean, target_variance
 from nla.models import load_tokenizer, resolve_model
 from nla.sidecar import SidecarError
-from nla.stage import start_stage
+from nla.stage import seed_everything, start_stage
 from nla.templates import ar_prompt
 from nla.tracking import Tracker, progress
 
@@ -238,6 +238,7 @@ def _load_data(cfg: NLAConfig, tokenizer) -> tuple[Split, Split]:
 
 def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     """Train the AR (or, with ar_shuffle_targets, the shuffled-target control); return key numbers."""
+    seed_everything(cfg.run.seed)  # run() called directly (demo, tests) is as reproducible as the CLI
     acc = accelerator or make_accelerator(cfg.run.device)
     control = cfg.ar.ar_shuffle_targets
     root = cfg.output_dir / (CONTROL_DIR if control else "ar")
