@@ -69,9 +69,9 @@ def load_split(path: str | Path, max_rows: int | None = None) -> Split:
     if max_rows is not None:
         table = table.slice(0, max_rows)
     col = table.column("activation_vector").combine_chunks()
-    d = meta.d_model or len(col[0]) if len(col) else meta.d_model
+    d = meta.d_model or (len(col[0]) if len(col) else 0)
     values = np.asarray(col.flatten() if hasattr(col, "flatten") else col.values, dtype=np.float32)
-    vectors = torch.from_numpy(values.reshape(len(col), -1).copy())
+    vectors = torch.from_numpy(values.reshape(len(col), d if not len(col) else -1).copy())  # an empty split is [0, d]
     if len(col) and vectors.shape[1] != d:
         raise ValueError(f"{path}: vectors have width {vectors.shape[1]} but the sidecar says d_model={d}.")
     columns = {name: table.column(name).to_pylist() for name in table.column_names if name != "activation_vector"}

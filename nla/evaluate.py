@@ -215,6 +215,9 @@ def load_eval_data(cfg: NLAConfig, args: EvalArgs, nla: NLA) -> EvalData:
     if not path.is_file():
         raise ConfigError(f"{path} not found: pass --data FILE.parquet or --texts FILE.jsonl (or run `nla datagen`).")
     split = load_split(path, max_rows=limit)
+    if len(split) < 2:
+        raise ConfigError(f"{path} has {len(split)} rows; eval needs at least 2 (controls permute rows). "
+                          "Use more documents (--max_docs) or a larger test share (--split_fractions).")
     if split.meta.layer_index != nla.layer or split.vectors.shape[1] != nla.d_model:
         raise SidecarError(f"{path}: layer {split.meta.layer_index}, width {split.vectors.shape[1]}, but the checkpoint "
                            f"explains layer {nla.layer}, d_model {nla.d_model}; evaluate on data from the same model and layer.")

@@ -1,18 +1,22 @@
 """Joint RL on a learnable toy: the AR can only reconstruct the vector if the AV names the right word.
 
-The AV is warm-started on words drawn independently of the vectors (it learns the answer format,
-not the vector), the AR on word -> centre. Reward can then rise only if RL teaches the AV to read
-the injected vector; the shuffled-vector control (AV sees another row's vector) cannot.
+Vectors are drawn around four centres, each with its word. The AR is warm-started on word -> centre;
+the AV on a partly faithful mapping (40% of its training words are random), so it reads the vector
+some of the time. Tests: GRPO moves the policy towards rewarded answers; reward with the real
+vectors stands far above the shuffled-vector control (the reward comes from reading the vector);
+each phase only touches its own adapter; resume is exact.
 """
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from nla import templates
+from nla import grpo, rewards, templates
 from nla.config import parse_config
-from nla.data import write_split
+from nla.data import load_split, write_split
 from nla.sidecar import Meta, make_token_spec
 from nla.testing import save_tiny_model
 
@@ -29,8 +33,10 @@ def _toy_splits(data_dir, model_dir, tokenizer, d: int = 64, seed: int = 0) -> N
         k = torch.randint(0, len(WORDS), (n,), generator=g)
         vectors = centres[k] + 0.05 * torch.randn(n, d, generator=g)
         words = [WORDS[i] for i in k]
-        if split == "av_sft":  # format only: the word is independent of the vector
-            words = [WORDS[i] for i in torch.randint(0, len(WORDS), (n,), generator=g)]
+        if split == "av_sft":  # a partly faithful warm start: 40% of the words are drawn at random
+            noise = torch.rand(n, generator=g) < 0.4
+            k = torch.where(noise, torch.randint(0, len(WORDS), (n,), generator=g), k)
+            words = [WORDS[i] for i in k]
         columns = {
             "doc_id": [f"{split}-{i}" for i in range(n)], "explanation": words, "detokenized_text_truncated": words,
             "prompt": [templates.ar_prompt(w) if split == "ar_sft" else templates.av_user_message("㈠") for w in words],
@@ -43,8 +49,8 @@ def _cfg(out, model_dir, *extra):
     cfg, _ = parse_config(["--config", "configs/smoke.yaml", "--model", str(model_dir), "--output_dir", str(out),
                            "--layer", str(LAYER), "--av_steps", "60", "--av_lr", "1e-2", "--av_batch_size", "16", "--av_lora_r", "8",
                            "--ar_steps", "60", "--ar_lr", "5e-3", "--ar_batch_size", "8", "--max_new_tokens", "28",
-                           "--rl_steps", "20", "--rl_batch_size", "4", "--group_size", "4", "--rl_av_lr", "5e-3",
-                           "--rl_ar_lr", "1e-4", "--kl_coef", "0.0", "--max_response_tokens", "28", "--rl_save_every", "6",
+                           "--rl_steps", "8", "--rl_batch_size", "8", "--group_size", "4", "--rl_av_lr", "2e-3",
+                           "--rl_ar_lr", "1e-6", "--kl_coef", "0.0", "--max_response_tokens", "28", "--rl_save_every", "4",
                            "--temperature", "1.0", "--ar_eval_every", "60", "--av_eval_every", "60", "--ar_save_every", "60",
                            "--av_save_every", "60", *map(str, extra)])
     return cfg
@@ -69,13 +75,103 @@ def warm_start(tmp_path_factory, toy_model_dir, tiny_tokenizer):
     return out
 
 
-@pytest.mark.slow
-def test_rl_raises_reward_above_start_and_control(warm_start, toy_model_dir):
+def _run_rl(warm_start, model_dir, out, *extra):
+    """RL from the shared warm start into its own folder (the SFT checkpoints are read, not written)."""
     from nla import rl
 
-    cfg = _cfg(warm_start, toy_model_dir)
-    real = rl.run(cfg.replace(output_dir=str(warm_start)))
-    control = rl.run(cfg.replace(output_dir=str(warm_start), rl_shuffle_control=True))
-    print("real", real, "control", control)
-    assert real["reward_last"] > real["reward_first"] + 0.3
-    assert real["reward_last"] > control["reward_last"] + 0.3
+    cfg = _cfg(out, model_dir, "--av_checkpoint", warm_start / "av" / "final", "--ar_checkpoint", warm_start / "ar" / "final",
+               "--data_dir", warm_start / "data", *extra)
+    return rl.run(cfg)
+
+
+class _SayRed:
+    """A reward that only depends on the word: GRPO must make 'red' more frequent."""
+
+    def __init__(self):
+        self.rates: list[float] = []
+
+    def __call__(self, trainer, ro, sc):
+        said = torch.tensor([float((e or "").strip() == "red") for e in ro.explanations])
+        self.rates.append(float(said.mean()))
+        zero = torch.zeros_like(said)
+        return rewards.Rewards(total=rewards.apply_failures(said, ro.failed), reconstruction=said, length=zero,
+                               contrastive=zero, failed=ro.failed)
+
+
+def test_grpo_moves_the_policy_towards_rewarded_answers(warm_start, toy_model_dir, tmp_path, monkeypatch):
+    reward = _SayRed()
+    monkeypatch.setattr(grpo.JointTrainer, "rewards", lambda self, ro, sc: reward(self, ro, sc))
+    _run_rl(warm_start, toy_model_dir, tmp_path / "red", "--rl_steps", "12")
+    start, end = reward.rates[0], sum(reward.rates[-4:]) / 4
+    assert end > start + 0.3, reward.rates
+
+
+def test_reward_comes_from_reading_the_vector(warm_start, toy_model_dir, tmp_path):
+    real = _run_rl(warm_start, toy_model_dir, tmp_path / "real")
+    control = _run_rl(warm_start, toy_model_dir, tmp_path / "control", "--rl_shuffle_control", "true")
+    real_mean, control_mean = json_rewards(tmp_path / "real"), json_rewards(tmp_path / "control")
+    assert real_mean > control_mean + 0.5, (real_mean, control_mean)
+    assert real["checkpoint"].endswith("rl/final") and control["checkpoint"].endswith("rl_shuffle_control/final")
+    first = json.loads((tmp_path / "real" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"rl/reward_mean", "rl/fve_nrm", "rl/kl", "rl/top1_in_batch", "rl/response_len", "rl/extraction_fail_rate",
+            "rl/non_latin_rate", "ar/loss", "rl/time_rollout_s", "rl/time_update_av_s"} <= set(first)
+
+
+def json_rewards(run_dir) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    values = [r["rl/reward_mean"] for r in rows if "rl/reward_mean" in r]
+    return sum(values) / len(values)
+
+
+def _adapters(checkpoint) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f"{part}/{k}": v for part in ("av", "ar") for k, v in load_file(str(checkpoint / part / "adapter_model.safetensors")).items()} | {
+        "head": load_file(str(checkpoint / "ar" / "value_head.safetensors"))["weight"]}
+
+
+def test_resume_is_exact(warm_start, toy_model_dir, tmp_path):
+    _run_rl(warm_start, toy_model_dir, tmp_path / "straight", "--rl_steps", "4", "--rl_save_every", "2", "--kl_coef", "0.01")
+    _run_rl(warm_start, toy_model_dir, tmp_path / "split", "--rl_steps", "2", "--rl_save_every", "2", "--kl_coef", "0.01")
+    _run_rl(warm_start, toy_model_dir, tmp_path / "split", "--rl_steps", "4", "--rl_save_every", "2", "--kl_coef", "0.01")
+    a, b = _adapters(tmp_path / "straight" / "rl" / "final"), _adapters(tmp_path / "split" / "rl" / "final")
+    sft = _adapters_sft(warm_start)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert any(not torch.allclose(a[k], sft[k]) for k in a if k.startswith("av/"))  # RL did change the AV
+    state = json.loads((tmp_path / "split" / "rl" / "final" / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["cursor"] == 4 * 8
+
+
+def _adapters_sft(warm_start) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    av = load_file(str(warm_start / "av" / "final" / "av" / "adapter_model.safetensors"))
+    return {f"av/{k}": v for k, v in av.items()}
+
+
+def test_each_phase_only_moves_its_own_adapter(warm_start, toy_model_dir, tmp_path):
+    """The AR step never reaches the AV (nor av_ref), and the AV step never reaches the AR."""
+    from nla import rl
+
+    cfg = _cfg(tmp_path, toy_model_dir, "--av_checkpoint", warm_start / "av" / "final", "--ar_checkpoint",
+               warm_start / "ar" / "final", "--kl_coef", "0.01")
+    model, tok, verbalizer, ar, _ = rl.load_joint(cfg, warm_start / "av" / "final" / "av", warm_start / "ar" / "final" / "ar",
+                                                  None, torch.device("cpu"))
+    params = {a: grpo.adapter_parameters(model, a) for a in (grpo.AV, grpo.AV_REF, grpo.AR)}
+    snap = lambda: {a: [p.detach().clone() for p in ps] for a, ps in params.items()}  # noqa: E731
+    moved = lambda before, after, a: any(not torch.equal(x, y) for x, y in zip(before[a], after[a]))  # noqa: E731
+    av_opt = torch.optim.AdamW(params[grpo.AV], lr=1e-2)
+    ar_opt = torch.optim.AdamW(params[grpo.AR] + [ar.head.weight], lr=1e-2)
+    trainer = grpo.JointTrainer(model, verbalizer, ar, tok, cfg.rl, 8.0, 1.0, av_opt, ar_opt)
+    vectors = load_split(warm_start / "data" / "rl.parquet").vectors[:4]
+    ro = trainer.rollout(vectors)
+    before = snap()
+    trainer.update_ar(trainer.score(ro))
+    mid = snap()
+    assert moved(before, mid, grpo.AR) and not moved(before, mid, grpo.AV) and not moved(before, mid, grpo.AV_REF)
+    adv = torch.linspace(-1, 1, len(ro.explanations))
+    out = trainer.update_av(ro, adv)
+    after = snap()
+    assert moved(mid, after, grpo.AV) and not moved(mid, after, grpo.AR) and not moved(mid, after, grpo.AV_REF)
+    assert out.kl >= 0.0
