@@ -157,7 +157,8 @@ class JointTrainer:
         loss = policy_loss + self.cfg.kl_coef * kl
         loss.backward()
         grad_norm, skipped = self._optimizer_step(self.av_opt, self.av_sched)
-        return AVUpdateOut(float(loss), float(policy_loss), float(kl), float(clip_fraction), grad_norm, skipped)
+        return AVUpdateOut(float(loss.detach()), float(policy_loss.detach()), float(kl.detach()), float(clip_fraction),
+                           grad_norm, skipped)
 
     # ------------------------------------------------------------------ helpers
     def _optimizer_step(self, opt: torch.optim.Optimizer, sched) -> tuple[float, bool]:
