@@ -113,7 +113,7 @@ def test_columns_and_sidecar_round_trip(smoke_run, tiny_tokenizer):
     with pytest.raises(SidecarError, match="different tokenizer|another tokenizer"):
         meta.verify(build_tiny_tokenizer(vocab_size=400))  # different vocab: the marker has another id
     summary = json.loads((cfg.data_dir / "datagen_summary.json").read_text())
-    assert summary["rows"] == out["rows"] and summary["docs"] == 24 and summary["teacher_malformed"] == 0
+    assert summary["rows"] == out["rows"] and summary["docs"] == cfg.data.max_docs and summary["teacher_malformed"] == 0
     norms = torch.linalg.norm(torch.stack([v for *_, v in all_rows(cfg.data_dir)]), dim=1)
     assert out["norms"]["p50"] == pytest.approx(norms.median().item(), rel=0.05)
     assert len(out["samples"]) == 3 and all(e for _, e in out["samples"])
