@@ -177,8 +177,9 @@ def _meta_extra(cfg: NLAConfig, store: ChunkStore, teacher: Teacher, explained: 
                        "seed": cfg.run.seed, "dtype": cfg.model.dtype},
         "activation_norms": norms,
         "suggested_injection_scale": norms["p75"],
-        "teacher": {"provider": teacher.identity.split(":", 1)[0], "model": teacher.identity,
-                    "n_requested": explained.n_requested, "n_malformed": explained.n_malformed},
+        "teacher": {"provider": teacher.identity.split(":", 1)[0], "model": getattr(teacher, "name", ""),
+                    "identity": teacher.identity, "n_requested": explained.n_requested,
+                    "n_malformed": explained.n_malformed},
         "provenance": {"created_by": "nla datagen", "nla_version": __version__, "split_fractions": cfg.data.split_fractions,
                        "teacher_context_chars": cfg.teacher.teacher_context_chars},
     }

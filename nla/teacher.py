@@ -59,6 +59,7 @@ class Answer:
 
 
 class Teacher(Protocol):
+    name: str  # the model (for the sidecar)
     identity: str  # what determines the answers: provider, model, length cap, temperature
     batch_size: int  # contexts per `complete` call (one cache flush each)
 
@@ -74,7 +75,7 @@ class LocalTeacher:
                  batch_size: int = 16, prefill: str = templates.EXPLANATION_OPEN):
         if not getattr(tokenizer, "chat_template", None):
             raise TeacherError(f"teacher model {name!r} has no chat template; pass an instruct model via --teacher_model.")
-        self.model, self.tokenizer, self.prefill = model, tokenizer, prefill
+        self.model, self.tokenizer, self.prefill, self.name = model, tokenizer, prefill, name
         self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
         self.identity = f"local:{name}:max{max_new_tokens}:T{temperature}:prefill={prefill}"
 
@@ -153,7 +154,7 @@ class OpenAITeacher:
         if not model:
             raise TeacherError("--teacher openai needs --teacher_model: the model name the endpoint serves.")
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key = model, api_key
+        self.model, self.name, self.api_key = model, model, api_key
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.timeout_s, self.retries, self.concurrency, self.backoff_s = timeout_s, retries, concurrency, backoff_s
         self.batch_size = max(batch_size, concurrency)
@@ -216,7 +217,7 @@ class OpenAITeacher:
 class ExtractiveTeacher:
     """Model-free: `<explanation>the words "...": a text about WORD</explanation>` from the context."""
 
-    identity = "extractive:v1"
+    name, identity = "extractive", "extractive:v1"
 
     def __init__(self, batch_size: int = 256):
         self.batch_size = batch_size

@@ -30,8 +30,6 @@ def all_rows(data_dir):
     """(split, doc_id, position, vector) for every written row."""
     out = []
     for name in SPLITS:
-        if read_meta(dataset_meta_path(split_path(data_dir, name))).extra["row_count"] == 0:
-            continue  # (load_split cannot read an empty split yet: nla/data.py reshape(0, -1))
         split = load_split(split_path(data_dir, name))
         out += [(name, d, p, v) for d, p, v in zip(split.column("doc_id"), split.column("position"), split.vectors)]
     return out
