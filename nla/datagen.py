@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 
 from nla import __version__, templates
 from nla.config import ConfigError, NLAConfig, default_layer
@@ -82,40 +83,27 @@ def disk_errors(work: Path) -> Iterator[None]:
 
 def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
     """Extract, explain, split and write; returns the numbers the demo prints (see module docstring)."""
-    from accelerate import PartialState
-
     from nla.models import load_model_and_tokenizer
 
     started = time.perf_counter()
-    import torch
-
-    # without CUDA, Accelerate joins the process group only with cpu=True (else each process runs alone)
-    cpu = cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
-    state = PartialState(cpu=cpu)
-    rank, world, is_main = state.process_index, state.num_processes, state.is_main_process
+    state = _process_state(cfg)
     work = cfg.data_dir / ".work"
-    model, tok, _ = load_model_and_tokenizer(cfg.model, cfg.run.device if world == 1 else str(state.device))
+    model, tok, _ = load_model_and_tokenizer(cfg.model, cfg.run.device if state.num_processes == 1 else str(state.device))
     layer = resolve_layer(cfg, model.config.num_hidden_layers)
-    if is_main:
+    if state.is_main_process:
         teacher = teacher or make_teacher(cfg, model, tok)
         teacher.check()  # an unreachable endpoint fails now, not after the extraction
     store = ChunkStore(work, {"model": cfg.model.model, "layer": layer, "dtype": cfg.model.dtype,
                               "max_doc_tokens": cfg.data.max_doc_tokens, "min_position": cfg.data.min_position,
                               "positions_per_doc": cfg.data.positions_per_doc, "seed": cfg.run.seed})
     with disk_errors(work):
-        scan = _scan(cfg, tok, model, layer, store, (rank, world), is_main)
-        if world > 1:
-            state.wait_for_everyone()
-            if not is_main:
-                return {}
-            own = scan  # every chunk is on disk now: the main process reads them all, in corpus order
-            scan = _scan(cfg, tok, model, layer, store, (0, 1), False)
-            scan.n_chunks_new, scan.rows_new, scan.extract_seconds = own.n_chunks_new, own.rows_new, own.extract_seconds
-        _check_scan(cfg, scan)
+        scan = _extract(cfg, tok, model, layer, store, state)
+        if scan is None:  # a non-main process: its chunks are on disk, the main process does the rest
+            return {}
         spec = choose_marker(tok, scan.seen_chars, scan.seen_ids)
         rows, vectors = scan.rows, scan.rows.matrix()
         splits = [split_of(cfg.run.seed, d, cfg.data.split_weights) for d in rows.doc_id]
-        need = [i for i, s in enumerate(splits) if s in TEACHER_SPLITS]
+        need = [i for i, s in enumerate(splits) if s in TEACHER_SPLITS]  # RL rows get no explanation
         tails = [rows.context[i][-cfg.teacher.teacher_context_chars:] for i in need]
         explained = explain(teacher, tails, TeacherCache(work / "teacher_cache.jsonl"), cfg.logging.progress)
         explanation: list[str | None] = [None] * len(rows)
@@ -138,13 +126,35 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
         "teacher_raw_samples": explained.samples, "extract_s": round(scan.extract_seconds, 2),
         "teacher_s": round(explained.seconds, 2), "wall_s": round(time.perf_counter() - started, 2),
     }
-    atomic_write_text(cfg.data_dir / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False))
+    atomic_write_text(cfg.data_dir / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False))  # last: marks completion
     _log(cfg, summary)
     if explained.n_requested and explained.n_malformed == explained.n_requested:
         print(f"[nla datagen] warning: all {explained.n_requested} teacher answers were malformed, so av_sft/ar_sft/val/test "
               "are empty. Use a stronger --teacher_model, raise --teacher_max_new_tokens, or --teacher extractive "
               "for smoke tests.", file=sys.stderr)
     return {**result, "wall_s": summary["wall_s"], "summary_path": str(cfg.data_dir / SUMMARY)}
+
+
+def _process_state(cfg: NLAConfig):
+    from accelerate import PartialState
+
+    # without CUDA, Accelerate joins the process group only with cpu=True (else each process runs alone)
+    cpu = cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
+    return PartialState(cpu=cpu)
+
+
+def _extract(cfg: NLAConfig, tok, model, layer: int, store: ChunkStore, state) -> ScanResult | None:
+    """This process's chunks; with several processes the main one then reads them all (the others get None)."""
+    own = _scan(cfg, tok, model, layer, store, (state.process_index, state.num_processes), state.is_main_process)
+    scan = own
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return None
+        scan = _scan(cfg, tok, model, layer, store, (0, 1), False)  # every chunk is on disk now: reads only
+        scan.n_chunks_new, scan.rows_new, scan.extract_seconds = own.n_chunks_new, own.rows_new, own.extract_seconds
+    _check_scan(cfg, scan)
+    return scan
 
 
 def _scan(cfg: NLAConfig, tok, model, layer: int, store: ChunkStore, shard: tuple[int, int], show: bool) -> ScanResult:
