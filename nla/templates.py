@@ -16,10 +16,11 @@ AV_TEMPLATE = (
 )
 AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
 TEACHER_TEMPLATE = (
+    # "In one short sentence ... at its last words" cut generic answers ("The text is cut off ...")
+    # from 16 of 36 to 0 of 37 on SmolLM2-135M versus asking for two or three phrases.
     "Here is the start of a text, cut off mid-way:\n<text>{context}</text>\n"
-    "In two or three short phrases, name what a reader is thinking about at the very last words "
-    "(topic, what kind of text, what comes next). Answer in the form "
-    "<explanation>phrase; phrase; phrase</explanation>"
+    "In one short sentence, say what the text is talking about at its last words. "
+    "Answer in the form <explanation>sentence</explanation>"
 )
 # `nla eval`'s paraphrase control: same claims, other words (the AR should score it about the same).
 PARAPHRASE_TEMPLATE = (

@@ -13,7 +13,9 @@ import torch
 
 from nla.testing import build_tiny_tokenizer, save_tiny_model
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Tiny test models gain nothing from a second thread, and on a busy 2-core box OpenMP waits made
+# single test files up to 10x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -17,15 +17,6 @@ from nla.sidecar import Meta, SidecarError, make_token_spec
 TEXTS = ["a short one", "a somewhat longer explanation about lists and loops", ""]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from 2 threads, and on a busy 2-core box OpenMP waits made them far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok(tiny_model_dir):
     return load_tokenizer(str(tiny_model_dir))

@@ -22,15 +22,6 @@ D = 64
 SCALE = 8.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from 2 threads; on a busy 2-core box OpenMP waits made this file 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data_meta(tiny_tokenizer):
     return Meta(kind="nla_dataset", tokens=make_token_spec(tiny_tokenizer, MARKER), d_model=D, layer_index=1)

@@ -30,15 +30,6 @@ WORDS = ["apple", "river", "music", "stone"]
 SMOKE = "configs/smoke.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from 2 threads; on a busy 2-core box OpenMP waits make them far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- the shared toy NLA
 
 

@@ -44,15 +44,6 @@ def make_cfg(tmp_path, model_dir, **over):
     return from_flat_dict(flat)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from 2 threads, and on a busy 2-core box OpenMP waits made them ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def task(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
     root = tmp_path_factory.mktemp("ar-task")

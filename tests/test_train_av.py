@@ -21,15 +21,6 @@ D = 64
 WORDS = ["apple", "river", "music", "stone"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from 2 threads; on a busy 2-core box OpenMP waits made this file 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory, tiny_tokenizer):
     """A wide-init tiny model + datasets where the response names the centre a vector was drawn around."""

@@ -19,14 +19,6 @@ from test_eval import SMOKE, build_toy  # the shared trained toy NLA (built once
 TEXT = "def add(a, b):\n    return a + b"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     return build_toy(tmp_path_factory.getbasetemp() / "nla-eval-toy")
