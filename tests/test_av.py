@@ -14,8 +14,8 @@ from nla.av import (IGNORE, Verbalizer, build_generation_batch, build_sft_batch,
                     load_av, make_av_meta, marker_positions, pad, prompt_ids, response_logprobs, save_av)
 from nla.injection import InjectionHook
 from nla.lora import apply_lora
-from nla.models import tiny_llama
 from nla.sidecar import MODEL_META, Meta, SidecarError, make_token_spec
+from nla.testing import save_tiny_model
 
 MARKER = "㈠"
 D = 64
@@ -30,13 +30,7 @@ def data_meta(tiny_tokenizer):
 @pytest.fixture(scope="module")
 def wide_dir(tmp_path_factory, tiny_tokenizer):
     """A tiny llama with init std 0.2: at HF's 0.02 greedy text barely depends on the prompt."""
-    out = tmp_path_factory.mktemp("wide")
-    tok = tiny_tokenizer
-    model = tiny_llama(len(tok), d_model=D, seed=1, initializer_range=0.2, pad_token_id=tok.pad_token_id,
-                       eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_model(tmp_path_factory.mktemp("wide"), d_model=D, seed=1, initializer_range=0.2)
 
 
 def wide_model(wide_dir):

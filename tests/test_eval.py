@@ -21,9 +21,8 @@ from nla.data import write_split
 from nla.evaluate import (EvalArgs, LocalParaphraser, Scorer, control_fves, length_curve, paraphrase_scores,
                           reverse_claims, run, truncate_tokens)
 from nla.metrics import normalize, target_variance
-from nla.models import tiny_llama
 from nla.sidecar import Meta, make_token_spec
-from nla.testing import build_tiny_tokenizer
+from nla.testing import build_tiny_tokenizer, save_tiny_model
 
 MARKER, D, LAYER = "㈠", 64, 1
 WORDS = ["apple", "river", "music", "stone"]
@@ -40,11 +39,8 @@ def build_toy(root):
     if (root / "ready").is_file():
         return root
     tok = build_tiny_tokenizer()
-    # init std 0.2: at HF's 0.02 a tiny model's text barely depends on the prompt (see tests/test_train_av.py).
-    model = tiny_llama(len(tok), d_model=D, seed=0, initializer_range=0.2, pad_token_id=tok.pad_token_id,
-                       eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    # init std 0.2: at HF's 0.02 a tiny model's text barely depends on the prompt (see nla/testing.py).
+    save_tiny_model(root / "model", d_model=D, seed=0, initializer_range=0.2)
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(len(WORDS), D, generator=g) * 3
     meta = Meta("nla_dataset", make_token_spec(tok, MARKER), d_model=D, layer_index=LAYER, base_model=str(root / "model"),

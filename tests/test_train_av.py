@@ -13,8 +13,8 @@ from nla import templates, train_av
 from nla.av import load_av
 from nla.config import ConfigError, from_flat_dict, load_yaml
 from nla.data import load_split, write_split
-from nla.models import tiny_llama
 from nla.sidecar import Meta, SidecarError, make_token_spec
+from nla.testing import save_tiny_model
 
 MARKER = "㈠"
 D = 64
@@ -27,10 +27,7 @@ def toy(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("toy")
     tok = tiny_tokenizer
     # init std 0.2: at HF's 0.02 a tiny model's text barely depends on the prompt at all.
-    model = tiny_llama(len(tok), d_model=D, seed=0, initializer_range=0.2, pad_token_id=tok.pad_token_id,
-                       eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_tiny_model(root / "model", d_model=D, seed=0, initializer_range=0.2)
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(len(WORDS), D, generator=g) * 3
     for name, n in (("av_sft", 256), ("val", 32)):
