@@ -39,6 +39,21 @@ from nla.sidecar import MODEL_META, Meta, SidecarError
 AV_ROLES, AR_ROLES = ("av", "actor"), ("ar", "critic")
 
 
+def option(text: str, default: Any = None) -> Any:
+    """A stage-only CLI option (help text + default) for the `extra` dataclasses of verbalize/eval."""
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class CheckpointArgs:
+    """Which AV/AR to load (and which model reads text): shared by `nla verbalize` and `nla eval`."""
+
+    checkpoint: str | None = option("NLA checkpoint: a folder holding av/ and ar/ (e.g. <run>/rl/final), or a run folder.")
+    av: str | None = option("AV folder (ours, or a reference release: HF folder + nla_meta.yaml); overrides the checkpoint's AV.")
+    ar: str | None = option("AR folder (ours, or a reference release); overrides the checkpoint's AR (optional for verbalize).")
+    target_model: str | None = option("Model that extracts activations from text input; unset: the AV sidecar's base_checkpoint.")
+
+
 @dataclass
 class CheckpointPaths:
     av: Path | None  # the AV folder itself (holds nla_meta.yaml)

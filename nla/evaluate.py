@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from nla import metrics, templates
-from nla.checkpoints import NLA, load_checked_ar, load_from_config
+from nla.checkpoints import NLA, CheckpointArgs, load_checked_ar, load_from_config, option
 from nla.config import ConfigError, NLAConfig
 from nla.data import load_split, split_path
 from nla.extract import choose_positions
@@ -41,7 +41,7 @@ from nla.stage import start_stage
 from nla.teacher import LocalTeacher, TeacherCache, explain as teacher_explain, make_teacher
 from nla.tracking import Tracker, progress
 from nla.train_ar import derangement
-from nla.verbalize import extract_text_rows, option, read_texts
+from nla.verbalize import extract_text_rows, read_texts
 
 LENGTHS = (8, 16, 32, 64)
 FVE_DEFINITION = "strict: 1 − MSE/Var of normalised targets"
@@ -50,13 +50,9 @@ Explain = Callable[[torch.Tensor], list]  # vectors [n, d] -> explanations (str 
 
 
 @dataclass
-class EvalArgs:
-    checkpoint: str | None = option("NLA checkpoint: a folder holding av/ and ar/ (e.g. <run>/rl/final), or a run folder.")
-    av: str | None = option("AV folder (ours, or a reference release); overrides the checkpoint's AV.")
-    ar: str | None = option("AR folder (ours, or a reference release); overrides the checkpoint's AR.")
+class EvalArgs(CheckpointArgs):
     data: str | None = option("A dataset split (.parquet + sidecar) to evaluate; unset (and no --texts): <data_dir>/test.parquet.")
     texts: str | None = option("Or a .jsonl of rows with 'text': positions drawn as in datagen (min_position, positions_per_doc).")
-    target_model: str | None = option("Model that extracts activations from --texts; unset: the AV sidecar's base_checkpoint.")
     report_dir: str | None = option("Where report.json/report.md/plots go; unset: --output_dir.")
     eval_temperature: float = option("AV sampling temperature for eval (0 = greedy).", 0.0)
     paraphrase_control: bool = option("Run the paraphrase control (the teacher rewrites each explanation).", True)

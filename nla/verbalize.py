@@ -25,14 +25,14 @@ sidecar's `ar_target_variance`, else the given vectors' own). `--rerank_with_ar`
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from nla.checkpoints import NLA, load_from_config, load_nla
+from nla.checkpoints import NLA, CheckpointArgs, load_from_config, load_nla, option
 from nla.config import ConfigError, NLAConfig
 from nla.extract import DocRecord, extract_vectors, tokenize_document
 from nla.io import atomic_write_text
@@ -40,16 +40,8 @@ from nla.metrics import mse_nrm, target_variance
 from nla.stage import start_stage
 
 
-def option(text: str, default: Any = None) -> Any:
-    """A stage-only CLI option (help text + default) for the `extra` dataclasses."""
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
-class VerbalizeArgs:
-    checkpoint: str | None = option("NLA checkpoint: a folder holding av/ and ar/ (e.g. <run>/rl/final), or a run folder.")
-    av: str | None = option("AV folder (ours, or a reference release: HF folder + nla_meta.yaml); overrides the checkpoint's AV.")
-    ar: str | None = option("AR folder (ours, or a reference release); overrides the checkpoint's AR. Optional for verbalize.")
+class VerbalizeArgs(CheckpointArgs):
     text: str | None = option("A text to explain at every token position (or at --positions).")
     texts: str | None = option("A .jsonl file of rows with 'text' (key: --text_field), optional 'doc_id' and 'positions'.")
     vectors: str | None = option("Raw activations: .parquet (column activation_vector), .npy, or .safetensors (one [n, d] tensor).")
@@ -57,7 +49,6 @@ class VerbalizeArgs:
     num_samples: int = option("Explanations sampled per vector.", 1)
     rerank_with_ar: bool = option("Keep the sample the AR reconstructs best (best-of-K; needs an AR; FVE is then optimistic).", False)
     out: str | None = option("Output JSONL; unset: <output_dir>/verbalize/explanations.jsonl.")
-    target_model: str | None = option("Model that extracts activations from text; unset: the AV sidecar's base_checkpoint.")
 
 
 # ---------------------------------------------------------------- inputs
