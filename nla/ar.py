@@ -217,12 +217,12 @@ def model_meta(ar: ARModel, base: Meta, base_checkpoint: str, mse_scale: float, 
     )
 
 
-def _ar_dir(path: Path) -> Path:
+def resolve_ar_dir(path: Path) -> Path:
     """Accept a checkpoint folder holding `ar/`, or the AR folder itself."""
     return path / "ar" if (path / "ar").is_dir() else path
 
 
-def _read_ar_meta(directory: Path) -> Meta:
+def read_ar_meta(directory: Path) -> Meta:
     meta = read_meta(directory)  # raises "... not found: needs its nla_meta.yaml"
     raw = yaml.safe_load((directory / MODEL_META).read_text()) or {}
     where = str(directory / MODEL_META)
@@ -246,10 +246,10 @@ def load_ar(path: str | Path, device: str | torch.device = "cpu", dtype: str = "
     """
     from safetensors.torch import load_file
 
-    directory = _ar_dir(Path(path))
+    directory = resolve_ar_dir(Path(path))
     if not directory.is_dir():
         raise ModelError(f"AR checkpoint {directory} not found; train one with `nla train-ar` or pass --ar_checkpoint.")
-    meta = _read_ar_meta(directory)
+    meta = read_ar_meta(directory)
     layer = meta.layer_index
     is_lora = (directory / "adapter_config.json").is_file()
     if is_lora:
@@ -305,8 +305,8 @@ def attach_to_shared_base(model: nn.Module, path: str | Path, tokenizer, adapter
     from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    directory = _ar_dir(Path(path))
-    meta = _read_ar_meta(directory)
+    directory = resolve_ar_dir(Path(path))
+    meta = read_ar_meta(directory)
     if not (directory / "adapter_config.json").is_file():
         raise ModelError(f"{directory} is a full-weight AR; only LoRA ARs can share a base model (use load_ar instead).")
     meta.verify(tokenizer, d_model=model.config.hidden_size, where=str(directory / MODEL_META))

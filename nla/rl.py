@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from nla import metrics
-from nla.ar import attach_to_shared_base, mse_scale_of, save_shared_ar, _ar_dir, _read_ar_meta
+from nla.ar import attach_to_shared_base, mse_scale_of, read_ar_meta, resolve_ar_dir, save_shared_ar
 from nla.av import Verbalizer, injection_scale_of, read_av_meta, resolve_av_dir
 from nla.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint
 from nla.config import ConfigError, NLAConfig
@@ -34,7 +34,7 @@ from nla.tracking import Tracker, progress
 
 def sft_paths(cfg: NLAConfig) -> tuple[Path, Path]:
     av = resolve_av_dir(cfg.av.av_checkpoint or cfg.output_dir / "av" / "final")
-    ar = _ar_dir(Path(cfg.ar.ar_checkpoint or cfg.output_dir / "ar" / "final"))
+    ar = resolve_ar_dir(Path(cfg.ar.ar_checkpoint or cfg.output_dir / "ar" / "final"))
     for name, path in (("AV", av), ("AR", ar)):
         if not (path / MODEL_META).is_file():
             flag = "--av_checkpoint" if name == "AV" else "--ar_checkpoint"
@@ -101,7 +101,7 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     data.meta.verify(tokenizer, d_model=model.config.hidden_size, where=str(data.path))
     if data.meta.layer_index != av_meta.layer_index:
         raise ConfigError(f"{data.path} holds layer {data.meta.layer_index} but the AV was trained on layer {av_meta.layer_index}.")
-    ar_meta = _read_ar_meta(sft_ar)
+    ar_meta = read_ar_meta(sft_ar)
     scale = mse_scale_of(ar)
     var = float(ar_meta.extra.get("ar_target_variance") or metrics.target_variance(data.vectors, scale))
 
