@@ -165,6 +165,9 @@ class RLConfig:
     rl_save_every: int = _help("Checkpoint every N RL steps.", default=25)
     rl_shuffle_control: bool = _help("Control run: the AV sees another row's vector while the AR must reconstruct the row's own.", default=False)
     rl_table_every: int = _help("Log a W&B table of samples every N steps.", default=10)
+    rl_val_rows: int = _help("Held-out (val split) vectors for rl/val_* (same sampling and reward as training, no update); "
+                             "measured before the first step and at the end. 0 turns it off.", default=32)
+    rl_val_every: int = _help("Also measure rl/val_* every N steps (0: only at the start and the end).", default=0)
 
     def __post_init__(self) -> None:
         if self.reward not in ("neg_mse", "neg_log_mse"):

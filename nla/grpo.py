@@ -98,6 +98,21 @@ class JointTrainer:
         out.metrics.update({f"rl/time_{k}_s": v for k, v in timer.seconds.items()})
         return out
 
+    @torch.no_grad()
+    def evaluate(self, vectors: torch.Tensor, injected: torch.Tensor | None = None) -> dict[str, float]:
+        """A step's rollout, score and rewards on held-out vectors, with no update: `rl/val_*` metrics.
+
+        The same sampling (G per vector, temperature T) and reward as training, so "the reward rose"
+        is measured on fixed vectors instead of read off noisy training batches."""
+        ro = self.rollout(vectors, injected)
+        sc = self.score(ro, train=False)
+        rw = self.rewards(ro, sc)
+        ok, nan = sc.usable, float("nan")
+        mse = float(sc.mse[ok].mean()) if ok.any() else nan
+        top1 = top1_in_batch(sc.pred[ok], ro.targets[ok], ro.targets[:: self.cfg.group_size], self.mse_scale) if ok.any() else nan
+        return {"rl/val_reward_mean": float(rw.total.mean()), "rl/val_fve_nrm": 1.0 - mse / self.target_var,
+                "rl/val_extraction_fail_rate": float(ro.failed.float().mean()), "rl/val_top1_in_batch": top1}
+
     def rollout(self, vectors: torch.Tensor, injected: torch.Tensor | None = None) -> RolloutOut:
         self.model.set_adapter(AV)
         self.model.eval()
@@ -110,10 +125,10 @@ class JointTrainer:
         return RolloutOut(ro, vectors.repeat_interleave(g, 0).float().cpu(), injected.repeat_interleave(g, 0).float().cpu(),
                           explanations, failed, n_tokens)
 
-    def score(self, ro: RolloutOut) -> ScoreOut:
+    def score(self, ro: RolloutOut, train: bool = True) -> ScoreOut:
         """AR forward with grad (its graph serves update_ar, so the AR runs once per step)."""
         self.model.set_adapter(AR)
-        self.ar.train()
+        self.ar.train(train)
         inputs = self.ar.encode([e or "" for e in ro.explanations], self.tokenizer)
         pred = self.ar(inputs.input_ids, inputs.attention_mask)  # [N, d] fp32
         targets = ro.targets.to(pred.device)

@@ -78,15 +78,30 @@ def batch_indices(n_rows: int, seed: int, cursor: int, global_batch: int) -> tor
     return torch.tensor(out)
 
 
-def held_out_fve(verbalizer: Verbalizer, ar, tokenizer, model, vectors: torch.Tensor, scale: float, var: float) -> dict[str, float]:
-    """Greedy explanations of held-out vectors, scored by the live AR (the co-trained one)."""
-    model.set_adapter(AV)
-    samples = verbalizer.verbalize(vectors, num_samples=1, temperature=0.0)
-    texts = [s[0].explanation or "" for s in samples]
-    model.set_adapter(AR)
-    pred = ar.predict(texts, tokenizer)
-    mse = metrics.mse_nrm(pred, vectors.float(), scale)
-    return {"fve_nrm": float(1 - mse.mean() / var), "fail_rate": float(sum(s[0].failed for s in samples) / max(1, len(samples)))}
+def validation_vectors(cfg: NLAConfig, acc) -> torch.Tensor | None:
+    """This process's share of the first `rl_val_rows` val vectors (None: off, or no val split)."""
+    path = split_path(cfg.data_dir, "val")
+    if cfg.rl.rl_val_rows <= 0 or not path.is_file():
+        return None
+    val = load_split(path, max_rows=cfg.rl.rl_val_rows)
+    if len(val) < acc.num_processes:
+        raise ConfigError(f"{path} has {len(val)} rows for {acc.num_processes} processes; pass --rl_val_rows 0 to skip "
+                          "the held-out reward.")
+    return val.vectors[acc.process_index::acc.num_processes].to(acc.device)
+
+
+def validate(trainer: JointTrainer, vectors: torch.Tensor, cfg: NLAConfig, acc) -> dict[str, float]:
+    """rl/val_* on fixed vectors under a fixed sampling seed. The training RNG is forked around it,
+    so a run with validation trains exactly as one without (and resumes the same)."""
+    injected = vectors.roll(1, dims=0) if cfg.rl.rl_shuffle_control else None
+    with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
+        torch.manual_seed(cfg.run.seed + 1)
+        values = trainer.evaluate(vectors, injected)
+    return mean_over_processes(values, acc)
+
+
+def _short(values: dict[str, float] | None) -> dict[str, float] | None:
+    return {k.removeprefix("rl/val_"): v for k, v in values.items()} if values else None
 
 
 def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
@@ -118,6 +133,11 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     trainer = JointTrainer(model, verbalizer, ar, tokenizer, rc, scale, var, av_opt, ar_opt, av_sched, ar_sched, acc)
     tracker = Tracker(cfg, root.name, is_main=acc.is_main_process)
     contexts = data.columns.get("detokenized_text_truncated") or [""] * len(data)
+    val_vectors = validation_vectors(cfg, acc)
+    val_start = state.get("val_start")
+    if val_vectors is not None and int(state["step"]) == 0:
+        val_start = validate(trainer, val_vectors, cfg, acc)
+        tracker.log(val_start, 0)
 
     def write(tmp: Path, step: int) -> None:
         extra = {"stage": "rl", "training": {"stage": "rl", "step": step, "sft_av": str(sft_av), "sft_ar": str(sft_ar)}}
@@ -145,11 +165,13 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
         if rc.rl_table_every and (step + 1) % rc.rl_table_every == 0:
             table = [[(contexts[int(rows[g])] or "")[-160:], text, fve] for g, text, fve in out.samples]
             tracker.log_table("rl/samples", ["context_tail", "explanation", "fve_nrm"], table, step + 1)
+        if val_vectors is not None and rc.rl_val_every and (step + 1) % rc.rl_val_every == 0 and step + 1 < rc.rl_steps:
+            tracker.log(validate(trainer, val_vectors, cfg, acc), step + 1)
         if (step + 1) % rc.rl_save_every == 0 or step + 1 == rc.rl_steps:
             acc.wait_for_everyone()
             if acc.is_main_process:
-                save_checkpoint(root, step + 1, lambda d, s=step + 1: write(d, s), {"cursor": cursor, "sft_av": str(sft_av)},
-                                optimizers)
+                save_checkpoint(root, step + 1, lambda d, s=step + 1: write(d, s),
+                                {"cursor": cursor, "sft_av": str(sft_av), "val_start": val_start}, optimizers)
             acc.wait_for_everyone()
     final = root / "final"
     last = resolve_resume("auto", root)
@@ -161,11 +183,11 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
         summary["reward_first"] = first["rl/reward_mean"]
         summary["reward_last"] = sum(h["rl/reward_mean"] for h in tail) / len(tail)
         summary["seconds_per_step"] = summary["wall_s"] / max(1, len(history))
-    if acc.is_main_process:
-        val = load_split(split_path(cfg.data_dir, "val"), max_rows=cfg.eval.eval_max_rows)
-        summary["val"] = held_out_fve(verbalizer, ar, tokenizer, model, val.vectors.to(acc.device), scale, var)
-        tracker.log({"rl/val_fve_nrm": summary["val"]["fve_nrm"]}, rc.rl_steps)
-        tracker.summary(summary["val"])
+    if val_vectors is not None:  # every process: the metric gather is collective
+        val_end = validate(trainer, val_vectors, cfg, acc)
+        tracker.log(val_end, rc.rl_steps)
+        summary["val_start"], summary["val"] = _short(val_start), _short(val_end)
+        tracker.summary(val_end)
     tracker.finish()
     return summary
 
@@ -186,9 +208,11 @@ def _with(meta, extra: dict[str, Any]):
 
 def describe(s: dict[str, Any]) -> str:
     nan = float("nan")
-    return (f"[rl] {s['steps']} steps in {s['wall_s']}s; reward {s.get('reward_first', nan):.3f} -> "
-            f"{s.get('reward_last', nan):.3f}; held-out fve_nrm (live AR, greedy) {s.get('val', {}).get('fve_nrm', nan):.3f}; "
-            f"checkpoint {s['checkpoint']}")
+    start, end = s.get("val_start") or {}, s.get("val") or {}
+    return (f"[rl] {s['steps']} steps in {s['wall_s']}s; training reward {s.get('reward_first', nan):.3f} -> "
+            f"{s.get('reward_last', nan):.3f}; held-out reward {start.get('reward_mean', nan):.3f} -> "
+            f"{end.get('reward_mean', nan):.3f}, fve_nrm {start.get('fve_nrm', nan):.3f} -> {end.get('fve_nrm', nan):.3f} "
+            f"(live AR, sampled as in training); checkpoint {s['checkpoint']}")
 
 
 def main(argv: list[str]) -> int:
