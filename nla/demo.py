@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 from nla.io import atomic_write_text
@@ -29,6 +30,12 @@ def _fmt(x: Any) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
+def control_margin(report: dict[str, Any]) -> float | None:
+    """fve_nrm minus the best control's: what the real vector and the real text add (> 0 = signal)."""
+    controls = [c["fve_nrm"] for c in report.get("controls", {}).values()]
+    return report["fve_nrm"] - max(controls) if controls else None
+
+
 def sft_vs_rl_table(sft: dict[str, Any], rl: dict[str, Any]) -> str:
     """Held-out metrics of both checkpoints next to their controls."""
     rows = [("fve_nrm (strict)", "fve_nrm"), ("fve_centered", "fve_centered"), ("cos_mean", "cos_mean"),
@@ -36,6 +43,10 @@ def sft_vs_rl_table(sft: dict[str, Any], rl: dict[str, Any]) -> str:
             ("non_latin_rate", "non_latin_rate")]
     lines = [f"{'metric':<34}{'SFT':>10}{'RL':>10}"]
     lines += [f"{name:<34}{_fmt(sft.get(key)):>10}{_fmt(rl.get(key)):>10}" for name, key in rows]
+    lines.append(f"{'fve_nrm minus best control':<34}{_fmt(control_margin(sft)):>10}{_fmt(control_margin(rl)):>10}")
+    if rl.get("independent_ar"):  # the RL AV read by the SFT AR: the AV's own change, no co-trained AR flattering it
+        lines.append(f"{'fve_nrm, SFT AR reading the AV':<34}{_fmt(sft.get('fve_nrm')):>10}"
+                     f"{_fmt(rl['independent_ar']['fve_nrm']):>10}")
     for control in sorted(rl.get("controls", {})):
         name = f"control: {control} fve_nrm"
         lines.append(f"{name:<34}{_fmt(sft['controls'][control]['fve_nrm']):>10}{_fmt(rl['controls'][control]['fve_nrm']):>10}")
@@ -87,7 +98,11 @@ def main(argv: list[str]) -> int:
 
         _banner("6/6 eval of the RL checkpoint on the same held-out documents")
         rl_args = evaluate.EvalArgs(checkpoint=rl_out["checkpoint"])
-        rl_report = timed("eval_rl", evaluate.run, cfg, rl_args, report_dir=cfg.output_dir / "eval_rl")
+        # Unless the user named one, the independent AR is the SFT AR: it never saw RL, so a gain it
+        # reports is the AV's own, not the co-trained AR adapting (REFERENCE §7).
+        rl_cfg = cfg if cfg.eval.independent_ar else replace(
+            cfg, eval=replace(cfg.eval, independent_ar=str(cfg.output_dir / "ar" / "final")))
+        rl_report = timed("eval_rl", evaluate.run, rl_cfg, rl_args, report_dir=cfg.output_dir / "eval_rl")
     finally:
         acc.end_training()
 
@@ -95,7 +110,8 @@ def main(argv: list[str]) -> int:
                "stage_seconds": timings, "datagen": {k: data[k] for k in ("rows", "norms", "suggested_injection_scale") if k in data},
                "ar_sft": {k: v for k, v in ar.items() if k != "history"}, "ar_shuffled_control": control,
                "av_sft": {k: v for k, v in av.items() if k != "samples"},
-               "rl_training": rl_out}
+               "rl_training": rl_out,
+               "control_margin": {"sft": control_margin(sft_report), "rl": control_margin(rl_report)}}
     atomic_write_text(cfg.output_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     _banner("held-out results (strict FVE; controls alongside)")
     print(sft_vs_rl_table(sft_report, rl_report))

@@ -79,11 +79,13 @@ def batch_indices(n_rows: int, seed: int, cursor: int, global_batch: int) -> tor
 
 
 def validation_vectors(cfg: NLAConfig, acc) -> torch.Tensor | None:
-    """This process's share of the first `rl_val_rows` val vectors (None: off, or no val split)."""
+    """This process's share of the first `rl_val_rows` val vectors (None: off, or no val rows)."""
     path = split_path(cfg.data_dir, "val")
     if cfg.rl.rl_val_rows <= 0 or not path.is_file():
         return None
     val = load_split(path, max_rows=cfg.rl.rl_val_rows)
+    if len(val) == 0:
+        return None
     if len(val) < acc.num_processes:
         raise ConfigError(f"{path} has {len(val)} rows for {acc.num_processes} processes; pass --rl_val_rows 0 to skip "
                           "the held-out reward.")
