@@ -50,9 +50,9 @@ def sft_vs_rl_table(sft: dict[str, Any], rl: dict[str, Any]) -> str:
     for control in sorted(rl.get("controls", {})):
         name = f"control: {control} fve_nrm"
         lines.append(f"{name:<34}{_fmt(sft['controls'][control]['fve_nrm']):>10}{_fmt(rl['controls'][control]['fve_nrm']):>10}")
-    if "paraphrase" in rl:
-        lines.append(f"{'paraphrase fve_retained':<34}{_fmt(sft['paraphrase'].get('fve_retained')):>10}"
-                     f"{_fmt(rl['paraphrase'].get('fve_retained')):>10}")
+    if "paraphrase" in rl:  # fve_retained is a ratio, undefined while fve_nrm <= 0: show both FVEs
+        lines.append(f"{'paraphrased explanations fve_nrm':<34}{_fmt(sft['paraphrase'].get('fve_nrm')):>10}"
+                     f"{_fmt(rl['paraphrase'].get('fve_nrm')):>10}")
     return "\n".join(lines)
 
 

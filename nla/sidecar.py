@@ -111,7 +111,10 @@ class Meta:
         else:
             d["base_checkpoint"] = self.base_model
             d["d_model"] = self.d_model
-            d["ar"] = {"num_hidden_layers": self.layer_index}
+            if self.extra.get("role") == "av":  # the layer the AV explains (the reference AV sidecar names none)
+                d["extraction"] = {"layer_index": self.layer_index}
+            else:
+                d["ar"] = {"num_hidden_layers": self.layer_index}
         return _merge(d, self.extra)
 
     @classmethod
@@ -123,7 +126,7 @@ class Meta:
         pt = d.get("prompt_templates", {}) or {}
         extraction = d.get("extraction", {}) or {}
         layer = extraction.get("layer_index")
-        if layer is None:  # model sidecars: ar.num_hidden_layers, or the older critic.extraction_layer_index
+        if layer is None:  # AR sidecars: ar.num_hidden_layers, or the older critic.extraction_layer_index
             layer = (d.get("ar") or {}).get("num_hidden_layers", (d.get("critic") or {}).get("extraction_layer_index", 0))
         known = {"kind", "schema_version", "tokens", "prompt_templates", "d_model", "base_checkpoint", "ar", "critic"}
         return cls(

@@ -18,5 +18,10 @@ def test_demo_runs_the_whole_pipeline(tmp_path, tiny_model_dir, capsys):
     assert (tmp_path / "rl" / "final" / "av" / "nla_meta.yaml").is_file()
     assert (tmp_path / "rl" / "final" / "ar" / "value_head.safetensors").is_file()
     assert summary["checkpoint"].endswith("rl/final")
+    # The RL AV is also scored by the SFT AR (not co-trained), and margins over the best control are reported.
+    assert summary["rl"]["independent_ar"]["path"].endswith("ar/final") and summary["sft"]["independent_ar"] is None
+    best = max(c["fve_nrm"] for c in summary["rl"]["controls"].values())
+    assert abs(summary["control_margin"]["rl"] - (summary["rl"]["fve_nrm"] - best)) < 1e-9
+    assert {"reward_mean", "fve_nrm"} <= set(summary["rl_training"]["val_start"]) & set(summary["rl_training"]["val"])
     out = capsys.readouterr().out
-    assert "final checkpoint:" in out and "control: shuffled_vector" in out
+    assert "final checkpoint:" in out and "control: shuffled_vector" in out and "SFT AR reading the AV" in out

@@ -304,7 +304,7 @@ def _broken_copy(toy, tmp_path, kind):
     elif kind == "marker":
         side["tokens"]["injection_char"] = "marker"  # several tokens in any tokenizer
     elif kind == "layer":
-        side["ar"] = {"num_hidden_layers": 2}  # the AV claims another layer than its AR
+        side["extraction"]["layer_index"] = 2  # the AV claims another layer than its AR
     side_path.write_text(yaml.safe_dump(side, allow_unicode=True))
     return ckpt
 

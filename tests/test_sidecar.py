@@ -33,6 +33,22 @@ def test_round_trip_and_wrong_tokenizer_fails(tmp_path, tiny_tokenizer, embedded
         back.verify(embedded_tokenizer)  # another tokenizer: the marker/neighbours differ
 
 
+def test_model_sidecars_name_the_layer_by_role(tmp_path, tiny_tokenizer):
+    """The AR sidecar says ar.num_hidden_layers (reference format); the AV's says extraction.layer_index."""
+    import yaml
+
+    spec = make_token_spec(tiny_tokenizer, "㈠")
+    raw = {}
+    for role in ("av", "ar"):
+        meta = Meta("nla_model", spec, d_model=64, layer_index=3, base_model="tiny",
+                    extra={"role": role, "extraction": {"injection_scale": 2.0}})
+        path = write_meta(tmp_path / f"{role}.yaml", meta)
+        raw[role] = yaml.safe_load(path.read_text())
+        assert read_meta(path).layer_index == 3
+    assert raw["ar"]["ar"] == {"num_hidden_layers": 3}
+    assert "ar" not in raw["av"] and raw["av"]["extraction"] == {"layer_index": 3, "injection_scale": 2.0}
+
+
 def test_reference_field_names_accepted(tiny_tokenizer):
     spec = make_token_spec(tiny_tokenizer, "㈠")
     old = {"kind": "nla_model", "role": "critic", "d_model": 64, "critic": {"extraction_layer_index": 2},
