@@ -107,11 +107,9 @@ class JointTrainer:
         ro = self.rollout(vectors, injected)
         sc = self.score(ro, train=False)
         rw = self.rewards(ro, sc)
-        ok, nan = sc.usable, float("nan")
-        mse = float(sc.mse[ok].mean()) if ok.any() else nan
-        top1 = top1_in_batch(sc.pred[ok], ro.targets[ok], ro.targets[:: self.cfg.group_size], self.mse_scale) if ok.any() else nan
-        return {"rl/val_reward_mean": float(rw.total.mean()), "rl/val_fve_nrm": 1.0 - mse / self.target_var,
-                "rl/val_extraction_fail_rate": float(ro.failed.float().mean()), "rl/val_top1_in_batch": top1}
+        m = {"reward_mean": float(rw.total.mean()), "extraction_fail_rate": float(ro.failed.float().mean()),
+             **self.reconstruction_metrics(ro, sc)}
+        return {f"rl/val_{k}": v for k, v in m.items()}
 
     def rollout(self, vectors: torch.Tensor, injected: torch.Tensor | None = None) -> RolloutOut:
         self.model.set_adapter(AV)
@@ -176,6 +174,16 @@ class JointTrainer:
                            grad_norm, skipped)
 
     # ------------------------------------------------------------------ helpers
+    def reconstruction_metrics(self, ro: RolloutOut, sc: ScoreOut) -> dict[str, float]:
+        """mse_nrm, fve_nrm and top1_in_batch over the usable rows. Same keys on every process (NaN
+        when nothing was usable) so the metric gather stays in step."""
+        ok = sc.usable
+        if not ok.any():
+            return dict.fromkeys(("mse_nrm", "fve_nrm", "top1_in_batch"), float("nan"))
+        mse = float(sc.mse[ok].mean())
+        top1 = top1_in_batch(sc.pred[ok], ro.targets[ok], ro.targets[:: self.cfg.group_size], self.mse_scale)
+        return {"mse_nrm": mse, "fve_nrm": 1.0 - mse / self.target_var, "top1_in_batch": top1}
+
     def _optimizer_step(self, opt: torch.optim.Optimizer, sched) -> tuple[float, bool]:
         """All-reduce grads across processes, clip, skip non-finite steps (bf16 NaNs), step."""
         params = [p for group in opt.param_groups for p in group["params"]]
@@ -203,12 +211,7 @@ class JointTrainer:
             "rl/av_grad_norm": av.grad_norm, "rl/av_skipped_step": float(av.skipped),
             "ar/loss": float(sc.loss.detach()), "ar/grad_norm": ar_grad_norm, "ar/skipped_step": float(ar_skipped),
         }
-        # Same keys on every process (NaN when nothing was usable) so the metric gather stays in step.
-        nan = float("nan")
-        m["rl/mse_nrm"] = float(sc.mse[ok].mean()) if ok.any() else nan
-        m["rl/fve_nrm"] = 1.0 - m["rl/mse_nrm"] / self.target_var
-        m["rl/top1_in_batch"] = (top1_in_batch(sc.pred[ok], ro.targets[ok], ro.targets[:: self.cfg.group_size], self.mse_scale)
-                                 if ok.any() else nan)
+        m |= {f"rl/{k}": v for k, v in self.reconstruction_metrics(ro, sc).items()}
         m["rl/n_groups"] = float(n_groups)
         fve = 1.0 - sc.mse / self.target_var
         samples = [(i // self.cfg.group_size, e or "<failed>", float(fve[i]) if ok[i] else float("nan"))
