@@ -3,7 +3,8 @@
     nla rl --config configs/embedded.yaml --output_dir runs/demo
     accelerate launch --multi_gpu --num_processes 8 -m nla.cli rl --config configs/qwen2.5-7b-l20.yaml
 
-Reads `<data_dir>/rl.parquet` (vectors) and `val.parquet` (held-out check), the SFT AV
+Reads `<data_dir>/rl.parquet` (vectors) and `val.parquet` (held-out reward before the first step
+and at the end, `--rl_val_rows`), the SFT AV
 (`--av_checkpoint`, default `<output_dir>/av/final`) and AR (`--ar_checkpoint`, default
 `<output_dir>/ar/final`). Loads ONE base model with three adapters (av, av_ref, ar; see
 `nla/grpo.py`) and writes `<output_dir>/rl/checkpoint-N/{av,ar}/` and `<output_dir>/rl/final`.

@@ -151,6 +151,15 @@ def test_resume_is_exact(warm_start, toy_model_dir, tmp_path):
     assert state["step"] == 4 and state["cursor"] == 4 * 8
 
 
+def test_held_out_check_leaves_training_unchanged(warm_start, toy_model_dir, tmp_path):
+    """rl/val_* samples under a forked RNG: a run with it trains exactly as a run without it."""
+    with_val = _run_rl(warm_start, toy_model_dir, tmp_path / "val", "--rl_steps", "2", "--rl_val_rows", "16", "--rl_val_every", "1")
+    without = _run_rl(warm_start, toy_model_dir, tmp_path / "noval", "--rl_steps", "2", "--rl_val_rows", "0")
+    assert "val" in with_val and "val" not in without
+    a, b = _adapters(tmp_path / "val" / "rl" / "final"), _adapters(tmp_path / "noval" / "rl" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _adapters_sft(warm_start) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
