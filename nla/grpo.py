@@ -80,12 +80,11 @@ class JointTrainer:
         self.accelerator, self.max_grad_norm = accelerator, max_grad_norm
 
     # ------------------------------------------------------------------ the step
-    def step(self, vectors: torch.Tensor, injected: torch.Tensor | None = None) -> StepOut:
-        """One joint step on this process's vectors [n, d] (raw). `injected` (control runs only):
-        the vectors the AV sees instead, e.g. permuted, while the AR must still reconstruct `vectors`."""
+    def step(self, vectors: torch.Tensor) -> StepOut:
+        """One joint step on this process's vectors [n, d] (raw)."""
         timer = _Timer()
         with timer("rollout"):
-            ro = self.rollout(vectors, injected)
+            ro = self.rollout(vectors)
         with timer("score"):
             sc = self.score(ro)
         with timer("update_ar"):
@@ -99,23 +98,25 @@ class JointTrainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self, vectors: torch.Tensor, injected: torch.Tensor | None = None) -> dict[str, float]:
+    def evaluate(self, vectors: torch.Tensor) -> dict[str, float]:
         """A step's rollout, score and rewards on held-out vectors, with no update: `rl/val_*` metrics.
 
         The same sampling (G per vector, temperature T) and reward as training, so "the reward rose"
         is measured on fixed vectors instead of read off noisy training batches."""
-        ro = self.rollout(vectors, injected)
+        ro = self.rollout(vectors)
         sc = self.score(ro, train=False)
         rw = self.rewards(ro, sc)
         m = {"reward_mean": float(rw.total.mean()), "extraction_fail_rate": float(ro.failed.float().mean()),
              **self.reconstruction_metrics(ro, sc)}
         return {f"rl/val_{k}": v for k, v in m.items()}
 
-    def rollout(self, vectors: torch.Tensor, injected: torch.Tensor | None = None) -> RolloutOut:
+    def rollout(self, vectors: torch.Tensor) -> RolloutOut:
+        """G samples per vector. In the shuffled-vector control (`rl_shuffle_control`) the AV sees
+        its neighbour's vector while the AR must still reconstruct the row's own."""
         self.model.set_adapter(AV)
         self.model.eval()
         g = self.cfg.group_size
-        injected = vectors if injected is None else injected
+        injected = vectors.roll(1, dims=0) if self.cfg.rl_shuffle_control else vectors
         ro = self.verbalizer.rollout(injected, g, self.cfg.temperature, self.cfg.max_response_tokens)
         explanations = [templates.extract_explanation(t) for t in ro.texts]
         failed = torch.tensor([e is None for e in explanations]) | ro.hit_cap.cpu()

@@ -94,12 +94,12 @@ def validation_vectors(cfg: NLAConfig, acc) -> torch.Tensor | None:
 
 
 def validate(trainer: JointTrainer, vectors: torch.Tensor, cfg: NLAConfig, acc) -> dict[str, float]:
-    """rl/val_* on fixed vectors under a fixed sampling seed. The training RNG is forked around it,
-    so a run with validation trains exactly as one without (and resumes the same)."""
-    injected = vectors.roll(1, dims=0) if cfg.rl.rl_shuffle_control else None
+    """rl/val_* on fixed vectors under a fixed sampling seed (the control run shuffles them as in
+    training). The training RNG is forked around it, so a run with validation trains exactly as one
+    without (and resumes the same)."""
     with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
         torch.manual_seed(cfg.run.seed + 1)
-        values = trainer.evaluate(vectors, injected)
+        values = trainer.evaluate(vectors)
     return mean_over_processes(values, acc)
 
 
@@ -159,7 +159,7 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
         rows = batch_indices(len(data), cfg.run.seed, cursor, global_batch)[acc.process_index::acc.num_processes]
         cursor += global_batch
         vectors = data.vectors[rows].to(acc.device)
-        out = trainer.step(vectors, vectors.roll(1, dims=0) if rc.rl_shuffle_control else None)
+        out = trainer.step(vectors)
         m = mean_over_processes(out.metrics, acc)
         history.append(m)
         if (step + 1) % cfg.logging.log_every == 0 or step == 0:
