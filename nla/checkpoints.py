@@ -31,12 +31,12 @@ from torch import nn
 
 from nla import templates
 from nla.ar import ARModel, load_ar, mse_scale_of
-from nla.av import Sample, Verbalizer, load_av
+from nla.av import AV_ROLES, Sample, Verbalizer, load_av
 from nla.config import ConfigError
 from nla.models import load_causal_lm, pick_device, resolve_model
 from nla.sidecar import MODEL_META, Meta, SidecarError
 
-AV_ROLES, AR_ROLES = ("av", "actor"), ("ar", "critic")
+AR_ROLES = ("ar", "critic")  # "critic": older reference sidecars
 
 
 def option(text: str, default: Any = None) -> Any:

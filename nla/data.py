@@ -39,6 +39,14 @@ class Split:
         return self.columns[name]
 
 
+def derangement(n: int, seed: int) -> torch.Tensor:
+    """[n] permutation with no fixed point (n >= 2): a cyclic shift over a random order."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = torch.empty(n, dtype=torch.long)
+    perm[order] = order.roll(-1)
+    return perm
+
+
 def split_path(data_dir: str | Path, name: str) -> Path:
     return Path(data_dir) / f"{name}.parquet"
 

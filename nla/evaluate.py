@@ -33,14 +33,13 @@ import torch
 from nla import metrics, templates
 from nla.checkpoints import NLA, CheckpointArgs, load_checked_ar, load_from_config, option
 from nla.config import ConfigError, NLAConfig
-from nla.data import load_split, split_path
+from nla.data import derangement, load_split, split_path
 from nla.extract import choose_positions
 from nla.report import format_table, write_report
 from nla.sidecar import SidecarError
 from nla.stage import start_stage
 from nla.teacher import LocalTeacher, TeacherCache, explain as teacher_explain, make_teacher
 from nla.tracking import Tracker, progress
-from nla.train_ar import derangement
 from nla.verbalize import extract_text_rows, read_texts
 
 LENGTHS = (8, 16, 32, 64)

@@ -29,7 +29,7 @@ import torch
 from nla.ar import ARModel, build_ar, load_ar, model_meta, pad_batch, save_ar
 from nla.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint
 from nla.config import ConfigError, NLAConfig
-from nla.data import Split, load_split, split_path
+from nla.data import Split, derangement, load_split, split_path
 from nla.distributed import make_accelerator
 from nla.metrics import cosine, mse_nrm, summarize, target_mean, target_variance
 from nla.models import load_tokenizer, resolve_model
@@ -55,14 +55,6 @@ class ARRows:
     targets: torch.Tensor
     texts: list[str]
     dropped: int = 0  # rows without explanation or with an over-length prompt
-
-
-def derangement(n: int, seed: int) -> torch.Tensor:
-    """[n] permutation with no fixed point (n >= 2): a cyclic shift over a random order."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    perm = torch.empty(n, dtype=torch.long)
-    perm[order] = order.roll(-1)
-    return perm
 
 
 def batch_rows(n: int, global_batch: int, seed: int, micro_step: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ from nla.av import (IGNORE, Verbalizer, build_sft_batch, check_prompts, make_av_
                     save_av)
 from nla.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint
 from nla.config import ConfigError, NLAConfig
-from nla.data import Split, load_split, split_path
+from nla.data import Split, derangement, load_split, split_path
 from nla.distributed import make_accelerator
 from nla.injection import InjectionHook
 from nla.lora import apply_lora, trainable_parameters
@@ -94,14 +94,6 @@ def row_order(n: int, seed: int, start: int, count: int) -> list[int]:
     return out
 
 
-def derangement(n: int, seed: int) -> torch.Tensor:
-    """A permutation with no fixed point (n >= 2): a cyclic shift along a random order."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7))
-    perm = torch.empty(n, dtype=torch.long)
-    perm[order] = order.roll(-1)
-    return perm
-
-
 class AVTrainer:
     """The SFT loop on ready objects (model, data, optimizer): `fit(start_step)`, `evaluate()`."""
 
@@ -111,7 +103,7 @@ class AVTrainer:
         self.opt, self.sched, self.tracker = optimizer, scheduler, tracker
         self.unwrapped = accelerator.unwrap_model(model)
         self.hook = InjectionHook(self.unwrapped, *meta.tokens.ids, data.injection_scale)
-        self.shuffled = data.val.vectors[derangement(len(data.val), cfg.run.seed)] if len(data.val) > 1 else data.val.vectors
+        self.shuffled = data.val.vectors[derangement(len(data.val), cfg.run.seed + 7)] if len(data.val) > 1 else data.val.vectors
         self.last_eval: dict[str, Any] = {}
         self.start_eval: dict[str, Any] = {}  # step 0 (fresh runs only)
         self.last_checkpoint: Path | None = None

@@ -36,7 +36,7 @@ from nla.checkpoints import NLA, CheckpointArgs, load_from_config, load_nla, opt
 from nla.config import ConfigError, NLAConfig
 from nla.extract import DocRecord, extract_vectors, tokenize_document
 from nla.io import atomic_write_text
-from nla.metrics import mse_nrm, target_variance
+from nla.metrics import EPS, mse_nrm, target_variance
 from nla.stage import start_stage
 
 
@@ -195,7 +195,7 @@ def verbalize_rows(nla: NLA, vectors: torch.Tensor, num_samples: int = 1, temper
                "selection": selection, "num_samples": num_samples, "temperature": temperature}
         if mse is not None:
             row["mse_nrm"] = float(mse[i, pick])
-            row["fve_nrm"] = None if var is None else 1.0 - row["mse_nrm"] / var
+            row["fve_nrm"] = None if var is None else 1.0 - row["mse_nrm"] / max(var, EPS)
             row["var_source"] = var_source
         if num_samples > 1:
             row["candidates"] = [{"explanation": c.explanation, "failed": c.failed,

@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 
 from nla.ar import build_ar, load_ar
 from nla.config import from_flat_dict
-from nla.data import write_split
+from nla.data import derangement, write_split
 from nla.metrics import fve_nrm
 from nla.sidecar import Meta, make_token_spec
 from nla.templates import ar_prompt
 from nla.tracking import Tracker
-from nla.train_ar import ARRows, ARTrainer, batch_rows, derangement, main, run, run_shuffled_control
+from nla.train_ar import ARRows, ARTrainer, batch_rows, main, run, run_shuffled_control
 
 WORDS = ["apple", "river", "engine", "purple", "violin", "castle"]
 SMOKE = "configs/smoke.yaml"
