@@ -118,26 +118,32 @@ def truncate_tokens(texts: list, tokenizer, n_tokens: int) -> list:
     return out
 
 
-def length_curve(predict: Predict, texts: list, targets: torch.Tensor, tokenizer, scorer: Scorer,
+def length_curve(predict: Predict, texts: list, full_pred: torch.Tensor, targets: torch.Tensor, tokenizer, scorer: Scorer,
                  lengths: tuple[int, ...] = LENGTHS) -> dict[str, float]:
-    """FVE with explanations cut to each length, plus 'full'. One AR pass for all lengths."""
-    cut = [truncate_tokens(texts, tokenizer, k) for k in lengths] + [texts]
-    pred = predict([t for version in cut for t in version]).view(len(cut), len(texts), -1)
-    return {str(k): scorer.fve(p, targets) for k, p in zip([*lengths, "full"], pred)}
+    """FVE with explanations cut to each length, plus 'full' (`full_pred`: the AR's reading of the
+    uncut texts, already computed). Only the rows a cut shortens are read again, in one AR pass."""
+    cuts = [truncate_tokens(texts, tokenizer, k) for k in lengths]
+    changed = [(c, i) for c, cut in enumerate(cuts) for i, t in enumerate(cut) if t != texts[i]]
+    preds = full_pred.unsqueeze(0).repeat(len(lengths), 1, 1)  # [lengths, n, d]
+    if changed:
+        rows, cols = torch.tensor(changed).T
+        preds[rows, cols] = predict([cuts[c][i] for c, i in changed]).to(preds.dtype)
+    return {str(k): scorer.fve(p, targets) for k, p in zip([*lengths, "full"], [*preds, full_pred])}
 
 
-def paraphrase_scores(paraphrased: list, originals: list, predict: Predict, targets: torch.Tensor,
-                      scorer: Scorer) -> dict[str, Any]:
-    """FVE of paraphrases vs the originals on the rows where both exist; retained = ratio (None if orig <= 0)."""
+def paraphrase_scores(paraphrased: list, originals: list, original_pred: torch.Tensor, predict: Predict,
+                      targets: torch.Tensor, scorer: Scorer) -> dict[str, Any]:
+    """FVE of paraphrases vs the originals (`original_pred`: the AR's reading of them, already
+    computed) on the rows where both exist; retained = ratio (None if orig <= 0)."""
     keep = [i for i, (p, o) in enumerate(zip(paraphrased, originals)) if p is not None and o is not None]
     asked = sum(o is not None for o in originals)
     out: dict[str, Any] = {"n": len(keep), "fail_rate": 1 - len(keep) / asked if asked else None,
                            "fve_nrm": None, "fve_original": None, "fve_retained": None}
     if len(keep) < 2:
         return out
-    pred = predict([paraphrased[i] for i in keep] + [originals[i] for i in keep])
     sub = targets[keep]
-    out["fve_nrm"], out["fve_original"] = scorer.fve(pred[:len(keep)], sub), scorer.fve(pred[len(keep):], sub)
+    out["fve_nrm"] = scorer.fve(predict([paraphrased[i] for i in keep]), sub)
+    out["fve_original"] = scorer.fve(original_pred[keep], sub)
     if out["fve_original"] > 0:
         out["fve_retained"] = out["fve_nrm"] / out["fve_original"]
     return out
@@ -275,12 +281,12 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
     if args.paraphrase_control:
         t0 = time.time()
         para, method = paraphrase(cfg, nla, explanations, cache_dir / "paraphrase_cache.jsonl")
-        report["paraphrase"] = {"method": method, **paraphrase_scores(para, explanations, nla.predict, vectors, scorer)}
+        report["paraphrase"] = {"method": method, **paraphrase_scores(para, explanations, pred, nla.predict, vectors, scorer)}
         timing["paraphrase_s"] = time.time() - t0
     lengths = [len(nla.ar_tokenizer.encode(e, add_special_tokens=False)) for e in explanations if e is not None]
     report["explanation_tokens_mean"] = sum(lengths) / len(lengths) if lengths else 0.0
     report["response_tokens_mean"] = sum(s.n_tokens for s in samples) / n
-    report["fve_by_length"] = length_curve(nla.predict, explanations, vectors, nla.ar_tokenizer, scorer)
+    report["fve_by_length"] = length_curve(nla.predict, explanations, pred, vectors, nla.ar_tokenizer, scorer)
     report["non_latin_rate"] = metrics.non_latin_rate(s.text for s in samples)
     report["extraction_fail_rate"] = sum(s.failed for s in samples) / n
     report["independent_ar"] = independent_ar(cfg, nla, explanations, vectors, scorer) if cfg.eval.independent_ar else None

@@ -132,7 +132,7 @@ def test_length_curve_is_monotone_when_cutting_removes_words(tiny_tokenizer):
 
     assert truncate_tokens(["apple river", None], tiny_tokenizer, 100) == ["apple river", None]
     scorer = Scorer(8.0, target_variance(targets, 8.0))
-    curve = length_curve(predict, texts, targets, tiny_tokenizer, scorer, lengths=(2, 4, 8, 16))
+    curve = length_curve(predict, texts, predict(texts), targets, tiny_tokenizer, scorer, lengths=(2, 4, 8, 16))
     values = list(curve.values())
     assert list(curve) == ["2", "4", "8", "16", "full"]
     assert all(a < b for a, b in zip(values[:-2], values[1:-1])) and values[-2] <= values[-1] + 1e-6, curve
@@ -143,9 +143,9 @@ def test_paraphrase_scores_and_model_free_paraphrase(tiny_tokenizer):
     vectors, explain, predict = word_pipeline()
     texts = explain(vectors)
     scorer = Scorer(8.0, target_variance(vectors, 8.0))
-    same = paraphrase_scores(list(texts), texts, predict, vectors, scorer)
+    same = paraphrase_scores(list(texts), texts, predict(texts), predict, vectors, scorer)
     assert same["fve_retained"] == pytest.approx(1.0) and same["fail_rate"] == 0.0 and same["n"] == 16
-    broken = paraphrase_scores([None] * 4 + ["gibberish"] * 12, texts, predict, vectors, scorer)
+    broken = paraphrase_scores([None] * 4 + ["gibberish"] * 12, texts, predict(texts), predict, vectors, scorer)
     assert broken["n"] == 12 and broken["fail_rate"] == pytest.approx(0.25) and broken["fve_retained"] < 0.5
     assert reverse_claims("a loop; a list ;a dict") == "a dict; a list; a loop" and reverse_claims("one claim") == "one claim"
     from nla.teacher import LocalTeacher
