@@ -120,12 +120,17 @@ class ARConfig:
     ar_eval_every: int = _help("Validate every N steps.", default=50)
     ar_save_every: int = _help("Checkpoint every N steps.", default=100)
     ar_shuffle_targets: bool = _help("Control run: train on targets permuted across rows.", default=False)
+    ar_text: str = _help("What the AR reads: 'explanation' (the NLA's AR), or 'context': the raw context's last characters "
+                         "instead (the context-oracle AR, the ceiling for `nla eval --oracle_ar`; saved under <output_dir>/ar_oracle).",
+                         default="explanation")
     mse_scale: float | None = _help("Vectors are normalised to this norm before MSE (default sqrt(d_model)).", default=None)
     ar_checkpoint: str | None = _help("AR checkpoint to load (default: <output_dir>/ar/final).", default=None)
 
     def __post_init__(self) -> None:
         if self.ar_lr <= 0 or self.ar_steps < 0 or self.ar_batch_size < 1:
             raise ConfigError("ar_lr must be > 0, ar_steps >= 0, ar_batch_size >= 1.")
+        if self.ar_text not in ("explanation", "context"):
+            raise ConfigError(f"ar_text={self.ar_text!r}: use 'explanation' (the NLA's AR) or 'context' (the oracle AR).")
 
 
 @dataclass
@@ -181,6 +186,8 @@ class EvalConfig:
     eval_max_rows: int = _help("Evaluate at most this many rows.", default=64)
     retrieval_candidates: int = _help("Candidates for top-1 retrieval (own vector + distractors).", default=16)
     independent_ar: str | None = _help("A second AR checkpoint for an independent score.", default=None)
+    oracle_ar: str | None = _help("A context-oracle AR (`nla train-ar --ar_text context`): eval reports its FVE on the rows' "
+                                  "raw context as the ceiling, and the share of it the NLA reaches.", default=None)
 
 
 @dataclass

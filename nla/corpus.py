@@ -3,6 +3,10 @@
 Specs:
   builtin:python-docs   the Python Language Reference text shipped with CPython (`pydoc_data`,
                         PSF licence): real English prose on every machine, no download.
+  builtin:python-stdlib the docstrings of the Python standard library's own modules (read with
+                        `ast`, never imported; PSF licence): several MB of English prose about code.
+  builtin:python        both of the above, ordered by a stable hash of the document id, so any
+                        `max_docs` prefix samples both sources and every topic.
   PATH.txt | .jsonl | .parquet, or a folder of them (sorted, recursive).
   hf:NAME[:CONFIG]:SPLIT   a Hugging Face dataset, streamed (needs allow_hub).
 
@@ -11,12 +15,21 @@ Document ids are derived from the source and position only, so they are the same
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 BUILTIN = "builtin:python-docs"
+BUILTIN_STDLIB = "builtin:python-stdlib"
+BUILTIN_ALL = "builtin:python"
+BUILTINS = (BUILTIN, BUILTIN_STDLIB, BUILTIN_ALL)
+# parts of the standard library that are tests, vendored code or tooling, not library prose
+STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "ensurepip", "turtledemo",
+               "__pycache__", "pydoc_data", "venv", "config-3"}
 CHUNK_CHARS = 1500  # builtin/.txt documents are paragraphs packed up to about this many characters
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -48,6 +61,15 @@ def _source(spec: str, text_field: str, allow_hub: bool) -> Iterator[Document]:
     if spec == BUILTIN:
         yield from _builtin_python_docs()
         return
+    if spec == BUILTIN_STDLIB:
+        yield from _builtin_stdlib_docstrings()
+        return
+    if spec == BUILTIN_ALL:
+        docs = [*_builtin_python_docs(), *_builtin_stdlib_docstrings()]
+        yield from sorted(docs, key=lambda d: hashlib.sha256(d.doc_id.encode("utf-8")).digest())
+        return
+    if spec.startswith("builtin:"):
+        raise CorpusError(f"unknown builtin corpus {spec!r}; use one of {', '.join(BUILTINS)}.")
     if spec.startswith("hf:"):
         yield from _hf_dataset(spec, text_field, allow_hub)
         return
@@ -135,6 +157,42 @@ def _builtin_python_docs() -> Iterator[Document]:
     for key in sorted(topics):
         for i, chunk in enumerate(pack_paragraphs(topics[key].splitlines(keepends=True))):
             yield Document(f"pydoc/{key}/{i}", chunk)
+
+
+def module_docstrings(source: str) -> list[str]:
+    """The docstrings of a module's source, in file order: module, classes, functions, methods.
+
+    Parsed with `ast` (nothing is imported or run); unparsable files give []."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    nodes.sort(key=lambda n: getattr(n, "lineno", 0))
+    out = []
+    for node in nodes:
+        doc = ast.get_docstring(node, clean=True)
+        if doc and len(doc.split()) >= 8:  # one-liners ("Return x.") carry little prose
+            out.append(doc)
+    return out
+
+
+def _builtin_stdlib_docstrings() -> Iterator[Document]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1])
+                   and not p.name.startswith("test_"))
+    for path in files:
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        docs = module_docstrings(source)
+        if not docs:
+            continue
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
+        lines = "\n\n".join(docs).splitlines(keepends=True)
+        for i, chunk in enumerate(pack_paragraphs(lines)):
+            yield Document(f"stdlib/{module}/{i}", chunk)
 
 
 def _hf_dataset(spec: str, text_field: str, allow_hub: bool) -> Iterator[Document]:

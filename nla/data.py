@@ -68,14 +68,35 @@ def write_split(path: str | Path, vectors: np.ndarray | torch.Tensor, columns: d
     return path
 
 
-def load_split(path: str | Path, max_rows: int | None = None) -> Split:
+def spread_rows(doc_ids: list[Any], limit: int, seed: int = 0) -> list[int]:
+    """At most `limit` row indices drawn across documents, in file order: documents in a seeded
+    order, one row from each in turn. (The first N rows of a split come from a handful of
+    documents - 32 rows were 4 documents - so a capped eval would measure those documents only.)"""
+    if limit >= len(doc_ids):
+        return list(range(len(doc_ids)))
+    by_doc: dict[Any, list[int]] = {}
+    for i, d in enumerate(doc_ids):
+        by_doc.setdefault(d, []).append(i)
+    groups = list(by_doc.values())
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
+    picked: list[int] = []
+    for turn in range(max(len(g) for g in groups)):
+        for j in order:
+            if turn < len(groups[j]) and len(picked) < limit:
+                picked.append(groups[j][turn])
+    return sorted(picked)
+
+
+def load_split(path: str | Path, max_rows: int | None = None, seed: int = 0) -> Split:
+    """A split; with `max_rows`, at most that many rows spread across its documents (`spread_rows`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `nla datagen` first (or set --data_dir).")
     meta = read_meta(dataset_meta_path(path))
     table = pq.read_table(path)
-    if max_rows is not None:
-        table = table.slice(0, max_rows)
+    if max_rows is not None and table.num_rows > max_rows:
+        doc_ids = table.column("doc_id").to_pylist() if "doc_id" in table.column_names else list(range(table.num_rows))
+        table = table.take(spread_rows(doc_ids, max_rows, seed))
     col = table.column("activation_vector").combine_chunks()
     d = meta.d_model or (len(col[0]) if len(col) else 0)
     values = np.asarray(col.flatten() if hasattr(col, "flatten") else col.values, dtype=np.float32)

@@ -166,6 +166,9 @@ def _scan(cfg: NLAConfig, tok, model, layer: int, store: ChunkStore, shard: tupl
 
 
 def _check_scan(cfg: NLAConfig, scan: ScanResult) -> None:
+    if cfg.data.max_docs is not None and 0 < scan.n_docs < cfg.data.max_docs:
+        print(f"[nla datagen] note: --max_docs {cfg.data.max_docs} but corpus {cfg.data.corpus!r} has only "
+              f"{scan.n_docs} documents; using all of them (builtin:python has ~1,550).", file=sys.stderr)
     if scan.n_docs == 0:
         raise DatagenError(f"corpus {cfg.data.corpus!r} yielded no documents (all empty?); point --corpus at "
                            "non-empty text, or check --text_field.")

@@ -17,6 +17,11 @@ explanation). A real NLA scores far above all five; a content-blind AR shows up 
 real. Also: a paraphrase control (the teacher rewrites each explanation; FVE should barely move),
 FVE with explanations cut to 8/16/32/64 tokens, top-1 retrieval among 16 candidate vectors,
 and an independent AR (`--independent_ar`), since the co-trained AR flatters its own AV.
+Ceilings: the AR reading the dataset's teacher explanations (`teacher_explanations`), and with
+`--oracle_ar DIR` a context-oracle AR (`nla train-ar --ar_text context`) reading each row's raw
+context (`oracle`, and `fraction_of_oracle` = fve_nrm / oracle fve_nrm). Floor: `fve_floor`, the
+strict FVE of the best constant prediction (the targets' mean direction); strict FVE is negative
+below it, and a content-blind AR sits near it.
 Failed explanations (no closing tag) are scored as the AR reading what was extracted, else "",
 as `nla rl`'s held-out number is; `extraction_fail_rate` says how many.
 """
@@ -80,8 +85,9 @@ class Scorer:
         """The main numbers: strict and centred FVE, the lenient one (labelled), cosine, MSE, top-1."""
         g = torch.Generator().manual_seed(self.seed)
         s = metrics.summarize(pred, targets, self.scale, self.var)
+        floor = self.fve(targets.float().mean(dim=0, keepdim=True).expand_as(targets), targets)
         return {"fve_nrm": s["fve_nrm"], "fve_centered": s["fve_centered"], "fve_vs_mean_pred": s["fve_vs_mean_pred"],
-                "cos_mean": s["cos"], "mse_mean": s["mse"],
+                "fve_floor": floor, "cos_mean": s["cos"], "mse_mean": s["mse"],
                 "top1_retrieval": metrics.top1_retrieval(pred, targets, self.n_candidates, g, self.scale)}
 
 
@@ -215,7 +221,7 @@ def load_eval_data(cfg: NLAConfig, args: EvalArgs, nla: NLA) -> EvalData:
     path = Path(args.data) if args.data else split_path(cfg.data_dir, "test")
     if not path.is_file():
         raise ConfigError(f"{path} not found: pass --data FILE.parquet or --texts FILE.jsonl (or run `nla datagen`).")
-    split = load_split(path, max_rows=limit)
+    split = load_split(path, max_rows=limit, seed=cfg.run.seed)
     if len(split) < 2:
         raise ConfigError(f"{path} has {len(split)} rows; eval needs at least 2 (controls permute rows). "
                           "Use more documents (--max_docs) or a larger test share (--split_fractions).")
@@ -290,6 +296,11 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
     report["non_latin_rate"] = metrics.non_latin_rate(s.text for s in samples)
     report["extraction_fail_rate"] = sum(s.failed for s in samples) / n
     report["independent_ar"] = independent_ar(cfg, nla, explanations, vectors, scorer) if cfg.eval.independent_ar else None
+    if cfg.eval.oracle_ar:
+        contexts = [templates.context_tail(i.get("context") or "") for i in data.info]
+        report["oracle"] = independent_ar(cfg, nla, contexts, vectors, scorer, path=cfg.eval.oracle_ar)
+        oracle = report["oracle"]["fve_nrm"]
+        report["fraction_of_oracle"] = report["fve_nrm"] / oracle if oracle > 0 else None
     report["timing"] = timing
     row_fve = scorer.row_fve(pred, vectors).tolist()
     rows = [{**info, "context": (info.get("context") or "")[-200:], "explanation": e, "failed": s.failed, "fve_nrm": f,
@@ -299,16 +310,19 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
     return report, rows
 
 
-def independent_ar(cfg: NLAConfig, nla: NLA, explanations: list, vectors: torch.Tensor, scorer: Scorer) -> dict[str, Any]:
-    """The same explanations scored by a second AR (its own Var and scale when its sidecar has them)."""
-    ar, tok = load_checked_ar(cfg.eval.independent_ar, nla.verbalizer, str(nla.paths.av), cfg.run.device, cfg.model.dtype)
+def independent_ar(cfg: NLAConfig, nla: NLA, explanations: list, vectors: torch.Tensor, scorer: Scorer,
+                   path: str | None = None) -> dict[str, Any]:
+    """Texts scored by a second AR (its own Var and scale when its sidecar has them): the same
+    explanations by an independent AR, or (`path` = the oracle AR) the rows' raw contexts."""
+    path = path or cfg.eval.independent_ar
+    ar, tok = load_checked_ar(path, nla.verbalizer, str(nla.paths.av), cfg.run.device, cfg.model.dtype)
     other = NLA(nla.verbalizer, ar, tok, nla.paths)
     var, source = other.ar_variance, "ar_sidecar"
     if var is None:
         var, source = metrics.target_variance(vectors, other.mse_scale), "eval_targets"
     s = Scorer(other.mse_scale, var, scorer.n_candidates, scorer.seed)
     pred = other.predict(explanations + [""])
-    return {"path": cfg.eval.independent_ar, "fve_nrm": s.fve(pred[:-1], vectors), "var": var, "var_source": source,
+    return {"path": path, "fve_nrm": s.fve(pred[:-1], vectors), "var": var, "var_source": source,
             "empty_text_fve_nrm": s.fve(pred[-1:].expand_as(vectors), vectors)}
 
 
@@ -322,6 +336,13 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     out |= {f"eval/paraphrase_{k}": para[k] for k in ("fve_nrm", "fve_retained") if para.get(k) is not None}
     if report.get("independent_ar"):
         out["eval/independent_ar_fve_nrm"] = report["independent_ar"]["fve_nrm"]
+    if report.get("teacher_explanations"):
+        out["eval/teacher_fve_nrm"] = report["teacher_explanations"]["fve_nrm"]
+    if report.get("oracle"):
+        out["eval/oracle_fve_nrm"] = report["oracle"]["fve_nrm"]
+        if report.get("fraction_of_oracle") is not None:
+            out["eval/fraction_of_oracle"] = report["fraction_of_oracle"]
+    out["eval/fve_floor"] = report["fve_floor"]
     return out
 
 

@@ -84,7 +84,7 @@ def validation_vectors(cfg: NLAConfig, acc) -> torch.Tensor | None:
     path = split_path(cfg.data_dir, "val")
     if cfg.rl.rl_val_rows <= 0 or not path.is_file():
         return None
-    val = load_split(path, max_rows=cfg.rl.rl_val_rows)
+    val = load_split(path, max_rows=cfg.rl.rl_val_rows, seed=cfg.run.seed)
     if len(val) == 0:
         return None
     if len(val) < acc.num_processes:

@@ -29,6 +29,9 @@ PARAPHRASE_TEMPLATE = (
     "Answer in the form <explanation>rewritten description</explanation>"
 )
 EXPLANATION_OPEN, EXPLANATION_CLOSE = "<explanation>", "</explanation>"
+# The context-oracle AR (`--ar_text context`) reads the raw context's last this many characters
+# (~40-50 tokens of English): the ceiling an explanation of the position could reach.
+ORACLE_CONTEXT_CHARS = 200
 
 _EXPLANATION_RE = re.compile(re.escape(EXPLANATION_OPEN) + r"(.*?)" + re.escape(EXPLANATION_CLOSE), re.S)
 
@@ -54,9 +57,17 @@ def av_response(explanation: str) -> str:
 
 
 def ar_prompt(explanation: str, template: str = AR_TEMPLATE) -> str:
+    """The AR's input text. Not stripped: explanations arrive stripped (`extract_explanation`), and
+    a raw context's trailing space or newline is often the very token at the position."""
     if "{explanation}" not in template:
         raise ValueError("The AR template must contain the placeholder {explanation}.")
-    return template.format(explanation=explanation.strip())
+    return template.format(explanation=explanation)
+
+
+def context_tail(context: str, n_chars: int = ORACLE_CONTEXT_CHARS) -> str:
+    """What the context-oracle AR reads instead of an explanation: the context's last `n_chars`
+    characters verbatim, whitespace and punctuation included (the position's token is the last)."""
+    return context[-n_chars:] if n_chars > 0 else ""
 
 
 def ar_suffix(template: str = AR_TEMPLATE) -> str:

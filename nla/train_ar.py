@@ -35,10 +35,11 @@ from nla.metrics import cosine, mse_nrm, summarize, target_mean, target_variance
 from nla.models import load_tokenizer, resolve_model
 from nla.sidecar import SidecarError
 from nla.stage import seed_everything, start_stage
-from nla.templates import ar_prompt
+from nla.templates import ar_prompt, context_tail
 from nla.tracking import Tracker, progress
 
 CONTROL_DIR = "ar_shuffled_targets"
+ORACLE_DIR = "ar_oracle"  # the context-oracle AR (--ar_text context): never the AR later stages load
 MAX_CONSECUTIVE_SKIPS = 20  # non-finite steps in a row: the run is diverging, stop and say so
 
 
@@ -68,11 +69,18 @@ def batch_rows(n: int, global_batch: int, seed: int, micro_step: int) -> torch.T
     return perm[j * global_batch:(j + 1) * global_batch]
 
 
-def load_rows(split: Split, ar: ARModel, tokenizer, check_prompts: bool = False) -> ARRows:
-    """Keep rows with an explanation, a finite target, and an AR prompt of <= ar.max_length tokens."""
-    texts = split.column("explanation")
+def ar_texts(split: Split, ar_text: str = "explanation") -> list[str | None]:
+    """What the AR reads for each row: the explanation, or (the oracle) the raw context's tail."""
+    if ar_text == "context":
+        return [context_tail(c or "") for c in split.column("detokenized_text_truncated")]
+    return split.column("explanation")
+
+
+def load_rows(split: Split, ar: ARModel, tokenizer, check_prompts: bool = False, ar_text: str = "explanation") -> ARRows:
+    """Keep rows with a text, a finite target, and an AR prompt of <= ar.max_length tokens."""
+    texts = ar_texts(split, ar_text)
     finite = torch.isfinite(split.vectors).all(dim=1).tolist()
-    if check_prompts and "prompt" in split.columns:
+    if check_prompts and ar_text == "explanation" and "prompt" in split.columns:
         for stored, text in zip(split.column("prompt")[:8], texts[:8]):
             if text is not None and stored != ar_prompt(text, ar.template):
                 raise SidecarError(f"{split.path}: stored AR prompt {stored!r} differs from the template in the sidecar "
@@ -232,8 +240,8 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     """Train the AR (or, with ar_shuffle_targets, the shuffled-target control); return key numbers."""
     seed_everything(cfg.run.seed)  # run() called directly (demo, tests) is as reproducible as the CLI
     acc = accelerator or make_accelerator(cfg.run.device)
-    control = cfg.ar.ar_shuffle_targets
-    root = cfg.output_dir / (CONTROL_DIR if control else "ar")
+    control, oracle = cfg.ar.ar_shuffle_targets, cfg.ar.ar_text == "context"
+    root = cfg.output_dir / (CONTROL_DIR if control else ORACLE_DIR if oracle else "ar")
     model_path = resolve_model(cfg.model.model, cfg.model.cache_dir, cfg.model.allow_hub)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     train_split, val_split = _load_data(cfg, tokenizer)
@@ -245,7 +253,8 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
         ar = build_ar(model_path, train_split.meta.layer_index, cfg.ar.ar_lora_r, cfg.model.dtype, acc.device,
                       train_split.meta.ar_template, cfg.model.trust_remote_code)
     train_split.meta.verify(tokenizer, d_model=ar.d_model, where=str(train_split.path))
-    train, val = load_rows(train_split, ar, tokenizer, check_prompts=True), load_rows(val_split, ar, tokenizer)
+    train = load_rows(train_split, ar, tokenizer, check_prompts=True, ar_text=cfg.ar.ar_text)
+    val = load_rows(val_split, ar, tokenizer, ar_text=cfg.ar.ar_text)
     if len(train.ids) < 1:
         raise ConfigError(f"{train_split.path}: no usable rows (need an explanation and a prompt <= {ar.max_length} tokens).")
     if control:  # the control: every row learns another row's target, so text carries no information
@@ -256,11 +265,12 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     if resume is not None:
         start = {**load_checkpoint_state(resume, {"ar": opt, "ar_scheduler": sched}), "path": resume}
     model, opt = acc.prepare(ar, opt)
-    tracker = Tracker(cfg, "train-ar-shuffled-targets" if control else "train-ar", is_main=acc.is_main_process)
+    tracker = Tracker(cfg, "train-ar-shuffled-targets" if control else "train-ar-oracle" if oracle else "train-ar",
+                      is_main=acc.is_main_process)
 
     def meta_fn(scale: float, var: float, step: int):
         return model_meta(ar, train_split.meta, cfg.model.model, scale, {
-            "ar_target_variance": var, "control": "shuffled_targets" if control else None,
+            "ar_target_variance": var, "control": "shuffled_targets" if control else None, "ar_text": cfg.ar.ar_text,
             "training": {"stage": "train-ar", "step": step, "ar_steps": cfg.ar.ar_steps, "ar_lr": cfg.ar.ar_lr,
                          "ar_batch_size": cfg.ar.ar_batch_size, "ar_grad_accum": cfg.ar.ar_grad_accum,
                          "num_processes": acc.num_processes, "dtype": cfg.model.dtype, "seed": cfg.run.seed,
@@ -286,7 +296,7 @@ def _summary(final: dict[str, float], trainer: ARTrainer, control: bool, checkpo
         "controls": {"empty_text": final.get("ar/val_fve_nrm_empty_text"),
                      "random_text": final.get("ar/val_fve_nrm_random_text"),
                      "word_salad": final.get("ar/val_fve_nrm_word_salad")},
-        "shuffled_targets": control, "checkpoint": str(checkpoint), "steps": trainer.step,
+        "shuffled_targets": control, "ar_text": trainer.cfg.ar.ar_text, "checkpoint": str(checkpoint), "steps": trainer.step,
         "rows_per_s": trainer.rows_seen / max(trainer.train_time, 1e-9), "wall_s": round(wall_s, 1),
         "skipped_steps": trainer.skipped, "train_rows": len(trainer.train.ids), "val_rows": len(trainer.val.texts),
         "dropped_rows": trainer.train.dropped + trainer.val.dropped, "target_variance": trainer.var,
@@ -307,7 +317,8 @@ def run_shuffled_control(cfg: NLAConfig, accelerator=None, steps: int | None = N
 
 def format_table(real: dict[str, Any], control: dict[str, Any] | None = None) -> str:
     """The headline: val fve_nrm of the real AR next to its controls (all strict FVE, training Var)."""
-    first = "shuffled-target AR, real text" if real["shuffled_targets"] else "real explanations"
+    first = ("shuffled-target AR, real text" if real["shuffled_targets"] else
+             "raw context (oracle AR)" if real.get("ar_text") == "context" else "real explanations")
     rows = [(first, real["val_fve_nrm"]),
             ("empty text", real["controls"]["empty_text"]),
             ("other rows' explanations", real["controls"]["random_text"]),

@@ -49,3 +49,31 @@ def test_pack_paragraphs_packs_to_size():
     lines = [("word " * 40 + "\n"), "\n"] * 30  # 30 paragraphs of ~200 chars
     chunks = list(pack_paragraphs(lines, chunk_chars=1000))
     assert len(chunks) == 6 and all(c.count("word") == 200 for c in chunks)
+
+
+def test_stdlib_docstrings_are_read_without_importing_and_ids_are_stable():
+    from nla.corpus import BUILTIN_ALL, BUILTIN_STDLIB, module_docstrings
+
+    source = ('"""A module docstring long enough to be kept as prose here."""\n'
+              'def f():\n    """Short."""\n'
+              'class C:\n    """A class that does several things, described in enough words."""\n'
+              '    def m(self):\n        """A method docstring with more than eight words in it."""\n'
+              'raise SystemExit("never run: the file is parsed, not imported")\n')
+    assert module_docstrings(source) == ["A module docstring long enough to be kept as prose here.",
+                                         "A class that does several things, described in enough words.",
+                                         "A method docstring with more than eight words in it."]
+    assert module_docstrings("def broken(:\n") == []
+    first = [d.doc_id for d in iter_documents(BUILTIN_STDLIB, max_docs=30)]
+    assert first == [d.doc_id for d in iter_documents(BUILTIN_STDLIB, max_docs=30)]
+    assert all(i.startswith("stdlib/") for i in first) and len(set(first)) == 30
+    mixed = list(iter_documents(BUILTIN_ALL))
+    ids = [d.doc_id for d in mixed]
+    assert len(ids) == len(set(ids)) > 1000  # both sources, no id twice
+    head = ids[:200]  # a hash order: any prefix samples both sources
+    assert any(i.startswith("pydoc/") for i in head) and any(i.startswith("stdlib/") for i in head)
+    assert ids == [d.doc_id for d in iter_documents(BUILTIN_ALL)]
+
+
+def test_unknown_builtin_corpus_is_refused():
+    with pytest.raises(CorpusError, match="unknown builtin corpus"):
+        list(iter_documents("builtin:nope"))

@@ -160,3 +160,33 @@ def test_two_process_ddp_on_cpu(task, tiny_model_dir, tmp_path):
     side = yaml.safe_load((tmp_path / "run" / "ar" / "final" / "ar" / "nla_meta.yaml").read_text())
     assert side["training"]["num_processes"] == 2 and fve > 0.5
     assert proc.stdout.count("[train-ar]") == 1  # one summary: only the main process prints
+
+
+def test_oracle_ar_reads_the_raw_context_tail(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """--ar_text context: the AR reads the context's last characters (verbatim, trailing newline kept)
+    instead of the explanation. Here only the context names the word, so only the oracle learns."""
+    from nla.data import load_split
+    from nla.templates import ORACLE_CONTEXT_CHARS, context_tail
+    from nla.train_ar import ar_texts
+
+    write_task(tmp_path / "data", tiny_tokenizer, tiny_model_dir)
+    for name in ("ar_sft", "val"):  # move the word from the explanation into the context
+        split = load_split(tmp_path / "data" / f"{name}.parquet")
+        words = split.column("explanation")
+        cols = {**split.columns, "explanation": ["a text"] * len(words), "prompt": [ar_prompt("a text")] * len(words),
+                "detokenized_text_truncated": [f"Some text, and then the word {w}\n" for w in words]}
+        write_split(split.path, split.vectors, cols, split.meta)
+    split = load_split(tmp_path / "data" / "val.parquet")
+    tails = ar_texts(split, "context")
+    assert tails[0] == f"Some text, and then the word {WORDS[1]}\n"
+    assert context_tail("x" * 500 + "end\n") == ("x" * 500 + "end\n")[-ORACLE_CONTEXT_CHARS:]
+    assert ar_prompt(tails[0]).endswith(f"{WORDS[1]}\n</text> <summary>")  # the trailing newline reaches the AR
+    assert context_tail("abc", 0) == "" and ar_texts(split, "explanation")[0] == "a text"
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, ar_eval_every=100)
+    oracle = run(cfg.replace(ar_text="context"))
+    plain = run(cfg)
+    assert oracle["val_fve_nrm"] > 0.5 and plain["val_fve_nrm"] < 0.1, (oracle, plain)
+    assert (tmp_path / "run" / "ar_oracle" / "final" / "ar").is_dir()  # never <output_dir>/ar
+    ar, _ = load_ar(oracle["checkpoint"])
+    assert ar.meta.extra["ar_text"] == "context"
