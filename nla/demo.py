@@ -3,8 +3,10 @@
     nla demo --config configs/embedded.yaml [--output_dir runs/demo]
     (multi-GPU: run the stages one by one with launch/local.sh; the demo is a single-process tour)
 
-datagen -> AR SFT (+ a short shuffled-target control) -> AV SFT -> eval of the SFT pair on held-out
-documents -> joint RL -> eval of the RL checkpoint -> `<output_dir>/summary.json`:
+datagen -> AR SFT (+ a short shuffled-target control, + the context-oracle AR that reads the raw
+context: the ceiling) -> AV SFT -> eval of the SFT pair on held-out documents -> joint RL (held-out
+FVE by step, read by the live AR and by the SFT AR) -> eval of the RL checkpoint ->
+`<output_dir>/summary.json`:
     {"sft": <eval report>, "rl": <eval report>, "checkpoint": "<rl/final>", "wall_s": ...}
 Every stage resumes (datagen caches chunks and teacher answers, trainers restart from their newest
 checkpoint), so a second `make demo` only redoes what is missing.
@@ -43,6 +45,15 @@ def sft_vs_rl_table(sft: dict[str, Any], rl: dict[str, Any]) -> str:
             ("non_latin_rate", "non_latin_rate")]
     lines = [f"{'metric':<34}{'SFT':>10}{'RL':>10}"]
     lines += [f"{name:<34}{_fmt(sft.get(key)):>10}{_fmt(rl.get(key)):>10}" for name, key in rows]
+    lines.append(f"{'floor: best constant prediction':<34}{_fmt(sft.get('fve_floor')):>10}{_fmt(rl.get('fve_floor')):>10}")
+    teacher = [(r.get("teacher_explanations") or {}).get("fve_nrm") for r in (sft, rl)]
+    if any(t is not None for t in teacher):  # each pair's own AR reading the teacher's text
+        lines.append(f"{'ceiling: AR reading teacher text':<34}{_fmt(teacher[0]):>10}{_fmt(teacher[1]):>10}")
+    if sft.get("oracle") or rl.get("oracle"):
+        oracle = [(r.get("oracle") or {}).get("fve_nrm") for r in (sft, rl)]
+        lines.append(f"{'ceiling: oracle AR, raw context':<34}{_fmt(oracle[0]):>10}{_fmt(oracle[1]):>10}")
+        lines.append(f"{'fraction of the oracle':<34}{_fmt(sft.get('fraction_of_oracle')):>10}"
+                     f"{_fmt(rl.get('fraction_of_oracle')):>10}")
     lines.append(f"{'fve_nrm minus best control':<34}{_fmt(control_margin(sft)):>10}{_fmt(control_margin(rl)):>10}")
     if rl.get("independent_ar"):  # the RL AV read by the SFT AR: the AV's own change, no co-trained AR flattering it
         lines.append(f"{'fve_nrm, SFT AR reading the AV':<34}{_fmt(sft.get('fve_nrm')):>10}"
@@ -83,6 +94,9 @@ def main(argv: list[str]) -> int:
         ar = timed("train_ar", train_ar.run, cfg, acc)
         control = timed("train_ar_control", train_ar.run_shuffled_control, cfg, acc, max(10, cfg.ar.ar_steps // 3))
         print(train_ar.format_table(ar, control))
+        _banner("2b/6 context-oracle AR (reads the raw context instead of explanations: the ceiling)")
+        oracle = timed("train_ar_oracle", train_ar.run, cfg.replace(ar_text="context"), acc)
+        print(train_ar.format_table(oracle))
 
         _banner("3/6 AV warm start (activation -> explanation), with the shuffled-vector control")
         av = timed("train_av", train_av.run, cfg, acc)
@@ -90,7 +104,8 @@ def main(argv: list[str]) -> int:
 
         _banner("4/6 eval of the SFT pair on held-out documents")
         sft_args = evaluate.EvalArgs(av=str(cfg.output_dir / "av" / "final"), ar=str(cfg.output_dir / "ar" / "final"))
-        sft_report = timed("eval_sft", evaluate.run, cfg, sft_args, report_dir=cfg.output_dir / "eval_sft")
+        eval_cfg = cfg if cfg.eval.oracle_ar else replace(cfg, eval=replace(cfg.eval, oracle_ar=oracle["checkpoint"]))
+        sft_report = timed("eval_sft", evaluate.run, eval_cfg, sft_args, report_dir=cfg.output_dir / "eval_sft")
 
         _banner("5/6 joint RL: GRPO on the AV, live AR as reward, AR co-trained")
         rl_out = timed("rl", rl.run, cfg, acc)
@@ -100,8 +115,8 @@ def main(argv: list[str]) -> int:
         rl_args = evaluate.EvalArgs(checkpoint=rl_out["checkpoint"])
         # Unless the user named one, the independent AR is the SFT AR: it never saw RL, so a gain it
         # reports is the AV's own, not the co-trained AR adapting (REFERENCE §7).
-        rl_cfg = cfg if cfg.eval.independent_ar else replace(
-            cfg, eval=replace(cfg.eval, independent_ar=str(cfg.output_dir / "ar" / "final")))
+        rl_cfg = eval_cfg if cfg.eval.independent_ar else replace(
+            eval_cfg, eval=replace(eval_cfg.eval, independent_ar=str(cfg.output_dir / "ar" / "final")))
         rl_report = timed("eval_rl", evaluate.run, rl_cfg, rl_args, report_dir=cfg.output_dir / "eval_rl")
     finally:
         acc.end_training()
@@ -109,6 +124,7 @@ def main(argv: list[str]) -> int:
     summary = {"sft": sft_report, "rl": rl_report, "checkpoint": rl_out["checkpoint"], "wall_s": round(time.time() - began, 1),
                "stage_seconds": timings, "datagen": {k: data[k] for k in ("rows", "norms", "suggested_injection_scale") if k in data},
                "ar_sft": {k: v for k, v in ar.items() if k != "history"}, "ar_shuffled_control": control,
+               "ar_oracle": oracle,
                "av_sft": {k: v for k, v in av.items() if k != "samples"},
                "rl_training": rl_out,
                "control_margin": {"sft": control_margin(sft_report), "rl": control_margin(rl_report)}}

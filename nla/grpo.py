@@ -30,7 +30,7 @@ from nla.ar import ARModel
 from nla.av import Rollout, Verbalizer, response_logprobs
 from nla.config import RLConfig
 
-AV, AV_REF, AR = "av", "av_ref", "ar"
+AV, AV_REF, AR, AR_REF = "av", "av_ref", "ar", "ar_ref"
 
 
 @dataclass
@@ -73,8 +73,10 @@ class JointTrainer:
 
     def __init__(self, model: nn.Module, verbalizer: Verbalizer, ar: ARModel, tokenizer, cfg: RLConfig,
                  mse_scale: float, target_var: float, av_opt: torch.optim.Optimizer, ar_opt: torch.optim.Optimizer,
-                 av_sched=None, ar_sched=None, accelerator=None, max_grad_norm: float = 1.0):
+                 av_sched=None, ar_sched=None, accelerator=None, max_grad_norm: float = 1.0,
+                 sft_ar: ARModel | None = None):
         self.model, self.verbalizer, self.ar, self.tokenizer, self.cfg = model, verbalizer, ar, tokenizer, cfg
+        self.sft_ar = sft_ar  # frozen SFT AR (adapter AR_REF): scores held-out explanations RL never trained it on
         self.mse_scale, self.target_var = mse_scale, target_var
         self.av_opt, self.ar_opt, self.av_sched, self.ar_sched = av_opt, ar_opt, av_sched, ar_sched
         self.accelerator, self.max_grad_norm = accelerator, max_grad_norm
@@ -108,7 +110,22 @@ class JointTrainer:
         rw = self.rewards(ro, sc)
         m = {"reward_mean": float(rw.total.mean()), "extraction_fail_rate": float(ro.failed.float().mean()),
              **self.reconstruction_metrics(ro, sc)}
+        if self.sft_ar is not None:  # the same explanations read by the SFT AR: the AV's own change
+            m["fve_nrm_sft_ar"] = self.sft_ar_fve(ro, sc.usable)
         return {f"rl/val_{k}": v for k, v in m.items()}
+
+    @torch.no_grad()
+    def sft_ar_fve(self, ro: RolloutOut, usable: torch.Tensor) -> float:
+        """Strict FVE of the frozen SFT AR on the usable rollouts (NaN when none is usable)."""
+        if not usable.any():
+            return float("nan")
+        self.model.set_adapter(AR_REF)
+        self.sft_ar.eval()
+        texts = [e or "" for e, ok in zip(ro.explanations, usable.tolist()) if ok]
+        inputs = self.sft_ar.encode(texts, self.tokenizer)
+        pred = self.sft_ar(inputs.input_ids, inputs.attention_mask).float().cpu()
+        mse = float(metrics.mse_nrm(pred, ro.targets[usable], self.mse_scale).mean())
+        return 1.0 - mse / max(self.target_var, metrics.EPS)
 
     def rollout(self, vectors: torch.Tensor) -> RolloutOut:
         """G samples per vector. In the shuffled-vector control (`rl_shuffle_control`) the AV sees

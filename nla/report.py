@@ -138,6 +138,38 @@ def plot_histogram(rows: list[dict[str, Any]], path: Path) -> str:
     return _save(fig, path)
 
 
+def rl_curve_points(metrics_jsonl: Path, stage: str = "rl") -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of each held-out RL series in a run's metrics.jsonl, last write per step wins
+    (a resumed run logs its start again)."""
+    keys = {"rl/val_fve_nrm": "live AR (co-trained)", "rl/val_fve_nrm_sft_ar": "SFT AR (never trained by RL)"}
+    series: dict[str, dict[int, float]] = {label: {} for label in keys.values()}
+    if Path(metrics_jsonl).is_file():
+        for line in Path(metrics_jsonl).read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("stage") != stage:
+                continue
+            for key, label in keys.items():
+                if isinstance(row.get(key), (int, float)) and math.isfinite(row[key]):
+                    series[label][int(row["step"])] = float(row[key])
+    return {label: sorted(points.items()) for label, points in series.items() if points}
+
+
+def plot_rl_curve(series: dict[str, list[tuple[int, float]]], path: Path, sft_eval: float | None = None) -> str:
+    """Held-out strict FVE against RL steps (log-scaled steps: FVE grows roughly linearly in log steps)."""
+    fig, ax = _figure()
+    for label, points in series.items():
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=label)
+    ax.set_xscale("symlog", linthresh=1.0)  # step 0 (before RL) stays on the axis
+    ax.set_xlabel("RL step (log scale)")
+    ax.set_ylabel("held-out FVE (strict, sampled as in training)")
+    ax.set_title("Held-out FVE during joint RL")
+    ax.legend()
+    return _save(fig, path)
+
+
 def markdown(report: dict[str, Any], rows: list[dict[str, Any]], n_samples: int = 8) -> str:
     """report.md: headline, controls, paraphrase, length curve, independent AR, flags, sample rows."""
     r = report

@@ -26,8 +26,9 @@ from nla.checkpoint import load_checkpoint_state, publish_final, resolve_resume,
 from nla.config import ConfigError, NLAConfig
 from nla.data import load_split, split_path
 from nla.distributed import make_accelerator
-from nla.grpo import AR, AV, AV_REF, JointTrainer, adapter_parameters, describe_metrics
+from nla.grpo import AR, AR_REF, AV, AV_REF, JointTrainer, adapter_parameters, describe_metrics
 from nla.models import load_causal_lm, load_tokenizer, resolve_model
+from nla.report import plot_rl_curve, rl_curve_points
 from nla.sidecar import MODEL_META, write_meta
 from nla.stage import seed_everything, start_stage
 from nla.tracking import Tracker, progress
@@ -44,7 +45,8 @@ def sft_paths(cfg: NLAConfig) -> tuple[Path, Path]:
 
 
 def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, device):
-    """One base model + adapters av (trainable), av_ref (frozen SFT AV), ar (trainable) + AR head."""
+    """One base model + adapters av (trainable), av_ref (frozen SFT AV), ar (trainable) + AR head,
+    and, when the held-out check is on, ar_ref (the frozen SFT AR + its head) to score it."""
     from peft import PeftModel
 
     av_meta = read_av_meta(sft_av)
@@ -58,13 +60,18 @@ def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, 
     model = PeftModel.from_pretrained(base, str(av_src), adapter_name=AV, is_trainable=True)
     model.load_adapter(str(sft_av), adapter_name=AV_REF, is_trainable=False)
     ar = attach_to_shared_base(model, ar_src, tokenizer, adapter_name=AR, trainable=True)
+    sft_ar_model = None
+    if cfg.rl.rl_val_rows > 0:
+        sft_ar_model = attach_to_shared_base(model, sft_ar, tokenizer, adapter_name=AR_REF, trainable=False)
     av_meta.verify(tokenizer, d_model=model.config.hidden_size, where=str(sft_av / MODEL_META))
     if ar.layer != av_meta.layer_index:
         raise ConfigError(f"the AV explains layer {av_meta.layer_index} but the AR reads layer {ar.layer}; train them on the same data.")
     model.to(device)
     ar.to(device)
+    if sft_ar_model is not None:
+        sft_ar_model.to(device)
     verbalizer = Verbalizer(model, tokenizer, av_meta, injection_scale_of(av_meta, str(sft_av)), cfg.rl.max_response_tokens)
-    return model, tokenizer, verbalizer, ar, av_meta
+    return model, tokenizer, verbalizer, ar, av_meta, sft_ar_model
 
 
 def batch_indices(n_rows: int, seed: int, cursor: int, global_batch: int) -> torch.Tensor:
@@ -114,7 +121,7 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     root = cfg.output_dir / ("rl_shuffle_control" if rc.rl_shuffle_control else "rl")
     sft_av, sft_ar = sft_paths(cfg)
     resume = resolve_resume(cfg.run.resume, root)
-    model, tokenizer, verbalizer, ar, av_meta = load_joint(cfg, sft_av, sft_ar, resume, acc.device)
+    model, tokenizer, verbalizer, ar, av_meta, sft_ar_model = load_joint(cfg, sft_av, sft_ar, resume, acc.device)
     data = load_split(split_path(cfg.data_dir, "rl"))
     data.meta.verify(tokenizer, d_model=model.config.hidden_size, where=str(data.path))
     if data.meta.layer_index != av_meta.layer_index:
@@ -133,7 +140,8 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     state: dict[str, Any] = {"step": 0, "cursor": 0}
     if resume is not None:
         state = load_checkpoint_state(resume, optimizers)
-    trainer = JointTrainer(model, verbalizer, ar, tokenizer, rc, scale, var, av_opt, ar_opt, av_sched, ar_sched, acc)
+    trainer = JointTrainer(model, verbalizer, ar, tokenizer, rc, scale, var, av_opt, ar_opt, av_sched, ar_sched, acc,
+                           sft_ar=sft_ar_model)
     tracker = Tracker(cfg, root.name, is_main=acc.is_main_process)
     contexts = data.columns.get("detokenized_text_truncated") or [""] * len(data)
     val_vectors = validation_vectors(cfg, acc)
@@ -191,6 +199,10 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
         tracker.log(val_end, rc.rl_steps)
         summary["val_start"], summary["val"] = _short(val_start), _short(val_end)
         tracker.summary(val_end)
+        if acc.is_main_process:
+            curve = rl_curve_points(tracker.jsonl, root.name)
+            summary["val_curve"] = curve
+            summary["val_curve_png"] = plot_rl_curve(curve, root / "held_out_fve_by_step.png")
     tracker.finish()
     return summary
 
@@ -215,7 +227,8 @@ def describe(s: dict[str, Any]) -> str:
     return (f"[rl] {s['steps']} steps in {s['wall_s']}s; training reward {s.get('reward_first', nan):.3f} -> "
             f"{s.get('reward_last', nan):.3f}; held-out reward {start.get('reward_mean', nan):.3f} -> "
             f"{end.get('reward_mean', nan):.3f}, fve_nrm {start.get('fve_nrm', nan):.3f} -> {end.get('fve_nrm', nan):.3f} "
-            f"(live AR, sampled as in training); checkpoint {s['checkpoint']}")
+            f"(live AR, sampled as in training; SFT AR: {start.get('fve_nrm_sft_ar', nan):.3f} -> "
+            f"{end.get('fve_nrm_sft_ar', nan):.3f}); checkpoint {s['checkpoint']}")
 
 
 def main(argv: list[str]) -> int:

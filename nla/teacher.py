@@ -14,9 +14,10 @@ malformed and their rows dropped (as in the reference). Providers:
 - `openai`: any OpenAI-compatible `/chat/completions` endpoint (vLLM, SGLang, llama.cpp server,
   hosted APIs), stdlib `urllib`, a thread pool of `teacher_concurrency` requests, timeouts, and
   retries with exponential backoff on connection errors, 429 and 5xx.
-- `extractive`: model-free and deterministic: quotes the last words of the context and its most
-  frequent long word. For smoke tests with random tiny models (which never close the tag) and as
-  a floor any real teacher must beat.
+- `extractive`: model-free and deterministic: names the context's topic word and quotes its last
+  characters exactly (punctuation, symbols and line breaks included). The embedded demo's teacher
+  (measured better than the 135M model's own summaries), the smoke tests' (random tiny models
+  never close the tag), and a floor any real teacher must beat.
 
 The cache is an append-only JSONL keyed by sha256(teacher identity, template, context), flushed
 and fsynced after every batch, so reruns and crashes never redo a finished call.
@@ -214,13 +215,55 @@ class OpenAITeacher:
         return Answer(text, int(n_tokens))
 
 
+STOP_WORDS = frozenset("""about above after again against because before being below between could doing during
+every further having other should their there these those through under until where which while would itself
+value values given""".split())
+
+
+def quote(text: str) -> str:
+    """`text` as a double-quoted string a person and the AR can read exactly: backslash, quote,
+    newline and tab escaped (a trailing newline is often the position's own token)."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+    return f'"{escaped}"'
+
+
+def text_tail(context: str, n_chars: int) -> str:
+    """The context's last `n_chars` characters, starting at a word boundary where one is near."""
+    if len(context) <= n_chars:
+        return context
+    tail = context[-n_chars:]
+    def word(ch: str) -> bool:
+        return ch.isalnum() or ch == "_"
+
+    if word(context[-n_chars - 1]) and word(tail[0]):  # the cut fell inside a word: drop its end
+        space = re.search(r"\s", tail)
+        if space is not None and space.start() < n_chars // 2:
+            tail = tail[space.start() + 1:]
+    return tail
+
+
+def topic_word(context: str) -> str | None:
+    """The context's most frequent word of 5+ letters (stop words aside), or None."""
+    words = [w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", context)]
+    long_words = [w for w in words if len(w) >= 5 and w not in STOP_WORDS and not w.startswith("_")]
+    return collections.Counter(long_words).most_common(1)[0][0] if long_words else None
+
+
 class ExtractiveTeacher:
-    """Model-free: `<explanation>the words "...": a text about WORD</explanation>` from the context."""
+    """Model-free: `<explanation>about TOPIC; ends with "LAST CHARACTERS"</explanation>`.
 
-    name, identity = "extractive", "extractive:v1"
+    What a position's residual stream carries most is its own token and the few before it, then
+    the topic (docs/benchmarks.md measures it: an AR reading these explanations reached 76% of an
+    AR reading the raw context, against 14% for "three last words + topic", which dropped the
+    punctuation and symbols that are often the position's token). So the explanation quotes the
+    context's last `tail_chars` characters exactly (escaped by `quote`) and names its topic word.
+    """
 
-    def __init__(self, batch_size: int = 256):
-        self.batch_size = batch_size
+    name = "extractive"
+
+    def __init__(self, batch_size: int = 256, tail_chars: int = 40):
+        self.batch_size, self.tail_chars = batch_size, tail_chars
+        self.identity = f"extractive:v2:tail{tail_chars}"
 
     def check(self) -> None:
         pass
@@ -228,17 +271,15 @@ class ExtractiveTeacher:
     def complete(self, contexts: list[str]) -> list[Answer]:
         return [self._explain(c) for c in contexts]
 
-    @staticmethod
-    def _explain(context: str) -> Answer:
-        words = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", context)
-        if not words:
-            inner = "symbols and punctuation"
-        else:
-            long_words = [w.lower() for w in words if len(w) >= 5] or [w.lower() for w in words]
-            topic = collections.Counter(long_words).most_common(1)[0][0]
-            inner = f'the words "{" ".join(words[-3:])}"; a text about {topic}'
-        text = f"{templates.EXPLANATION_OPEN}{inner}{templates.EXPLANATION_CLOSE}"
-        return Answer(text, len(inner.split()))
+    def explanation(self, context: str) -> str:
+        tail = text_tail(context, self.tail_chars)
+        topic = topic_word(context)
+        claims = ([f"about {topic}"] if topic else []) + [f"ends with {quote(tail)}" if tail else "an empty text"]
+        return "; ".join(claims)
+
+    def _explain(self, context: str) -> Answer:
+        inner = self.explanation(context)
+        return Answer(f"{templates.EXPLANATION_OPEN}{inner}{templates.EXPLANATION_CLOSE}", len(inner.split()))
 
 
 def make_teacher(cfg, target_model=None, target_tokenizer=None) -> Teacher:

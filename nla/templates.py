@@ -16,11 +16,15 @@ AV_TEMPLATE = (
 )
 AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
 TEACHER_TEMPLATE = (
-    # "In one short sentence ... at its last words" cut generic answers ("The text is cut off ...")
-    # from 16 of 36 to 0 of 37 on SmolLM2-135M versus asking for two or three phrases.
+    # What a position's activation carries most is its own token and the few before it, then the
+    # topic (docs/benchmarks.md: an AR reading the topic + the last characters quoted reached 76%
+    # of an AR reading the raw context; last words without punctuation, 14%). So a real teacher is
+    # asked for the same information as the extractive one, in its own words, last feature last.
     "Here is the start of a text, cut off mid-way:\n<text>{context}</text>\n"
-    "In one short sentence, say what the text is talking about at its last words. "
-    "Answer in the form <explanation>sentence</explanation>"
+    "Describe what a language model reading this text is representing at its very last token, in three "
+    "short phrases separated by semicolons: the topic; what is likely to come next; and, last, the exact "
+    "final characters of the text in double quotes (punctuation and symbols included, a line break as \\n). "
+    "Answer in the form <explanation>phrase; phrase; phrase</explanation>"
 )
 # `nla eval`'s paraphrase control: same claims, other words (the AR should score it about the same).
 PARAPHRASE_TEMPLATE = (

@@ -23,5 +23,13 @@ def test_demo_runs_the_whole_pipeline(tmp_path, tiny_model_dir, capsys):
     best = max(c["fve_nrm"] for c in summary["rl"]["controls"].values())
     assert abs(summary["control_margin"]["rl"] - (summary["rl"]["fve_nrm"] - best)) < 1e-9
     assert {"reward_mean", "fve_nrm"} <= set(summary["rl_training"]["val_start"]) & set(summary["rl_training"]["val"])
+    # The ceilings: the context-oracle AR (trained in the demo, never the pair's AR) and the teacher's text.
+    assert summary["ar_oracle"]["ar_text"] == "context" and "ar_oracle" in summary["ar_oracle"]["checkpoint"]
+    for report in (summary["sft"], summary["rl"]):
+        assert report["oracle"]["path"] == summary["ar_oracle"]["checkpoint"] and "fve_floor" in report
+        assert report["teacher_explanations"]["n"] > 0
+    assert "fve_nrm_sft_ar" in summary["rl_training"]["val"]  # the SFT AR reads the held-out rollouts too
+    assert (tmp_path / "rl" / "held_out_fve_by_step.png").is_file()
     out = capsys.readouterr().out
     assert "final checkpoint:" in out and "control: shuffled_vector" in out and "SFT AR reading the AV" in out
+    assert "ceiling: oracle AR, raw context" in out and "floor: best constant prediction" in out

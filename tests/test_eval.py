@@ -332,3 +332,21 @@ def test_missing_inputs_are_one_line_cli_errors(toy, tmp_path, capsys):
     errors = [e for e in capsys.readouterr().err.strip().splitlines() if e.startswith("nla eval")]
     assert len(errors) == 3 and all(e.startswith("nla eval: error:") for e in errors), errors
     assert "no such folder" in errors[0] and "none.parquet" in errors[1] and "no AR" in errors[2]
+
+
+def test_rl_curve_reads_held_out_series_and_plots(tmp_path):
+    import json as _json
+
+    from nla.report import plot_rl_curve, rl_curve_points
+
+    rows = [{"stage": "rl", "step": 0, "rl/val_fve_nrm": 0.1, "rl/val_fve_nrm_sft_ar": 0.1},
+            {"stage": "rl", "step": 5, "rl/loss": 1.0},
+            {"stage": "rl", "step": 10, "rl/val_fve_nrm": 0.3, "rl/val_fve_nrm_sft_ar": float("nan")},
+            {"stage": "rl", "step": 10, "rl/val_fve_nrm": 0.35},  # a resumed run logs a step again: the last wins
+            {"stage": "train-ar", "step": 10, "rl/val_fve_nrm": 9.0}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(_json.dumps(r) + "\n" for r in rows) + '{"torn')
+    curve = rl_curve_points(path)
+    assert curve == {"live AR (co-trained)": [(0, 0.1), (10, 0.35)], "SFT AR (never trained by RL)": [(0, 0.1)]}
+    png = plot_rl_curve(curve, tmp_path / "curve.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

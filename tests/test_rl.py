@@ -173,17 +173,21 @@ def test_each_phase_only_moves_its_own_adapter(warm_start, toy_model_dir, tmp_pa
 
     cfg = _cfg(tmp_path, toy_model_dir, "--av_checkpoint", warm_start / "av" / "final", "--ar_checkpoint",
                warm_start / "ar" / "final", "--kl_coef", "0.01")
-    model, tok, verbalizer, ar, _ = rl.load_joint(cfg, warm_start / "av" / "final" / "av", warm_start / "ar" / "final" / "ar",
-                                                  None, torch.device("cpu"))
-    params = {a: grpo.adapter_parameters(model, a) for a in (grpo.AV, grpo.AV_REF, grpo.AR)}
+    model, tok, verbalizer, ar, _, sft_ar = rl.load_joint(cfg, warm_start / "av" / "final" / "av",
+                                                          warm_start / "ar" / "final" / "ar", None, torch.device("cpu"))
+    params = {a: grpo.adapter_parameters(model, a) for a in (grpo.AV, grpo.AV_REF, grpo.AR, grpo.AR_REF)}
     snap = lambda: {a: [p.detach().clone() for p in ps] for a, ps in params.items()}  # noqa: E731
     moved = lambda before, after, a: any(not torch.equal(x, y) for x, y in zip(before[a], after[a]))  # noqa: E731
     av_opt = torch.optim.AdamW(params[grpo.AV], lr=1e-2)
     ar_opt = torch.optim.AdamW(params[grpo.AR] + [ar.head.weight], lr=1e-2)
-    trainer = grpo.JointTrainer(model, verbalizer, ar, tok, cfg.rl, 8.0, 1.0, av_opt, ar_opt)
+    trainer = grpo.JointTrainer(model, verbalizer, ar, tok, cfg.rl, 8.0, 1.0, av_opt, ar_opt, sft_ar=sft_ar)
     vectors = load_split(warm_start / "data" / "rl.parquet").vectors[:4]
     ro = trainer.rollout(vectors)
     before = snap()
+    sc = trainer.score(ro, train=False)
+    if sc.usable.any():  # before any update the live AR is the SFT AR: both read the same FVE
+        m = trainer.reconstruction_metrics(ro, sc)
+        assert trainer.sft_ar_fve(ro, sc.usable) == pytest.approx(m["fve_nrm"], abs=1e-4)
     trainer.update_ar(trainer.score(ro))
     mid = snap()
     assert moved(before, mid, grpo.AR) and not moved(before, mid, grpo.AV) and not moved(before, mid, grpo.AV_REF)
@@ -191,4 +195,7 @@ def test_each_phase_only_moves_its_own_adapter(warm_start, toy_model_dir, tmp_pa
     out = trainer.update_av(ro, adv)
     after = snap()
     assert moved(mid, after, grpo.AV) and not moved(mid, after, grpo.AR) and not moved(mid, after, grpo.AV_REF)
+    assert not moved(before, after, grpo.AR_REF)  # the SFT AR that scores held-out explanations never trains
+    if sc.usable.any():  # ... and after the AR's update it still reads as the SFT AR did
+        assert trainer.sft_ar_fve(ro, sc.usable) == pytest.approx(m["fve_nrm"], abs=1e-4)
     assert out.kl >= 0.0
