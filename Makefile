@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nla-installed
 ARGS   ?=
 
-.PHONY: demo test test-all setup clean-venv
+.PHONY: demo demo-long test test-all setup clean-venv
 
 setup: $(STAMP)
 
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml launch/setup_venv.sh
 
 demo: $(STAMP)
 	$(VENV)/bin/nla demo --config configs/embedded.yaml $(ARGS)
+
+demo-long: $(STAMP)
+	$(VENV)/bin/nla demo --config configs/embedded-long.yaml $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)

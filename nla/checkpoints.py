@@ -97,8 +97,8 @@ def resolve_paths(checkpoint: str | Path | None = None, av: str | Path | None = 
         if value is not None and not Path(value).exists():
             raise ConfigError(f"--{name} {value}: no such folder.")
     found = _split_checkpoint(Path(checkpoint)) if checkpoint is not None else CheckpointPaths(None, None)
-    paths = CheckpointPaths(_model_dir(av, "av") if av is not None else found.av,
-                            _model_dir(ar, "ar") if ar is not None else found.ar)
+    paths = CheckpointPaths(model_folder(av, "av") if av is not None else found.av,
+                            model_folder(ar, "ar") if ar is not None else found.ar)
     if paths.av is None:
         raise ConfigError(f"no AV found{f' in {checkpoint}' if checkpoint else ''}: pass --checkpoint DIR (holding av/) or --av DIR.")
     if need_ar and paths.ar is None:
@@ -106,7 +106,7 @@ def resolve_paths(checkpoint: str | Path | None = None, av: str | Path | None = 
     return paths
 
 
-def _model_dir(path: str | Path, sub: str) -> Path:
+def model_folder(path: str | Path, sub: str) -> Path:
     """A folder holding `<sub>/nla_meta.yaml`, or the model folder itself."""
     path = Path(path)
     if (path / sub / MODEL_META).is_file():
@@ -249,7 +249,7 @@ def load_from_config(cfg, checkpoint: str | None, av: str | None, ar: str | None
 def load_checked_ar(path: str | Path, verbalizer: Verbalizer, av_where: str = "AV", device: str = "auto",
                     dtype: str = "float32") -> tuple[ARModel, Any]:
     """An AR (ours or reference; a folder or a checkpoint holding ar/) checked against a loaded AV."""
-    folder = _model_dir(path, "ar")
+    folder = model_folder(path, "ar")
     ar_model, ar_tok = load_ar(folder, device=pick_device(device), dtype=dtype)
     check_pair(verbalizer.meta, ar_model, verbalizer.tokenizer, ar_tok, where=f"AV {av_where} + AR {folder}")
     return ar_model, ar_tok

@@ -36,7 +36,8 @@ from typing import Any, Callable
 import torch
 
 from nla import metrics, templates
-from nla.checkpoints import NLA, CheckpointArgs, load_checked_ar, load_from_config, option
+from nla.ar import read_ar_meta
+from nla.checkpoints import NLA, CheckpointArgs, load_checked_ar, load_from_config, model_folder, option
 from nla.config import ConfigError, NLAConfig
 from nla.data import derangement, load_split, split_path
 from nla.extract import choose_positions
@@ -326,6 +327,17 @@ def independent_ar(cfg: NLAConfig, nla: NLA, explanations: list, vectors: torch.
             "empty_text_fve_nrm": s.fve(pred[-1:].expand_as(vectors), vectors)}
 
 
+def check_extra_ars(cfg: NLAConfig) -> None:
+    """Fail before any explaining when --independent_ar / --oracle_ar do not point at the right AR."""
+    if cfg.eval.independent_ar:
+        read_ar_meta(model_folder(cfg.eval.independent_ar, "ar"))
+    if cfg.eval.oracle_ar:
+        folder = model_folder(cfg.eval.oracle_ar, "ar")
+        if read_ar_meta(folder).extra.get("ar_text") != "context":
+            raise ConfigError(f"--oracle_ar {cfg.eval.oracle_ar}: {folder} is not a context-oracle AR (its sidecar lacks "
+                              "ar_text: context); train one with `nla train-ar --ar_text context` (-> <output_dir>/ar_oracle/final).")
+
+
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     """`eval/...` keys for metrics.jsonl / W&B (the README lists them)."""
     out = {f"eval/{k}": report[k] for k in ("fve_nrm", "fve_centered", "cos_mean", "top1_retrieval", "non_latin_rate",
@@ -355,6 +367,7 @@ def run(cfg: NLAConfig, args: EvalArgs | None = None, nla: NLA | None = None,
     if nla.ar is None:
         raise ConfigError("eval needs an AR: pass --checkpoint DIR holding ar/, or --ar DIR.")
     out_dir = Path(report_dir or args.report_dir or cfg.output_dir)
+    check_extra_ars(cfg)
     data = load_eval_data(cfg, args, nla)
     report, rows = evaluate(cfg, args, nla, data, out_dir)
     report["wall_s"] = round(time.time() - began, 1)

@@ -110,6 +110,8 @@ def evaluate(ar: ARModel, tokenizer, val: ARRows, scale: float, var: float, mean
     real = summarize(ar.predict(val.texts, tokenizer, batch_size), target, scale, var, mean)
     out = {f"ar/val_{k}": v for k, v in real.items() if k != "mse"} | {"ar/val_loss": real["mse"]}
     empty = ar.predict([""], tokenizer).expand_as(target)  # one prompt: predict it once
+    # the floor: the training targets' mean direction for every row (strict FVE is negative below it)
+    out["ar/val_fve_floor"] = summarize(mean.unsqueeze(0).expand_as(target), target, scale, var, mean)["fve_nrm"]
     others = [val.texts[i] for i in derangement(len(val.texts), seed).tolist()] if len(val.texts) > 1 else [""]
     salad = word_salad(tokenizer, len(val.texts), seed)
     out["ar/val_fve_nrm_empty_text"] = summarize(empty, target, scale, var, mean)["fve_nrm"]
@@ -293,6 +295,7 @@ def _summary(final: dict[str, float], trainer: ARTrainer, control: bool, checkpo
     return {
         "val_fve_nrm": final.get("ar/val_fve_nrm"), "val_fve_vs_mean_pred": final.get("ar/val_fve_vs_mean_pred"),
         "val_cos": final.get("ar/val_cos"), "val_fve_centered": final.get("ar/val_fve_centered"),
+        "val_fve_floor": final.get("ar/val_fve_floor"),
         "controls": {"empty_text": final.get("ar/val_fve_nrm_empty_text"),
                      "random_text": final.get("ar/val_fve_nrm_random_text"),
                      "word_salad": final.get("ar/val_fve_nrm_word_salad")},
@@ -325,6 +328,7 @@ def format_table(real: dict[str, Any], control: dict[str, Any] | None = None) ->
             ("word salad", real["controls"]["word_salad"])]
     if control is not None:
         rows.append(("shuffled-target control AR", control["val_fve_nrm"]))
+    rows.append(("floor: constant mean guess", real.get("val_fve_floor")))
     lines = ["val fve_nrm (strict: 1 - MSE/Var, Var of training targets)"]
     lines += [f"  {name:<28} {'n/a' if v is None else f'{v:+.3f}'}" for name, v in rows]
     lines.append(f"  (lenient fve_vs_mean_pred of the real AR: {real['val_fve_vs_mean_pred']:+.3f})"

@@ -45,7 +45,7 @@ def test_saved_config_round_trips(tmp_path):
     assert again.to_dict() == cfg.to_dict()
 
 
-@pytest.mark.parametrize("name", ["embedded.yaml", "smoke.yaml"])
+@pytest.mark.parametrize("name", ["embedded.yaml", "embedded-long.yaml", "smoke.yaml"])
 def test_shipped_configs_parse(name):
     cfg, _ = parse_config(["--config", f"configs/{name}"])
     assert cfg.model.model

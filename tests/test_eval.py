@@ -83,6 +83,9 @@ def test_scorer_known_answers():
     assert perfect["cos_mean"] == pytest.approx(1.0, abs=1e-5) and perfect["fve_centered"] == pytest.approx(1.0, abs=1e-4)
     constant = scorer.headline(normalize(targets, 8.0).mean(0, keepdim=True).expand_as(targets), targets)
     assert constant["fve_nrm"] <= 0.0 and constant["fve_vs_mean_pred"] == pytest.approx(0.0, abs=1e-5)
+    # the floor: one constant prediction, the raw targets' mean direction, whatever the model predicted
+    floor = scorer.fve(targets.mean(0, keepdim=True).expand_as(targets), targets)
+    assert perfect["fve_floor"] == constant["fve_floor"] == pytest.approx(floor) and floor < 0.0
     assert constant["cos_mean"] > 0.5  # raw cosine flatters the mean direction; the FVE does not
     shifted = scorer.headline(targets.roll(1, dims=0), targets)  # every row predicts its neighbour's vector
     assert shifted["top1_retrieval"] == 0.0 and shifted["fve_nrm"] < 0.0
@@ -329,9 +332,13 @@ def test_missing_inputs_are_one_line_cli_errors(toy, tmp_path, capsys):
     assert cli(base + ["--checkpoint", str(tmp_path / "nowhere")]) == 2
     assert cli(base + ["--checkpoint", str(toy / "run"), "--data", str(tmp_path / "none.parquet")]) == 2
     assert cli(base + ["--av", str(toy / "run" / "av" / "final")]) == 2  # eval needs an AR
+    # an AR that reads explanations is no context oracle: refused before any explaining
+    assert cli(base + ["--checkpoint", str(toy / "run"), "--oracle_ar", str(toy / "run" / "ar" / "final")]) == 2
     errors = [e for e in capsys.readouterr().err.strip().splitlines() if e.startswith("nla eval")]
-    assert len(errors) == 3 and all(e.startswith("nla eval: error:") for e in errors), errors
+    assert len(errors) == 4 and all(e.startswith("nla eval: error:") for e in errors), errors
     assert "no such folder" in errors[0] and "none.parquet" in errors[1] and "no AR" in errors[2]
+    assert "not a context-oracle AR" in errors[3] and "--ar_text context" in errors[3]
+    assert not (tmp_path / "out" / "report.json").exists()
 
 
 def test_rl_curve_reads_held_out_series_and_plots(tmp_path):
