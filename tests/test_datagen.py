@@ -200,9 +200,11 @@ def test_main_prints_counts_norms_and_samples(tiny_model_dir, tmp_path, capsys):
     from nla.cli import main
 
     assert main(["datagen", "--config", SMOKE, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path),
-                 "--teacher", "extractive"]) == 0
-    out = capsys.readouterr().out
+                 "--teacher", "extractive", "--max_docs", "100000"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
     assert "av_sft" in out and "p75" in out and "suggested injection_scale" in out and out.count("->") >= 4
+    assert "--max_docs 100000 but corpus" in captured.err  # a cap beyond the corpus is said, not silent
     assert (tmp_path / "datagen" / "config.yaml").is_file()
 
 
