@@ -250,20 +250,22 @@ def topic_word(context: str) -> str | None:
 
 
 class ExtractiveTeacher:
-    """Model-free: `<explanation>about TOPIC; ends with "LAST CHARACTERS"</explanation>`.
+    """Model-free: `<explanation>ends with "LAST CHARACTERS"; about TOPIC</explanation>`.
 
     What a position's residual stream carries most is its own token and the few before it, then
     the topic (docs/benchmarks.md measures it: an AR reading these explanations reached 76% of an
     AR reading the raw context, against 14% for "three last words + topic", which dropped the
     punctuation and symbols that are often the position's token). So the explanation quotes the
     context's last `tail_chars` characters exactly (escaped by `quote`) and names its topic word.
+    The quote comes first: the AV writes left to right, and a topic guessed first steered its quote
+    (measured: quote first, shuffled-vector gap 0.30 vs 0.21 nats and held-out FVE -0.24 vs -0.34).
     """
 
     name = "extractive"
 
     def __init__(self, batch_size: int = 256, tail_chars: int = 40):
         self.batch_size, self.tail_chars = batch_size, tail_chars
-        self.identity = f"extractive:v2:tail{tail_chars}"
+        self.identity = f"extractive:v3:tail{tail_chars}"
 
     def check(self) -> None:
         pass
@@ -274,7 +276,7 @@ class ExtractiveTeacher:
     def explanation(self, context: str) -> str:
         tail = text_tail(context, self.tail_chars)
         topic = topic_word(context)
-        claims = ([f"about {topic}"] if topic else []) + [f"ends with {quote(tail)}" if tail else "an empty text"]
+        claims = [f"ends with {quote(tail)}" if tail else "an empty text"] + ([f"about {topic}"] if topic else [])
         return "; ".join(claims)
 
     def _explain(self, context: str) -> Answer:

@@ -17,13 +17,14 @@ AV_TEMPLATE = (
 AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
 TEACHER_TEMPLATE = (
     # What a position's activation carries most is its own token and the few before it, then the
-    # topic (docs/benchmarks.md: an AR reading the topic + the last characters quoted reached 76%
+    # topic (docs/benchmarks.md: an AR reading the last characters quoted + the topic reached 76%
     # of an AR reading the raw context; last words without punctuation, 14%). So a real teacher is
-    # asked for the same information as the extractive one, in its own words, last feature last.
+    # asked for the information of the extractive one, in its own words, the exact ending first:
+    # the AV writes left to right, and what it writes first steers the rest.
     "Here is the start of a text, cut off mid-way:\n<text>{context}</text>\n"
     "Describe what a language model reading this text is representing at its very last token, in three "
-    "short phrases separated by semicolons: the topic; what is likely to come next; and, last, the exact "
-    "final characters of the text in double quotes (punctuation and symbols included, a line break as \\n). "
+    "short phrases separated by semicolons: first the exact final characters of the text in double quotes "
+    "(punctuation and symbols included, a line break as \\n); then what is likely to come next; then the topic. "
     "Answer in the form <explanation>phrase; phrase; phrase</explanation>"
 )
 # `nla eval`'s paraphrase control: same claims, other words (the AR should score it about the same).

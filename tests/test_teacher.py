@@ -187,7 +187,7 @@ def test_cache_survives_torn_lines_and_skips_cached_contexts(tmp_path):
     first = explain(teacher, CONTEXTS + CONTEXTS[:1], TeacherCache(path), show_progress=False)
     assert sorted(Counting.calls) == sorted(CONTEXTS)  # the duplicate was asked once
     assert first.n_requested == 4 and first.n_malformed == 0 and first.explanations[0] == first.explanations[3]
-    assert first.explanations[0] == 'about statement; ends with "The for statement is used to iterate"'
+    assert first.explanations[0] == 'ends with "The for statement is used to iterate"; about statement'
     with open(path, "a") as fh:
         fh.write('{"key": "torn')  # a crash mid-write
     cache = TeacherCache(path)
@@ -220,19 +220,19 @@ def test_local_answers_end_at_tag_sentence_or_line(text, ended, expected):
 @pytest.mark.parametrize("context, expected", [
     # the position's token is often punctuation, a symbol or a line break: quoted exactly, escaped
     ("A descriptor defines __get__(). The descriptor is invoked when\n",
-     'about descriptor; ends with "The descriptor is invoked when\\n"'),  # "get__()." was cut
+     'ends with "The descriptor is invoked when\\n"; about descriptor'),  # "get__()." was cut
     ("x = [1, 2,", 'ends with "x = [1, 2,"'),  # no word of 5+ letters: no topic claim
-    ('Strings: she said "hi"\tthen left', 'about strings; ends with "Strings: she said \\"hi\\"\\tthen left"'),
+    ('Strings: she said "hi"\tthen left', 'ends with "Strings: she said \\"hi\\"\\tthen left"; about strings'),
     # a cut inside a word moves to the next word boundary
     ("Iterators iterate over iterables; then iterators protocol requires __next__",  # 40 chars: "hen iterators..."
-     'about iterators; ends with "iterators protocol requires __next__"'),
+     'ends with "iterators protocol requires __next__"; about iterators'),
     ("", "an empty text"),
 ])
 def test_extractive_teacher_topic_and_exact_tail(context, expected):
     teacher = ExtractiveTeacher(tail_chars=40)
     answer = teacher.complete([context])[0]
     assert templates.extract_explanation(answer.text) == expected
-    assert teacher.identity == "extractive:v2:tail40"  # a format change must not reuse cached answers
+    assert teacher.identity == "extractive:v3:tail40"  # a format change must not reuse cached answers
 
 
 def test_quoted_tail_round_trips_to_the_exact_characters():
