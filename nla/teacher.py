@@ -227,15 +227,16 @@ def quote(text: str) -> str:
     return f'"{escaped}"'
 
 
+def _word_char(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
+
+
 def text_tail(context: str, n_chars: int) -> str:
     """The context's last `n_chars` characters, starting at a word boundary where one is near."""
     if len(context) <= n_chars:
         return context
     tail = context[-n_chars:]
-    def word(ch: str) -> bool:
-        return ch.isalnum() or ch == "_"
-
-    if word(context[-n_chars - 1]) and word(tail[0]):  # the cut fell inside a word: drop its end
+    if _word_char(context[-n_chars - 1]) and _word_char(tail[0]):  # the cut fell inside a word: drop its end
         space = re.search(r"\s", tail)
         if space is not None and space.start() < n_chars // 2:
             tail = tail[space.start() + 1:]
