@@ -32,6 +32,13 @@ class ConfigError(ValueError):
     """A config value is wrong; the message says how to fix it."""
 
 
+def _positive(section: Any, *names: str) -> None:
+    """Counts and intervals that a loop divides by or steps with must be >= 1."""
+    for name in names:
+        if getattr(section, name) < 1:
+            raise ConfigError(f"{name}={getattr(section, name)}: must be >= 1 (an interval or count of steps).")
+
+
 @dataclass
 class RunConfig:
     output_dir: str = _help("Where this run writes data, checkpoints, metrics and the resolved config.", default="runs/default")
@@ -130,6 +137,7 @@ class ARConfig:
     def __post_init__(self) -> None:
         if self.ar_lr <= 0 or self.ar_steps < 0 or self.ar_batch_size < 1:
             raise ConfigError("ar_lr must be > 0, ar_steps >= 0, ar_batch_size >= 1.")
+        _positive(self, "ar_eval_every", "ar_save_every", "ar_grad_accum")
         if self.ar_text not in ("explanation", "context"):
             raise ConfigError(f"ar_text={self.ar_text!r}: use 'explanation' (the NLA's AR) or 'context' (the oracle AR).")
 
@@ -152,6 +160,7 @@ class AVConfig:
             raise ConfigError("av_lr must be > 0, av_steps >= 0, av_batch_size >= 1.")
         if self.injection_scale is not None and self.injection_scale <= 0:
             raise ConfigError("injection_scale must be > 0.")
+        _positive(self, "av_eval_every", "av_save_every", "av_grad_accum", "max_new_tokens")
 
 
 @dataclass
@@ -180,6 +189,7 @@ class RLConfig:
             raise ConfigError(f"reward={self.reward!r}: use 'neg_mse' or 'neg_log_mse'.")
         if self.group_size < 2:
             raise ConfigError("group_size must be >= 2 (GRPO normalises rewards within a group).")
+        _positive(self, "rl_save_every", "rl_batch_size", "max_response_tokens")
 
 
 @dataclass
@@ -201,6 +211,7 @@ class LoggingConfig:
     progress: bool = _help("Show progress bars.", default=True)
 
     def __post_init__(self) -> None:
+        _positive(self, "log_every")
         if self.report_to not in ("wandb", "none"):
             raise ConfigError(f"report_to={self.report_to!r}: use 'wandb' or 'none'.")
         if self.wandb_mode not in (None, "online", "offline", "disabled"):

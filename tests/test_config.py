@@ -54,3 +54,10 @@ def test_shipped_configs_parse(name):
 def test_keys_unique_across_sections():
     keys = valid_keys()
     assert len(keys) == len(set(keys))
+
+
+@pytest.mark.parametrize("flag", ["--ar_save_every", "--ar_eval_every", "--av_eval_every", "--av_save_every",
+                                  "--rl_save_every", "--log_every", "--ar_grad_accum"])
+def test_zero_intervals_are_config_errors(flag):
+    with pytest.raises(ConfigError, match=f"{flag[2:]}=0: must be >= 1"):
+        parse_config(["--config", "configs/smoke.yaml", flag, "0"])
