@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -103,7 +104,8 @@ class TeacherConfig:
     teacher: str = _help("'local' (an HF causal LM), 'openai' (any OpenAI-compatible chat endpoint) or 'extractive' (model-free: last words + topic word; for smoke tests with random tiny models).", default="local")
     teacher_model: str = _help(f"Local model spec or the endpoint's model name. Default: the target model.", default="")
     teacher_base_url: str = _help("Base URL of the OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.", default="")
-    teacher_api_key_env: str = _help("Environment variable holding the endpoint's API key (empty = no key).", default="OPENAI_API_KEY")
+    teacher_api_key_env: str = _help("Name of the environment variable holding the endpoint's API key (empty: no key is "
+                                     "sent). Nothing is sent unless you name one, e.g. OPENAI_API_KEY.", default="")
     teacher_max_new_tokens: int = _help("Token cap for one teacher answer.", default=64)
     teacher_temperature: float = _help("Teacher sampling temperature (0 = greedy).", default=0.0)
     teacher_batch_size: int = _help("Prompts per local generate call.", default=16)
@@ -115,6 +117,11 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         if self.teacher not in ("local", "openai", "extractive"):
             raise ConfigError(f"teacher={self.teacher!r}: use 'local', 'openai' or 'extractive'.")
+        if self.teacher_api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.teacher_api_key_env):
+            # never echo the value: it is most likely a key pasted in place of a variable's name
+            self.teacher_api_key_env = ""
+            raise ConfigError("teacher_api_key_env must be the NAME of an environment variable (e.g. OPENAI_API_KEY), "
+                              "not the key itself; export the key and pass its variable's name.")
 
 
 @dataclass

@@ -61,3 +61,15 @@ def test_keys_unique_across_sections():
 def test_zero_intervals_are_config_errors(flag):
     with pytest.raises(ConfigError, match=f"{flag[2:]}=0: must be >= 1"):
         parse_config(["--config", "configs/smoke.yaml", flag, "0"])
+
+
+def test_api_key_pasted_as_variable_name_is_refused_without_echo(tmp_path, capsys):
+    from nla.cli import main
+
+    secret = "sk-proj-abc123DEF456"
+    code = main(["datagen", "--config", "configs/smoke.yaml", "--output_dir", str(tmp_path), "--teacher", "openai",
+                 "--teacher_api_key_env", secret])
+    err = capsys.readouterr().err
+    assert code == 2 and "NAME of an environment variable" in err and secret not in err
+    assert not list(tmp_path.rglob("config.yaml"))  # nothing written that could hold it
+    assert parse_config(["--config", "configs/smoke.yaml"])[0].teacher.teacher_api_key_env == ""  # no key unless named
