@@ -52,7 +52,7 @@ def sft_vs_rl_table(sft: dict[str, Any], rl: dict[str, Any]) -> str:
     if sft.get("oracle") or rl.get("oracle"):
         oracle = [(r.get("oracle") or {}).get("fve_nrm") for r in (sft, rl)]
         lines.append(f"{'ceiling: oracle AR, raw context':<34}{_fmt(oracle[0]):>10}{_fmt(oracle[1]):>10}")
-        lines.append(f"{'fraction of the oracle':<34}{_fmt(sft.get('fraction_of_oracle')):>10}"
+        lines.append(f"{'fraction of oracle (from floor)':<34}{_fmt(sft.get('fraction_of_oracle')):>10}"
                      f"{_fmt(rl.get('fraction_of_oracle')):>10}")
     lines.append(f"{'fve_nrm minus best control':<34}{_fmt(control_margin(sft)):>10}{_fmt(control_margin(rl)):>10}")
     if rl.get("independent_ar"):  # the RL AV read by the SFT AR: the AV's own change, no co-trained AR flattering it

@@ -19,7 +19,8 @@ FVE with explanations cut to 8/16/32/64 tokens, top-1 retrieval among 16 candida
 and an independent AR (`--independent_ar`), since the co-trained AR flatters its own AV.
 Ceilings: the AR reading the dataset's teacher explanations (`teacher_explanations`), and with
 `--oracle_ar DIR` a context-oracle AR (`nla train-ar --ar_text context`) reading each row's raw
-context (`oracle`, and `fraction_of_oracle` = fve_nrm / oracle fve_nrm). Floor: `fve_floor`, the
+context (`oracle`, and `fraction_of_oracle` = (fve_nrm − floor) / (oracle − floor), the share of the
+way from one constant guess to the oracle). Floor: `fve_floor`, the
 strict FVE of the best constant prediction (the targets' mean direction); strict FVE is negative
 below it, and a content-blind AR sits near it.
 Failed explanations (no closing tag) are scored as the AR reading what was extracted, else "",
@@ -300,8 +301,7 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
     if cfg.eval.oracle_ar:
         contexts = [templates.context_tail(i.get("context") or "") for i in data.info]
         report["oracle"] = independent_ar(cfg, nla, contexts, vectors, scorer, path=cfg.eval.oracle_ar)
-        oracle = report["oracle"]["fve_nrm"]
-        report["fraction_of_oracle"] = report["fve_nrm"] / oracle if oracle > 0 else None
+        report["fraction_of_oracle"] = fraction_of_oracle(report["fve_nrm"], report["oracle"]["fve_nrm"], report["fve_floor"])
     report["timing"] = timing
     row_fve = scorer.row_fve(pred, vectors).tolist()
     rows = [{**info, "context": (info.get("context") or "")[-200:], "explanation": e, "failed": s.failed, "fve_nrm": f,
@@ -325,6 +325,16 @@ def independent_ar(cfg: NLAConfig, nla: NLA, explanations: list, vectors: torch.
     pred = other.predict(explanations + [""])
     return {"path": path, "fve_nrm": s.fve(pred[:-1], vectors), "var": var, "var_source": source,
             "empty_text_fve_nrm": s.fve(pred[-1:].expand_as(vectors), vectors)}
+
+
+def fraction_of_oracle(fve: float, oracle: float, floor: float) -> float | None:
+    """How far the NLA gets from the constant-guess floor to the oracle: (fve - floor) / (oracle - floor).
+
+    Measured from the floor, not from 0: strict FVE is negative for any AR near the floor, so a
+    plain ratio fve / oracle would call a slightly-better-than-constant NLA "-40% of the oracle".
+    1 = the oracle's score, 0 = no better than one constant guess, < 0 = confidently wrong.
+    None when the oracle itself is not above the floor."""
+    return (fve - floor) / (oracle - floor) if oracle > floor else None
 
 
 def check_extra_ars(cfg: NLAConfig) -> None:

@@ -193,7 +193,7 @@ def markdown(report: dict[str, Any], rows: list[dict[str, Any]], n_samples: int 
         lines.append(f"| this AR | the dataset's teacher explanations | {_fmt(r['teacher_explanations']['fve_nrm'])} |")
     if r.get("oracle"):
         lines.append(f"| oracle AR `{r['oracle']['path']}` | the raw context (last characters) | {_fmt(r['oracle']['fve_nrm'])} |")
-        lines.append(f"| | fraction of the oracle the NLA reaches | {_fmt(r.get('fraction_of_oracle'))} |")
+        lines.append(f"| | share of the way from the floor to the oracle the NLA reaches | {_fmt(r.get('fraction_of_oracle'))} |")
     if not (r.get("teacher_explanations") or r.get("oracle")):
         lines.append("| – | no teacher text in the data and no --oracle_ar given | – |")
     para = r.get("paraphrase")

@@ -357,3 +357,13 @@ def test_rl_curve_reads_held_out_series_and_plots(tmp_path):
     assert curve == {"live AR (co-trained)": [(0, 0.1), (10, 0.35)], "SFT AR (never trained by RL)": [(0, 0.1)]}
     png = plot_rl_curve(curve, tmp_path / "curve.png")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fraction_of_oracle_is_measured_from_the_floor():
+    from nla.evaluate import fraction_of_oracle
+
+    assert fraction_of_oracle(0.6, 0.6, -0.1) == pytest.approx(1.0)  # as good as the oracle
+    assert fraction_of_oracle(-0.1, 0.6, -0.1) == pytest.approx(0.0)  # one constant guess
+    assert fraction_of_oracle(0.25, 0.6, -0.1) == pytest.approx(0.5)
+    assert fraction_of_oracle(-0.3, 0.6, -0.1) < 0  # confidently wrong: below the floor
+    assert fraction_of_oracle(0.2, -0.2, -0.1) is None  # an oracle no better than the floor measures nothing
