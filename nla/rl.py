@@ -61,8 +61,9 @@ def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, 
     model.load_adapter(str(sft_av), adapter_name=AV_REF, is_trainable=False)
     ar = attach_to_shared_base(model, ar_src, tokenizer, adapter_name=AR, trainable=True)
     sft_ar_model = None
-    if cfg.rl.rl_val_rows > 0:
-        sft_ar_model = attach_to_shared_base(model, sft_ar, tokenizer, adapter_name=AR_REF, trainable=False)
+    if cfg.rl.rl_val_rows > 0:  # adding an adapter draws LoRA init from the RNG: fork it so training is unchanged
+        with torch.random.fork_rng(devices=[]):
+            sft_ar_model = attach_to_shared_base(model, sft_ar, tokenizer, adapter_name=AR_REF, trainable=False)
     av_meta.verify(tokenizer, d_model=model.config.hidden_size, where=str(sft_av / MODEL_META))
     if ar.layer != av_meta.layer_index:
         raise ConfigError(f"the AV explains layer {av_meta.layer_index} but the AR reads layer {ar.layer}; train them on the same data.")
