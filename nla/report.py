@@ -157,7 +157,7 @@ def rl_curve_points(metrics_jsonl: Path, stage: str = "rl") -> dict[str, list[tu
     return {label: sorted(points.items()) for label, points in series.items() if points}
 
 
-def plot_rl_curve(series: dict[str, list[tuple[int, float]]], path: Path, sft_eval: float | None = None) -> str:
+def plot_rl_curve(series: dict[str, list[tuple[int, float]]], path: Path) -> str:
     """Held-out strict FVE against RL steps (log-scaled steps: FVE grows roughly linearly in log steps)."""
     fig, ax = _figure()
     for label, points in series.items():
