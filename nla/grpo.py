@@ -120,12 +120,9 @@ class JointTrainer:
         if not usable.any():
             return float("nan")
         self.model.set_adapter(AR_REF)
-        self.sft_ar.eval()
         texts = [e or "" for e, ok in zip(ro.explanations, usable.tolist()) if ok]
-        inputs = self.sft_ar.encode(texts, self.tokenizer)
-        pred = self.sft_ar(inputs.input_ids, inputs.attention_mask).float().cpu()
-        mse = float(metrics.mse_nrm(pred, ro.targets[usable], self.mse_scale).mean())
-        return 1.0 - mse / max(self.target_var, metrics.EPS)
+        pred = self.sft_ar.predict(texts, self.tokenizer)
+        return metrics.fve_nrm(pred, ro.targets[usable], self.mse_scale, self.target_var)
 
     def rollout(self, vectors: torch.Tensor) -> RolloutOut:
         """G samples per vector. In the shuffled-vector control (`rl_shuffle_control`) the AV sees

@@ -221,10 +221,10 @@ value values given""".split())
 
 
 def quote(text: str) -> str:
-    """`text` as a double-quoted string a person and the AR can read exactly: backslash, quote,
-    newline and tab escaped (a trailing newline is often the position's own token)."""
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
-    return f'"{escaped}"'
+    """`text` as a double-quoted string a person and the AR can read exactly: a JSON string, so
+    backslash, quote, newline, tab and other control characters are escaped (a trailing newline is
+    often the position's own token) and non-ASCII characters stay as they are."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _word_char(ch: str) -> bool:

@@ -238,5 +238,5 @@ def test_extractive_teacher_topic_and_exact_tail(context, expected):
 def test_quoted_tail_round_trips_to_the_exact_characters():
     from nla.teacher import quote
 
-    for text in ['a "b" c', "line\n", "tab\there", "back\\slash", "end;"]:
+    for text in ['a "b" c', "line\n", "tab\there", "back\\slash", "end;", "cr\rlf", "“quoted”"]:
         assert json.loads(quote(text)) == text  # the escapes are JSON's: nothing is lost or ambiguous
