@@ -11,7 +11,8 @@ the vector from the explanation; FVE is the strict one, 1 - MSE/Var of the norma
 Var from the AR sidecar (its training targets) when recorded, else from the eval targets.
 
 Controls (each an FVE on the same rows): `shuffled_vector` (the AV sees another row's vector, the
-AR must reconstruct the row's own), `zero_vector` / `mean_vector` (the AV sees one uninformative
+AR must reconstruct the row's own; under greedy decoding that text is the one the AV already wrote
+for the other row, so it is not generated twice), `zero_vector` / `mean_vector` (the AV sees one uninformative
 vector for every row), `empty_text` (the AR reads ""), `random_text` (the AR reads another row's
 explanation). A real NLA scores far above all five; a content-blind AR shows up as empty_text ~
 real. Also: a paraphrase control (the teacher rewrites each explanation; FVE should barely move),
@@ -94,16 +95,21 @@ class Scorer:
 
 
 def control_fves(explain: Explain, predict: Predict, vectors: torch.Tensor, explanations: list,
-                 scorer: Scorer) -> dict[str, dict[str, float]]:
+                 scorer: Scorer, deterministic: bool = False) -> dict[str, dict[str, float]]:
     """The five controls' FVE against the rows' own vectors [n, d] (n >= 2).
 
     AV side: shuffled_vector (another row's vector), zero_vector, mean_vector (one explanation
     each, broadcast to every row). AR side: empty_text, random_text (another row's explanation).
+    `deterministic` (greedy decoding): the AV's text for row j's vector is the one it already wrote
+    for row j, so shuffled_vector permutes `explanations` instead of generating them again.
     """
     n = vectors.shape[0]
     perm = derangement(n, scorer.seed)
-    uninformative = torch.stack([torch.zeros_like(vectors[0]), vectors.float().mean(dim=0)])
-    av_texts = explain(torch.cat([vectors[perm], uninformative.to(vectors.dtype)]))
+    uninformative = torch.stack([torch.zeros_like(vectors[0]), vectors.float().mean(dim=0)]).to(vectors.dtype)
+    if deterministic:
+        av_texts = [explanations[j] for j in perm.tolist()] + explain(uninformative)
+    else:
+        av_texts = explain(torch.cat([vectors[perm], uninformative]))
     others = derangement(n, scorer.seed + 1)
     ar_texts = av_texts + ["", *[explanations[i] for i in others.tolist()]]
     pred = predict(ar_texts)  # one batched AR pass: [n + 2 + 1 + n, d]
@@ -279,7 +285,8 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
                               **scorer.headline(pred, vectors)}
     report["top1_chance"] = 1 / min(cfg.eval.retrieval_candidates, n)
     t0 = time.time()
-    report["controls"] = control_fves(explain_controls, nla.predict, vectors, explanations, scorer)
+    report["controls"] = control_fves(explain_controls, nla.predict, vectors, explanations, scorer,
+                                      deterministic=args.eval_temperature == 0)
     timing["controls_s"] = time.time() - t0
     if data.teacher is not None and any(t is not None for t in data.teacher):
         keep = [i for i, t in enumerate(data.teacher) if t is not None]

@@ -122,6 +122,24 @@ def test_controls_on_a_known_pipeline():
     assert controls["shuffled_vector"]["top1_retrieval"] < 0.5
 
 
+def test_greedy_controls_reuse_the_real_explanations():
+    """A deterministic AV wrote row j's text already: the same numbers, and only the two
+    uninformative vectors are explained again."""
+    vectors, explain, predict = word_pipeline()
+    scorer = Scorer(8.0, target_variance(vectors, 8.0))
+    texts = explain(vectors)
+    calls = []
+
+    def counting(v):
+        calls.append(len(v))
+        return explain(v)
+
+    regenerated = control_fves(counting, predict, vectors, texts, scorer)
+    reused = control_fves(counting, predict, vectors, texts, scorer, deterministic=True)
+    assert calls == [len(vectors) + 2, 2]
+    assert reused == regenerated
+
+
 def test_length_curve_is_monotone_when_cutting_removes_words(tiny_tokenizer):
     """AR stand-in: sum of the vectors of the whole words it reads; targets = all 8 words' sum."""
     g = torch.Generator().manual_seed(2)
