@@ -29,7 +29,7 @@ from torch import nn
 
 from nla import templates
 from nla.backbone import block_output, decoder_layers, last_token_index
-from nla.models import ModelError, load_tokenizer, resolve_model, torch_dtype
+from nla.models import ModelError, ModelSource, torch_dtype
 from nla.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
 
 # Longer AR prompts are flagged (`over_length`): SFT drops them, RL gives them the failure reward.
@@ -237,12 +237,12 @@ def read_ar_meta(directory: Path) -> Meta:
 
 
 def load_ar(path: str | Path, device: str | torch.device = "cpu", dtype: str = "float32", trainable: bool = False,
-            base_model: str | None = None, trust_remote_code: bool = False) -> tuple[ARModel, Any]:
+            base_model: str | None = None, source: ModelSource = ModelSource()) -> tuple[ARModel, Any]:
     """Load an AR checkpoint (ours or the reference release format) -> (ARModel, tokenizer).
 
     `path`: a checkpoint folder holding `ar/`, or the AR folder itself. LoRA folders need the base
-    model (the sidecar's `base_checkpoint`, or `base_model` to override it); full-weight folders
-    are self-contained. Verifies the sidecar against the live tokenizer, d_model, and K+1 blocks.
+    model (the sidecar's `base_checkpoint`, or `base_model` to override it), found through `source`
+    (the stage's hub/cache/trust options); full-weight folders are self-contained. Verifies the sidecar against the live tokenizer, d_model, and K+1 blocks.
     """
     from safetensors.torch import load_file
 
@@ -253,18 +253,18 @@ def load_ar(path: str | Path, device: str | torch.device = "cpu", dtype: str = "
     layer = meta.layer_index
     is_lora = (directory / "adapter_config.json").is_file()
     if is_lora:
-        base = resolve_model(base_model or meta.base_model)
-        backbone = load_truncated_backbone(base, layer, dtype, trust_remote_code)
+        base = source.resolve(base_model or meta.base_model)
+        backbone = load_truncated_backbone(base, layer, dtype, source.trust_remote_code)
     elif (directory / "config.json").is_file():
-        backbone = load_truncated_backbone(str(directory), None, dtype, trust_remote_code)
+        backbone = load_truncated_backbone(str(directory), None, dtype, source.trust_remote_code)
     else:
         raise ModelError(f"{directory} holds neither a LoRA adapter (adapter_config.json) nor model weights (config.json).")
     n_blocks = len(decoder_layers(backbone))
     if n_blocks != layer + 1:
         raise SidecarError(f"{directory}: the model has {n_blocks} blocks but the sidecar says layer K={layer} (needs K+1 = {layer + 1}); "
                            "the sidecar and weights do not belong together.")
-    tok_source = str(directory) if (directory / "tokenizer_config.json").is_file() else resolve_model(base_model or meta.base_model)
-    tokenizer = load_tokenizer(tok_source, trust_remote_code)
+    has_tokenizer = (directory / "tokenizer_config.json").is_file()
+    tokenizer = source.tokenizer(str(directory) if has_tokenizer else base_model or meta.base_model)
     d_model = backbone.config.hidden_size
     meta.verify(tokenizer, d_model=d_model, where=str(directory / MODEL_META))
     if is_lora:

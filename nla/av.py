@@ -28,7 +28,7 @@ from torch import nn
 
 from nla import templates
 from nla.injection import InjectionHook, find_marker_positions, repeat_for_samples
-from nla.models import load_causal_lm, load_tokenizer, pick_device, resolve_model
+from nla.models import ModelSource, pick_device
 from nla.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
 
 IGNORE = -100  # label value that the loss skips
@@ -277,30 +277,29 @@ def read_av_meta(av_dir: Path) -> Meta:
 
 
 def load_av_model(av_dir: Path, meta: Meta, dtype: str = "float32", is_trainable: bool = False,
-                  cache_dir: str | None = None, allow_hub: bool = False) -> nn.Module:
+                  source: ModelSource = ModelSource()) -> nn.Module:
     """A PEFT adapter on its base model (the sidecar's base_checkpoint), or a plain HF folder."""
     if (av_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
         if not meta.base_model:
             raise SidecarError(f"{av_dir}: a LoRA adapter but the sidecar names no base_checkpoint to put it on.")
-        base = load_causal_lm(resolve_model(meta.base_model, cache_dir, allow_hub), dtype)
+        base = source.causal_lm(meta.base_model, dtype)
         return PeftModel.from_pretrained(base, av_dir, is_trainable=is_trainable)
     if not (av_dir / "config.json").is_file():
         raise SidecarError(f"{av_dir}: neither a LoRA adapter (adapter_config.json) nor an HF model folder (config.json).")
-    return load_causal_lm(str(av_dir), dtype)
+    return source.causal_lm(str(av_dir), dtype)
 
 
 def load_av(path: str | Path, device: str = "auto", dtype: str = "float32", max_new_tokens: int = 64,
-            cache_dir: str | None = None, allow_hub: bool = False) -> Verbalizer:
+            source: ModelSource = ModelSource()) -> Verbalizer:
     """Load an AV (ours or the reference release format), verified against the live tokenizer."""
     av_dir = resolve_av_dir(path)
     meta = read_av_meta(av_dir)
     scale = injection_scale_of(meta, str(av_dir))
     has_tokenizer = (av_dir / "tokenizer_config.json").is_file()
-    tok_path = str(av_dir) if has_tokenizer else resolve_model(meta.base_model, cache_dir, allow_hub)
-    tokenizer = load_tokenizer(tok_path)
-    model = load_av_model(av_dir, meta, dtype, cache_dir=cache_dir, allow_hub=allow_hub)
+    tokenizer = source.tokenizer(str(av_dir) if has_tokenizer else meta.base_model)
+    model = load_av_model(av_dir, meta, dtype, source=source)
     meta.verify(tokenizer, d_model=model.get_input_embeddings().weight.shape[-1], where=str(av_dir / MODEL_META))
     model = model.to(pick_device(device)).eval()
     return Verbalizer(model, tokenizer, meta, scale, max_new_tokens)

@@ -33,7 +33,7 @@ from nla import templates
 from nla.ar import ARModel, load_ar, mse_scale_of
 from nla.av import AV_ROLES, Sample, Verbalizer, load_av
 from nla.config import ConfigError
-from nla.models import load_causal_lm, pick_device, resolve_model
+from nla.models import ModelError, ModelSource, pick_device
 from nla.sidecar import MODEL_META, Meta, SidecarError
 
 AR_ROLES = ("ar", "critic")  # "critic": older reference sidecars
@@ -146,8 +146,7 @@ class NLA:
     ar_tokenizer: Any
     paths: CheckpointPaths
     target_spec: str | None = None  # overrides the AV sidecar's base_checkpoint for extraction
-    cache_dir: str | None = None
-    allow_hub: bool = False
+    source: ModelSource = ModelSource()
     dtype: str = "float32"
     _target: nn.Module | None = field(default=None, repr=False)
 
@@ -206,10 +205,10 @@ class NLA:
         if not spec:
             raise SidecarError(f"{self.paths.av}: the sidecar names no base_checkpoint; pass --target_model DIR to extract activations.")
         try:
-            path = resolve_model(spec, self.cache_dir, self.allow_hub)
-        except Exception as err:  # a hub id from a released sidecar, hub off: say how to point at a local copy
+            path = self.source.resolve(spec)
+        except ModelError as err:  # a hub id from a released sidecar, hub off: say how to point at a local copy
             raise ConfigError(f"target model {spec!r} for activation extraction: {err} (or pass --target_model DIR).") from None
-        model = load_causal_lm(path, self.dtype).to(self.verbalizer.device).eval()
+        model = self.source.causal_lm(path, self.dtype).to(self.verbalizer.device).eval()
         n_layers, width = model.config.num_hidden_layers, model.config.hidden_size
         if width != self.d_model or self.layer >= n_layers:
             raise SidecarError(f"target model {spec}: hidden_size {width}, {n_layers} blocks, but the AV needs d_model "
@@ -219,15 +218,14 @@ class NLA:
 
 def load_nla(checkpoint: str | Path | None = None, av: str | Path | None = None, ar: str | Path | None = None, *,
              need_ar: bool = False, device: str = "auto", dtype: str = "float32", max_new_tokens: int = 64,
-             target_model: str | None = None, cache_dir: str | None = None, allow_hub: bool = False) -> NLA:
+             target_model: str | None = None, source: ModelSource = ModelSource()) -> NLA:
     """Load the AV (and the AR when there is one, or when `need_ar`) and check they belong together."""
     paths = resolve_paths(checkpoint, av, ar, need_ar)
-    verbalizer = load_av(paths.av, device=device, dtype=dtype, max_new_tokens=max_new_tokens, cache_dir=cache_dir,
-                         allow_hub=allow_hub)
+    verbalizer = load_av(paths.av, device=device, dtype=dtype, max_new_tokens=max_new_tokens, source=source)
     ar_model, ar_tok = (None, None)
     if paths.ar is not None:
-        ar_model, ar_tok = load_checked_ar(paths.ar, verbalizer, str(paths.av), device, dtype)
-    return NLA(verbalizer, ar_model, ar_tok, paths, target_model, cache_dir, allow_hub, dtype)
+        ar_model, ar_tok = load_checked_ar(paths.ar, verbalizer, str(paths.av), device, dtype, source)
+    return NLA(verbalizer, ar_model, ar_tok, paths, target_model, source, dtype)
 
 
 def load_from_config(cfg, checkpoint: str | None, av: str | None, ar: str | None, need_ar: bool,
@@ -242,14 +240,13 @@ def load_from_config(cfg, checkpoint: str | None, av: str | None, ar: str | None
                               "pass --checkpoint DIR, or --av DIR [--ar DIR].")
         checkpoint = cfg.output_dir
     return load_nla(checkpoint, av, ar, need_ar=need_ar, device=cfg.run.device, dtype=cfg.model.dtype,
-                    max_new_tokens=cfg.av.max_new_tokens, target_model=target_model, cache_dir=cfg.model.cache_dir,
-                    allow_hub=cfg.model.allow_hub)
+                    max_new_tokens=cfg.av.max_new_tokens, target_model=target_model, source=ModelSource.of(cfg.model))
 
 
 def load_checked_ar(path: str | Path, verbalizer: Verbalizer, av_where: str = "AV", device: str = "auto",
-                    dtype: str = "float32") -> tuple[ARModel, Any]:
+                    dtype: str = "float32", source: ModelSource = ModelSource()) -> tuple[ARModel, Any]:
     """An AR (ours or reference; a folder or a checkpoint holding ar/) checked against a loaded AV."""
     folder = model_folder(path, "ar")
-    ar_model, ar_tok = load_ar(folder, device=pick_device(device), dtype=dtype)
+    ar_model, ar_tok = load_ar(folder, device=pick_device(device), dtype=dtype, source=source)
     check_pair(verbalizer.meta, ar_model, verbalizer.tokenizer, ar_tok, where=f"AV {av_where} + AR {folder}")
     return ar_model, ar_tok

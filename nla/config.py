@@ -57,7 +57,7 @@ class ModelConfig:
     model: str = _help(f"Target LM: '{EMBEDDED_MODEL}' (shipped via PyPI), a local HF folder, or a hub id (needs allow_hub).", default=EMBEDDED_MODEL)
     layer: int | None = _help("Block K whose residual output is explained (= hidden_states[K+1]). Default: round(2/3 * n_layers).", default=None)
     dtype: str = _help("Compute dtype: float32 or bfloat16.", default="float32")
-    allow_hub: bool = _help("Allow downloads from the HF hub (sets HF_HUB_OFFLINE=0). Off by default so nothing hangs offline.", default=False)
+    allow_hub: bool = _help("Let a hub id reach transformers (downloaded, or read from a pre-filled cache when you set HF_HUB_OFFLINE=1; your HF_* variables are never changed). Off: only local folders and embedded models.", default=False)
     trust_remote_code: bool = _help("Pass trust_remote_code to transformers. Only for models you trust.", default=False)
     cache_dir: str | None = _help("Cache for converted models and fetched wheels. Default: $NLA_CACHE or ~/.cache/nla.", default=None)
 

@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from nla.io import atomic_write_text
-from nla.models import resolve_model
+from nla.models import ModelSource
 from nla.stage import start_stage
 
 
@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
     began = time.time()
     cfg, _ = start_stage(argv, "demo")
     t0 = time.time()
-    path = resolve_model(cfg.model.model, cfg.model.cache_dir, cfg.model.allow_hub)
+    path = ModelSource.of(cfg.model).resolve(cfg.model.model)
     print(f"[demo] model {cfg.model.model} -> {path} (resolved in {time.time() - t0:.1f}s)")
     acc = make_accelerator(cfg.run.device)
     timings: dict[str, float] = {}

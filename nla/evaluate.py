@@ -323,8 +323,8 @@ def independent_ar(cfg: NLAConfig, nla: NLA, explanations: list, vectors: torch.
     """Texts scored by a second AR (its own Var and scale when its sidecar has them): the same
     explanations by an independent AR, or (`path` = the oracle AR) the rows' raw contexts."""
     path = path or cfg.eval.independent_ar
-    ar, tok = load_checked_ar(path, nla.verbalizer, str(nla.paths.av), cfg.run.device, cfg.model.dtype)
-    other = NLA(nla.verbalizer, ar, tok, nla.paths)
+    ar, tok = load_checked_ar(path, nla.verbalizer, str(nla.paths.av), cfg.run.device, cfg.model.dtype, nla.source)
+    other = NLA(nla.verbalizer, ar, tok, nla.paths, source=nla.source)
     var, source = other.ar_variance, "ar_sidecar"
     if var is None:
         var, source = metrics.target_variance(vectors, other.mse_scale), "eval_targets"

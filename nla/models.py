@@ -51,17 +51,13 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(root).expanduser()
 
 
-def configure_hub(allow_hub: bool) -> None:
-    """Hub access is off unless the user opts in: an offline hub lookup otherwise hangs ~45 s."""
-    if not allow_hub:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    elif os.environ.get("HF_HUB_OFFLINE") == "1":
-        os.environ["HF_HUB_OFFLINE"] = "0"
-
-
 def resolve_model(spec: str, cache_dir: str | None = None, allow_hub: bool = False) -> str:
-    """Return a local folder (or, with allow_hub, a hub id) for `spec`."""
-    configure_hub(allow_hub)
+    """Return a local folder (or, with allow_hub, a hub id) for `spec`.
+
+    Never touches the environment: with allow_hub a hub id goes to transformers as it is, and the
+    user's own HF_HUB_OFFLINE / HF_HOME decide whether it is downloaded or read from a pre-filled
+    cache. Without allow_hub a hub id is refused here, so nothing reaches the hub.
+    """
     if spec.startswith("embedded:"):
         name = spec.split(":", 1)[1]
         if name not in EMBEDDED:
@@ -148,6 +144,34 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """How models are found, carried whole to every load (target model, the AV's and the AR's base,
+    teachers, tokenizers, resume, eval, verbalize), so no load falls back to default options.
+
+    Build it once per stage with `ModelSource.of(cfg.model)`.
+    """
+
+    cache_dir: str | None = None
+    allow_hub: bool = False
+    trust_remote_code: bool = False
+
+    @classmethod
+    def of(cls, model_cfg) -> "ModelSource":
+        return cls(model_cfg.cache_dir, model_cfg.allow_hub, model_cfg.trust_remote_code)
+
+    def resolve(self, spec: str) -> str:
+        """A model spec (embedded:NAME, folder, hub id) -> what transformers loads."""
+        return resolve_model(spec, self.cache_dir, self.allow_hub)
+
+    def tokenizer(self, spec: str):
+        """From a model spec, or from a folder holding only tokenizer files (a checkpoint's)."""
+        return load_tokenizer(spec if Path(spec).expanduser().is_dir() else self.resolve(spec), self.trust_remote_code)
+
+    def causal_lm(self, spec: str, dtype: str = "float32", **kw):
+        return load_causal_lm(self.resolve(spec), dtype, self.trust_remote_code, **kw)
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -175,10 +199,10 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
 
 def load_model_and_tokenizer(cfg_model, device: str = "auto"):
     """(model, tokenizer, local_path) for a ModelConfig; the model is in eval mode on `device`."""
-    path = resolve_model(cfg_model.model, cfg_model.cache_dir, cfg_model.allow_hub)
-    tok = load_tokenizer(path, cfg_model.trust_remote_code)
-    model = load_causal_lm(path, cfg_model.dtype, cfg_model.trust_remote_code).to(pick_device(device)).eval()
-    return model, tok, path
+    source = ModelSource.of(cfg_model)
+    path = source.resolve(cfg_model.model)
+    model = source.causal_lm(path, cfg_model.dtype).to(pick_device(device)).eval()
+    return model, source.tokenizer(path), path
 
 
 def tiny_llama(vocab_size: int, d_model: int = 64, n_layers: int = 4, n_heads: int = 4, seed: int = 0, **extra):

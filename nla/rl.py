@@ -27,7 +27,7 @@ from nla.config import ConfigError, NLAConfig
 from nla.data import load_split, split_path
 from nla.distributed import make_accelerator
 from nla.grpo import AR, AR_REF, AV, AV_REF, JointTrainer, adapter_parameters, describe_metrics
-from nla.models import load_causal_lm, load_tokenizer, resolve_model
+from nla.models import ModelSource
 from nla.report import plot_rl_curve, rl_curve_points
 from nla.sidecar import MODEL_META, write_meta
 from nla.stage import seed_everything, start_stage
@@ -52,9 +52,10 @@ def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, 
     av_meta = read_av_meta(sft_av)
     if not (sft_av / "adapter_config.json").is_file():
         raise ConfigError(f"{sft_av} is a full-weight AV; joint RL shares one base model and needs LoRA adapters (av_lora_r > 0).")
-    base_path = resolve_model(av_meta.base_model, cfg.model.cache_dir, cfg.model.allow_hub)
-    tokenizer = load_tokenizer(base_path)
-    base = load_causal_lm(base_path, cfg.model.dtype)
+    source = ModelSource.of(cfg.model)
+    base_path = source.resolve(av_meta.base_model)
+    tokenizer = source.tokenizer(base_path)
+    base = source.causal_lm(base_path, cfg.model.dtype)
     av_src = resume / "av" if resume else sft_av
     ar_src = resume / "ar" if resume else sft_ar
     model = PeftModel.from_pretrained(base, str(av_src), adapter_name=AV, is_trainable=True)

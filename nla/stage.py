@@ -1,4 +1,4 @@
-"""What every stage does first: parse the config, switch the hub off, seed, save the resolved config."""
+"""What every stage does first: parse the config, seed, save the resolved config."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from nla.config import NLAConfig, parse_config
-from nla.models import configure_hub
 
 
 def seed_everything(seed: int) -> None:
@@ -23,7 +22,6 @@ def start_stage(argv: list[str], stage: str, extra: Iterable[type] = (), save_to
                 is_main: bool = True) -> tuple[NLAConfig, list[Any]]:
     """Parse argv, configure the process, and write `<save_to or output_dir/stage>/config.yaml`."""
     cfg, extras = parse_config(argv, extra)
-    configure_hub(cfg.model.allow_hub)
     seed_everything(cfg.run.seed)
     if is_main:
         out = Path(save_to) if save_to else cfg.output_dir / stage

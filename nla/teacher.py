@@ -295,11 +295,12 @@ def make_teacher(cfg, target_model=None, target_tokenizer=None) -> Teacher:
         return OpenAITeacher(t.teacher_base_url, t.teacher_model, key, t.teacher_max_new_tokens, t.teacher_temperature,
                              t.teacher_timeout_s, t.teacher_retries, t.teacher_concurrency, t.teacher_batch_size)
     if t.teacher_model and t.teacher_model != cfg.model.model:
-        from nla.models import load_causal_lm, load_tokenizer, pick_device, resolve_model
+        from nla.models import ModelSource, pick_device
 
-        path = resolve_model(t.teacher_model, cfg.model.cache_dir, cfg.model.allow_hub)
-        model = load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code).to(pick_device(cfg.run.device)).eval()
-        return LocalTeacher(model, load_tokenizer(path, cfg.model.trust_remote_code), t.teacher_model,
+        source = ModelSource.of(cfg.model)
+        path = source.resolve(t.teacher_model)
+        model = source.causal_lm(path, cfg.model.dtype).to(pick_device(cfg.run.device)).eval()
+        return LocalTeacher(model, source.tokenizer(path), t.teacher_model,
                             t.teacher_max_new_tokens, t.teacher_temperature, t.teacher_batch_size)
     return LocalTeacher(target_model, target_tokenizer, cfg.model.model, t.teacher_max_new_tokens,
                         t.teacher_temperature, t.teacher_batch_size)

@@ -32,7 +32,7 @@ from nla.config import ConfigError, NLAConfig
 from nla.data import Split, derangement, load_split, split_path
 from nla.distributed import make_accelerator
 from nla.metrics import cosine, mse_nrm, summarize, target_mean, target_variance
-from nla.models import load_tokenizer, resolve_model
+from nla.models import ModelSource
 from nla.sidecar import SidecarError
 from nla.stage import seed_everything, start_stage
 from nla.templates import ar_prompt, context_tail
@@ -244,13 +244,13 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     acc = accelerator or make_accelerator(cfg.run.device)
     control, oracle = cfg.ar.ar_shuffle_targets, cfg.ar.ar_text == "context"
     root = cfg.output_dir / (CONTROL_DIR if control else ORACLE_DIR if oracle else "ar")
-    model_path = resolve_model(cfg.model.model, cfg.model.cache_dir, cfg.model.allow_hub)
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    source = ModelSource.of(cfg.model)
+    model_path = source.resolve(cfg.model.model)
+    tokenizer = source.tokenizer(model_path)
     train_split, val_split = _load_data(cfg, tokenizer)
     resume = resolve_resume(cfg.run.resume, root)
     if resume is not None:
-        ar, tokenizer = load_ar(resume, acc.device, cfg.model.dtype, trainable=True,
-                                trust_remote_code=cfg.model.trust_remote_code)
+        ar, tokenizer = load_ar(resume, acc.device, cfg.model.dtype, trainable=True, source=source)
     else:
         ar = build_ar(model_path, train_split.meta.layer_index, cfg.ar.ar_lora_r, cfg.model.dtype, acc.device,
                       train_split.meta.ar_template, cfg.model.trust_remote_code)

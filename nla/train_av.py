@@ -42,7 +42,7 @@ from nla.data import Split, derangement, load_split, split_path
 from nla.distributed import make_accelerator
 from nla.injection import InjectionHook
 from nla.lora import apply_lora, trainable_parameters
-from nla.models import load_causal_lm, load_tokenizer, resolve_model
+from nla.models import ModelSource
 from nla.sidecar import Meta
 from nla.stage import seed_everything, start_stage
 from nla.tracking import Tracker, progress
@@ -240,15 +240,16 @@ class AVTrainer:
 
 def build_model(cfg: NLAConfig, base_path: str, resume_from: Path | None):
     """The trainable AV: LoRA on the base (or full weights), from the checkpoint when resuming."""
+    source = ModelSource.of(cfg.model)
     if resume_from is None:
-        return apply_lora(load_causal_lm(base_path, cfg.model.dtype, cfg.model.trust_remote_code), cfg.av.av_lora_r)
+        return apply_lora(source.causal_lm(base_path, cfg.model.dtype), cfg.av.av_lora_r)
     av_dir = resume_from / "av"
     if cfg.av.av_lora_r > 0:
-        base = load_causal_lm(base_path, cfg.model.dtype, cfg.model.trust_remote_code)
+        base = source.causal_lm(base_path, cfg.model.dtype)
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base, av_dir, is_trainable=True)
-    return apply_lora(load_causal_lm(str(av_dir), cfg.model.dtype, cfg.model.trust_remote_code), 0)
+    return apply_lora(source.causal_lm(str(av_dir), cfg.model.dtype), 0)
 
 
 def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
@@ -258,8 +259,9 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     start = time.time()
     seed_everything(cfg.run.seed)
     acc = accelerator or make_accelerator(cfg.run.device)
-    base_path = resolve_model(cfg.model.model, cfg.model.cache_dir, cfg.model.allow_hub)
-    tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
+    source = ModelSource.of(cfg.model)
+    base_path = source.resolve(cfg.model.model)
+    tokenizer = source.tokenizer(base_path)
     resume_from = resolve_resume(cfg.run.resume, cfg.output_dir / "av")
     model = build_model(cfg, base_path, resume_from)
     d_model = model.get_input_embeddings().weight.shape[-1]
