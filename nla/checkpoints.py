@@ -160,6 +160,9 @@ class NLA:
 
     @property
     def layer(self) -> int:
+        if self.meta.layer_index is None:
+            raise SidecarError(f"{self.paths.av}: the AV sidecar names no layer (a released AV keeps it on its AR); "
+                               "pass the AR too (--ar DIR), or give vectors instead of texts.")
         return self.meta.layer_index
 
     @property
@@ -248,5 +251,7 @@ def load_checked_ar(path: str | Path, verbalizer: Verbalizer, av_where: str = "A
     """An AR (ours or reference; a folder or a checkpoint holding ar/) checked against a loaded AV."""
     folder = model_folder(path, "ar")
     ar_model, ar_tok = load_ar(folder, device=pick_device(device), dtype=dtype, source=source)
+    if verbalizer.meta.layer_index is None:  # the release format records the layer on the AR only
+        verbalizer.meta.layer_index = ar_model.layer
     check_pair(verbalizer.meta, ar_model, verbalizer.tokenizer, ar_tok, where=f"AV {av_where} + AR {folder}")
     return ar_model, ar_tok

@@ -95,7 +95,7 @@ class Meta:
     av_template: str = templates.AV_TEMPLATE
     ar_template: str = templates.AR_TEMPLATE
     d_model: int = 0
-    layer_index: int = 0
+    layer_index: int | None = 0  # None: the sidecar names no layer (a released AV; its AR's sidecar has it)
     base_model: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -112,7 +112,8 @@ class Meta:
             d["base_checkpoint"] = self.base_model
             d["d_model"] = self.d_model
             if self.extra.get("role") == "av":  # the layer the AV explains (the reference AV sidecar names none)
-                d["extraction"] = {"layer_index": self.layer_index}
+                if self.layer_index is not None:
+                    d["extraction"] = {"layer_index": self.layer_index}
             else:
                 d["ar"] = {"num_hidden_layers": self.layer_index}
         return _merge(d, self.extra)
@@ -127,7 +128,9 @@ class Meta:
         extraction = d.get("extraction", {}) or {}
         layer = extraction.get("layer_index")
         if layer is None:  # AR sidecars: ar.num_hidden_layers, or the older critic.extraction_layer_index
-            layer = (d.get("ar") or {}).get("num_hidden_layers", (d.get("critic") or {}).get("extraction_layer_index", 0))
+            layer = (d.get("ar") or {}).get("num_hidden_layers", (d.get("critic") or {}).get("extraction_layer_index"))
+        if layer is None and d["kind"] == "nla_dataset":
+            raise SidecarError(f"{source}: a dataset sidecar needs extraction.layer_index (the block its vectors come from).")
         known = {"kind", "schema_version", "tokens", "prompt_templates", "d_model", "base_checkpoint", "ar", "critic"}
         return cls(
             kind=d["kind"],
@@ -135,7 +138,7 @@ class Meta:
             av_template=pt.get("av", pt.get("actor", templates.AV_TEMPLATE)),
             ar_template=pt.get("ar", pt.get("critic", templates.AR_TEMPLATE)),
             d_model=int(extraction.get("d_model", d.get("d_model", 0)) or 0),
-            layer_index=int(layer or 0),
+            layer_index=None if layer is None else int(layer),
             base_model=str(extraction.get("base_model", d.get("base_checkpoint", ""))),
             extra={k: v for k, v in d.items() if k not in known and not (k == "extraction")} | (
                 {"extraction": {k: v for k, v in extraction.items() if k not in ("base_model", "d_model", "layer_index", "norm")}}

@@ -259,8 +259,9 @@ def test_eval_from_texts_with_local_paraphraser(toy, tmp_path, tiny_tokenizer):
     assert torch.allclose(vectors, hidden[[4, 9]], atol=1e-5) and [r["position"] for r in info] == [4, 9]
 
 
-def to_reference_format(toy, dest):
-    """Our trained pair, rewritten in the published release layout (full weights, old field names)."""
+def to_reference_format(toy, dest, ar_layer_field: str = "critic"):
+    """Our trained pair, rewritten in the published release layout (full weights, old field names;
+    only the AR's sidecar names the layer, as `critic.extraction_layer_index` or `ar.num_hidden_layers`)."""
     from safetensors.torch import save_file
 
     from nla.ar import load_ar
@@ -277,14 +278,14 @@ def to_reference_format(toy, dest):
     common = {"kind": "nla_model", "schema_version": 1, "stage": "rl", "base_checkpoint": "org/tiny-base", "d_model": D,
               "extraction": {"injection_scale": 8.0, "mse_scale": 8.0}, "tokens": tokens,
               "prompt_templates": {"actor": templates.AV_TEMPLATE, "critic": templates.AR_TEMPLATE}}
-    (dest / "av" / "nla_meta.yaml").write_text(yaml.safe_dump({**common, "role": "actor", "critic": {"extraction_layer_index": LAYER}},
-                                                               allow_unicode=True))
-    (dest / "ar" / "nla_meta.yaml").write_text(yaml.safe_dump({**common, "role": "critic", "critic": {"extraction_layer_index": LAYER}},
-                                                               allow_unicode=True))
+    layer = {"critic": {"extraction_layer_index": LAYER}} if ar_layer_field == "critic" else {"ar": {"num_hidden_layers": LAYER}}
+    (dest / "av" / "nla_meta.yaml").write_text(yaml.safe_dump({**common, "role": "actor"}, allow_unicode=True))
+    (dest / "ar" / "nla_meta.yaml").write_text(yaml.safe_dump({**common, "role": "critic", **layer}, allow_unicode=True))
 
 
-def test_reference_release_pair_scores_like_ours(toy, tmp_path):
-    to_reference_format(toy, tmp_path / "release")
+@pytest.mark.parametrize("ar_layer_field", ["critic", "ar"])
+def test_reference_release_pair_scores_like_ours(toy, tmp_path, ar_layer_field):
+    to_reference_format(toy, tmp_path / "release", ar_layer_field)
     data = str(toy / "data" / "test.parquet")
     ours = run(config(toy, tmp_path / "ours"), eval_args(checkpoint=str(toy / "run"), data=data, paraphrase_control=False))
     ref = run(config(toy, tmp_path / "ref"), eval_args(av=str(tmp_path / "release" / "av"), ar=str(tmp_path / "release" / "ar"),
@@ -292,6 +293,16 @@ def test_reference_release_pair_scores_like_ours(toy, tmp_path):
     assert ref["var_source"].startswith("eval_targets")  # the release sidecar records no training Var
     assert ref["mse_mean"] == pytest.approx(ours["mse_mean"], abs=1e-4) and ref["cos_mean"] == pytest.approx(ours["cos_mean"], abs=1e-5)
     assert "paraphrase" not in ref
+    # verbalizing text needs the layer: the released AV takes its AR's; alone, it says what is missing
+    from nla.sidecar import SidecarError
+    from nla.verbalize import explain_text
+
+    release = tmp_path / "release"
+    rows = explain_text("def add(a, b): return a + b", positions=[3, 6], av=str(release / "av"), ar=str(release / "ar"),
+                        target_model=str(toy / "model"), device="cpu", max_new_tokens=6)
+    assert len(rows) == 2 and all("mse_nrm" in r for r in rows)
+    with pytest.raises(SidecarError, match="names no layer"):
+        explain_text("def f(): pass", av=str(release / "av"), target_model=str(toy / "model"), device="cpu")
 
 
 def test_checkpoint_resolution(toy, tmp_path):
