@@ -28,7 +28,7 @@ import yaml
 from torch import nn
 
 from nla import templates
-from nla.backbone import block_output, decoder_layers, last_token_index
+from nla.backbone import block_output, decoder_layers, last_token_index, layer_problem
 from nla.models import ModelError, ModelSource, torch_dtype
 from nla.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
 
@@ -151,8 +151,9 @@ def load_truncated_backbone(path: str, layer: int | None, dtype: str = "float32"
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     n_layers = config.num_hidden_layers
     if layer is not None:
-        if not 0 <= layer < n_layers:
-            raise ModelError(f"AR layer {layer} is out of range for {path} (blocks 0..{n_layers - 1}); pass --layer in range.")
+        problem = layer_problem(layer, n_layers)
+        if problem:
+            raise ModelError(f"AR for {path}: {problem}.")
         config.num_hidden_layers = layer + 1
         if isinstance(getattr(config, "layer_types", None), list):  # per-block attention types (sliding/full)
             config.layer_types = config.layer_types[: layer + 1]

@@ -16,6 +16,20 @@ class _StopForward(Exception):
     pass
 
 
+def layer_problem(layer: int, n_layers: int) -> str | None:
+    """Why block `layer` of an `n_layers`-block model cannot be explained, or None when it can.
+
+    The last block is refused: transformers' hidden_states[n] is that block's output *after* the
+    final norm, so the documented equality (vector = hidden_states[K+1]) would not hold there.
+    """
+    if not 0 <= layer < n_layers:
+        return f"layer {layer} is out of range (the model has blocks 0..{n_layers - 1})"
+    if layer == n_layers - 1:
+        return (f"layer {layer} is the last block, whose hidden_states entry is taken after the final norm; "
+                f"choose a block between 0 and {n_layers - 2}")
+    return None
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks of an HF model (plain, CausalLM or PEFT-wrapped)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

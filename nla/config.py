@@ -343,7 +343,7 @@ def parse_config(argv: list[str] | None = None, extra: Iterable[type] = ()) -> t
 
 def default_layer(n_layers: int) -> int:
     """About 2/3 depth (the published choice), as a block index."""
-    return max(0, min(n_layers - 1, round(2 * n_layers / 3)))
+    return max(0, min(n_layers - 2, round(2 * n_layers / 3)))  # never the last block (see backbone.layer_problem)
 
 
 def default_mse_scale(d_model: int) -> float:

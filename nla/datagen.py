@@ -62,10 +62,12 @@ def split_of(seed: int, doc_id: str, weights: list[float]) -> str:
 
 
 def resolve_layer(cfg: NLAConfig, n_layers: int) -> int:
+    from nla.backbone import layer_problem
+
     layer = cfg.model.layer if cfg.model.layer is not None else default_layer(n_layers)
-    if not 0 <= layer < n_layers:
-        raise DatagenError(f"layer={layer} is out of range for {cfg.model.model} (blocks 0..{n_layers - 1}); "
-                           f"pass --layer between 0 and {n_layers - 1} (default: {default_layer(n_layers)}).")
+    problem = layer_problem(layer, n_layers)
+    if problem:
+        raise DatagenError(f"{cfg.model.model}: {problem}; pass --layer in range (default: {default_layer(n_layers)}).")
     return layer
 
 

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Attention and MLP projections by their names in Llama, Qwen2, Mistral, Gemma(3) and Phi-3, whose
+# fused qkv_proj / gate_up_proj would otherwise leave LoRA on o_proj and down_proj alone.
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"]
+
+
+def untargeted_projections(model: nn.Module) -> list[str]:
+    """Names of the Linear layers inside a decoder block that LoRA would not adapt (empty: all covered)."""
+    from nla.backbone import decoder_layers
+
+    block = decoder_layers(model)[0]
+    return sorted({name.rsplit(".", 1)[-1] for name, m in block.named_modules()
+                   if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in TARGET_MODULES})
 
 
 def lora_config(r: int, layers: list[int] | None = None, dropout: float = 0.0):
@@ -23,6 +36,10 @@ def apply_lora(model: nn.Module, r: int, layers: list[int] | None = None, adapte
         return model
     from peft import get_peft_model
 
+    left_out = untargeted_projections(model)
+    if left_out:
+        warnings.warn(f"LoRA leaves these projections of {type(model).__name__}'s blocks unadapted: {', '.join(left_out)} "
+                      f"(targets: {', '.join(TARGET_MODULES)}).", stacklevel=2)
     return get_peft_model(model, lora_config(r, layers), adapter_name=adapter_name)
 
 

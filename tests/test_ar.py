@@ -166,3 +166,9 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path, tiny_model_dir, tok, break
     with pytest.raises(error, match=match) as info:
         load_ar(tmp_path)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("layer, message", [(3, "last block"), (4, "out of range")])
+def test_ar_refuses_the_last_block_and_beyond(tiny_model_dir, layer, message):
+    with pytest.raises(ModelError, match=message):
+        build_ar(str(tiny_model_dir), layer, lora_r=4)

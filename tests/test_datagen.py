@@ -185,8 +185,10 @@ def test_disk_full_keeps_chunks_and_leaves_no_partial_file(tiny_model_dir, tmp_p
 
 
 def test_bad_inputs_give_one_line_fixes(tiny_model_dir, tmp_path):
-    with pytest.raises(DatagenError, match=r"layer=7 is out of range.*blocks 0\.\.3"):
+    with pytest.raises(DatagenError, match=r"layer 7 is out of range.*blocks 0\.\.3"):
         run(smoke_cfg(tiny_model_dir, tmp_path / "a", "--layer", "7"))
+    with pytest.raises(DatagenError, match=r"layer 3 is the last block.*after the final norm.*between 0 and 2"):
+        run(smoke_cfg(tiny_model_dir, tmp_path / "a", "--layer", "3"))
     (tmp_path / "empty.jsonl").write_text(json.dumps({"text": "  "}) + "\n")
     with pytest.raises(DatagenError, match="no documents"):
         run(smoke_cfg(tiny_model_dir, tmp_path / "b", "--corpus", str(tmp_path / "empty.jsonl")))
