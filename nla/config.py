@@ -60,8 +60,11 @@ class ModelConfig:
     allow_hub: bool = _help("Let a hub id reach transformers (downloaded, or read from a pre-filled cache when you set HF_HUB_OFFLINE=1; your HF_* variables are never changed). Off: only local folders and embedded models.", default=False)
     trust_remote_code: bool = _help("Pass trust_remote_code to transformers. Only for models you trust.", default=False)
     cache_dir: str | None = _help("Cache for converted models and fetched wheels. Default: $NLA_CACHE or ~/.cache/nla.", default=None)
+    chat_template: str | None = _help("A Jinja chat template file for a model without one (base models); saved with the AV.", default=None)
 
     def __post_init__(self) -> None:
+        if self.chat_template is not None and not Path(self.chat_template).expanduser().is_file():
+            raise ConfigError(f"chat_template={self.chat_template!r}: no such file; pass a Jinja chat template file.")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype={self.dtype!r}: use float32, bfloat16 or float16.")
         if self.layer is not None and self.layer < 0:

@@ -92,6 +92,10 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
     work = cfg.data_dir / ".work"
     model, tok, _ = load_model_and_tokenizer(cfg.model, cfg.run.device if state.num_processes == 1 else str(state.device))
     layer = resolve_layer(cfg, model.config.num_hidden_layers)
+    try:  # before the extraction, not after it
+        templates.require_chat_template(tok)
+    except templates.NoChatTemplate as err:
+        raise DatagenError(f"{cfg.model.model}: {err}.") from None
     if state.is_main_process:
         teacher = teacher or make_teacher(cfg, model, tok)
         teacher.check()  # an unreachable endpoint fails now, not after the extraction

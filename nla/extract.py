@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from nla import templates
 from nla.backbone import block_output
 from nla.io import atomic_file
 from nla.sidecar import SidecarError, TokenSpec, make_token_spec
@@ -103,6 +104,10 @@ def choose_marker(tokenizer, seen_chars: set[str], seen_ids: set[int]) -> TokenS
 
     (A special token written in the text is tokenized to its id, so `seen_ids` covers those.)
     """
+    try:
+        templates.require_chat_template(tokenizer)
+    except templates.NoChatTemplate as err:
+        raise SidecarError(f"{err}.") from None
     for cand in marker_candidates(tokenizer):
         if len(cand) == 1 and cand in seen_chars:
             continue

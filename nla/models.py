@@ -155,10 +155,11 @@ class ModelSource:
     cache_dir: str | None = None
     allow_hub: bool = False
     trust_remote_code: bool = False
+    chat_template: str | None = None  # a Jinja file given for models without a chat template
 
     @classmethod
     def of(cls, model_cfg) -> "ModelSource":
-        return cls(model_cfg.cache_dir, model_cfg.allow_hub, model_cfg.trust_remote_code)
+        return cls(model_cfg.cache_dir, model_cfg.allow_hub, model_cfg.trust_remote_code, model_cfg.chat_template)
 
     def resolve(self, spec: str) -> str:
         """A model spec (embedded:NAME, folder, hub id) -> what transformers loads."""
@@ -166,7 +167,10 @@ class ModelSource:
 
     def tokenizer(self, spec: str):
         """From a model spec, or from a folder holding only tokenizer files (a checkpoint's)."""
-        return load_tokenizer(spec if Path(spec).expanduser().is_dir() else self.resolve(spec), self.trust_remote_code)
+        tok = load_tokenizer(spec if Path(spec).expanduser().is_dir() else self.resolve(spec), self.trust_remote_code)
+        if self.chat_template:
+            tok.chat_template = Path(self.chat_template).expanduser().read_text()
+        return tok
 
     def causal_lm(self, spec: str, dtype: str = "float32", **kw):
         return load_causal_lm(self.resolve(spec), dtype, self.trust_remote_code, **kw)

@@ -34,6 +34,7 @@ class TokenSpec:
     injection_left_neighbor_id: int
     injection_right_neighbor_id: int
     critic_suffix_ids: list[int] = field(default_factory=list)  # reference name: ids of the AR prompt suffix
+    av_prompt_ids: list[int] = field(default_factory=list)  # the whole AV prompt (ours; empty in the release format)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TokenSpec":
@@ -44,6 +45,7 @@ class TokenSpec:
                 injection_left_neighbor_id=int(d["injection_left_neighbor_id"]),
                 injection_right_neighbor_id=int(d["injection_right_neighbor_id"]),
                 critic_suffix_ids=[int(x) for x in d.get("critic_suffix_ids", d.get("ar_suffix_ids", [])) or []],
+                av_prompt_ids=[int(x) for x in d.get("av_prompt_ids", []) or []],
             )
         except KeyError as err:
             raise SidecarError(f"sidecar 'tokens' lacks {err.args[0]!r}") from None
@@ -60,7 +62,10 @@ def make_token_spec(tokenizer, injection_char: str, av_template: str = templates
     marker = tokenizer.encode(injection_char, add_special_tokens=False)
     if len(marker) != 1:
         raise SidecarError(f"marker {injection_char!r} encodes to {len(marker)} tokens {marker}; it must be exactly one.")
-    ids = templates.av_prompt_ids(tokenizer, injection_char, av_template)
+    try:
+        ids = templates.av_prompt_ids(tokenizer, injection_char, av_template)
+    except templates.NoChatTemplate as err:
+        raise SidecarError(f"{err}.") from None
     where = [i for i, t in enumerate(ids) if t == marker[0]]
     if len(where) != 1 or where[0] in (0, len(ids) - 1):
         raise SidecarError(
@@ -69,7 +74,7 @@ def make_token_spec(tokenizer, injection_char: str, av_template: str = templates
         )
     i = where[0]
     suffix = tokenizer.encode(templates.ar_suffix(ar_template), add_special_tokens=False)
-    return TokenSpec(injection_char, marker[0], ids[i - 1], ids[i + 1], suffix)
+    return TokenSpec(injection_char, marker[0], ids[i - 1], ids[i + 1], suffix, list(ids))
 
 
 def verify_tokens(spec: TokenSpec, tokenizer, av_template: str = templates.AV_TEMPLATE, where: str = "sidecar") -> None:
@@ -84,6 +89,11 @@ def verify_tokens(spec: TokenSpec, tokenizer, av_template: str = templates.AV_TE
                 f"{where}: {name} is {getattr(spec, name)} but the live tokenizer gives {getattr(live, name)}; "
                 "the data/checkpoint was made with a different tokenizer or template. Use the matching model."
             )
+    if spec.av_prompt_ids and live.av_prompt_ids != spec.av_prompt_ids:
+        diff = next((i for i, (a, b) in enumerate(zip(spec.av_prompt_ids, live.av_prompt_ids)) if a != b),
+                    min(len(spec.av_prompt_ids), len(live.av_prompt_ids)))
+        raise SidecarError(f"{where}: the AV prompt tokenizes differently now than when this was made (first difference at "
+                           f"token {diff}); the chat template changed. Use the model/--chat_template it was made with.")
 
 
 @dataclass

@@ -48,10 +48,28 @@ def av_user_message(injection_char: str, template: str = AV_TEMPLATE) -> str:
     return template.format(injection_char=injection_char)
 
 
+# Chat templates that print today's date (Llama 3.x: `strftime_now`, unless `date_string` is given)
+# would change the AV prompt from day to day; every AV prompt is rendered with this date instead.
+CHAT_TEMPLATE_DATE = "01 Jan 2025"
+
+
+class NoChatTemplate(ValueError):
+    """The tokenizer has no chat template (a base model): the AV prompt cannot be built."""
+
+
+def require_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "this model"
+        raise NoChatTemplate(f"the tokenizer of {name} has no chat template (a base model?); "
+                             "pass --chat_template FILE with a Jinja chat template")
+
+
 def av_prompt_ids(tokenizer, injection_char: str, template: str = AV_TEMPLATE) -> list[int]:
     """Token ids of the canonical AV prompt (chat template + generation prompt, one tokenization)."""
+    require_chat_template(tokenizer)
     messages = [{"role": "user", "content": av_user_message(injection_char, template)}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                        date_string=CHAT_TEMPLATE_DATE)
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(ids)

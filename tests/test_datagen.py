@@ -234,3 +234,27 @@ def test_two_processes_shard_chunks_and_match_one_process(tiny_model_dir, tmp_pa
     a, b = all_rows(one.data_dir), all_rows(two)
     assert [r[:3] for r in a] == [r[:3] for r in b]
     assert all(torch.allclose(x[3], y[3], atol=1e-5) for x, y in zip(a, b))
+
+
+def test_base_model_needs_a_chat_template_and_takes_one_from_a_file(tmp_path):
+    """A base model (no chat template) stops before extraction with the fix; --chat_template FILE
+    makes the whole path work, and the AV saved by train-av carries the template."""
+    from nla.av import load_av
+    from nla.testing import CHAT_TEMPLATE, save_tiny_model
+    from nla.train_av import run as train_av
+
+    base = save_tiny_model(tmp_path / "base")
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(DatagenError, match="no chat template.*--chat_template FILE") as err:
+        run(smoke_cfg(base, tmp_path / "a"))
+    assert "\n" not in str(err.value) and not (tmp_path / "a" / "data" / ".work").exists()
+    (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
+    cfg = smoke_cfg(base, tmp_path / "b", "--chat_template", str(tmp_path / "chat.jinja"), "--av_steps", "1",
+                    "--av_eval_every", "1", "--av_save_every", "1")
+    run(cfg)
+    out = train_av(cfg)
+    av = load_av(out["checkpoint"], device="cpu")  # no --chat_template needed any more
+    assert av.tokenizer.chat_template == CHAT_TEMPLATE

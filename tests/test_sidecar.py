@@ -1,7 +1,10 @@
+import copy
+
 import pytest
 
 from nla import templates
-from nla.sidecar import Meta, SidecarError, make_token_spec, read_meta, verify_tokens, write_meta
+from nla.sidecar import Meta, SidecarError, TokenSpec, make_token_spec, read_meta, verify_tokens, write_meta
+from nla.testing import CHAT_TEMPLATE
 
 
 def test_token_spec_records_neighbours(tiny_tokenizer):
@@ -68,3 +71,36 @@ def test_extract_explanation():
     assert templates.extract_explanation("<explanation>unclosed") is None
     assert templates.extract_explanation("<explanation> </explanation>") is None
     assert templates.extract_explanation(templates.av_response("topic")) == "topic"
+
+
+# A Llama-3.x-style template: it prints today's date unless the caller passes date_string.
+DATED_TEMPLATE = (
+    "{% if date_string is not defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
+    "<|im_start|>system\nToday Date: {{ date_string }}<|im_end|>\n" + CHAT_TEMPLATE
+)
+
+
+def test_dated_chat_templates_render_one_fixed_date(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = DATED_TEMPLATE
+    ids = templates.av_prompt_ids(tok, "㈠")
+    assert templates.CHAT_TEMPLATE_DATE in tok.decode(ids)
+    today = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    assert templates.CHAT_TEMPLATE_DATE not in today  # without the fixed date the prompt would drift daily
+
+
+def test_whole_av_prompt_is_recorded_and_checked(tiny_tokenizer):
+    spec = make_token_spec(tiny_tokenizer, "㈠")
+    assert spec.av_prompt_ids == templates.av_prompt_ids(tiny_tokenizer, "㈠")
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = "<|im_start|>system\nBe brief.<|im_end|>\n" + CHAT_TEMPLATE  # marker neighbours unchanged
+    with pytest.raises(SidecarError, match="AV prompt tokenizes differently.*first difference at token 1"):
+        verify_tokens(spec, tok)
+    verify_tokens(TokenSpec(**{**spec.__dict__, "av_prompt_ids": []}), tok)  # release sidecars record no prompt
+
+
+def test_no_chat_template_is_one_line_error(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = None
+    with pytest.raises(SidecarError, match="no chat template.*--chat_template FILE"):
+        make_token_spec(tok, "㈠")
