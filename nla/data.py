@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from nla.config import ConfigError
 from nla.io import atomic_file
 from nla.sidecar import Meta, dataset_meta_path, read_meta, write_meta
 
@@ -91,9 +92,13 @@ def load_split(path: str | Path, max_rows: int | None = None, seed: int = 0) -> 
     """A split; with `max_rows`, at most that many rows spread across its documents (`spread_rows`)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `nla datagen` first (or set --data_dir).")
+        raise ConfigError(f"{path} not found: run `nla datagen` first (or point --data_dir at its output).")
     meta = read_meta(dataset_meta_path(path))
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ConfigError(f"{path} is not a readable parquet file ({str(err).splitlines()[0]}); "
+                          "rerun `nla datagen` to rewrite it.") from None
     if max_rows is not None and table.num_rows > max_rows:
         doc_ids = table.column("doc_id").to_pylist() if "doc_id" in table.column_names else list(range(table.num_rows))
         table = table.take(spread_rows(doc_ids, max_rows, seed))

@@ -1,4 +1,9 @@
-from nla.data import spread_rows
+import numpy as np
+import pytest
+
+from nla.config import ConfigError
+from nla.data import load_split, spread_rows, write_split
+from nla.sidecar import Meta, make_token_spec
 
 
 def test_spread_rows_draws_across_documents_and_is_seeded():
@@ -10,3 +15,25 @@ def test_spread_rows_draws_across_documents_and_is_seeded():
     assert picked == spread_rows(doc_ids, 8, seed=0)
     assert spread_rows(doc_ids, 100) == list(range(32))
     assert len({doc_ids[i] for i in spread_rows(doc_ids, 3, seed=5)}) == 3
+
+
+def test_missing_or_broken_split_is_one_line_error(tmp_path, tiny_model_dir):
+    """train-ar/train-av read splits through load_split: a missing file or a parquet cut in half
+    names the file and the fix instead of a traceback."""
+    from nla.cli import main
+
+    for stage in ("train-ar", "train-av"):
+        rc = main([stage, "--config", "configs/smoke.yaml", "--model", str(tiny_model_dir), "--output_dir", str(tmp_path / stage)])
+        assert rc == 2
+    with pytest.raises(ConfigError, match="not found: run `nla datagen`"):
+        load_split(tmp_path / "nope.parquet")
+
+
+def test_a_parquet_cut_in_half_is_one_line_error(tmp_path, tiny_tokenizer):
+    meta = Meta("nla_dataset", make_token_spec(tiny_tokenizer, "㈠"), d_model=4, layer_index=1, base_model="tiny")
+    path = write_split(tmp_path / "val.parquet", np.ones((3, 4), np.float32), {"doc_id": ["a", "b", "c"]}, meta)
+    assert len(load_split(path)) == 3
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ConfigError, match="val.parquet is not a readable parquet file.*rerun `nla datagen`") as err:
+        load_split(path)
+    assert "\n" not in str(err.value)
