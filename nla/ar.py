@@ -28,7 +28,7 @@ import yaml
 from torch import nn
 
 from nla import templates
-from nla.backbone import block_output, decoder_layers, last_token_index, layer_problem
+from nla.backbone import block_output, decoder_layers, last_token_index, layer_problem, text_config
 from nla.models import ModelError, ModelSource, torch_dtype
 from nla.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
 
@@ -149,25 +149,28 @@ def load_truncated_backbone(path: str, layer: int | None, dtype: str = "float32"
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    n_layers = config.num_hidden_layers
+    text = text_config(config)  # multimodal models: truncate the language model, keep the rest as is
+    n_layers = text.num_hidden_layers
     if layer is not None:
         problem = layer_problem(layer, n_layers)
         if problem:
             raise ModelError(f"AR for {path}: {problem}.")
-        config.num_hidden_layers = layer + 1
-        if isinstance(getattr(config, "layer_types", None), list):  # per-block attention types (sliding/full)
-            config.layer_types = config.layer_types[: layer + 1]
+        text.num_hidden_layers = layer + 1
+        if isinstance(getattr(text, "layer_types", None), list):  # per-block attention types (sliding/full)
+            text.layer_types = text.layer_types[: layer + 1]
     try:
         with _quiet_transformers():
             backbone, info = AutoModel.from_pretrained(path, config=config, dtype=torch_dtype(dtype),
                                                        trust_remote_code=trust_remote_code, output_loading_info=True)
     except OSError as err:
         raise ModelError(f"Could not load the AR backbone from {path!r}: {err}") from None
-    missing = [k for k in info.get("missing_keys", []) if not k.startswith("norm.")]  # saved ARs have no final norm
+    # saved ARs have no final norm (`norm.*`, or `language_model.norm.*` inside a multimodal model)
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith(("norm.", "language_model.norm."))]
     if missing:
         raise ModelError(f"{path}: weights missing for the AR backbone ({missing[:3]} ...); is this the right model folder?")
-    if hasattr(backbone, "norm"):
-        backbone.norm = nn.Identity()
+    for owner in (backbone, getattr(backbone, "language_model", None)):
+        if owner is not None and isinstance(getattr(owner, "norm", None), nn.Module):
+            owner.norm = nn.Identity()
     return backbone
 
 
@@ -183,7 +186,7 @@ def build_ar(model_path: str, layer: int, lora_r: int, dtype: str = "float32", d
 
     backbone = load_truncated_backbone(model_path, layer, dtype, trust_remote_code)
     backbone = apply_lora(backbone, lora_r)
-    ar = ARModel(backbone, layer, identity_head(backbone.config.hidden_size), template)
+    ar = ARModel(backbone, layer, identity_head(text_config(backbone.config).hidden_size), template)
     return ar.to(device)
 
 
@@ -266,7 +269,7 @@ def load_ar(path: str | Path, device: str | torch.device = "cpu", dtype: str = "
                            "the sidecar and weights do not belong together.")
     has_tokenizer = (directory / "tokenizer_config.json").is_file()
     tokenizer = source.tokenizer(str(directory) if has_tokenizer else base_model or meta.base_model)
-    d_model = backbone.config.hidden_size
+    d_model = text_config(backbone.config).hidden_size
     meta.verify(tokenizer, d_model=d_model, where=str(directory / MODEL_META))
     if is_lora:
         from peft import PeftModel
@@ -310,7 +313,7 @@ def attach_to_shared_base(model: nn.Module, path: str | Path, tokenizer, adapter
     meta = read_ar_meta(directory)
     if not (directory / "adapter_config.json").is_file():
         raise ModelError(f"{directory} is a full-weight AR; only LoRA ARs can share a base model (use load_ar instead).")
-    meta.verify(tokenizer, d_model=model.config.hidden_size, where=str(directory / MODEL_META))
+    meta.verify(tokenizer, d_model=text_config(model.config).hidden_size, where=str(directory / MODEL_META))
     config = LoraConfig.from_pretrained(str(directory))
     config.layers_to_transform, config.inference_mode = list(range(meta.layer_index + 1)), not trainable
     if isinstance(model, PeftModel):
@@ -324,7 +327,7 @@ def attach_to_shared_base(model: nn.Module, path: str | Path, tokenizer, adapter
     lost = [k for k in result.missing_keys if f".{adapter_name}." in k]
     if result.unexpected_keys or lost:
         raise ModelError(f"{directory}: adapter does not fit this base model ({(result.unexpected_keys or lost)[:2]} ...).")
-    head = _load_head(directory, model.config.hidden_size, load_file)
+    head = _load_head(directory, text_config(model.config).hidden_size, load_file)
     head.weight.requires_grad_(trainable)
     ar = ARModel(model, meta.layer_index, head, meta.ar_template, int(meta.extra.get("ar_max_tokens", AR_MAX_TOKENS)), meta)
     return ar.to(next(model.parameters()).device)

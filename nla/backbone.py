@@ -30,12 +30,19 @@ def layer_problem(layer: int, n_layers: int) -> str | None:
     return None
 
 
+def text_config(config):
+    """The language model's config: the config itself, or (multimodal models such as
+    Gemma3ForConditionalGeneration) its text_config, where the block count and width live."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks of an HF model (plain, CausalLM or PEFT-wrapped)."""
+    """The list of transformer blocks of an HF model (plain, CausalLM, multimodal or PEFT-wrapped)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    n = getattr(base.config, "num_hidden_layers", None)
+    n = getattr(text_config(base.config), "num_hidden_layers", None)
     for name, module in base.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n and name.split(".")[-1] in ("layers", "h", "blocks"):
+        if (isinstance(module, nn.ModuleList) and len(module) == n and name.split(".")[-1] in ("layers", "h", "blocks")
+                and "vision" not in name):  # a vision tower's encoder layers are not the language model's
             return module
     raise ValueError(f"could not find the {n} decoder blocks of {type(base).__name__}")
 

@@ -32,6 +32,7 @@ from torch import nn
 from nla import templates
 from nla.ar import ARModel, load_ar, mse_scale_of
 from nla.av import AV_ROLES, Sample, Verbalizer, load_av
+from nla.backbone import text_config
 from nla.config import ConfigError
 from nla.models import ModelError, ModelSource, pick_device
 from nla.sidecar import MODEL_META, Meta, SidecarError
@@ -212,7 +213,8 @@ class NLA:
         except ModelError as err:  # a hub id from a released sidecar, hub off: say how to point at a local copy
             raise ConfigError(f"target model {spec!r} for activation extraction: {err} (or pass --target_model DIR).") from None
         model = self.source.causal_lm(path, self.dtype).to(self.verbalizer.device).eval()
-        n_layers, width = model.config.num_hidden_layers, model.config.hidden_size
+        text = text_config(model.config)
+        n_layers, width = text.num_hidden_layers, text.hidden_size
         if width != self.d_model or self.layer >= n_layers:
             raise SidecarError(f"target model {spec}: hidden_size {width}, {n_layers} blocks, but the AV needs d_model "
                                f"{self.d_model} and block {self.layer}; pass the matching --target_model.")

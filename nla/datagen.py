@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from nla import __version__, templates
+from nla.backbone import text_config
 from nla.config import ConfigError, NLAConfig, default_layer
 from nla.corpus import iter_documents
 from nla.data import SPLITS, split_path, write_split
@@ -91,7 +92,7 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
     state = _process_state(cfg)
     work = cfg.data_dir / ".work"
     model, tok, _ = load_model_and_tokenizer(cfg.model, cfg.run.device if state.num_processes == 1 else str(state.device))
-    layer = resolve_layer(cfg, model.config.num_hidden_layers)
+    layer = resolve_layer(cfg, text_config(model.config).num_hidden_layers)
     try:  # before the extraction, not after it
         templates.require_chat_template(tok)
     except templates.NoChatTemplate as err:

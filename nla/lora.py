@@ -8,6 +8,9 @@ from torch import nn
 
 # Attention and MLP projections by their names in Llama, Qwen2, Mistral, Gemma(3) and Phi-3, whose
 # fused qkv_proj / gate_up_proj would otherwise leave LoRA on o_proj and down_proj alone.
+# Multimodal models (Gemma3ForConditionalGeneration): the vision tower reuses q_proj/k_proj/v_proj,
+# but only the language model runs in an NLA.
+NOT_LANGUAGE_MODEL = r".*(vision_tower|vision_model|multi_modal_projector).*"
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"]
 
 
@@ -25,7 +28,7 @@ def lora_config(r: int, layers: list[int] | None = None, dropout: float = 0.0):
     from peft import LoraConfig
 
     return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=TARGET_MODULES,
-                      layers_to_transform=layers, bias="none")
+                      exclude_modules=NOT_LANGUAGE_MODEL, layers_to_transform=layers, bias="none")
 
 
 def apply_lora(model: nn.Module, r: int, layers: list[int] | None = None, adapter_name: str = "default") -> nn.Module:

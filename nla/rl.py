@@ -22,6 +22,7 @@ import torch
 from nla import metrics
 from nla.ar import attach_to_shared_base, mse_scale_of, read_ar_meta, resolve_ar_dir, save_shared_ar
 from nla.av import Verbalizer, injection_scale_of, read_av_meta, resolve_av_dir
+from nla.backbone import text_config
 from nla.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint
 from nla.config import ConfigError, NLAConfig
 from nla.data import load_split, split_path
@@ -65,7 +66,7 @@ def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, 
     if cfg.rl.rl_val_rows > 0:  # adding an adapter draws LoRA init from the RNG: fork it so training is unchanged
         with torch.random.fork_rng(devices=[]):
             sft_ar_model = attach_to_shared_base(model, sft_ar, tokenizer, adapter_name=AR_REF, trainable=False)
-    av_meta.verify(tokenizer, d_model=model.config.hidden_size, where=str(sft_av / MODEL_META))
+    av_meta.verify(tokenizer, d_model=text_config(model.config).hidden_size, where=str(sft_av / MODEL_META))
     if ar.layer != av_meta.layer_index:
         raise ConfigError(f"the AV explains layer {av_meta.layer_index} but the AR reads layer {ar.layer}; train them on the same data.")
     model.to(device)
@@ -125,7 +126,7 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     resume = resolve_resume(cfg.run.resume, root)
     model, tokenizer, verbalizer, ar, av_meta, sft_ar_model = load_joint(cfg, sft_av, sft_ar, resume, acc.device)
     data = load_split(split_path(cfg.data_dir, "rl"))
-    data.meta.verify(tokenizer, d_model=model.config.hidden_size, where=str(data.path))
+    data.meta.verify(tokenizer, d_model=text_config(model.config).hidden_size, where=str(data.path))
     if data.meta.layer_index != av_meta.layer_index:
         raise ConfigError(f"{data.path} holds layer {data.meta.layer_index} but the AV was trained on layer {av_meta.layer_index}.")
     ar_meta = read_ar_meta(sft_ar)

@@ -48,3 +48,49 @@ def save_tiny_model(out_dir: str | Path, d_model: int = 64, n_layers: int = 4, s
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+ARCHITECTURES = ("llama", "qwen2", "mistral", "phi3", "gemma3", "gemma3-multimodal")
+
+
+def tiny_config(arch: str, vocab_size: int, special: dict[str, int], d_model: int = 64, n_layers: int = 4):
+    """A transformers config of a tiny random model of `arch` (one of ARCHITECTURES)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+                  **special)
+    if arch == "llama":
+        return tf.LlamaConfig(**common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common)
+    if arch == "mistral":
+        return tf.MistralConfig(**common, sliding_window=32)
+    if arch == "phi3":  # fused qkv_proj / gate_up_proj
+        return tf.Phi3Config(**common)
+    gemma = dict(common, head_dim=d_model // 4, sliding_window=16, tie_word_embeddings=True)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(**gemma)
+    if arch == "gemma3-multimodal":  # Gemma3ForConditionalGeneration (gemma-3-4b/12b/27b): a tiny vision tower
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
+        return tf.Gemma3Config(text_config=gemma, vision_config=vision, mm_tokens_per_image=4,
+                               image_token_index=vocab_size - 1, boi_token_index=vocab_size - 2, eoi_token_index=vocab_size - 3)
+    raise ValueError(f"unknown architecture {arch!r}; one of {ARCHITECTURES}")
+
+
+def save_tiny_architecture(out_dir: str | Path, arch: str, seed: int = 0) -> Path:
+    """An HF folder holding a tiny random model of `arch` and the tiny tokenizer (`--model DIR`)."""
+    import torch
+    import transformers as tf
+
+    out_dir = Path(out_dir)
+    tok = build_tiny_tokenizer()
+    special = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    config = tiny_config(arch, len(tok), special)
+    torch.manual_seed(seed)
+    cls = tf.Gemma3ForConditionalGeneration if arch == "gemma3-multimodal" else tf.AutoModelForCausalLM
+    model = cls.from_config(config) if cls is tf.AutoModelForCausalLM else cls(config)
+    model.eval().save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
