@@ -79,3 +79,17 @@ def test_whole_pipeline(arch_dir, tmp_path):
                "--out", str(tmp_path / "v.jsonl")])
     rows = [json.loads(line) for line in (tmp_path / "v.jsonl").read_text().splitlines()]
     assert rc == 0 and len(rows) == 2 and all("mse_nrm" in r for r in rows)
+
+
+@pytest.mark.parametrize("config, arch", [("configs/qwen2.5-7b-l20.yaml", "qwen2"), ("configs/llama-3.3-70b-l53.yaml", "llama"),
+                                          ("configs/gemma-3-12b-l32.yaml", "gemma3-multimodal")])
+def test_published_configs_run_datagen_on_a_tiny_stand_in(config, arch, tmp_path):
+    """The published settings (dtype, positions, injection scale ...) with the model, corpus, teacher
+    and sizes swapped for a local tiny model of the same architecture."""
+    path = save_tiny_architecture(tmp_path / "model", arch)
+    rc = main(["datagen", "--config", config, "--model", str(path), "--allow_hub", "false", "--layer", str(LAYER),
+               "--corpus", "builtin:python-docs", "--max_docs", "6", "--max_doc_tokens", "48", "--min_position", "8",
+               "--teacher", "extractive", "--output_dir", str(tmp_path / "run"), "--report_to", "none"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "run" / "data" / "datagen_summary.json").read_text())
+    assert sum(summary["rows"].values()) > 0
