@@ -10,15 +10,20 @@ with that file is complete. `<root>/final` is the last one, copied under a stabl
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
+import sys
+import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from nla.config import ConfigError
 from nla.io import atomic_dir, atomic_write_text
 
 STATE_FILE = "trainer_state.json"
@@ -49,17 +54,81 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_CKPT.match(p.name).group(1)))
 
 
+def unreadable(path: Path) -> str | None:
+    """Why a complete-looking checkpoint cannot be resumed from (None: it can). Cheap: parses the
+    state JSON and opens the training-state archive's index, which a cut-off write lacks."""
+    try:
+        json.loads((path / STATE_FILE).read_text())
+        with zipfile.ZipFile(path / "training_state.pt"):
+            pass
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def resolve_resume(resume: str, root: str | Path) -> Path | None:
-    """'never' -> None; 'auto' -> newest complete checkpoint or None; else the given path."""
-    if resume == "never":
+    """'never'/'restart' -> None; 'auto' -> the newest readable checkpoint (falling back past
+    unreadable ones, with a note on stderr) or None; else the given path."""
+    if resume in ("never", "restart"):
         return None
     if resume == "auto":
-        found = list_checkpoints(root)
-        return found[-1] if found else None
+        for path in reversed(list_checkpoints(root)):
+            problem = unreadable(path)
+            if problem is None:
+                return path
+            print(f"[resume] {path} cannot be read ({problem}); trying the one before it", file=sys.stderr)
+        return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE}).")
+        raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE}); pass a checkpoint-N folder, "
+                          "'auto' or 'never'.")
     return path
+
+
+def start_from(resume: str, root: str | Path, fingerprint: dict[str, Any], is_main: bool = True) -> Path | None:
+    """Where a stage starts: the checkpoint to resume (checked against this run's config), or None.
+
+    Removes temporary folders that dead writers left; refuses `never` where checkpoints exist
+    (a new run would mix with and prune them) and moves them aside for `restart`."""
+    root = Path(root)
+    if is_main:
+        remove_stale_temps(root)
+    existing = list_checkpoints(root)
+    if resume == "never" and existing:
+        raise ConfigError(f"{root} already holds checkpoints up to step {_step(existing[-1])} from an earlier run; "
+                          "continue it with --resume auto, start over with --resume restart (moves them aside), "
+                          "or use another --output_dir.")
+    if resume == "restart" and existing and is_main:
+        aside = root / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        aside.mkdir(parents=True)
+        for path in [*existing, root / "final"]:
+            if path.exists():
+                os.replace(path, aside / path.name)
+        print(f"[resume] --resume restart: moved {len(existing)} checkpoint(s) to {aside}", file=sys.stderr)
+    path = resolve_resume(resume, root)
+    if path is None:
+        return None
+    saved = json.loads((path / STATE_FILE).read_text()).get("fingerprint")
+    if saved is not None:
+        changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+        if changed:
+            diffs = ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {fingerprint.get(k)!r})" for k in changed[:6])
+            raise ConfigError(f"{path} was trained with other settings: {diffs}; put them back to continue it, or "
+                              "start over with --resume restart (or another --output_dir).")
+    print(f"[resume] resuming from {path} (step {_step(path)})", file=sys.stderr)
+    return path
+
+
+def remove_stale_temps(root: Path) -> None:
+    """Delete `.checkpoint-*.tmp` / `.final.*.tmp` folders left by a writer that was killed."""
+    if root.is_dir():
+        for tmp in root.glob(".*.tmp"):
+            if tmp.is_dir() and (tmp.name.startswith(".checkpoint-") or tmp.name.startswith(".final.")):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _step(path: Path) -> int:
+    return int(_CKPT.match(path.name).group(1))
 
 
 def load_checkpoint_state(path: str | Path, optimizers: dict[str, Any] | None = None) -> dict[str, Any]:

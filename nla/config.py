@@ -44,7 +44,9 @@ def _positive(section: Any, *names: str) -> None:
 class RunConfig:
     output_dir: str = _help("Where this run writes data, checkpoints, metrics and the resolved config.", default="runs/default")
     seed: int = _help("Seed for every RNG (positions, splits, sampling, init).", default=0)
-    resume: str = _help("'auto' resumes from the newest complete checkpoint in output_dir, 'never' starts fresh, or a checkpoint path.", default="auto")
+    resume: str = _help("'auto': continue from the newest readable checkpoint (its config must match); 'never': start fresh "
+                        "(refused where checkpoints exist); 'restart': move existing checkpoints aside, start fresh; or a checkpoint path.",
+                        default="auto")
     device: str = _help("'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.", default="auto")
 
     def __post_init__(self) -> None:
@@ -214,7 +216,8 @@ class EvalConfig:
 @dataclass
 class LoggingConfig:
     report_to: str = _help("'wandb' or 'none'. Metrics always also go to <output_dir>/metrics.jsonl.", default="wandb")
-    wandb_mode: str | None = _help("online/offline/disabled. Default: online if W&B credentials are configured, else offline.", default=None)
+    wandb_mode: str | None = _help("online/offline/disabled. Default: $WANDB_MODE, else offline (online only when you ask).", default=None)
+    wandb_tables: bool = _help("Log sample tables (corpus text next to explanations) to W&B; always kept in tables.jsonl.", default=True)
     wandb_project: str = _help("W&B project.", default="nla")
     run_name: str | None = _help("W&B run name (default: output_dir's name + stage).", default=None)
     log_every: int = _help("Log metrics every N steps.", default=5)
@@ -342,6 +345,24 @@ def parse_config(argv: list[str] | None = None, extra: Iterable[type] = ()) -> t
     n = len(SECTIONS)
     cfg = NLAConfig(**dict(zip(SECTIONS, parsed[:n])))
     return cfg, list(parsed[n:])
+
+
+# Keys a resumed run may change: how long it runs and how it reports, not what it trains.
+_MAY_CHANGE_ON_RESUME = re.compile(r"(_steps|_every|_val_rows)$|^(max_new_tokens|output_dir|resume|device)$")
+
+
+def training_fingerprint(cfg: "NLAConfig", *sections: str, processes: int = 1, **extra: Any) -> dict[str, Any]:
+    """What a checkpoint was trained with: the model, the seed, every key of `sections` (e.g. "ar")
+    except run length and reporting, and `extra` (e.g. the dataset id). A resume compares it.
+    Batch sizes count all `processes` (a run may resume on another process count, same global batch)."""
+    out: dict[str, Any] = {"model": cfg.model.model, "layer": cfg.model.layer, "dtype": cfg.model.dtype, "seed": cfg.run.seed}
+    for name in sections:
+        for k, v in dataclasses.asdict(getattr(cfg, name)).items():
+            if k.endswith("_batch_size"):
+                out[f"{k} x processes"] = v * processes
+            elif not _MAY_CHANGE_ON_RESUME.search(k):
+                out[k] = v
+    return {**out, **extra}
 
 
 def default_layer(n_layers: int) -> int:

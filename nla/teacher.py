@@ -35,6 +35,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,10 @@ class OpenAITeacher:
         if not model:
             raise TeacherError("--teacher openai needs --teacher_model: the model name the endpoint serves.")
         self.url = base_url.rstrip("/") + "/chat/completions"
+        host = urllib.parse.urlsplit(base_url).hostname or ""
+        if api_key and base_url.startswith("http://") and host not in ("localhost", "127.0.0.1", "::1"):
+            warnings.warn(f"--teacher_base_url {base_url} is plain http to another host: the API key and the corpus text "
+                          "travel unencrypted; use https.", stacklevel=2)
         self.model, self.name, self.api_key = model, model, api_key
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.timeout_s, self.retries, self.concurrency, self.backoff_s = timeout_s, retries, concurrency, backoff_s

@@ -1,15 +1,16 @@
 """Metrics go to <output_dir>/metrics.jsonl always, and to W&B unless report_to is 'none'.
 
-W&B mode: the user's `wandb_mode`, else online when credentials are configured (WANDB_API_KEY or a
-netrc entry), else offline (`wandb sync <output_dir>/wandb/offline-run-*` uploads later). Online
-mode without a network hangs for ~40 s, hence offline by default. Only the main process logs.
+W&B mode: the user's `wandb_mode`, else their WANDB_MODE, else offline (`wandb sync
+<output_dir>/wandb/offline-run-*` uploads later). Nothing goes online unless asked: stored
+credentials alone do not send a run (its sample tables hold corpus text), and online mode without
+a network hangs for ~40 s. `wandb_tables false` keeps the sample tables out of W&B (they still go
+to the local tables.jsonl). Only the main process logs.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import netrc
 import os
 import time
 from pathlib import Path
@@ -18,17 +19,8 @@ from typing import Any
 from nla.config import NLAConfig
 
 
-def wandb_credentials_configured() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
 def resolve_wandb_mode(cfg_mode: str | None) -> str:
-    return cfg_mode or os.environ.get("WANDB_MODE") or ("online" if wandb_credentials_configured() else "offline")
+    return cfg_mode or os.environ.get("WANDB_MODE") or "offline"
 
 
 class Tracker:
@@ -41,6 +33,7 @@ class Tracker:
         self.jsonl = self.dir / "metrics.jsonl"
         self.run = None
         self.wandb_mode = "disabled"
+        self.upload_tables = cfg.logging.wandb_tables
         if not self.enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +67,7 @@ class Tracker:
             return
         with open(self.dir / "tables.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"key": key, "step": step, "columns": columns, "rows": rows}, default=str) + "\n")
-        if self.run is not None:
+        if self.run is not None and self.upload_tables:
             import wandb
 
             self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from nla.ar import ARModel, build_ar, load_ar, model_meta, pad_batch, save_ar
-from nla.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint
-from nla.config import ConfigError, NLAConfig
+from nla.checkpoint import load_checkpoint_state, publish_final, save_checkpoint, start_from
+from nla.config import ConfigError, NLAConfig, training_fingerprint
 from nla.data import Split, derangement, load_split, split_path
 from nla.distributed import make_accelerator
 from nla.metrics import cosine, mse_nrm, summarize, target_mean, target_variance
@@ -124,8 +124,9 @@ class ARTrainer:
     """The SFT loop on ready objects: AR, optimizer, scheduler, rows, accelerator, tracker."""
 
     def __init__(self, cfg: NLAConfig, ar: ARModel, tokenizer, train: ARRows, val: ARRows, accelerator,
-                 tracker: Tracker, root: Path, meta_fn, start: dict[str, Any]):
+                 tracker: Tracker, root: Path, meta_fn, start: dict[str, Any], fingerprint: dict[str, Any] | None = None):
         self.cfg, self.ar, self.tok, self.train, self.val = cfg, ar, tokenizer, train, val
+        self.fingerprint = fingerprint or {}  # stored in every checkpoint; a resume must match it
         self.acc, self.tracker, self.root, self.meta_fn = accelerator, tracker, root, meta_fn
         self.scale = cfg.ar.mse_scale or math.sqrt(ar.d_model)
         self.var = target_variance(train.targets, self.scale)
@@ -195,7 +196,8 @@ class ARTrainer:
             meta = self.meta_fn(self.scale, self.var, self.step)
             save_checkpoint(
                 self.root, self.step, lambda d: save_ar(self.ar, d / "ar", meta, self.tok),
-                {"cursor": self.cursor, "skipped": self.skipped}, {"ar": opt, "ar_scheduler": sched})
+                {"cursor": self.cursor, "skipped": self.skipped, "fingerprint": self.fingerprint},
+                {"ar": opt, "ar_scheduler": sched})
         self.acc.wait_for_everyone()
 
     def fit(self, model, opt, sched) -> dict[str, Any]:
@@ -248,7 +250,8 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     model_path = source.resolve(cfg.model.model)
     tokenizer = source.tokenizer(model_path)
     train_split, val_split = _load_data(cfg, tokenizer)
-    resume = resolve_resume(cfg.run.resume, root)
+    fingerprint = training_fingerprint(cfg, "ar", processes=acc.num_processes, dataset_id=train_split.meta.extra.get("dataset_id"))
+    resume = start_from(cfg.run.resume, root, fingerprint, acc.is_main_process)
     if resume is not None:
         ar, tokenizer = load_ar(resume, acc.device, cfg.model.dtype, trainable=True, source=source)
     else:
@@ -279,7 +282,7 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
                          "train_rows": len(train.ids), "dataset": str(train_split.path),
                          "dataset_id": train_split.meta.extra.get("dataset_id")}}, cfg.av.injection_scale)
 
-    trainer = ARTrainer(cfg, ar, tokenizer, train, val, acc, tracker, root, meta_fn, start)
+    trainer = ARTrainer(cfg, ar, tokenizer, train, val, acc, tracker, root, meta_fn, start, fingerprint)
     began = time.time()
     final = trainer.fit(model, opt, sched)
     checkpoint = publish_final(trainer.last_ckpt, root) if acc.is_main_process else root / "final"

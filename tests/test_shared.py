@@ -84,3 +84,19 @@ def test_checkpoint_atomic_resume_and_rotation(tmp_path):
     with pytest.raises(RuntimeError):
         save_checkpoint(tmp_path, 5, boom, {})
     assert not (tmp_path / "checkpoint-000005").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_atomic_folders_follow_the_umask(tmp_path):
+    """Checkpoints, finals and the model cache are built in a temp folder and renamed: the result
+    must be readable by the group/others as the umask allows (mkdtemp alone gives 0700)."""
+    import os
+
+    from nla.io import atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "final") as tmp:
+            (tmp / "w.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "final").stat().st_mode & 0o777 == 0o755

@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from nla.ar import build_ar, load_ar
-from nla.config import from_flat_dict
+from nla.config import ConfigError, from_flat_dict
 from nla.data import derangement, write_split
 from nla.metrics import fve_nrm
 from nla.sidecar import Meta, make_token_spec
@@ -103,8 +103,30 @@ def test_resume_is_exact(task, tiny_model_dir, tmp_path):
     for name in ("value_head.safetensors", "adapter_model.safetensors"):
         a, b = load_file(str(tmp_path / "straight" / "ar" / name)), load_file(str(root / "final" / "ar" / name))
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    fresh = run(cfg.replace(resume="never", ar_steps=4))  # 'never' starts over and ignores the checkpoints
-    assert fresh["steps"] == 4
+    with pytest.raises(ConfigError, match="already holds checkpoints up to step 8.*--resume restart"):
+        run(cfg.replace(resume="never", ar_steps=4))  # would mix with (and prune) the earlier run's checkpoints
+    with pytest.raises(ConfigError, match=r"other settings: ar_lr \(checkpoint 0\.0.*now 0\.5\).*--resume restart"):
+        run(cfg.replace(ar_lr=0.5))  # finished run, changed lr: refused, not silently kept
+    assert run(cfg.replace(ar_steps=10))["steps"] == 10  # run length may change: continues from step 8
+    fresh = run(cfg.replace(resume="restart", ar_steps=4))  # moves the old run aside, starts over
+    assert fresh["steps"] == 4 and sorted(p.name for p in root.glob("superseded-*/checkpoint-*"))[-1] == "checkpoint-000010"
+    assert json.loads((root / "final" / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_resume_falls_back_past_a_cut_checkpoint_and_clears_dead_temps(task, tiny_model_dir, tmp_path, capsys):
+    from nla.checkpoint import list_checkpoints
+
+    cfg = make_cfg(task, tiny_model_dir, output_dir=str(tmp_path / "run"), ar_steps=8, ar_save_every=4, ar_eval_every=100,
+                   resume="auto")
+    run(cfg)
+    root = tmp_path / "run" / "ar"
+    state = root / "checkpoint-000008" / "training_state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a write cut off by kill -9
+    (root / ".checkpoint-000012.abc123.tmp").mkdir()  # what a killed writer leaves
+    run(cfg.replace(ar_steps=12))
+    err = capsys.readouterr().err
+    assert "checkpoint-000008 cannot be read" in err and "resuming from" in err and "checkpoint-000004 (step 4)" in err
+    assert not list(root.glob(".*.tmp")) and list_checkpoints(root)[-1].name == "checkpoint-000012"
 
 
 def test_non_finite_steps_are_skipped(tiny_model_dir, tiny_tokenizer, tmp_path):
