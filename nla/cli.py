@@ -27,6 +27,8 @@ stages:
 {stages}
 
 `nla <stage> --help` lists every option of a stage. Configs: configs/embedded.yaml, configs/smoke.yaml.
+Expected failures (bad options, missing or corrupt files, full disk) print one line and exit 2;
+add --debug to see the traceback.
 """
 
 
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    stage, rest = argv[0], argv[1:]
+    stage, rest = argv[0], [a for a in argv[1:] if a != "--debug"]
+    debug = len(rest) < len(argv) - 1  # --debug: show the traceback of an expected error too
     if stage not in STAGES:
         print(f"nla: unknown stage {stage!r}.\n\n{usage()}", file=sys.stderr)
         return 2
@@ -58,8 +61,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.main(rest) or 0)
     except (ConfigError, CorpusError, ModelError, SidecarError) as err:
+        if debug:
+            raise
         print(f"nla {stage}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the file system said no: name the file and what to do
+        if debug:
+            raise
+        print(f"nla {stage}: error: {describe_os_error(err)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+def describe_os_error(err: OSError) -> str:
+    import errno
+
+    what = f"{err.strerror or err}: {err.filename}" if err.filename else str(err)
+    hints = {errno.ENOSPC: "the disk is full: free space or point --output_dir/--data_dir elsewhere (complete checkpoints are kept)",
+             errno.EACCES: "no permission: choose an --output_dir you can write to",
+             errno.EROFS: "read-only file system: choose an --output_dir you can write to",
+             errno.ENOTDIR: "a path that must be a folder is a file: choose another --output_dir",
+             errno.EEXIST: "a path that must be a folder is a file: choose another --output_dir"}
+    hint = hints.get(err.errno)
+    return f"{what}; {hint}" if hint else what
 
 
 if __name__ == "__main__":

@@ -316,7 +316,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} not found. Pass an existing YAML file to --config (see configs/).")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err}).") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; pass a YAML config file.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a YAML mapping of key: value.")
     check_keys(data, str(path))

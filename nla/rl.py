@@ -122,8 +122,11 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     acc = accelerator or make_accelerator(cfg.run.device)
     rc = cfg.rl
     root = cfg.output_dir / ("rl_shuffle_control" if rc.rl_shuffle_control else "rl")
-    sft_av, sft_ar = sft_paths(cfg)
     data = load_split(split_path(cfg.data_dir, "rl"))
+    if len(data) < acc.num_processes * rc.rl_batch_size:
+        raise ConfigError(f"{data.path} has {len(data)} rows, fewer than one step's {acc.num_processes * rc.rl_batch_size}: "
+                          "give the rl split a share of --split_fractions and enough documents, then rerun `nla datagen`.")
+    sft_av, sft_ar = sft_paths(cfg)
     fingerprint = training_fingerprint(cfg, "rl", processes=acc.num_processes, sft_av=str(sft_av), sft_ar=str(sft_ar),
                                        dataset_id=data.meta.extra.get("dataset_id"))
     resume = start_from(cfg.run.resume, root, fingerprint, acc.is_main_process)

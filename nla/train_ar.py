@@ -233,6 +233,9 @@ def _load_data(cfg: NLAConfig, tokenizer) -> tuple[Split, Split]:
         raise ConfigError(f"--layer {cfg.model.layer} but {train.path} holds activations of block {layer}; "
                           "drop --layer or regenerate the data with `nla datagen`.")
     for split in (train, val):
+        if len(split) == 0:
+            raise ConfigError(f"{split.path} has no rows: give that split a share of --split_fractions and enough "
+                              "documents (--max_docs), then rerun `nla datagen`.")
         split.meta.verify(tokenizer, where=str(split.path))
         if split.meta.layer_index != layer:
             raise SidecarError(f"{split.path}: layer {split.meta.layer_index} but ar_sft has layer {layer}; "

@@ -1,0 +1,97 @@
+"""The bad-input catalogue: each case exits 2 with one line on stderr that names the fix, and leaves
+no output that looks complete. Cases run in-process through `nla.cli.main` (the console script)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nla.cli import main
+
+SMOKE = "configs/smoke.yaml"
+
+
+def _files(tmp):
+    (tmp / "bad.yaml").write_text("ar_steps: [1\n")
+    (tmp / "list.yaml").write_text("- a\n- b\n")
+    (tmp / "binary.yaml").write_bytes(b"\xff\xfe\x00bad")
+    (tmp / "afile").write_text("x")
+    (tmp / "empty.jsonl").write_text(json.dumps({"text": "  "}) + "\n")
+
+
+# (name, stage and arguments ({tmp} and {model} are filled in), a fragment the one line must hold)
+CASES = [
+    ("yaml syntax", ["train-ar", "--config", "{tmp}/bad.yaml"], "not valid YAML"),
+    ("yaml not a mapping", ["train-ar", "--config", "{tmp}/list.yaml"], "YAML mapping"),
+    ("yaml not utf-8", ["train-ar", "--config", "{tmp}/binary.yaml"], "not UTF-8"),
+    ("config missing", ["train-ar", "--config", "{tmp}/nope.yaml"], "not found"),
+    ("unknown key", ["train-ar", "--config", SMOKE, "--ar_stpes", "3"], "ar_steps"),
+    ("zero save interval", ["train-ar", "--config", SMOKE, "--ar_save_every", "0"], "ar_save_every"),
+    ("zero eval interval", ["train-ar", "--config", SMOKE, "--ar_eval_every", "0"], "ar_eval_every"),
+    ("negative layer", ["datagen", "--config", SMOKE, "--layer", "-1"], "layer"),
+    ("bad dtype", ["datagen", "--config", SMOKE, "--dtype", "float64"], "dtype"),
+    ("bad device", ["datagen", "--config", SMOKE, "--device", "tpu"], "device"),
+    ("bad wandb mode", ["train-ar", "--config", SMOKE, "--wandb_mode", "loud"], "wandb_mode"),
+    ("chat template missing", ["datagen", "--config", SMOKE, "--chat_template", "{tmp}/nope.jinja"], "chat_template"),
+    ("resume path missing", ["train-ar", "--config", SMOKE, "--model", "{model}", "--output_dir", "{tmp}/r",
+                             "--data_dir", "{data}", "--resume", "{tmp}/nope"], "not a complete checkpoint"),
+    ("hub id without allow_hub", ["datagen", "--config", SMOKE, "--model", "org/name", "--output_dir", "{tmp}/h"],
+     "--allow_hub true"),
+    ("unknown embedded model", ["datagen", "--config", SMOKE, "--model", "embedded:nope", "--output_dir", "{tmp}/e"],
+     "available"),
+    ("unknown builtin corpus", ["datagen", "--config", SMOKE, "--model", "{model}", "--corpus", "builtin:nope",
+                                "--output_dir", "{tmp}/c"], "builtin"),
+    ("corpus with no documents", ["datagen", "--config", SMOKE, "--model", "{model}", "--corpus", "{tmp}/empty.jsonl",
+                                  "--output_dir", "{tmp}/d"], "no documents"),
+    ("layer out of range", ["datagen", "--config", SMOKE, "--model", "{model}", "--layer", "9", "--output_dir", "{tmp}/l"],
+     "out of range"),
+    ("last block as layer", ["datagen", "--config", SMOKE, "--model", "{model}", "--layer", "3", "--output_dir", "{tmp}/l3"],
+     "last block"),
+    ("output dir is a file", ["datagen", "--config", SMOKE, "--model", "{model}", "--output_dir", "{tmp}/afile"],
+     "choose another --output_dir"),
+    ("train-ar without data", ["train-ar", "--config", SMOKE, "--model", "{model}", "--output_dir", "{tmp}/n"],
+     "run `nla datagen`"),
+    ("train-av without data", ["train-av", "--config", SMOKE, "--model", "{model}", "--output_dir", "{tmp}/n"],
+     "run `nla datagen`"),
+    ("rl without SFT", ["rl", "--config", SMOKE, "--model", "{model}", "--output_dir", "{tmp}/n", "--data_dir", "{data}"],
+     "train-"),
+    ("train-ar on an empty split", ["train-ar", "--config", SMOKE, "--model", "{model}", "--output_dir", "{tmp}/n",
+                                    "--data_dir", "{empty}"], "has no rows"),
+    ("rl on an empty split", ["rl", "--config", SMOKE, "--model", "{model}", "--output_dir", "{tmp}/n", "--data_dir", "{empty}",
+                              "--av_checkpoint", "{tmp}", "--ar_checkpoint", "{tmp}"], "rows"),
+    ("eval without checkpoint", ["eval", "--config", SMOKE, "--output_dir", "{tmp}/nowhere"], "--av DIR"),
+    ("api key pasted as variable name", ["datagen", "--config", SMOKE, "--teacher", "openai", "--teacher_api_key_env",
+                                         "sk-abcdefghijklmnopqrstuvwxyz0123456789"], "variable"),
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("bad-inputs")
+    assert main(["datagen", "--config", SMOKE, "--model", str(tiny_model_dir), "--output_dir", str(out),
+                 "--teacher", "extractive"]) == 0
+    return out / "data"
+
+
+@pytest.fixture(scope="module")
+def empty_data_dir(tmp_path_factory, tiny_model_dir):
+    """Split fractions that leave ar_sft, rl and test without rows: datagen itself succeeds."""
+    out = tmp_path_factory.mktemp("empty-splits")
+    assert main(["datagen", "--config", SMOKE, "--model", str(tiny_model_dir), "--output_dir", str(out),
+                 "--teacher", "extractive", "--split_fractions", "0.5,0,0,0.5,0"]) == 0
+    return out / "data"
+
+
+@pytest.mark.parametrize("name, args, fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_with_the_fix(name, args, fragment, tmp_path, tiny_model_dir, data_dir, empty_data_dir, capsys):
+    _files(tmp_path)
+    filled = [a.format(tmp=tmp_path, model=tiny_model_dir, data=data_dir, empty=empty_data_dir) for a in args]
+    rc = main(filled)
+    err = capsys.readouterr().err.strip().splitlines()
+    message = [line for line in err if line.startswith("nla ")]
+    assert rc == 2 and len(message) == 1, err[-5:]
+    assert fragment in message[0] and "Traceback" not in "\n".join(err), message
+    assert "sk-abcdefghijklmnop" not in message[0]  # a pasted key is never echoed
+    for done in tmp_path.rglob("final"):  # nothing that looks complete was written
+        raise AssertionError(f"{done} written by a failing run")
