@@ -8,6 +8,7 @@ message, or the filled AR prompt in ar_sft), `response` (AV target, av_sft/val/t
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ class Split:
     columns: dict[str, list[Any]]  # every other column, as python lists
     meta: Meta
     path: Path
+    dropped_nonfinite: int = 0  # rows whose vector held NaN/inf, left out on load
 
     def __len__(self) -> int:
         return self.vectors.shape[0]
@@ -109,4 +111,11 @@ def load_split(path: str | Path, max_rows: int | None = None, seed: int = 0) -> 
     if len(col) and vectors.shape[1] != d:
         raise ValueError(f"{path}: vectors have width {vectors.shape[1]} but the sidecar says d_model={d}.")
     columns = {name: table.column(name).to_pylist() for name in table.column_names if name != "activation_vector"}
-    return Split(vectors, columns, meta, path)
+    finite = torch.isfinite(vectors).all(dim=1)
+    dropped = int((~finite).sum())
+    if dropped:  # every stage reads splits here, so NaN/inf rows are dropped (and said) the same way everywhere
+        print(f"[data] {path}: left out {dropped} of {len(finite)} rows whose activation holds NaN/inf", file=sys.stderr)
+        keep = finite.nonzero().squeeze(1).tolist()
+        vectors = vectors[finite]
+        columns = {name: [values[i] for i in keep] for name, values in columns.items()}
+    return Split(vectors, columns, meta, path, dropped)

@@ -77,15 +77,15 @@ def ar_texts(split: Split, ar_text: str = "explanation") -> list[str | None]:
 
 
 def load_rows(split: Split, ar: ARModel, tokenizer, check_prompts: bool = False, ar_text: str = "explanation") -> ARRows:
-    """Keep rows with a text, a finite target, and an AR prompt of <= ar.max_length tokens."""
+    """Keep rows with a text and an AR prompt of <= ar.max_length tokens (NaN/inf rows never get
+    here: `load_split` leaves them out)."""
     texts = ar_texts(split, ar_text)
-    finite = torch.isfinite(split.vectors).all(dim=1).tolist()
     if check_prompts and ar_text == "explanation" and "prompt" in split.columns:
         for stored, text in zip(split.column("prompt")[:8], texts[:8]):
             if text is not None and stored != ar_prompt(text, ar.template):
                 raise SidecarError(f"{split.path}: stored AR prompt {stored!r} differs from the template in the sidecar "
                                    "(template drift); regenerate the data with `nla datagen`.")
-    keep = [i for i, t in enumerate(texts) if t is not None and finite[i]]
+    keep = [i for i, t in enumerate(texts) if t is not None]
     ids = ar.token_ids([texts[i] for i in keep], tokenizer)
     fits = [k for k, x in enumerate(ids) if len(x) <= ar.max_length]
     rows = [keep[k] for k in fits]

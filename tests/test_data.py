@@ -37,3 +37,14 @@ def test_a_parquet_cut_in_half_is_one_line_error(tmp_path, tiny_tokenizer):
     with pytest.raises(ConfigError, match="val.parquet is not a readable parquet file.*rerun `nla datagen`") as err:
         load_split(path)
     assert "\n" not in str(err.value)
+
+
+def test_nonfinite_rows_are_left_out_on_load_and_said(tmp_path, tiny_tokenizer, capsys):
+    """Every stage reads splits through load_split: NaN/inf rows never reach any of them."""
+    meta = Meta("nla_dataset", make_token_spec(tiny_tokenizer, "㈠"), d_model=4, layer_index=1, base_model="tiny")
+    vectors = np.ones((5, 4), np.float32)
+    vectors[1, 2], vectors[3, 0] = np.nan, np.inf
+    path = write_split(tmp_path / "av_sft.parquet", vectors, {"doc_id": list("abcde"), "explanation": list("vwxyz")}, meta)
+    split = load_split(path)
+    assert len(split) == 3 and split.dropped_nonfinite == 2 and split.column("explanation") == ["v", "x", "z"]
+    assert "left out 2 of 5 rows" in capsys.readouterr().err
