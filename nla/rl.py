@@ -151,6 +151,7 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     trainer = JointTrainer(model, verbalizer, ar, tokenizer, rc, scale, var, av_opt, ar_opt, av_sched, ar_sched, acc,
                            sft_ar=sft_ar_model)
     tracker = Tracker(cfg, root.name, is_main=acc.is_main_process)
+    tracker.forget_after(int(state["step"]))  # steps after the checkpoint are trained (and logged) again
     contexts = data.columns.get("detokenized_text_truncated") or [""] * len(data)
     val_vectors = validation_vectors(cfg, acc)
     val_start = state.get("val_start")

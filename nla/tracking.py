@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nla.config import NLAConfig
+from nla.io import atomic_write_text
 
 
 def resolve_wandb_mode(cfg_mode: str | None) -> str:
@@ -52,6 +53,24 @@ class Tracker:
                     config=cfg.to_dict(),
                     reinit="finish_previous",
                 )
+
+    def forget_after(self, step: int) -> None:
+        """A resume from `step`: drop this stage's metrics.jsonl lines logged after it (the steps
+        are trained again and would otherwise appear twice)."""
+        if not self.enabled or not self.jsonl.is_file():
+            return
+        lines = self.jsonl.read_text(encoding="utf-8").splitlines()
+
+        def later(line: str) -> bool:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                return False
+            return entry.get("stage") == self.stage and int(entry.get("step", 0)) > step
+
+        kept = [line for line in lines if not later(line)]
+        if len(kept) != len(lines):
+            atomic_write_text(self.jsonl, "".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.enabled:

@@ -275,6 +275,7 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     model, opt = acc.prepare(ar, opt)
     tracker = Tracker(cfg, "train-ar-shuffled-targets" if control else "train-ar-oracle" if oracle else "train-ar",
                       is_main=acc.is_main_process)
+    tracker.forget_after(int(start.get("step", 0)))  # steps after the checkpoint are trained (and logged) again
 
     def meta_fn(scale: float, var: float, step: int):
         return model_meta(ar, train_split.meta, cfg.model.model, scale, {

@@ -284,6 +284,7 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
         start_step = int(load_checkpoint_state(resume_from, {"optimizer": optimizer, "scheduler": scheduler})["step"])
     model, optimizer = acc.prepare(model, optimizer)
     tracker = Tracker(cfg, "train-av", is_main=acc.is_main_process)
+    tracker.forget_after(start_step)  # steps after the checkpoint are trained (and logged) again
     trainer = AVTrainer(cfg, acc, model, tokenizer, meta, data, optimizer, scheduler, tracker, fingerprint)
     if start_step < cfg.av.av_steps:
         trainer.fit(start_step)

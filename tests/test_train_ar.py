@@ -97,6 +97,9 @@ def test_resume_is_exact(task, tiny_model_dir, tmp_path):
     shutil.rmtree(root / "checkpoint-000008")
     shutil.rmtree(root / "final")
     resumed = run(cfg)  # picks up checkpoint-000004
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    entries = [(e["step"], tuple(sorted(k for k in e if k != "time"))) for e in logged if e["stage"] == "train-ar"]
+    assert len(entries) == len(set(entries)) and max(e[0] for e in entries) == 8  # steps 5..8 not logged twice
     assert resumed["steps"] == straight["steps"] == 8
     state = json.loads((root / "final" / "trainer_state.json").read_text())
     assert state["step"] == 8 and state["cursor"] == 16  # 8 steps x 2 micro-batches
