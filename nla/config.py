@@ -52,6 +52,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device={self.device!r}: use 'auto', 'cpu' or 'cuda'.")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():  # Accelerate would otherwise run on the CPU without a word
+                raise ConfigError("device=cuda but no CUDA GPU is visible (torch.cuda.is_available() is False); "
+                                  "use --device cpu or auto, or check CUDA_VISIBLE_DEVICES and the torch build.")
 
 
 @dataclass

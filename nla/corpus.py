@@ -88,18 +88,26 @@ def _source(spec: str, text_field: str, allow_hub: bool) -> Iterator[Document]:
 
 def _file(path: Path, text_field: str, prefix: str) -> Iterator[Document]:
     if path.suffix == ".txt":
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for i, chunk in enumerate(pack_paragraphs(fh)):
-                yield Document(f"{prefix}:{i}", chunk)
+        try:
+            with open(path, encoding="utf-8") as fh:  # strict: binary junk would train as U+FFFD
+                for i, chunk in enumerate(pack_paragraphs(fh)):
+                    yield Document(f"{prefix}:{i}", chunk)
+        except UnicodeDecodeError as err:
+            raise CorpusError(f"{path}: not UTF-8 text (byte {err.start}); convert it to UTF-8 or leave it out.") from None
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh):
-                if not line.strip():
+        with open(path, "rb") as fh:
+            for line_no, raw in enumerate(fh):
+                if not raw.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise CorpusError(f"{path}:{line_no + 1}: not UTF-8; convert the file to UTF-8.") from None
                 except json.JSONDecodeError as err:
                     raise CorpusError(f"{path}:{line_no + 1}: not valid JSON ({err.msg}).") from None
+                if not isinstance(row, dict):
+                    raise CorpusError(f"{path}:{line_no + 1}: a JSON {type(row).__name__}, not an object "
+                                      f'{{"{text_field}": ...}}; write one object per line.')
                 if text_field not in row:
                     raise CorpusError(f"{path}:{line_no + 1}: no {text_field!r} key; set --text_field to the key holding the text.")
                 yield Document(str(row.get("id", row.get("doc_id", f"{prefix}:{line_no}"))), str(row[text_field]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from nla.cli import main
 
@@ -18,6 +19,9 @@ def _files(tmp):
     (tmp / "binary.yaml").write_bytes(b"\xff\xfe\x00bad")
     (tmp / "afile").write_text("x")
     (tmp / "empty.jsonl").write_text(json.dumps({"text": "  "}) + "\n")
+    (tmp / "random.txt").write_bytes(bytes(range(256)) * 8)
+    (tmp / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    (tmp / "array.jsonl").write_text('["a list", "not an object"]\n')
 
 
 # (name, stage and arguments ({tmp} and {model} are filled in), a fragment the one line must hold)
@@ -44,6 +48,13 @@ CASES = [
                                 "--output_dir", "{tmp}/c"], "builtin"),
     ("corpus with no documents", ["datagen", "--config", SMOKE, "--model", "{model}", "--corpus", "{tmp}/empty.jsonl",
                                   "--output_dir", "{tmp}/d"], "no documents"),
+    ("random bytes as a .txt corpus", ["datagen", "--config", SMOKE, "--model", "{model}", "--corpus", "{tmp}/random.txt",
+                                       "--output_dir", "{tmp}/t"], "not UTF-8"),
+    ("non-UTF-8 jsonl line", ["datagen", "--config", SMOKE, "--model", "{model}", "--corpus", "{tmp}/latin1.jsonl",
+                              "--output_dir", "{tmp}/j"], "not UTF-8"),
+    ("jsonl line not an object", ["datagen", "--config", SMOKE, "--model", "{model}", "--corpus", "{tmp}/array.jsonl",
+                                  "--output_dir", "{tmp}/k"], "one object per line"),
+    ("cuda without a GPU", ["train-ar", "--config", SMOKE, "--device", "cuda"], "no CUDA GPU"),
     ("layer out of range", ["datagen", "--config", SMOKE, "--model", "{model}", "--layer", "9", "--output_dir", "{tmp}/l"],
      "out of range"),
     ("last block as layer", ["datagen", "--config", SMOKE, "--model", "{model}", "--layer", "3", "--output_dir", "{tmp}/l3"],
@@ -85,6 +96,8 @@ def empty_data_dir(tmp_path_factory, tiny_model_dir):
 
 @pytest.mark.parametrize("name, args, fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_with_the_fix(name, args, fragment, tmp_path, tiny_model_dir, data_dir, empty_data_dir, capsys):
+    if name == "cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
     _files(tmp_path)
     filled = [a.format(tmp=tmp_path, model=tiny_model_dir, data=data_dir, empty=empty_data_dir) for a in args]
     rc = main(filled)
