@@ -25,6 +25,7 @@ sidecar's `ar_target_variance`, else the given vectors' own). `--rerank_with_ar`
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +35,7 @@ import torch
 
 from nla.checkpoints import NLA, CheckpointArgs, load_from_config, load_nla, option
 from nla.config import ConfigError, NLAConfig
-from nla.extract import DocRecord, extract_vectors, tokenize_document
+from nla.extract import CHARS_PER_TOKEN_BOUND, DocRecord, extract_vectors, tokenize_document
 from nla.io import atomic_write_text
 from nla.metrics import EPS, mse_nrm, target_variance
 from nla.stage import start_stage
@@ -134,9 +135,13 @@ def extract_text_rows(nla: NLA, docs: list[dict[str, Any]], max_tokens: int, bat
     """
     tok = nla.tokenizer
     special = set(tok.all_special_ids)
-    records = []
+    records, cut = [], []
     for doc in docs:
         ids = tokenize_document(tok, doc["text"], max_tokens)
+        if len(ids) >= max_tokens:  # full: was there more? (the tokenized prefix is bounded, so this stays cheap)
+            prefix = doc["text"][:max_tokens * CHARS_PER_TOKEN_BOUND]
+            if len(prefix) < len(doc["text"]) or len(tok(prefix, add_special_tokens=True)["input_ids"]) > max_tokens:
+                cut.append(doc["doc_id"])
         positions = doc.get("positions")
         if positions is None:
             positions = pick(ids, doc["doc_id"]) if pick else [i for i, t in enumerate(ids) if t not in special]
@@ -146,6 +151,9 @@ def extract_text_rows(nla: NLA, docs: list[dict[str, Any]], max_tokens: int, bat
                               f"(texts are cut to max_doc_tokens={max_tokens}).")
         if positions:
             records.append(DocRecord(doc["doc_id"], ids, sorted(set(positions))))
+    if cut:  # said, not silent: positions past the cut are never explained
+        print(f"[verbalize] {len(cut)} text(s) cut to their first {max_tokens} tokens (e.g. {cut[0]}); "
+              "raise --max_doc_tokens to read more", file=sys.stderr)
     if not records:
         raise ConfigError("no token positions to explain: the texts are too short for the position rule "
                           "(lower --min_position, or pass --positions).")

@@ -107,3 +107,10 @@ def test_cli_vectors_file_and_no_ar(toy, tmp_path, capsys):
     errors = [e for e in capsys.readouterr().err.splitlines() if e.startswith("nla verbalize")]
     assert [e.split(": error: ")[0] for e in errors] == ["nla verbalize"] * 3, errors
     assert "no AR found" in errors[0] and "exactly one input" in errors[1] and "beyond its" in errors[2]
+
+
+def test_a_text_cut_to_max_tokens_is_said(nla, capsys):
+    explain_text(TEXT, nla=nla, positions=[1], max_tokens=4, max_new_tokens=4)
+    assert "cut to their first 4 tokens" in capsys.readouterr().err
+    explain_text(TEXT, nla=nla, positions=[1], max_new_tokens=4)
+    assert "cut to" not in capsys.readouterr().err
