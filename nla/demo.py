@@ -61,6 +61,9 @@ def sft_vs_rl_table(sft: dict[str, Any], rl: dict[str, Any]) -> str:
     for control in sorted(rl.get("controls", {})):
         name = f"control: {control} fve_nrm"
         lines.append(f"{name:<34}{_fmt(sft['controls'][control]['fve_nrm']):>10}{_fmt(rl['controls'][control]['fve_nrm']):>10}")
+    if (rl.get("order_shuffled") or {}).get("fve_nrm") is not None:  # the same phrases in another order
+        lines.append(f"{'phrases reordered fve_nrm':<34}{_fmt((sft.get('order_shuffled') or {}).get('fve_nrm')):>10}"
+                     f"{_fmt(rl['order_shuffled']['fve_nrm']):>10}")
     if "paraphrase" in rl:  # fve_retained is a ratio, undefined while fve_nrm <= 0: show both FVEs
         lines.append(f"{'paraphrased explanations fve_nrm':<34}{_fmt(sft['paraphrase'].get('fve_nrm')):>10}"
                      f"{_fmt(rl['paraphrase'].get('fve_nrm')):>10}")

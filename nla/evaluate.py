@@ -181,9 +181,56 @@ class LocalParaphraser(LocalTeacher):
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + self.prefill
 
 
+def split_claims(text: str) -> list[str]:
+    """An explanation's phrases: split at ';' and at sentence ends ('.', '!', '?' before a space),
+    never inside a double-quoted span (a quoted ending may hold any of them; `\\"` stays inside)."""
+    claims, start, quoted, escaped = [], 0, False, False
+    for i, ch in enumerate(text):
+        if quoted:
+            escaped, quoted = (not escaped and ch == "\\"), quoted and not (ch == '"' and not escaped)
+            continue
+        if ch == '"':
+            quoted = True
+        elif ch == ";" or (ch in ".!?" and text[i + 1:i + 2].isspace()):
+            claims.append(text[start:i + (ch != ";")])
+            start = i + 1
+    claims.append(text[start:])
+    return [c.strip() for c in claims if c.strip()]
+
+
 def reverse_claims(text: str) -> str:
     """Model-free stand-in for a paraphrase: the same claims in reverse order (the paper: order barely matters)."""
-    return "; ".join(reversed([c.strip() for c in text.split(";") if c.strip()])) or text
+    return "; ".join(reversed(split_claims(text))) or text
+
+
+def shuffle_claims(text: str, seed: int) -> str | None:
+    """The same phrases in another order (seeded; never the original order), or None when the text
+    has fewer than two phrases to reorder."""
+    claims = split_claims(text)
+    if len(claims) < 2:
+        return None
+    order = derangement(len(claims), seed).tolist()
+    return "; ".join(claims[i] for i in order)
+
+
+def order_shuffled_scores(explanations: list, original_pred: torch.Tensor, predict: Predict, targets: torch.Tensor,
+                          scorer: Scorer) -> dict[str, Any]:
+    """The order-shuffle control: each explanation's phrases reordered (seeded per row), re-scored
+    by the same AR on the rows that have two or more phrases. FVE that holds up means the AR reads
+    what the phrases say, not where they stand; retained = ratio (None if the original <= 0)."""
+    shuffled = [shuffle_claims(e, scorer.seed + i) if e else None for i, e in enumerate(explanations)]
+    keep = [i for i, s in enumerate(shuffled) if s is not None]
+    out: dict[str, Any] = {"n": len(keep), "fve_nrm": None, "fve_original": None, "fve_retained": None,
+                           "example": None}
+    if len(keep) < 2:
+        return out
+    sub = targets[keep]
+    out["fve_nrm"] = scorer.fve(predict([shuffled[i] for i in keep]), sub)
+    out["fve_original"] = scorer.fve(original_pred[keep], sub)
+    if out["fve_original"] > 0:
+        out["fve_retained"] = out["fve_nrm"] / out["fve_original"]
+    out["example"] = [explanations[keep[0]], shuffled[keep[0]]]
+    return out
 
 
 def paraphrase(cfg: NLAConfig, nla: NLA, texts: list, cache_path: Path) -> tuple[list, str]:
@@ -298,6 +345,7 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
         para, method = paraphrase(cfg, nla, explanations, cache_dir / "paraphrase_cache.jsonl")
         report["paraphrase"] = {"method": method, **paraphrase_scores(para, explanations, pred, nla.predict, vectors, scorer)}
         timing["paraphrase_s"] = time.time() - t0
+    report["order_shuffled"] = order_shuffled_scores(explanations, pred, nla.predict, vectors, scorer)
     lengths = [len(nla.ar_tokenizer.encode(e, add_special_tokens=False)) for e in explanations if e is not None]
     report["explanation_tokens_mean"] = sum(lengths) / len(lengths) if lengths else 0.0
     report["response_tokens_mean"] = sum(s.n_tokens for s in samples) / n
@@ -363,6 +411,11 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     out |= {f"eval/fve_by_length/{k}": v for k, v in report["fve_by_length"].items()}
     para = report.get("paraphrase") or {}
     out |= {f"eval/paraphrase_{k}": para[k] for k in ("fve_nrm", "fve_retained") if para.get(k) is not None}
+    order = report.get("order_shuffled") or {}
+    if order.get("fve_nrm") is not None:
+        out["eval/control/order_shuffled"] = order["fve_nrm"]
+        if order.get("fve_retained") is not None:
+            out["eval/order_shuffled_retained"] = order["fve_retained"]
     if report.get("independent_ar"):
         out["eval/independent_ar_fve_nrm"] = report["independent_ar"]["fve_nrm"]
     if report.get("teacher_explanations"):

@@ -40,6 +40,9 @@ def bars(report: dict[str, Any]) -> list[tuple[str, float]]:
     para = report.get("paraphrase") or {}
     if para.get("fve_nrm") is not None:
         out.append(("paraphrase", para["fve_nrm"]))
+    order = report.get("order_shuffled") or {}
+    if order.get("fve_nrm") is not None:
+        out.append(("phrases reordered", order["fve_nrm"]))
     if report.get("teacher_explanations"):
         out.append(("teacher text", report["teacher_explanations"]["fve_nrm"]))
     if report.get("independent_ar"):
@@ -201,6 +204,12 @@ def markdown(report: dict[str, Any], rows: list[dict[str, Any]], n_samples: int 
         lines += ["\n## Paraphrase control\n", f"Method: {para['method']}. Rows: {para['n']} "
                   f"(teacher failed on {_fmt(para['fail_rate'])}). FVE original {_fmt(para['fve_original'])} → "
                   f"paraphrased {_fmt(para['fve_nrm'])}; retained {_fmt(para['fve_retained'])}."]
+    order = r.get("order_shuffled")
+    if order and order.get("fve_nrm") is not None:
+        lines += ["\n## Order-shuffle control\n", f"Each explanation's phrases in another order (seeded), on the "
+                  f"{order['n']} rows with two or more phrases: FVE original {_fmt(order['fve_original'])} → reordered "
+                  f"{_fmt(order['fve_nrm'])}; retained {_fmt(order['fve_retained'])}. "
+                  f"Example: `{order['example'][0]}` → `{order['example'][1]}`."]
     lines += ["\n## FVE by explanation length\n", "| tokens | " + " | ".join(r["fve_by_length"]) + " |",
               "|---" * (len(r["fve_by_length"]) + 1) + "|", "| fve_nrm | " + " | ".join(_fmt(v) for v in r["fve_by_length"].values()) + " |"]
     ind = r.get("independent_ar")
@@ -245,6 +254,9 @@ def format_table(report: dict[str, Any]) -> str:
     para = r.get("paraphrase") or {}
     if para:
         head += [("paraphrase fve_nrm", para.get("fve_nrm")), ("paraphrase fve_retained", para.get("fve_retained"))]
+    order = r.get("order_shuffled") or {}
+    if order.get("fve_nrm") is not None:
+        head += [("order-shuffled fve_nrm", order["fve_nrm"]), ("order-shuffled fve_retained", order.get("fve_retained"))]
     if r.get("independent_ar"):
         head.append(("independent AR fve_nrm", r["independent_ar"]["fve_nrm"]))
     if r.get("teacher_explanations"):

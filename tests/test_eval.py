@@ -218,6 +218,7 @@ def test_eval_on_trained_toy(toy, tmp_path):
     assert report["var_source"].startswith("ar_sidecar") and report["fve_definition"].startswith("strict")
     assert report["top1_retrieval"] > report["top1_chance"]
     assert report["paraphrase"]["fve_retained"] == pytest.approx(1.0)  # one-claim answers: reversal is the identity
+    assert report["order_shuffled"]["n"] == 0 and report["order_shuffled"]["fve_nrm"] is None  # nothing to reorder
     assert set(report["fve_by_length"]) == {"8", "16", "32", "64", "full"}
     # the same AR given as the independent one must give the same number
     assert report["independent_ar"]["fve_nrm"] == pytest.approx(report["fve_nrm"], abs=1e-5)
@@ -396,3 +397,40 @@ def test_fraction_of_oracle_is_measured_from_the_floor():
     assert fraction_of_oracle(0.25, 0.6, -0.1) == pytest.approx(0.5)
     assert fraction_of_oracle(-0.3, 0.6, -0.1) < 0  # confidently wrong: below the floor
     assert fraction_of_oracle(0.2, -0.2, -0.1) is None  # an oracle no better than the floor measures nothing
+
+
+def test_claims_split_outside_quotes_and_reorder():
+    from nla.evaluate import shuffle_claims, split_claims
+
+    text = 'ends with "a; b. c \\" d; e"; about queue'
+    assert split_claims(text) == ['ends with "a; b. c \\" d; e"', "about queue"]
+    assert split_claims("Reads code. Expects a colon! Next: a body; topic python") == [
+        "Reads code.", "Expects a colon!", "Next: a body", "topic python"]
+    assert shuffle_claims(text, 0) == 'about queue; ends with "a; b. c \\" d; e"'
+    assert shuffle_claims("one phrase only", 0) is None
+    many = "a; b; c; d; e"
+    assert shuffle_claims(many, 1) != many and sorted(split_claims(shuffle_claims(many, 1))) == list("abcde")
+
+
+def test_order_shuffle_control_separates_meaning_from_position():
+    """An AR that reads a bag of words keeps its FVE when phrases move; one that reads only the
+    first phrase loses it."""
+    from nla.evaluate import order_shuffled_scores
+
+    g = torch.Generator().manual_seed(3)
+    words = ["apple", "river", "music", "stone"]
+    emb = {w: torch.randn(D, generator=g) for w in words}
+    texts = [f"{words[i % 4]}; {words[(i + 1) % 4]}; {words[(i + 2) % 4]}" for i in range(12)]
+    targets = torch.stack([sum(emb[w] for w in t.split("; ")) for t in texts])
+    scorer = Scorer(8.0, target_variance(targets, 8.0))
+
+    def bag(ts):
+        return torch.stack([sum(emb[w.strip()] for w in t.split(";")) for t in ts])
+
+    def first(ts):
+        return torch.stack([emb[t.split(";")[0].strip()] * 3 for t in ts])
+
+    kept = order_shuffled_scores(texts, bag(texts), bag, targets, scorer)
+    assert kept["n"] == 12 and kept["fve_retained"] == pytest.approx(1.0, abs=1e-5)
+    lost = order_shuffled_scores(texts, first(texts), first, targets, scorer)
+    assert lost["fve_nrm"] < lost["fve_original"] - 0.2
