@@ -217,6 +217,8 @@ class EvalConfig:
     independent_ar: str | None = _help("A second AR checkpoint for an independent score.", default=None)
     oracle_ar: str | None = _help("A context-oracle AR (`nla train-ar --ar_text context`): eval reports its FVE on the rows' "
                                   "raw context as the ceiling, and the share of it the NLA reaches.", default=None)
+    reinjection_rows: int = _help("Rows whose reconstruction is patched back into the target model at layer K (next-token KL "
+                                  "vs the mean/shuffled/zero baselines); 0 = off. Five forwards of the model per row.", default=32)
 
 
 @dataclass

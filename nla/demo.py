@@ -61,6 +61,11 @@ def sft_vs_rl_table(sft: dict[str, Any], rl: dict[str, Any]) -> str:
     for control in sorted(rl.get("controls", {})):
         name = f"control: {control} fve_nrm"
         lines.append(f"{name:<34}{_fmt(sft['controls'][control]['fve_nrm']):>10}{_fmt(rl['controls'][control]['fve_nrm']):>10}")
+    if (rl.get("reinjection") or {}).get("kl") is not None:  # the reconstruction patched back into the model
+        for name, key in (("reinjection KL, reconstruction", "kl"), ("reinjection KL, mean activation", "kl_mean_baseline"),
+                          ("reinjection KL, another row's", "kl_shuffled_baseline"), ("reinjection recovered", "recovered"),
+                          ("reinjection top-1 agrees", "top1_agree")):
+            lines.append(f"{name:<34}{_fmt((sft.get('reinjection') or {}).get(key)):>10}{_fmt(rl['reinjection'].get(key)):>10}")
     if (rl.get("order_shuffled") or {}).get("fve_nrm") is not None:  # the same phrases in another order
         lines.append(f"{'phrases reordered fve_nrm':<34}{_fmt((sft.get('order_shuffled') or {}).get('fve_nrm')):>10}"
                      f"{_fmt(rl['order_shuffled']['fve_nrm']):>10}")

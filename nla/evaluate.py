@@ -24,12 +24,17 @@ context (`oracle`, and `fraction_of_oracle` = (fve_nrm − floor) / (oracle − 
 way from one constant guess to the oracle). Floor: `fve_floor`, the
 strict FVE of the best constant prediction (the targets' mean direction); strict FVE is negative
 below it, and a content-blind AR sits near it.
+Reinjection (`--reinjection_rows`, default 32): each row's reconstruction, rescaled to the
+activation's norm, patched into the target model at layer K and the last position; next-token
+KL(original ‖ patched) next to the mean, another row's and the zero activation patched there
+(`nla.reinjection`). Skipped, with a note, where the target model cannot be loaded.
 Failed explanations (no closing tag) are scored as the AR reading what was extracted, else "",
 as `nla rl`'s held-out number is; `extraction_fail_rate` says how many.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +48,8 @@ from nla.checkpoints import NLA, CheckpointArgs, load_checked_ar, load_from_conf
 from nla.config import ConfigError, NLAConfig
 from nla.data import derangement, load_split, split_path
 from nla.extract import choose_positions
+from nla.models import ModelError
+from nla.reinjection import reinjection_scores
 from nla.report import format_table, write_report
 from nla.sidecar import SidecarError
 from nla.stage import start_stage
@@ -346,6 +353,19 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
         report["paraphrase"] = {"method": method, **paraphrase_scores(para, explanations, pred, nla.predict, vectors, scorer)}
         timing["paraphrase_s"] = time.time() - t0
     report["order_shuffled"] = order_shuffled_scores(explanations, pred, nla.predict, vectors, scorer)
+    reinjection_kl: list = [None] * n
+    if cfg.eval.reinjection_rows > 0:
+        t0, k = time.time(), min(n, cfg.eval.reinjection_rows)
+        try:
+            with nla.target_model() as model:
+                report["reinjection"], reinjection_kl[:k] = reinjection_scores(
+                    model, nla.tokenizer, [i.get("context") or "" for i in data.info[:k]],
+                    [i.get("position") for i in data.info[:k]], vectors[:k], pred[:k], nla.layer,
+                    cfg.data.extract_batch_size, cfg.run.seed)
+        except (ConfigError, ModelError, SidecarError) as err:  # no target model here: the rest of the report stands
+            report["reinjection"] = {"skipped": str(err)}
+            print(f"[eval] reinjection skipped: {err}", file=sys.stderr)
+        timing["reinjection_s"] = time.time() - t0
     lengths = [len(nla.ar_tokenizer.encode(e, add_special_tokens=False)) for e in explanations if e is not None]
     report["explanation_tokens_mean"] = sum(lengths) / len(lengths) if lengths else 0.0
     report["response_tokens_mean"] = sum(s.n_tokens for s in samples) / n
@@ -360,6 +380,7 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
     report["timing"] = timing
     row_fve = scorer.row_fve(pred, vectors).tolist()
     rows = [{**info, "context": (info.get("context") or "")[-200:], "explanation": e, "failed": s.failed, "fve_nrm": f,
+             "reinjection_kl": reinjection_kl[i],
              **({"teacher_explanation": data.teacher[i]} if data.teacher is not None else {}),
              **({"paraphrase": para[i]} if para is not None else {})}
             for i, (info, e, s, f) in enumerate(zip(data.info, explanations, samples, row_fve))]
@@ -411,6 +432,9 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     out |= {f"eval/fve_by_length/{k}": v for k, v in report["fve_by_length"].items()}
     para = report.get("paraphrase") or {}
     out |= {f"eval/paraphrase_{k}": para[k] for k in ("fve_nrm", "fve_retained") if para.get(k) is not None}
+    re_ = report.get("reinjection") or {}
+    out |= {f"eval/reinjection/{k}": re_[k] for k in ("kl", "kl_mean_baseline", "kl_shuffled_baseline", "kl_zero_baseline",
+                                                      "recovered", "top1_agree") if re_.get(k) is not None}
     order = report.get("order_shuffled") or {}
     if order.get("fve_nrm") is not None:
         out["eval/control/order_shuffled"] = order["fve_nrm"]

@@ -204,6 +204,17 @@ def markdown(report: dict[str, Any], rows: list[dict[str, Any]], n_samples: int 
         lines += ["\n## Paraphrase control\n", f"Method: {para['method']}. Rows: {para['n']} "
                   f"(teacher failed on {_fmt(para['fail_rate'])}). FVE original {_fmt(para['fve_original'])} → "
                   f"paraphrased {_fmt(para['fve_nrm'])}; retained {_fmt(para['fve_retained'])}."]
+    re_ = r.get("reinjection") or {}
+    if re_.get("kl") is not None:
+        lines += ["\n## Reinjection\n", f"The reconstruction (rescaled to the activation's norm) patched into the target "
+                  f"model at layer K, last position, on {re_['n']} rows ({re_['left_out']} left out: the context did not "
+                  "tokenize back to the stored activation). Next-token KL(original ‖ patched), lower is better:\n",
+                  "| patch | KL | top-1 agrees |", "|---|---|---|",
+                  f"| reconstruction | {_fmt(re_['kl'])} | {_fmt(re_['top1_agree'])} |",
+                  f"| mean activation | {_fmt(re_['kl_mean_baseline'])} | {_fmt(re_['top1_agree_mean_baseline'])} |",
+                  f"| another row's activation | {_fmt(re_['kl_shuffled_baseline'])} | – |",
+                  f"| zero | {_fmt(re_['kl_zero_baseline'])} | – |",
+                  f"\nrecovered = 1 − KL_reconstruction / KL_mean = {_fmt(re_['recovered'])}."]
     order = r.get("order_shuffled")
     if order and order.get("fve_nrm") is not None:
         lines += ["\n## Order-shuffle control\n", f"Each explanation's phrases in another order (seeded), on the "

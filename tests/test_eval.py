@@ -434,3 +434,28 @@ def test_order_shuffle_control_separates_meaning_from_position():
     assert kept["n"] == 12 and kept["fve_retained"] == pytest.approx(1.0, abs=1e-5)
     lost = order_shuffled_scores(texts, first(texts), first, targets, scorer)
     assert lost["fve_nrm"] < lost["fve_original"] - 0.2
+
+
+def test_reinjection_of_the_true_vector_recovers_everything(tiny_tokenizer, tmp_path):
+    """On datagen's own rows: patching each row's activation back changes nothing (KL 0,
+    recovered 1); the mean and zero patches do change the next token; a row whose context does not
+    tokenize back to its position is left out, never patched at the wrong place."""
+    from nla.data import load_split
+    from nla.models import load_causal_lm
+    from nla.reinjection import reinjection_scores
+    from nla.testing import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", initializer_range=0.2)  # output that depends on the input
+    assert cli(["datagen", "--config", "configs/smoke.yaml", "--model", str(model_dir), "--output_dir", str(tmp_path),
+                "--teacher", "extractive", "--report_to", "none"]) == 0
+    split = load_split(tmp_path / "data" / "val.parquet", max_rows=8)
+    model, tok = load_causal_lm(str(model_dir)).eval(), tiny_tokenizer
+    contexts, positions = split.column("detokenized_text_truncated"), split.column("position")
+    own, per_row = reinjection_scores(model, tok, contexts, positions, split.vectors, split.vectors, LAYER)
+    assert own["n"] == len(split) and own["kl"] == pytest.approx(0.0, abs=1e-5) and own["recovered"] == pytest.approx(1.0)
+    assert own["kl_mean_baseline"] > 1e-3 and own["kl_zero_baseline"] > 1e-3 and own["top1_agree"] == 1.0
+    mean = split.vectors.mean(dim=0).expand_as(split.vectors)
+    assert reinjection_scores(model, tok, contexts, positions, split.vectors, mean, LAYER)[0]["recovered"] == pytest.approx(0.0, abs=1e-5)
+    shifted = [p + 1 for p in positions]  # the wrong place: never patched
+    left, rows = reinjection_scores(model, tok, contexts, shifted, split.vectors, split.vectors, LAYER)
+    assert left["n"] == 0 and left["kl"] is None and rows == [None] * len(split)
