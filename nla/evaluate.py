@@ -293,8 +293,9 @@ def load_eval_data(cfg: NLAConfig, args: EvalArgs, nla: NLA) -> EvalData:
     cols = split.columns
     n = len(split)
     contexts = cols.get("detokenized_text_truncated") or [""] * n
+    last = [nla.tokenizer(c or "", add_special_tokens=False)["input_ids"][-1:] for c in contexts]  # the position's token
     info = [{"doc_id": cols.get("doc_id", [None] * n)[i], "position": cols.get("position", [None] * n)[i],
-             "context": contexts[i] or ""} for i in range(n)]
+             "context": contexts[i] or "", "token": nla.tokenizer.decode(last[i])} for i in range(n)]
     return EvalData(split.vectors, info, cols.get("explanation"), f"data:{path}")
 
 

@@ -7,6 +7,8 @@ atomically. `format_table` is the short summary `nla eval` prints.
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 import json
 import math
@@ -246,15 +248,18 @@ def write_report(report: dict[str, Any], rows: list[dict[str, Any]], out_dir: st
              "fve_hist_png": plot_histogram(rows, out / "fve_hist.png")}
     files["rows"] = str(atomic_write_text(out / "rows.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows)))
     files["report_md"] = str(out / "report.md")
+    files["report_html"] = str(out / "report.html")
     files["report_json"] = str(out / "report.json")
     report["files"] = files
     atomic_write_text(out / "report.md", markdown(report, rows))
+    plots = {k: files[k] for k in ("controls_png", "fve_by_length_png", "fve_hist_png") if files.get(k)}
+    atomic_write_text(out / "report.html", html_page(f"NLA eval: {report.get('source', '')}", rows, report, plots))
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False, default=str))
     return files
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """metric | value, then control | fve_nrm, for the terminal."""
+def headline_pairs(report: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(metric, value) of the headline: the terminal table and report.html show the same list."""
     r = report
     head = [("fve_nrm (strict)", r["fve_nrm"]), ("fve_floor (best constant)", r.get("fve_floor")),
             ("fve_centered", r["fve_centered"]), ("cos_mean", r["cos_mean"]),
@@ -274,9 +279,119 @@ def format_table(report: dict[str, Any]) -> str:
         head.append(("ceiling: AR reading teacher text", r["teacher_explanations"]["fve_nrm"]))
     if r.get("oracle"):
         head += [("ceiling: oracle AR, raw context", r["oracle"]["fve_nrm"]), ("fraction_of_oracle", r.get("fraction_of_oracle"))]
-    lines = [f"{'metric':<34} value", "-" * 44] + [f"{k:<34} {_fmt(v)}" for k, v in head]
+    re_ = r.get("reinjection") or {}
+    if re_.get("kl") is not None:
+        head += [("reinjection KL (reconstruction)", re_["kl"]), ("reinjection KL (mean activation)", re_["kl_mean_baseline"]),
+                 ("reinjection recovered", re_.get("recovered"))]
+    return head
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """metric | value, then control | fve_nrm, for the terminal."""
+    r = report
+    lines = [f"{'metric':<34} value", "-" * 44] + [f"{k:<34} {_fmt(v)}" for k, v in headline_pairs(r)]
     lines += ["", f"{'control':<34} fve_nrm", "-" * 44, f"{'real explanations':<34} {_fmt(r['fve_nrm'])}"]
     lines += [f"{k:<34} {_fmt(v['fve_nrm'])}" for k, v in r["controls"].items()]
     lines += [f"! {w}" for w in flags(r)]
     lines.append(f"(FVE: {r['fve_definition']}; Var {r['var']:.4f} from {r['var_source']})")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- report.html
+
+ROW_COLUMNS = (("doc_id", "document"), ("position", "pos"), ("context", "context (the position's token marked)"),
+               ("explanation", "explanation"), ("fve_nrm", "FVE"), ("reinjection_kl", "reinjection KL"),
+               ("mse_nrm", "MSE"), ("failed", "failed"))
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; margin: .5em 0 1.5em; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 7px; vertical-align: top; }}
+th {{ background: #f2f2f2; }}
+#rows th {{ cursor: pointer; user-select: none; }}
+#rows td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+#rows td.text {{ max-width: 34em; white-space: pre-wrap; word-break: break-word; font-family: ui-monospace, monospace; font-size: 12px; }}
+mark {{ background: #ffd54f; }}
+.flag {{ color: #a33; }}
+img {{ max-width: 32em; margin-right: 1em; border: 1px solid #ddd; }}
+</style></head><body>
+<h1>{title}</h1>
+{summary}
+<h2>Rows</h2>
+<p><input id="search" type="search" placeholder="filter rows (any text)" size="40"> <span id="count"></span>
+ · click a column header to sort</p>
+<table id="rows"><thead><tr>{header}</tr></thead><tbody>
+{body}
+</tbody></table>
+<script>
+(function () {{
+  const table = document.getElementById("rows"), body = table.tBodies[0], count = document.getElementById("count");
+  const rows = Array.from(body.rows);
+  function shown() {{ count.textContent = rows.filter(r => r.style.display !== "none").length + " of " + rows.length + " rows"; }}
+  document.getElementById("search").addEventListener("input", function (e) {{
+    const q = e.target.value.toLowerCase();
+    rows.forEach(r => {{ r.style.display = r.textContent.toLowerCase().includes(q) ? "" : "none"; }});
+    shown();
+  }});
+  Array.from(table.tHead.rows[0].cells).forEach(function (th, col) {{
+    th.addEventListener("click", function () {{
+      const up = th.dataset.dir !== "asc";
+      Array.from(table.tHead.rows[0].cells).forEach(h => delete h.dataset.dir);
+      th.dataset.dir = up ? "asc" : "desc";
+      const key = r => {{ const v = r.cells[col].dataset.v; return v === "" ? NaN : (isNaN(+v) ? v : +v); }};
+      rows.sort(function (a, b) {{
+        const x = key(a), y = key(b);
+        if (typeof x === "number" && isNaN(x)) return 1;
+        if (typeof y === "number" && isNaN(y)) return -1;
+        return (x < y ? -1 : x > y ? 1 : 0) * (up ? 1 : -1);
+      }});
+      rows.forEach(r => body.appendChild(r));
+    }});
+  }});
+  shown();
+}})();
+</script>
+</body></html>
+"""
+
+
+def _cell(key: str, row: dict[str, Any]) -> str:
+    value = row.get(key)
+    if key == "context":
+        text = str(value or "")
+        token = str(row.get("token") or "")
+        if token and text.endswith(token):  # the explained position is the context's last token
+            shown = html.escape(text[:-len(token)]) + "<mark>" + html.escape(token) + "</mark>"
+        else:
+            shown = html.escape(text)
+        return f'<td class="text" data-v="{html.escape(text, quote=True)}">{shown}</td>'
+    if isinstance(value, float):
+        return f'<td class="num" data-v="{value!r}">{_fmt(value)}</td>'
+    if isinstance(value, bool) or value is None:
+        return f'<td data-v="{"" if value is None else int(value)}">{"" if value is None else ("yes" if value else "")}</td>'
+    return f'<td class="text" data-v="{html.escape(str(value), quote=True)}">{html.escape(str(value))}</td>'
+
+
+def html_page(title: str, rows: list[dict[str, Any]], report: dict[str, Any] | None = None,
+              plots: dict[str, str] | None = None) -> str:
+    """One static page (no server, no network): the headline with its controls and flags, the plots
+    inlined, and a sortable, searchable table of the rows."""
+    columns = [(k, name) for k, name in ROW_COLUMNS if any(r.get(k) is not None for r in rows)]
+    summary = []
+    if report is not None:
+        summary.append("<h2>Headline</h2><table>" + "".join(
+            f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in headline_pairs(report)) + "</table>")
+        summary.append("<h2>Controls (strict FVE on the same rows)</h2><table><tr><th>real explanations</th>"
+                       f"<td>{_fmt(report['fve_nrm'])}</td></tr>" + "".join(
+                           f"<tr><th>{html.escape(k)}</th><td>{_fmt(v['fve_nrm'])}</td></tr>"
+                           for k, v in report.get("controls", {}).items()) + "</table>")
+        summary += [f'<p class="flag">! {html.escape(w)}</p>' for w in flags(report)]
+        summary.append(f"<p>FVE: {html.escape(str(report.get('fve_definition', '')))}</p>")
+    for name, path in (plots or {}).items():
+        data = base64.b64encode(Path(path).read_bytes()).decode()
+        summary.append(f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
+    header = "".join(f"<th>{html.escape(name)}</th>" for _, name in columns)
+    body = "\n".join("<tr>" + "".join(_cell(k, r) for k, _ in columns) + "</tr>" for r in rows)
+    return _PAGE.format(title=html.escape(title), summary="\n".join(summary), header=header, body=body)

@@ -38,6 +38,7 @@ from nla.config import ConfigError, NLAConfig
 from nla.extract import CHARS_PER_TOKEN_BOUND, DocRecord, extract_vectors, tokenize_document
 from nla.io import atomic_write_text
 from nla.metrics import EPS, mse_nrm, target_variance
+from nla.report import html_page
 from nla.stage import start_stage
 
 
@@ -50,6 +51,7 @@ class VerbalizeArgs(CheckpointArgs):
     num_samples: int = option("Explanations sampled per vector.", 1)
     rerank_with_ar: bool = option("Keep the sample the AR reconstructs best (best-of-K; needs an AR; FVE is then optimistic).", False)
     out: str | None = option("Output JSONL; unset: <output_dir>/verbalize/explanations.jsonl.")
+    html: bool = option("Also write the rows as a sortable, searchable page next to it (<out>.html).", True)
 
 
 # ---------------------------------------------------------------- inputs
@@ -269,6 +271,8 @@ def run(cfg: NLAConfig, args: VerbalizeArgs | None = None, nla: NLA | None = Non
     rows = [{**i, **r} for i, r in zip(info, rows)]
     out = Path(args.out) if args.out else cfg.output_dir / "verbalize" / "explanations.jsonl"
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    if args.html:  # the same browsable table as eval's report.html, for these rows
+        atomic_write_text(out.with_suffix(".html"), html_page(f"NLA verbalize: {out.name}", rows))
     fves = [r["fve_nrm"] for r in rows if r.get("fve_nrm") is not None]
     return {"rows": rows, "out": str(out), "n": len(rows), "selection": rows[0]["selection"] if rows else None,
             "fve_mean": sum(fves) / len(fves) if fves else None, "failed": sum(r["failed"] for r in rows)}

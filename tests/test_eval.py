@@ -6,6 +6,7 @@ name which of 4 centres a vector was drawn around, and an AR trained to map the 
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 
@@ -459,3 +460,56 @@ def test_reinjection_of_the_true_vector_recovers_everything(tiny_tokenizer, tmp_
     shifted = [p + 1 for p in positions]  # the wrong place: never patched
     left, rows = reinjection_scores(model, tok, contexts, shifted, split.vectors, split.vectors, LAYER)
     assert left["n"] == 0 and left["kl"] is None and rows == [None] * len(split)
+
+
+@pytest.fixture(scope="module")
+def html_report(toy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("html")
+    run(config(toy, out), eval_args(checkpoint=str(toy / "run"), data=str(toy / "data" / "test.parquet"),
+                                    paraphrase_control=False))
+    return out / "report.html"
+
+
+def test_report_html_is_one_static_page(html_report):
+    page = html_report.read_text()
+    assert page.count("<tr>") >= 16 and "data:image/png;base64," in page and "Controls" in page
+    assert "http://" not in page and "https://" not in page and "<script src" not in page  # no network, no server
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+PROBE = """<script>
+(function () {
+  const heads = Array.from(document.querySelectorAll('#rows th'));
+  const col = heads.findIndex(h => h.textContent === 'FVE');
+  const values = () => Array.from(document.querySelectorAll('#rows tbody tr')).map(r => +r.cells[col].dataset.v);
+  heads[col].click(); const asc = values();
+  heads[col].click(); const desc = values();
+  const search = document.getElementById('search');
+  search.value = document.querySelector('#rows tbody tr').cells[3].textContent.slice(0, 12);
+  search.dispatchEvent(new Event('input'));
+  const visible = Array.from(document.querySelectorAll('#rows tbody tr')).filter(r => r.style.display !== 'none').length;
+  document.body.setAttribute('data-probe', JSON.stringify({asc, desc, visible, total: asc.length}));
+})();
+</script></body>"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install chromium)")
+def test_report_html_in_a_headless_browser(html_report, tmp_path):
+    """Real Chromium: the page loads without console errors, the table sorts both ways, the search
+    filters, and a screenshot is taken."""
+    import re
+    import subprocess
+
+    probe = tmp_path / "probe.html"
+    probe.write_text(html_report.read_text().replace("</body>", PROBE, 1))
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"]
+    dom = subprocess.run([*flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    assert "Uncaught" not in dom.stderr and "SyntaxError" not in dom.stderr, dom.stderr[-2000:]
+    found = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', dom.stdout).group(1)))
+    assert found["asc"] == sorted(found["asc"]) and found["desc"] == sorted(found["desc"], reverse=True)
+    assert found["total"] >= 16 and 1 <= found["visible"] < found["total"]
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1280,1600", html_report.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 10_000

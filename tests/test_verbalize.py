@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 
 import numpy as np
@@ -86,6 +87,8 @@ def test_cli_text_with_rerank(toy, tmp_path, capsys):
     assert "token" in printed and "explanation" in printed and "best_of_4_by_AR" in printed
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["position"] for r in rows] == [3, 7, 9]
+    page = out.with_suffix(".html").read_text()  # the browsable table of the same rows
+    assert page.count("<mark>") == 3 and all(r["explanation"] is None or html.escape(r["explanation"][:10]) in page for r in rows)
     for r in rows:
         assert r["selection"] == "best_of_4_by_AR" and len(r["candidates"]) == 4
         ok = [c["mse_nrm"] for c in r["candidates"] if not c["failed"]] or [c["mse_nrm"] for c in r["candidates"]]
