@@ -28,6 +28,9 @@ def test_demo_runs_the_whole_pipeline(tmp_path, tiny_model_dir, capsys):
     for report in (summary["sft"], summary["rl"]):
         assert report["oracle"]["path"] == summary["ar_oracle"]["checkpoint"] and "fve_floor" in report
         assert report["teacher_explanations"]["n"] > 0
+    for report in (summary["sft"], summary["rl"]):  # reinjection and the phrase-order control beside the FVE
+        assert report["reinjection"]["n"] > 0 and "recovered" in report["reinjection"] and "order_shuffled" in report
+        assert (tmp_path / ("eval_sft" if report is summary["sft"] else "eval_rl") / "report.html").is_file()
     assert "fve_nrm_sft_ar" in summary["rl_training"]["val"]  # the SFT AR reads the held-out rollouts too
     assert (tmp_path / "rl" / "held_out_fve_by_step.png").is_file()
     out = capsys.readouterr().out
