@@ -158,12 +158,19 @@ def paraphrase_scores(paraphrased: list, originals: list, original_pred: torch.T
     computed) on the rows where both exist; retained = ratio (None if orig <= 0)."""
     keep = [i for i, (p, o) in enumerate(zip(paraphrased, originals)) if p is not None and o is not None]
     asked = sum(o is not None for o in originals)
-    out: dict[str, Any] = {"n": len(keep), "fail_rate": 1 - len(keep) / asked if asked else None,
-                           "fve_nrm": None, "fve_original": None, "fve_retained": None}
+    return {"n": len(keep), "fail_rate": 1 - len(keep) / asked if asked else None,
+            **rewritten_scores(paraphrased, keep, original_pred, predict, targets, scorer)}
+
+
+def rewritten_scores(rewritten: list, keep: list[int], original_pred: torch.Tensor, predict: Predict,
+                     targets: torch.Tensor, scorer: Scorer) -> dict[str, Any]:
+    """FVE of rewritten explanations on rows `keep` next to the originals' (already predicted);
+    retained = ratio, None while the original FVE is <= 0 (or fewer than 2 rows: all None)."""
+    out: dict[str, Any] = {"fve_nrm": None, "fve_original": None, "fve_retained": None}
     if len(keep) < 2:
         return out
     sub = targets[keep]
-    out["fve_nrm"] = scorer.fve(predict([paraphrased[i] for i in keep]), sub)
+    out["fve_nrm"] = scorer.fve(predict([rewritten[i] for i in keep]), sub)
     out["fve_original"] = scorer.fve(original_pred[keep], sub)
     if out["fve_original"] > 0:
         out["fve_retained"] = out["fve_nrm"] / out["fve_original"]
@@ -227,17 +234,8 @@ def order_shuffled_scores(explanations: list, original_pred: torch.Tensor, predi
     what the phrases say, not where they stand; retained = ratio (None if the original <= 0)."""
     shuffled = [shuffle_claims(e, scorer.seed + i) if e else None for i, e in enumerate(explanations)]
     keep = [i for i, s in enumerate(shuffled) if s is not None]
-    out: dict[str, Any] = {"n": len(keep), "fve_nrm": None, "fve_original": None, "fve_retained": None,
-                           "example": None}
-    if len(keep) < 2:
-        return out
-    sub = targets[keep]
-    out["fve_nrm"] = scorer.fve(predict([shuffled[i] for i in keep]), sub)
-    out["fve_original"] = scorer.fve(original_pred[keep], sub)
-    if out["fve_original"] > 0:
-        out["fve_retained"] = out["fve_nrm"] / out["fve_original"]
-    out["example"] = [explanations[keep[0]], shuffled[keep[0]]]
-    return out
+    return {"n": len(keep), **rewritten_scores(shuffled, keep, original_pred, predict, targets, scorer),
+            "example": [explanations[keep[0]], shuffled[keep[0]]] if keep else None}
 
 
 def paraphrase(cfg: NLAConfig, nla: NLA, texts: list, cache_path: Path) -> tuple[list, str]:
