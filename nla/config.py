@@ -99,6 +99,8 @@ class DataConfig:
             raise ConfigError("positions_per_doc must be >= 1.")
         if self.min_position >= self.max_doc_tokens:
             raise ConfigError(f"min_position={self.min_position} must be < max_doc_tokens={self.max_doc_tokens}.")
+        if self.max_docs is not None and self.max_docs < 1:
+            raise ConfigError(f"max_docs={self.max_docs}: give at least 1 document, or leave it unset for all of them.")
 
     @property
     def split_weights(self) -> list[float]:
@@ -207,6 +209,8 @@ class RLConfig:
             raise ConfigError(f"reward={self.reward!r}: use 'neg_mse' or 'neg_log_mse'.")
         if self.group_size < 2:
             raise ConfigError("group_size must be >= 2 (GRPO normalises rewards within a group).")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature={self.temperature}: must be >= 0 (0 = greedy).")
         _positive(self, "rl_save_every", "rl_batch_size", "max_response_tokens")
 
 
@@ -219,6 +223,12 @@ class EvalConfig:
                                   "raw context as the ceiling, and the share of it the NLA reaches.", default=None)
     reinjection_rows: int = _help("Rows whose reconstruction is patched back into the target model at layer K (next-token KL "
                                   "vs the mean/shuffled/zero baselines); 0 = off. Five forwards of the model per row.", default=32)
+
+    def __post_init__(self) -> None:
+        if self.eval_max_rows < 2:
+            raise ConfigError(f"eval_max_rows={self.eval_max_rows}: eval needs at least 2 rows (controls permute rows).")
+        if self.reinjection_rows < 0 or self.retrieval_candidates < 2:
+            raise ConfigError("reinjection_rows must be >= 0 and retrieval_candidates >= 2.")
 
 
 @dataclass
