@@ -29,7 +29,7 @@ from torch import nn
 
 from nla import templates
 from nla.backbone import block_output, decoder_layers, last_token_index, layer_problem, text_config
-from nla.models import ModelError, ModelSource, torch_dtype
+from nla.models import ModelError, ModelSource, damaged, load_adapter, torch_dtype
 from nla.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
 
 # Longer AR prompts are flagged (`over_length`): SFT drops them, RL gives them the failure reward.
@@ -272,9 +272,7 @@ def load_ar(path: str | Path, device: str | torch.device = "cpu", dtype: str = "
     d_model = text_config(backbone.config).hidden_size
     meta.verify(tokenizer, d_model=d_model, where=str(directory / MODEL_META))
     if is_lora:
-        from peft import PeftModel
-
-        backbone = PeftModel.from_pretrained(backbone, str(directory), is_trainable=trainable)
+        backbone = load_adapter(backbone, directory, is_trainable=trainable)
     else:
         for p in backbone.parameters():
             p.requires_grad_(trainable)
@@ -287,7 +285,10 @@ def load_ar(path: str | Path, device: str | torch.device = "cpu", dtype: str = "
 def _load_head(directory: Path, d_model: int, load_file) -> nn.Linear:
     if not (directory / HEAD_FILE).is_file():
         raise ModelError(f"{directory} has no {HEAD_FILE}; an AR checkpoint needs its value head (tensor 'weight' [d, d]).")
-    weight = load_file(str(directory / HEAD_FILE)).get("weight")
+    try:
+        weight = load_file(str(directory / HEAD_FILE)).get("weight")
+    except Exception as err:  # safetensors raises its own SafetensorError on a cut file
+        raise damaged(directory / HEAD_FILE, err) from None
     if weight is None or tuple(weight.shape) != (d_model, d_model):
         shape = None if weight is None else tuple(weight.shape)
         raise ModelError(f"{directory / HEAD_FILE}: expected tensor 'weight' of shape [{d_model}, {d_model}], got {shape}.")

@@ -28,7 +28,7 @@ from torch import nn
 
 from nla import templates
 from nla.injection import InjectionHook, find_marker_positions, repeat_for_samples
-from nla.models import ModelSource, pick_device
+from nla.models import ModelSource, load_adapter, pick_device
 from nla.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
 
 IGNORE = -100  # label value that the loss skips
@@ -280,12 +280,10 @@ def load_av_model(av_dir: Path, meta: Meta, dtype: str = "float32", is_trainable
                   source: ModelSource = ModelSource()) -> nn.Module:
     """A PEFT adapter on its base model (the sidecar's base_checkpoint), or a plain HF folder."""
     if (av_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
-
         if not meta.base_model:
             raise SidecarError(f"{av_dir}: a LoRA adapter but the sidecar names no base_checkpoint to put it on.")
         base = source.causal_lm(meta.base_model, dtype)
-        return PeftModel.from_pretrained(base, av_dir, is_trainable=is_trainable)
+        return load_adapter(base, av_dir, is_trainable=is_trainable)
     if not (av_dir / "config.json").is_file():
         raise SidecarError(f"{av_dir}: neither a LoRA adapter (adapter_config.json) nor an HF model folder (config.json).")
     return source.causal_lm(str(av_dir), dtype)

@@ -238,6 +238,26 @@ class ModelSource:
         return load_causal_lm(self.resolve(spec), dtype, self.trust_remote_code, **kw)
 
 
+def damaged(path: str | Path, err: Exception) -> ModelError:
+    """The one-line error for a weights file that exists but cannot be read (cut off, overwritten)."""
+    return ModelError(f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                      "the checkpoint is damaged: resume from an earlier checkpoint (--resume PATH) or retrain.")
+
+
+def load_adapter(base, directory: str | Path, **kw):
+    """`PeftModel.from_pretrained` with a damaged adapter file named instead of a library traceback."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, str(directory), **kw)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise damaged(Path(directory) / "adapter_model.safetensors", err) from None
+    except Exception as err:  # safetensors' own error type (SafetensorError) is not importable by a stable name
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise damaged(Path(directory) / "adapter_model.safetensors", err) from None
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -28,7 +28,7 @@ from nla.config import ConfigError, NLAConfig, training_fingerprint
 from nla.data import load_split, split_path
 from nla.distributed import make_accelerator
 from nla.grpo import AR, AR_REF, AV, AV_REF, JointTrainer, adapter_parameters, describe_metrics
-from nla.models import ModelSource
+from nla.models import ModelSource, load_adapter
 from nla.report import plot_rl_curve, rl_curve_points
 from nla.sidecar import MODEL_META, write_meta
 from nla.stage import seed_everything, start_stage
@@ -48,8 +48,6 @@ def sft_paths(cfg: NLAConfig) -> tuple[Path, Path]:
 def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, device):
     """One base model + adapters av (trainable), av_ref (frozen SFT AV), ar (trainable) + AR head,
     and, when the held-out check is on, ar_ref (the frozen SFT AR + its head) to score it."""
-    from peft import PeftModel
-
     av_meta = read_av_meta(sft_av)
     if not (sft_av / "adapter_config.json").is_file():
         raise ConfigError(f"{sft_av} is a full-weight AV; joint RL shares one base model and needs LoRA adapters (av_lora_r > 0).")
@@ -59,7 +57,7 @@ def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, 
     base = source.causal_lm(base_path, cfg.model.dtype)
     av_src = resume / "av" if resume else sft_av
     ar_src = resume / "ar" if resume else sft_ar
-    model = PeftModel.from_pretrained(base, str(av_src), adapter_name=AV, is_trainable=True)
+    model = load_adapter(base, av_src, adapter_name=AV, is_trainable=True)
     model.load_adapter(str(sft_av), adapter_name=AV_REF, is_trainable=False)
     ar = attach_to_shared_base(model, ar_src, tokenizer, adapter_name=AR, trainable=True)
     sft_ar_model = None

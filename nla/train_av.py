@@ -42,7 +42,7 @@ from nla.data import Split, derangement, load_split, split_path
 from nla.distributed import make_accelerator
 from nla.injection import InjectionHook
 from nla.lora import apply_lora, trainable_parameters
-from nla.models import ModelSource
+from nla.models import ModelSource, load_adapter
 from nla.sidecar import Meta, dataset_meta_path, read_meta
 from nla.stage import seed_everything, start_stage
 from nla.tracking import Tracker, progress
@@ -247,10 +247,7 @@ def build_model(cfg: NLAConfig, base_path: str, resume_from: Path | None):
         return apply_lora(source.causal_lm(base_path, cfg.model.dtype), cfg.av.av_lora_r)
     av_dir = resume_from / "av"
     if cfg.av.av_lora_r > 0:
-        base = source.causal_lm(base_path, cfg.model.dtype)
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base, av_dir, is_trainable=True)
+        return load_adapter(source.causal_lm(base_path, cfg.model.dtype), av_dir, is_trainable=True)
     return apply_lora(source.causal_lm(str(av_dir), cfg.model.dtype), 0)
 
 

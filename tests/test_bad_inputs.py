@@ -120,3 +120,23 @@ def test_bad_input_is_one_line_with_the_fix(name, args, fragment, tmp_path, tiny
     assert "sk-abcdefghijklmnop" not in message[0]  # a pasted key is never echoed
     for done in tmp_path.rglob("final"):  # nothing that looks complete was written
         raise AssertionError(f"{done} written by a failing run")
+
+
+@pytest.mark.parametrize("damaged_file", ["value_head.safetensors", "adapter_model.safetensors"])
+def test_a_damaged_checkpoint_file_is_named(damaged_file, tmp_path, tiny_model_dir, capsys):
+    """A weights file cut off (a copy interrupted, a full disk elsewhere) is named with the fix."""
+    from nla.ar import build_ar, model_meta, save_ar
+    from nla.sidecar import Meta, make_token_spec
+    from nla.testing import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    ar = build_ar(str(tiny_model_dir), 1, lora_r=4)
+    data_meta = Meta("nla_dataset", make_token_spec(tok, "㈠"), d_model=64, layer_index=1, base_model=str(tiny_model_dir))
+    folder = save_ar(ar, tmp_path / "ar", model_meta(ar, data_meta, str(tiny_model_dir), 8.0, {}), tok)
+    path = folder / damaged_file
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    from nla.ar import load_ar
+    from nla.models import ModelError
+
+    with pytest.raises(ModelError, match=f"{damaged_file} cannot be read.*damaged"):
+        load_ar(folder)
