@@ -109,7 +109,8 @@ def load_split(path: str | Path, max_rows: int | None = None, seed: int = 0) -> 
     values = np.asarray(col.flatten() if hasattr(col, "flatten") else col.values, dtype=np.float32)
     vectors = torch.from_numpy(values.reshape(len(col), d if not len(col) else -1).copy())  # an empty split is [0, d]
     if len(col) and vectors.shape[1] != d:
-        raise ValueError(f"{path}: vectors have width {vectors.shape[1]} but the sidecar says d_model={d}.")
+        raise ConfigError(f"{path}: vectors have width {vectors.shape[1]} but its sidecar says d_model={d}; the two files do "
+                          "not belong together: rerun `nla datagen`.")
     columns = {name: table.column(name).to_pylist() for name in table.column_names if name != "activation_vector"}
     finite = torch.isfinite(vectors).all(dim=1)
     dropped = int((~finite).sum())

@@ -48,3 +48,14 @@ def test_nonfinite_rows_are_left_out_on_load_and_said(tmp_path, tiny_tokenizer, 
     split = load_split(path)
     assert len(split) == 3 and split.dropped_nonfinite == 2 and split.column("explanation") == ["v", "x", "z"]
     assert "left out 2 of 5 rows" in capsys.readouterr().err
+
+
+def test_sidecar_width_disagreeing_with_the_vectors_is_one_line_error(tmp_path, tiny_tokenizer):
+    meta = Meta("nla_dataset", make_token_spec(tiny_tokenizer, "㈠"), d_model=4, layer_index=1, base_model="tiny")
+    path = write_split(tmp_path / "val.parquet", np.ones((3, 4), np.float32), {"doc_id": list("abc")}, meta)
+    wrong = Meta("nla_dataset", meta.tokens, d_model=8, layer_index=1, base_model="tiny")
+    from nla.sidecar import dataset_meta_path, write_meta
+
+    write_meta(dataset_meta_path(path), wrong)
+    with pytest.raises(ConfigError, match="width 4 but its sidecar says d_model=8"):
+        load_split(path)
