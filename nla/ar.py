@@ -29,7 +29,7 @@ from torch import nn
 
 from nla import templates
 from nla.backbone import block_output, decoder_layers, last_token_index, layer_problem, text_config
-from nla.models import ModelError, ModelSource, damaged, load_adapter, torch_dtype
+from nla.models import ModelError, ModelSource, damaged, load_adapter, torch_dtype, unreadable_weights
 from nla.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
 
 # Longer AR prompts are flagged (`over_length`): SFT drops them, RL gives them the failure reward.
@@ -246,7 +246,8 @@ def load_ar(path: str | Path, device: str | torch.device = "cpu", dtype: str = "
 
     `path`: a checkpoint folder holding `ar/`, or the AR folder itself. LoRA folders need the base
     model (the sidecar's `base_checkpoint`, or `base_model` to override it), found through `source`
-    (the stage's hub/cache/trust options); full-weight folders are self-contained. Verifies the sidecar against the live tokenizer, d_model, and K+1 blocks.
+    (the stage's hub/cache/trust options); full-weight folders are self-contained. Verifies the
+    sidecar against the live tokenizer, d_model, and K+1 blocks.
     """
     from safetensors.torch import load_file
 
@@ -287,7 +288,7 @@ def _load_head(directory: Path, d_model: int, load_file) -> nn.Linear:
         raise ModelError(f"{directory} has no {HEAD_FILE}; an AR checkpoint needs its value head (tensor 'weight' [d, d]).")
     try:
         weight = load_file(str(directory / HEAD_FILE)).get("weight")
-    except Exception as err:  # safetensors raises its own SafetensorError on a cut file
+    except unreadable_weights() as err:
         raise damaged(directory / HEAD_FILE, err) from None
     if weight is None or tuple(weight.shape) != (d_model, d_model):
         shape = None if weight is None else tuple(weight.shape)

@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
+    debug = "--debug" in argv[1:]  # show the traceback of an expected error too
     stage, rest = argv[0], [a for a in argv[1:] if a != "--debug"]
-    debug = len(rest) < len(argv) - 1  # --debug: show the traceback of an expected error too
     if stage not in STAGES:
         print(f"nla: unknown stage {stage!r}.\n\n{usage()}", file=sys.stderr)
         return 2

@@ -70,8 +70,14 @@ def tokenize_document(tokenizer, text: str, max_doc_tokens: int) -> list[int]:
 
     Only a prefix of the text is tokenized, so a huge document costs no more than a short one.
     """
+    return document_tokens(tokenizer, text, max_doc_tokens)[0]
+
+
+def document_tokens(tokenizer, text: str, max_doc_tokens: int) -> tuple[list[int], bool]:
+    """`tokenize_document`'s ids, and whether the text had more than max_doc_tokens tokens (cut)."""
     prefix = text[:max_doc_tokens * CHARS_PER_TOKEN_BOUND]
-    return list(tokenizer(prefix, add_special_tokens=True)["input_ids"][:max_doc_tokens])
+    ids = tokenizer(prefix, add_special_tokens=True)["input_ids"]
+    return list(ids[:max_doc_tokens]), len(ids) > max_doc_tokens or len(prefix) < len(text)
 
 
 def choose_positions(ids: list[int], special_ids: set[int], k: int, min_position: int, seed: int,

@@ -238,6 +238,13 @@ class ModelSource:
         return load_causal_lm(self.resolve(spec), dtype, self.trust_remote_code, **kw)
 
 
+def unreadable_weights() -> tuple[type[Exception], ...]:
+    """What reading a cut-off or overwritten weights file raises (safetensors has its own type)."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, RuntimeError, KeyError, SafetensorError
+
+
 def damaged(path: str | Path, err: Exception) -> ModelError:
     """The one-line error for a weights file that exists but cannot be read (cut off, overwritten)."""
     return ModelError(f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
@@ -250,11 +257,7 @@ def load_adapter(base, directory: str | Path, **kw):
 
     try:
         return PeftModel.from_pretrained(base, str(directory), **kw)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise damaged(Path(directory) / "adapter_model.safetensors", err) from None
-    except Exception as err:  # safetensors' own error type (SafetensorError) is not importable by a stable name
-        if type(err).__name__ != "SafetensorError":
-            raise
+    except unreadable_weights() as err:
         raise damaged(Path(directory) / "adapter_model.safetensors", err) from None
 
 

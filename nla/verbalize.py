@@ -35,7 +35,7 @@ import torch
 
 from nla.checkpoints import NLA, CheckpointArgs, load_from_config, load_nla, option
 from nla.config import ConfigError, NLAConfig
-from nla.extract import CHARS_PER_TOKEN_BOUND, DocRecord, extract_vectors, tokenize_document
+from nla.extract import DocRecord, document_tokens, extract_vectors
 from nla.io import atomic_write_text
 from nla.metrics import EPS, mse_nrm, target_variance
 from nla.report import html_page
@@ -139,11 +139,9 @@ def extract_text_rows(nla: NLA, docs: list[dict[str, Any]], max_tokens: int, bat
     special = set(tok.all_special_ids)
     records, cut = [], []
     for doc in docs:
-        ids = tokenize_document(tok, doc["text"], max_tokens)
-        if len(ids) >= max_tokens:  # full: was there more? (the tokenized prefix is bounded, so this stays cheap)
-            prefix = doc["text"][:max_tokens * CHARS_PER_TOKEN_BOUND]
-            if len(prefix) < len(doc["text"]) or len(tok(prefix, add_special_tokens=True)["input_ids"]) > max_tokens:
-                cut.append(doc["doc_id"])
+        ids, was_cut = document_tokens(tok, doc["text"], max_tokens)
+        if was_cut:
+            cut.append(doc["doc_id"])
         positions = doc.get("positions")
         if positions is None:
             positions = pick(ids, doc["doc_id"]) if pick else [i for i, t in enumerate(ids) if t not in special]
