@@ -10,6 +10,8 @@ Prints one line per measurement and, last, one JSON object. Keys:
   extraction_tokens_per_s   block_output(layer K) on batches of builtin-corpus text (real tokens/s)
   ar_samples_per_s          AR LoRA training forward + backward + AdamW step, rows/s
   av_sft_tokens_per_s       AV LoRA SFT (vector injected) forward + backward + step, real tokens/s
+  av_sft_prefix_speedup     that step without / with the shared prompt prefix (the prompt before the
+                            marker computed once per batch), median of interleaved pairs
   rl_step_s                 one JointTrainer.step on n vectors x G samples (median)
   rl_overhead_ratio         that step / the sum of its parts timed alone on the same state and seed
                             (rollout generate + AV forward/backward + AR forward/backward, + the
@@ -236,9 +238,22 @@ def bench_av_sft(ctx: Context, s: Sizes) -> dict[str, float]:
         (loss / response.sum()).backward()
         opt.step()
 
+    def step_unshared() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = -response_logprobs(model, batch["input_ids"], batch["attention_mask"], response, vectors, hook,
+                                  share_prefix=False).sum()
+        (loss / response.sum()).backward()
+        opt.step()
+
     step()
-    seconds = statistics.median(timed(step) for _ in range(s.train_steps))
-    return {"av_sft_tokens_per_s": float(batch["attention_mask"].sum()) / seconds}
+    step_unshared()
+    shared, unshared = [], []
+    for _ in range(s.train_steps):  # interleaved, so load changes hit both alike
+        shared.append(timed(step))
+        unshared.append(timed(step_unshared))
+    seconds = statistics.median(shared)
+    return {"av_sft_tokens_per_s": float(batch["attention_mask"].sum()) / seconds,
+            "av_sft_prefix_speedup": statistics.median(unshared) / seconds}
 
 
 def joint_setup(ctx: Context, s: Sizes) -> tuple[JointTrainer, Any, Verbalizer, ARModel, RLConfig]:

@@ -94,25 +94,75 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+# A prompt prefix shorter than this is not worth a second forward call.
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, marker_id: int, limit: int) -> int:
+    """[b, t] -> how many leading columns every row has identical and unmasked, ending before the
+    marker's left neighbour (the injection hook matches the marker with both neighbours in one
+    call) and at most `limit`; 0 when fewer than MIN_SHARED_PREFIX."""
+    same = (input_ids == input_ids[:1]).all(0) & (attention_mask == 1).all(0)
+    differ = (~same).nonzero()
+    p = int(differ[0]) if len(differ) else input_ids.shape[1]
+    marker_cols = (input_ids == marker_id).any(0).nonzero()
+    if len(marker_cols):
+        p = min(p, int(marker_cols[0]) - 1)
+    p = min(p, limit)
+    return p if p >= MIN_SHARED_PREFIX else 0
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers renamed the forward's `past_key_values` to `cache` (5.24)."""
+    import inspect
+
+    inner = model
+    while hasattr(inner, "module") or hasattr(inner, "get_base_model"):  # DDP, then PEFT wrappers
+        inner = inner.module if hasattr(inner, "module") else inner.get_base_model()
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def _prefix_cache(model: nn.Module, input_ids: torch.Tensor, position_ids_: torch.Tensor, p: int, b: int):
+    """The KV cache of the first `p` columns of row 0, repeated for `b` rows (None where the model's
+    cache cannot be repeated). Gradients flow back through the repeat into the prefix pass."""
+    inner = getattr(model, "module", model)  # one DDP forward per backward: the prefix goes unwrapped
+    out = inner(input_ids=input_ids[:1, :p], attention_mask=torch.ones_like(input_ids[:1, :p]),
+                position_ids=position_ids_[:1, :p], use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(b)
+    return cache
+
+
 def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      response_mask: torch.Tensor, vectors: torch.Tensor, hook: InjectionHook) -> torch.Tensor:
+                      response_mask: torch.Tensor, vectors: torch.Tensor, hook: InjectionHook,
+                      share_prefix: bool = True) -> torch.Tensor:
     """log p(input_ids[:, j] | input_ids[:, :j]) with `vectors` [b, d] injected -> [b, t] (0 off the response).
 
     Only the logits from the first response column on are computed (`logits_to_keep`): the full
-    [b, t, vocab] tensor of a long prompt is most of the memory of an SFT or RL step.
+    [b, t, vocab] tensor of a long prompt is most of the memory of an SFT or RL step. Every row
+    starts with the same prompt, and the part before the marker does not depend on the vector, so
+    it runs once and its KV cache is repeated for the batch (`share_prefix`; the same numbers to
+    float rounding, ~1.6x faster for an SFT batch of 8 on the embedded model, docs/benchmarks.md).
     """
     b, t = input_ids.shape
     cols = response_mask.any(dim=0).nonzero()
     if len(cols) == 0 or int(cols[0]) == 0:
         raise ValueError("response_mask must mark at least one token after the first column.")
     first = int(cols[0])
+    positions = position_ids(attention_mask)
+    p = shared_prefix_length(input_ids, attention_mask, hook.marker_id, first - 1) if share_prefix and b > 1 else 0
     attached_here = not hook.attached
     hook.set_vectors(vectors)
     if attached_here:
         hook.attach()
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                    logits_to_keep=t - first + 1, use_cache=False)
+        cache = _prefix_cache(model, input_ids, positions, p, b) if p else None
+        p = p if cache is not None else 0
+        extra = {_cache_keyword(model): cache} if cache is not None else {}
+        out = model(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=positions[:, p:],
+                    logits_to_keep=t - first + 1, use_cache=False, **extra)
     finally:
         if attached_here:
             hook.remove()
@@ -191,9 +241,14 @@ class Verbalizer:
                                temperature=temperature if sampling else None, top_p=None, top_k=None,
                                num_return_sequences=k_gen, pad_token_id=self.tokenizer.pad_token_id,
                                eos_token_id=sorted(self.eos_ids))
+        # The prompt before the marker is the same for every row: its KV cache is computed once and
+        # repeated for the n * k_gen rows generate will run (it takes a cache as given).
+        p = shared_prefix_length(ids, mask, self.hook.marker_id, ids.shape[1] - 1)
+        cache = _prefix_cache(self.model, ids, position_ids(mask), p, n * k_gen) if p and n * k_gen > 1 else None
+        extra = {_cache_keyword(self.model): cache} if cache is not None else {}
         self.hook.set_vectors(repeat_for_samples(vectors, k_gen))
         with self.hook:
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **extra)
         if self.hook.injected != n * k_gen:  # loud: an AV without its vector writes fluent nonsense
             raise RuntimeError(f"injection wrote {self.hook.injected} vectors, expected {n * k_gen}.")
         out = out.repeat_interleave(k // k_gen, dim=0)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import re
 
+# The marker comes last: everything before it is the same for every vector, so a batch computes
+# that part once (`av.response_logprobs`); only the few tokens after it run per row.
 AV_TEMPLATE = (
-    "Here is a hidden activation from a language model reading a text: <concept>{injection_char}</concept>\n"
-    "In two or three short phrases, say what the model is thinking about at that point."
+    "In two or three short phrases, say what a language model reading a text is thinking about at the "
+    "point where it holds this hidden activation: <concept>{injection_char}</concept>"
 )
 AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
 TEACHER_TEMPLATE = (

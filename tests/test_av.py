@@ -11,7 +11,8 @@ import yaml
 
 from nla import templates
 from nla.av import (IGNORE, Verbalizer, build_generation_batch, build_sft_batch, check_prompts, generated_mask,
-                    load_av, make_av_meta, marker_positions, pad, prompt_ids, response_logprobs, save_av)
+                    load_av, make_av_meta, marker_positions, pad, prompt_ids, response_logprobs, save_av,
+                    shared_prefix_length)
 from nla.injection import InjectionHook
 from nla.lora import apply_lora
 from nla.sidecar import MODEL_META, Meta, SidecarError, make_token_spec
@@ -110,6 +111,76 @@ def test_response_logprobs_match_a_full_forward(wide_dir, tiny_tokenizer, data_m
     # The vector matters: another vector gives other log-probs for the same tokens.
     other = response_logprobs(model, batch["input_ids"], batch["attention_mask"], mask, -vectors, hook)
     assert (other - got).abs().max() > 1e-3
+
+
+def test_shared_prompt_prefix_gives_the_same_logprobs_and_gradients(wide_dir, tiny_tokenizer, data_meta):
+    """The prompt before the marker runs once for the batch; log-probs and LoRA gradients must equal
+    those of one forward over the whole batch (float rounding only)."""
+    tok = tiny_tokenizer
+    prompt = prompt_ids(tok, data_meta)
+    batch = build_sft_batch(tok, prompt, ["ab", "a longer one", "c"])
+    mask = batch["labels"] != IGNORE
+    p = shared_prefix_length(batch["input_ids"], batch["attention_mask"], data_meta.tokens.ids[0], len(prompt) - 1)
+    assert p == prompt.index(data_meta.tokens.ids[0]) - 1 and p >= 8  # the path under test is taken
+    torch.manual_seed(0)
+    model = apply_lora(wide_model(wide_dir), 4)
+    for n, prm in model.named_parameters():  # LoRA B starts at zero: give it a value so A gets a gradient
+        if "lora_B" in n:
+            torch.nn.init.normal_(prm, std=0.1)
+    vectors = torch.randn(3, D, requires_grad=True)
+    hook = InjectionHook(model, *data_meta.tokens.ids, SCALE)
+    results = []
+    for share in (True, False):
+        model.zero_grad()
+        vectors.grad = None
+        lp = response_logprobs(model, batch["input_ids"], batch["attention_mask"], mask, vectors, hook, share_prefix=share)
+        lp.sum().backward()
+        grads = {n: prm.grad.clone() for n, prm in model.named_parameters() if prm.requires_grad}
+        results.append((lp.detach(), grads, vectors.grad.clone()))
+    (lp_s, g_s, v_s), (lp_f, g_f, v_f) = results
+    torch.testing.assert_close(lp_s, lp_f, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(v_s, v_f, atol=1e-4, rtol=1e-3)
+    assert g_s.keys() == g_f.keys() and len(g_s) > 0
+    for n in g_s:
+        torch.testing.assert_close(g_s[n], g_f[n], atol=1e-4, rtol=1e-3, msg=n)
+    # A LoRA weight that only the prefix pass reaches still learns (the repeat carries its gradient).
+    assert any(g.abs().sum() > 0 for n, g in g_s.items() if "lora_A" in n)
+
+
+def test_rollout_with_the_shared_prefix_cache_equals_a_plain_generate(wide_dir, tiny_tokenizer, data_meta):
+    """Verbalizer.rollout hands generate the prompt prefix's KV cache, repeated per row; the tokens
+    must be those of a plain generate over the whole prompt (greedy, and sampled with one seed)."""
+    from transformers import GenerationConfig
+
+    from nla.injection import repeat_for_samples
+
+    model, tok = wide_model(wide_dir), tiny_tokenizer
+    av = Verbalizer(model, tok, data_meta, SCALE, max_new_tokens=10)
+    vectors = torch.randn(3, D)
+    ids, mask = build_generation_batch(tok, 3, data_meta)
+    for k, temperature in ((1, 0.0), (2, 1.0)):
+        torch.manual_seed(5)
+        ro = av.rollout(vectors, num_samples=k, temperature=temperature)
+        gen = GenerationConfig(max_new_tokens=10, do_sample=temperature > 0, temperature=temperature or None, top_p=None,
+                               top_k=None, num_return_sequences=k, pad_token_id=tok.pad_token_id,
+                               eos_token_id=sorted(av.eos_ids))
+        torch.manual_seed(5)
+        with InjectionHook(model, *data_meta.tokens.ids, SCALE, repeat_for_samples(vectors, k)), torch.no_grad():
+            plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        assert ro.sequences[:, :plain.shape[1]].tolist() == plain.tolist()
+
+
+def test_shared_prefix_stops_before_the_marker_and_at_differences():
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 99, 11, 12],
+                        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 99, 11, 13]])
+    full = torch.ones_like(ids)
+    assert shared_prefix_length(ids, full, marker_id=99, limit=100) == 9  # left neighbour goes with the marker
+    assert shared_prefix_length(ids, full, marker_id=77, limit=100) == 12  # no marker: up to the first difference
+    assert shared_prefix_length(ids, full, marker_id=77, limit=10) == 10
+    left_padded = full.clone()
+    left_padded[1, 0] = 0
+    assert shared_prefix_length(ids, left_padded, marker_id=99, limit=100) == 0  # padding is not shared
+    assert shared_prefix_length(ids, full, marker_id=5, limit=100) == 0  # under MIN_SHARED_PREFIX
 
 
 def test_verbalize_depends_only_on_the_vector(wide_dir, tiny_tokenizer, data_meta):
