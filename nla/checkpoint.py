@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from nla.config import ConfigError
-from nla.io import atomic_dir, atomic_write_text
+from nla.io import atomic_dir, atomic_write_text, write_errors
 
 STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -35,7 +35,7 @@ def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], 
     """`write(tmp_dir)` writes model files; we add training state and RNG, then rename into place."""
     root = Path(root)
     target = root / f"checkpoint-{step:06d}"
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target) as tmp, write_errors(target):
         write(tmp)
         torch.save({"optimizers": {k: v.state_dict() for k, v in (optimizers or {}).items()},
                     "torch_rng": torch.get_rng_state()}, tmp / "training_state.pt")

@@ -37,7 +37,7 @@ from nla.config import ConfigError, NLAConfig, default_layer
 from nla.corpus import iter_documents
 from nla.data import SPLITS, split_path, write_split
 from nla.extract import ChunkStore, Rows, ScanResult, choose_marker, norm_stats, scan_and_extract, stable_int, stable_unit
-from nla.io import atomic_write_text
+from nla.io import atomic_write_text, remove_temp_files
 from nla.sidecar import Meta, TokenSpec, dataset_meta_path
 from nla.teacher import Explained, Teacher, TeacherCache, explain, make_teacher
 from nla.tracking import Tracker
@@ -97,6 +97,11 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
         templates.require_chat_template(tok)
     except templates.NoChatTemplate as err:
         raise DatagenError(f"{cfg.model.model}: {err}.") from None
+    if state.is_main_process:  # chunk or split files torn by a killed run; no process writes yet
+        for folder in (work, cfg.data_dir):
+            remove_temp_files(folder)
+    if state.num_processes > 1:
+        state.wait_for_everyone()
     if state.is_main_process:
         teacher = teacher or make_teacher(cfg, model, tok)
         teacher.check()  # an unreachable endpoint fails now, not after the extraction

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,6 +38,50 @@ def _umask() -> int:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def write_errors(folder: str | Path) -> Iterator[None]:
+    """Writers that do not raise OSError when the disk fills up raise one here, naming `folder`.
+
+    torch's zip writer says only `RuntimeError: ... unexpected pos N vs M`, safetensors
+    `SafetensorError: ... I/O error: ... (os error 28)`; the CLI's error boundary turns an OSError
+    into one line with the fix, so a full disk reads the same whichever library was writing.
+    """
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - narrowed right below; anything else is re-raised as is
+        text = str(err)
+        failed_write = (type(err).__name__ == "RuntimeError" and ("unexpected pos" in text or "PytorchStreamWriter" in text
+                                                                   or "file write failed" in text)) \
+            or (type(err).__name__ == "SafetensorError" and "I/O error" in text)
+        if not failed_write:
+            raise
+        code = re.search(r"os error (\d+)", text)
+        if code or _nearly_full(folder):
+            number = int(code.group(1)) if code else errno.ENOSPC
+            raise OSError(number, f"{os.strerror(number)} (while writing)", str(folder)) from err
+        raise OSError(errno.EIO, "a write did not complete (a full disk or a file size limit?): free space or point "
+                      "--output_dir elsewhere (complete checkpoints are kept)", str(folder)) from err
+
+
+def _nearly_full(path: str | Path) -> bool:
+    existing = next((p for p in (Path(path), *Path(path).parents) if p.exists()), Path("."))
+    with contextlib.suppress(OSError):
+        return shutil.disk_usage(existing).free < 64 * 2**20
+    return False
+
+
+def remove_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the `.NAME.*.tmp` files that `atomic_write_bytes` / `atomic_file` leave when their
+    process is killed mid-write (each can be as large as the file it was becoming). Call it only
+    while no other process writes into `folder`."""
+    folder = Path(folder)
+    removed = [p for p in folder.glob(".*.tmp") if p.is_file()] if folder.is_dir() else []
+    for p in removed:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return removed
 
 
 @contextlib.contextmanager

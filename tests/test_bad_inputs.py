@@ -140,3 +140,31 @@ def test_a_damaged_checkpoint_file_is_named(damaged_file, tmp_path, tiny_model_d
 
     with pytest.raises(ModelError, match=f"{damaged_file} cannot be read.*damaged"):
         load_ar(folder)
+
+
+@pytest.mark.parametrize("limit_kb", [8, 60])
+def test_a_write_that_fails_midway_is_one_line_and_leaves_no_checkpoint(limit_kb, tmp_path, tiny_model_dir, data_dir):
+    """A real failed write, not a simulated one: the process may not grow a file past `limit_kb`
+    (RLIMIT_FSIZE; writes then fail with EFBIG, as they fail with ENOSPC on a full disk). At 8 KB
+    the adapter's safetensors write fails, at 60 KB torch's zip writer of the optimizer state
+    ("unexpected pos"); either is one line naming the checkpoint, and no checkpoint or temp folder
+    is left behind."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_kb * 1024, resource.RLIM_INFINITY))
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "nla.cli", "train-ar", "--config", SMOKE, "--model", str(tiny_model_dir), "--data_dir",
+           str(data_dir), "--output_dir", str(out), "--ar_steps", "4", "--ar_save_every", "2", "--ar_lora_r", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=limit,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("nla ")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    said = "File too large" if limit_kb == 8 else "a write did not complete"  # torch's writer gives no errno
+    assert said in lines[0] and "checkpoint-000002" in lines[0] and "Traceback" not in proc.stderr, lines
+    assert not list((out / "ar").glob("*checkpoint*")) and not (out / "ar" / "final").exists()

@@ -1,0 +1,158 @@
+"""`kill -9` in the middle of writing a checkpoint, for every stage that writes one (datagen's
+extraction chunks, train-av, rl; train-ar's 2-process case is in test_distributed.py): the same
+command rerun cleans up the torn write, resumes from the last complete checkpoint and ends exactly
+where an uninterrupted run ends.
+
+The kill is aimed at the write itself: the run is watched until a temporary checkpoint folder (or
+chunk file) appears, after at least one complete one exists, and its process group gets SIGKILL at
+once. A write can finish between the sighting and the kill, so each test retries until a kill lands
+with the temporary entry still on disk, and asserts that one did.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nla import rl, train_ar, train_av
+from nla.config import parse_config
+from nla.datagen import run as datagen_run
+from test_datagen import SMOKE, all_rows
+from test_rl import _cfg, _toy_splits  # the RL toy: 4 colour words, vectors around 4 centres
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+TRIES = 6
+
+
+def kill_during_write(cmd: list[str], torn: Callable[[], list[Path]], ready: Callable[[], bool], log: Path,
+                      timeout: float = 240) -> bool | None:
+    """Run `cmd`; SIGKILL its process group as soon as `ready()` and `torn()` is non-empty.
+    Returns True when a torn entry was still on disk after the kill, False when the write had
+    finished first, None when the run ended before any kill."""
+    with open(log, "a") as out:  # a file, not a pipe: a full pipe would stall the run
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while proc.poll() is None and time.time() < deadline:
+            if ready() and torn():
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return bool(torn())
+            time.sleep(0.0002)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"{cmd[3]} never wrote a checkpoint within {timeout}s: {log.read_text()[-2000:]}")
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    return None
+
+
+def kill_then_finish(cmd: list[str], torn: Callable[[], list[Path]], ready: Callable[[], bool], log: Path) -> None:
+    """Kill mid-write (retrying the same command until one kill lands inside a write), then rerun
+    the same command to the end; no torn entry may survive the finished run."""
+    landed = False
+    for _ in range(TRIES):
+        hit = kill_during_write(cmd, torn, ready, log)
+        if hit is None:  # this attempt ran to the end: the remaining checkpoints were too few
+            break
+        landed |= hit
+        if landed:
+            break
+    assert landed, f"no kill landed inside a write in {TRIES} tries: {log.read_text()[-2000:]}"
+    finish = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert finish.returncode == 0, finish.stderr[-3000:]
+    assert not torn(), torn()
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {f"{f.parent.name}/{f.name}:{k}": v for f in sorted(folder.rglob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def complete(root: Path, at_least: int) -> bool:
+    return len(list(root.glob("checkpoint-*/trainer_state.json"))) >= at_least
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, toy_model_dir, tiny_tokenizer):
+    """The RL toy's data and a 2-step SFT pair (the starting point of the RL kill test)."""
+    root = tmp_path_factory.mktemp("kill-toy")
+    _toy_splits(root / "data", toy_model_dir, tiny_tokenizer)
+    cfg = _cfg(root, toy_model_dir, "--ar_steps", "2", "--av_steps", "2", "--ar_save_every", "2", "--av_save_every", "2")
+    train_ar.run(cfg)
+    train_av.run(cfg)
+    return root
+
+
+@pytest.fixture(scope="module")
+def toy_model_dir(tmp_path_factory):
+    from nla.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("kill-model"), initializer_range=0.2)
+
+
+def stage_args(toy: Path, model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", "configs/smoke.yaml", "--model", str(model_dir), "--data_dir", str(toy / "data"),
+            "--output_dir", str(out), "--layer", "1", "--report_to", "none", *extra]
+
+
+def test_train_av_killed_mid_checkpoint_resumes_to_the_same_weights(toy, toy_model_dir, tmp_path):
+    extra = ["--av_steps", "12", "--av_save_every", "1", "--av_eval_every", "1000", "--av_batch_size", "4",
+             "--av_lr", "3e-3", "--av_lora_r", "4"]
+    out = tmp_path / "killed"
+    root = out / "av"
+    cmd = [sys.executable, "-m", "nla.cli", "train-av", *stage_args(toy, toy_model_dir, out, *extra)]
+    kill_then_finish(cmd, lambda: list(root.glob(".checkpoint-*.tmp")), lambda: complete(root, 2), tmp_path / "log")
+    cfg, _ = parse_config(stage_args(toy, toy_model_dir, tmp_path / "straight", *extra, "--av_save_every", "1000"))
+    train_av.run(cfg)
+    assert_same_weights(root / "final", tmp_path / "straight" / "av" / "final")
+
+
+def test_rl_killed_mid_checkpoint_resumes_to_the_same_weights(toy, toy_model_dir, tmp_path):
+    extra = ["--av_checkpoint", str(toy / "av" / "final"), "--ar_checkpoint", str(toy / "ar" / "final"),
+             "--rl_steps", "8", "--rl_save_every", "1", "--rl_batch_size", "2", "--group_size", "2",
+             "--max_response_tokens", "8", "--rl_val_rows", "0", "--temperature", "1.0"]
+    out = tmp_path / "killed"
+    root = out / "rl"
+    cmd = [sys.executable, "-m", "nla.cli", "rl", *stage_args(toy, toy_model_dir, out, *extra)]
+    kill_then_finish(cmd, lambda: list(root.glob(".checkpoint-*.tmp")), lambda: complete(root, 2), tmp_path / "log")
+    cfg, _ = parse_config(stage_args(toy, toy_model_dir, tmp_path / "straight", *extra, "--rl_save_every", "1000"))
+    rl.run(cfg)
+    assert_same_weights(root / "final", tmp_path / "straight" / "rl" / "final")
+
+
+def test_datagen_killed_mid_chunk_resumes_to_the_same_data(tmp_path):
+    """300 documents = 5 extraction chunks; killed while writing one after the first is on disk
+    (a wider tiny model, so that a chunk takes long enough to write to be caught)."""
+    from nla.testing import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", d_model=512)
+
+    def args(out: Path) -> list[str]:
+        return ["--config", SMOKE, "--model", str(model_dir), "--output_dir", str(out), "--teacher", "extractive",
+                "--corpus", "builtin:python-docs", "--max_docs", "300", "--positions_per_doc", "8"]
+
+    work = tmp_path / "killed" / "data" / ".work"
+    cmd = [sys.executable, "-m", "nla.cli", "datagen", *args(tmp_path / "killed")]
+    kill_then_finish(cmd, lambda: list(work.glob(".*.tmp")) if work.is_dir() else [],
+                     lambda: work.is_dir() and any(work.glob("extract-*.parquet")), tmp_path / "log")
+    cfg, _ = parse_config(args(tmp_path / "straight"))
+    datagen_run(cfg)
+    killed, straight = all_rows(tmp_path / "killed" / "data"), all_rows(tmp_path / "straight" / "data")
+    assert [r[:3] for r in killed] == [r[:3] for r in straight] and len(killed) > 1000
+    assert all(torch.equal(a[3], b[3]) for a, b in zip(killed, straight))
