@@ -269,7 +269,7 @@ class ExtractiveTeacher:
 
     name = "extractive"
 
-    def __init__(self, batch_size: int = 256, tail_chars: int = 40):
+    def __init__(self, batch_size: int = 256, tail_chars: int = 16):
         self.batch_size, self.tail_chars = batch_size, tail_chars
         self.identity = f"extractive:v3:tail{tail_chars}"
 
@@ -294,7 +294,7 @@ def make_teacher(cfg, target_model=None, target_tokenizer=None) -> Teacher:
     """The teacher `cfg.teacher` asks for; the local one reuses the target model when it is the teacher."""
     t = cfg.teacher
     if t.teacher == "extractive":
-        return ExtractiveTeacher()
+        return ExtractiveTeacher(tail_chars=t.teacher_quote_chars)
     if t.teacher == "openai":
         key = os.environ.get(t.teacher_api_key_env, "") if t.teacher_api_key_env else ""
         return OpenAITeacher(t.teacher_base_url, t.teacher_model, key, t.teacher_max_new_tokens, t.teacher_temperature,
