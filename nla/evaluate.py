@@ -380,6 +380,7 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
     row_fve = scorer.row_fve(pred, vectors).tolist()
     rows = [{**info, "context": (info.get("context") or "")[-200:], "explanation": e, "failed": s.failed, "fve_nrm": f,
              "reinjection_kl": reinjection_kl[i],
+             **({"response": s.text[:300]} if s.failed else {}),  # what a failed answer said (cap hit, tags missing)
              **({"teacher_explanation": data.teacher[i]} if data.teacher is not None else {}),
              **({"paraphrase": para[i]} if para is not None else {})}
             for i, (info, e, s, f) in enumerate(zip(data.info, explanations, samples, row_fve))]

@@ -55,7 +55,7 @@ def build_toy(root):
                 "doc_id": [f"{name}-{i}" for i in range(n)], "position": list(range(n))}
         write_split(root / "data" / f"{name}.parquet", centres[label] + torch.randn(n, D, generator=g), cols, meta)
     base = config(root, root / "run")
-    train_av.run(base.replace(av_steps=40, av_batch_size=16, av_lr=1e-2, av_eval_every=1000, av_save_every=1000))
+    train_av.run(base.replace(av_steps=80, av_batch_size=16, av_lr=1e-2, av_eval_every=1000, av_save_every=1000))
     train_ar.run(base.replace(ar_steps=40, ar_batch_size=8, ar_lr=5e-3, ar_lora_r=8, ar_eval_every=1000, ar_save_every=1000))
     (root / "ready").write_text("ok")
     return root
@@ -232,6 +232,7 @@ def test_eval_on_trained_toy(toy, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
     assert np.mean([r["fve_nrm"] for r in rows]) == pytest.approx(report["fve_nrm"], abs=1e-5)
     assert sum(r["explanation"] == r["teacher_explanation"] for r in rows) >= 12
+    assert all(("response" in r) == r["failed"] for r in rows)  # a failed answer's raw text is kept for reading
     logged = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["eval/fve_nrm"] == report["fve_nrm"] and "eval/control/empty_text" in logged[-1]
 
@@ -246,6 +247,7 @@ def test_eval_from_texts_with_local_paraphraser(toy, tmp_path, tiny_tokenizer):
     report = run(cfg, eval_args(checkpoint=str(toy / "run"), texts=str(tmp_path / "t.jsonl")))
     rows = [json.loads(x) for x in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
     assert report["n"] == 6 == len(rows) and all(r["position"] >= 4 for r in rows)
+    assert all(("response" in r) == r["failed"] for r in rows)
     assert report["paraphrase"]["method"].startswith("teacher local:") and report["paraphrase"]["fail_rate"] is not None
     assert (tmp_path / "out" / "paraphrase_cache.jsonl").is_file()
     # the vectors explained are the plain base model's block-K outputs (the AV's LoRA switched off)

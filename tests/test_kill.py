@@ -1,5 +1,5 @@
 """`kill -9` in the middle of writing a checkpoint, for every stage that writes one (datagen's
-extraction chunks, train-av, rl; train-ar's 2-process case is in test_distributed.py): the same
+extraction chunks, train-ar, train-av, rl; train-ar under 2 processes is in test_distributed.py): the same
 command rerun cleans up the torn write, resumes from the last complete checkpoint and ends exactly
 where an uninterrupted run ends.
 
@@ -109,6 +109,18 @@ def toy_model_dir(tmp_path_factory):
 def stage_args(toy: Path, model_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["--config", "configs/smoke.yaml", "--model", str(model_dir), "--data_dir", str(toy / "data"),
             "--output_dir", str(out), "--layer", "1", "--report_to", "none", *extra]
+
+
+def test_train_ar_killed_mid_checkpoint_resumes_to_the_same_weights(toy, toy_model_dir, tmp_path):
+    extra = ["--ar_steps", "12", "--ar_save_every", "1", "--ar_eval_every", "1000", "--ar_batch_size", "4",
+             "--ar_lr", "5e-3", "--ar_lora_r", "4"]
+    out = tmp_path / "killed"
+    root = out / "ar"
+    cmd = [sys.executable, "-m", "nla.cli", "train-ar", *stage_args(toy, toy_model_dir, out, *extra)]
+    kill_then_finish(cmd, lambda: list(root.glob(".checkpoint-*.tmp")), lambda: complete(root, 2), tmp_path / "log")
+    cfg, _ = parse_config(stage_args(toy, toy_model_dir, tmp_path / "straight", *extra, "--ar_save_every", "1000"))
+    train_ar.run(cfg)
+    assert_same_weights(root / "final", tmp_path / "straight" / "ar" / "final")
 
 
 def test_train_av_killed_mid_checkpoint_resumes_to_the_same_weights(toy, toy_model_dir, tmp_path):

@@ -187,7 +187,7 @@ def test_cache_survives_torn_lines_and_skips_cached_contexts(tmp_path):
     first = explain(teacher, CONTEXTS + CONTEXTS[:1], TeacherCache(path), show_progress=False)
     assert sorted(Counting.calls) == sorted(CONTEXTS)  # the duplicate was asked once
     assert first.n_requested == 4 and first.n_malformed == 0 and first.explanations[0] == first.explanations[3]
-    assert first.explanations[0] == 'ends with "The for statement is used to iterate"; about statement'
+    assert first.explanations[0] == 'ends with " used to iterate"; about statement'  # default quote: 16 characters
     with open(path, "a") as fh:
         fh.write('{"key": "torn')  # a crash mid-write
     cache = TeacherCache(path)
