@@ -353,6 +353,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _bool_keys(extra: Iterable[type] = ()) -> set[str]:
+    return {f.name for cls in [*SECTIONS.values(), *extra] for f in dataclasses.fields(cls) if f.type in (bool, "bool")}
+
+
 def parse_config(argv: list[str] | None = None, extra: Iterable[type] = ()) -> tuple[NLAConfig, list[Any]]:
     """Parse `--config FILE` plus CLI overrides into an NLAConfig (and any stage-specific dataclasses)."""
     from trl import TrlParser
@@ -366,6 +370,8 @@ def parse_config(argv: list[str] | None = None, extra: Iterable[type] = ()) -> t
     extra = list(extra)
     extra_keys = [f.name for cls in extra for f in dataclasses.fields(cls)]
     flags = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and a not in ("--config", "--help")]
+    # `--no_X` is how `--help` shows turning off a boolean X that defaults to true: it is X too.
+    flags = [f[3:] if f.startswith("no_") and f[3:] in _bool_keys(extra) else f for f in flags]
     check_keys([f for f in flags if f not in extra_keys], "the command line", extra_keys)
     parser = TrlParser([*SECTIONS.values(), *extra])
     try:

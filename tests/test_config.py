@@ -28,6 +28,17 @@ def test_unknown_cli_flag_rejected():
         parse_config(["--bogus", "1"])
 
 
+def test_no_prefix_turns_off_a_boolean_as_help_shows_it():
+    """`--help` lists `--no_paraphrase_control` for a boolean that defaults to true; it must parse."""
+    from nla.evaluate import EvalArgs
+
+    on = parse_config(["--config", "configs/smoke.yaml"], extra=[EvalArgs])[1][0]
+    off = parse_config(["--config", "configs/smoke.yaml", "--no_paraphrase_control"], extra=[EvalArgs])[1][0]
+    assert on.paraphrase_control is True and off.paraphrase_control is False
+    with pytest.raises(ConfigError, match="'no_ar_steps'"):  # only booleans have a `no_` form
+        parse_config(["--no_ar_steps"])
+
+
 def test_validation_gives_fix():
     with pytest.raises(ConfigError, match="neg_mse"):
         parse_config(["--reward", "mse"])
