@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nla.ar import build_ar
+from nla.av import IGNORE, build_sft_batch, response_logprobs
 from nla.backbone import block_output, decoder_layers
 from nla.cli import main
 from nla.injection import InjectionHook, rescale
@@ -56,6 +57,18 @@ def test_invariants_and_lora_coverage(arch_dir):
             handle.remove()
     col = ids[0].tolist().index(spec.injection_token_id)
     assert torch.allclose(seen["embeds"][0, col], rescale(vector, 3.0)[0], atol=1e-5)  # Gemma's x sqrt(d) included once
+
+    # The shared prompt prefix (its KV cache repeated per row) gives the log-probs of one plain
+    # forward, sliding-window layers included (tiny Gemma 3 / Mistral windows are shorter than the prompt).
+    batch_sft = build_sft_batch(tok, av_prompt_ids(tok, "㈠"), ["<explanation>\nab\n</explanation>", "a longer answer"])
+    response = batch_sft["labels"] != IGNORE
+    hook = InjectionHook(model, *spec.ids, scale=3.0)
+    two = torch.randn(2, vector.shape[-1])
+    with torch.no_grad():
+        shared = response_logprobs(model, batch_sft["input_ids"], batch_sft["attention_mask"], response, two, hook)
+        plain = response_logprobs(model, batch_sft["input_ids"], batch_sft["attention_mask"], response, two, hook,
+                                  share_prefix=False)
+    torch.testing.assert_close(shared, plain, atol=1e-4, rtol=1e-4)
 
     assert untargeted_projections(model) == []
     lora = apply_lora(load_causal_lm(str(path)), 4)
