@@ -111,41 +111,29 @@ def stage_args(toy: Path, model_dir: Path, out: Path, *extra: str) -> list[str]:
             "--output_dir", str(out), "--layer", "1", "--report_to", "none", *extra]
 
 
-def test_train_ar_killed_mid_checkpoint_resumes_to_the_same_weights(toy, toy_model_dir, tmp_path):
-    extra = ["--ar_steps", "12", "--ar_save_every", "1", "--ar_eval_every", "1000", "--ar_batch_size", "4",
-             "--ar_lr", "5e-3", "--ar_lora_r", "4"]
-    out = tmp_path / "killed"
-    root = out / "ar"
-    cmd = [sys.executable, "-m", "nla.cli", "train-ar", *stage_args(toy, toy_model_dir, out, *extra)]
+# stage -> (its checkpoint folder, its save-interval key, its arguments; {av}/{ar} = the toy's SFT pair)
+STAGES = {
+    "train-ar": ("ar", "ar_save_every", ["--ar_steps", "12", "--ar_eval_every", "1000", "--ar_batch_size", "4",
+                                         "--ar_lr", "5e-3", "--ar_lora_r", "4"]),
+    "train-av": ("av", "av_save_every", ["--av_steps", "12", "--av_eval_every", "1000", "--av_batch_size", "4",
+                                         "--av_lr", "3e-3", "--av_lora_r", "4"]),
+    "rl": ("rl", "rl_save_every", ["--av_checkpoint", "{av}", "--ar_checkpoint", "{ar}", "--rl_steps", "8",
+                                   "--rl_batch_size", "2", "--group_size", "2", "--max_response_tokens", "8",
+                                   "--rl_val_rows", "0", "--temperature", "1.0"]),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_killed_mid_checkpoint_resumes_to_the_same_weights(stage, toy, toy_model_dir, tmp_path):
+    folder, save_key, args = STAGES[stage]
+    extra = [a.format(av=toy / "av" / "final", ar=toy / "ar" / "final") for a in args]
+    root = tmp_path / "killed" / folder
+    cmd = [sys.executable, "-m", "nla.cli", stage,
+           *stage_args(toy, toy_model_dir, tmp_path / "killed", *extra, f"--{save_key}", "1")]
     kill_then_finish(cmd, lambda: list(root.glob(".checkpoint-*.tmp")), lambda: complete(root, 2), tmp_path / "log")
-    cfg, _ = parse_config(stage_args(toy, toy_model_dir, tmp_path / "straight", *extra, "--ar_save_every", "1000"))
-    train_ar.run(cfg)
-    assert_same_weights(root / "final", tmp_path / "straight" / "ar" / "final")
-
-
-def test_train_av_killed_mid_checkpoint_resumes_to_the_same_weights(toy, toy_model_dir, tmp_path):
-    extra = ["--av_steps", "12", "--av_save_every", "1", "--av_eval_every", "1000", "--av_batch_size", "4",
-             "--av_lr", "3e-3", "--av_lora_r", "4"]
-    out = tmp_path / "killed"
-    root = out / "av"
-    cmd = [sys.executable, "-m", "nla.cli", "train-av", *stage_args(toy, toy_model_dir, out, *extra)]
-    kill_then_finish(cmd, lambda: list(root.glob(".checkpoint-*.tmp")), lambda: complete(root, 2), tmp_path / "log")
-    cfg, _ = parse_config(stage_args(toy, toy_model_dir, tmp_path / "straight", *extra, "--av_save_every", "1000"))
-    train_av.run(cfg)
-    assert_same_weights(root / "final", tmp_path / "straight" / "av" / "final")
-
-
-def test_rl_killed_mid_checkpoint_resumes_to_the_same_weights(toy, toy_model_dir, tmp_path):
-    extra = ["--av_checkpoint", str(toy / "av" / "final"), "--ar_checkpoint", str(toy / "ar" / "final"),
-             "--rl_steps", "8", "--rl_save_every", "1", "--rl_batch_size", "2", "--group_size", "2",
-             "--max_response_tokens", "8", "--rl_val_rows", "0", "--temperature", "1.0"]
-    out = tmp_path / "killed"
-    root = out / "rl"
-    cmd = [sys.executable, "-m", "nla.cli", "rl", *stage_args(toy, toy_model_dir, out, *extra)]
-    kill_then_finish(cmd, lambda: list(root.glob(".checkpoint-*.tmp")), lambda: complete(root, 2), tmp_path / "log")
-    cfg, _ = parse_config(stage_args(toy, toy_model_dir, tmp_path / "straight", *extra, "--rl_save_every", "1000"))
-    rl.run(cfg)
-    assert_same_weights(root / "final", tmp_path / "straight" / "rl" / "final")
+    cfg, _ = parse_config(stage_args(toy, toy_model_dir, tmp_path / "straight", *extra, f"--{save_key}", "1000"))
+    {"train-ar": train_ar.run, "train-av": train_av.run, "rl": rl.run}[stage](cfg)
+    assert_same_weights(root / "final", tmp_path / "straight" / folder / "final")
 
 
 def test_datagen_killed_mid_chunk_resumes_to_the_same_data(tmp_path):
