@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -405,10 +403,3 @@ def default_layer(n_layers: int) -> int:
     """About 2/3 depth (the published choice), as a block index."""
     return max(0, min(n_layers - 2, round(2 * n_layers / 3)))  # never the last block (see backbone.layer_problem)
 
-
-def default_mse_scale(d_model: int) -> float:
-    return math.sqrt(d_model)
-
-
-def dumps(cfg: NLAConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2, default=str)

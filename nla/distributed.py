@@ -19,8 +19,3 @@ def make_accelerator(device: str = "auto", grad_accum: int = 1, mixed_precision:
     if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     return Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision)
-
-
-def shard(items: list, accelerator) -> list:
-    """This process's share of `items` (round-robin by rank; order within a rank preserved)."""
-    return items[accelerator.process_index :: accelerator.num_processes]
