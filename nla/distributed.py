@@ -12,10 +12,10 @@ import os
 import torch
 
 
-def make_accelerator(device: str = "auto", grad_accum: int = 1, mixed_precision: str | None = None):
+def make_accelerator(device: str = "auto"):
     from accelerate import Accelerator
 
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    return Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision)
+    return Accelerator(cpu=cpu)

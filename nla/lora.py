@@ -24,16 +24,16 @@ def untargeted_projections(model: nn.Module) -> list[str]:
                    if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in TARGET_MODULES})
 
 
-def lora_config(r: int, layers: list[int] | None = None, dropout: float = 0.0, exclude: str | None = None):
+def lora_config(r: int, layers: list[int] | None = None, exclude: str | None = None):
     """A LoraConfig on the attention/MLP projections, optionally only on `layers` (AR: blocks 0..K)
     and never on modules matching `exclude`."""
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=TARGET_MODULES,
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGET_MODULES,
                       exclude_modules=exclude, layers_to_transform=layers, bias="none")
 
 
-def apply_lora(model: nn.Module, r: int, layers: list[int] | None = None, adapter_name: str = "default") -> nn.Module:
+def apply_lora(model: nn.Module, r: int) -> nn.Module:
     """Wrap `model` with a trainable LoRA adapter (base weights frozen), or return it as is for r == 0."""
     if r <= 0:
         for p in model.parameters():
@@ -46,8 +46,7 @@ def apply_lora(model: nn.Module, r: int, layers: list[int] | None = None, adapte
         warnings.warn(f"LoRA leaves these projections of {type(model).__name__}'s blocks unadapted: {', '.join(left_out)} "
                       f"(targets: {', '.join(TARGET_MODULES)}).", stacklevel=2)
     has_vision = any(re.fullmatch(NOT_LANGUAGE_MODEL, name) for name, _ in model.named_modules())
-    config = lora_config(r, layers, exclude=NOT_LANGUAGE_MODEL if has_vision else None)
-    return get_peft_model(model, config, adapter_name=adapter_name)
+    return get_peft_model(model, lora_config(r, exclude=NOT_LANGUAGE_MODEL if has_vision else None))
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

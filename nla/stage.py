@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -18,13 +17,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_stage(argv: list[str], stage: str, extra: Iterable[type] = (), save_to: str | Path | None = None,
-                is_main: bool = True) -> tuple[NLAConfig, list[Any]]:
-    """Parse argv, configure the process, and write `<save_to or output_dir/stage>/config.yaml`."""
+def start_stage(argv: list[str], stage: str, extra: Iterable[type] = ()) -> tuple[NLAConfig, list[Any]]:
+    """Parse argv, configure the process, and write `<output_dir>/<stage>/config.yaml`."""
     cfg, extras = parse_config(argv, extra)
     seed_everything(cfg.run.seed)
-    if is_main:
-        out = Path(save_to) if save_to else cfg.output_dir / stage
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out)
+    out = cfg.output_dir / stage
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out)
     return cfg, extras
