@@ -232,25 +232,19 @@ def bench_av_sft(ctx: Context, s: Sizes) -> dict[str, float]:
     vectors = torch.randn(s.train_batch, ctx.d_model)
     response = batch["labels"] != -100
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss = -response_logprobs(model, batch["input_ids"], batch["attention_mask"], response, vectors, hook).sum()
-        (loss / response.sum()).backward()
-        opt.step()
-
-    def step_unshared() -> None:
+    def step(share_prefix: bool = True) -> None:
         opt.zero_grad(set_to_none=True)
         loss = -response_logprobs(model, batch["input_ids"], batch["attention_mask"], response, vectors, hook,
-                                  share_prefix=False).sum()
+                                  share_prefix=share_prefix).sum()
         (loss / response.sum()).backward()
         opt.step()
 
     step()
-    step_unshared()
+    step(False)
     shared, unshared = [], []
     for _ in range(s.train_steps):  # interleaved, so load changes hit both alike
         shared.append(timed(step))
-        unshared.append(timed(step_unshared))
+        unshared.append(timed(lambda: step(False)))
     seconds = statistics.median(shared)
     return {"av_sft_tokens_per_s": float(batch["attention_mask"].sum()) / seconds,
             "av_sft_prefix_speedup": statistics.median(unshared) / seconds}

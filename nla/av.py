@@ -122,17 +122,23 @@ def _cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
-def _prefix_cache(model: nn.Module, input_ids: torch.Tensor, position_ids_: torch.Tensor, p: int, b: int):
-    """The KV cache of the first `p` columns of row 0, repeated for `b` rows (None where the model's
-    cache cannot be repeated). Gradients flow back through the repeat into the prefix pass."""
+def shared_prefix(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, marker_id: int,
+                  limit: int, rows: int) -> tuple[int, dict[str, Any]]:
+    """(p, forward kwargs): the KV cache of the first p columns (`shared_prefix_length`), computed
+    once on row 0 and repeated for `rows` rows, under the keyword the model's forward takes; (0, {})
+    when there is nothing to share or the model's cache cannot be repeated. Gradients flow back
+    through the repeat into the prefix pass."""
+    p = shared_prefix_length(input_ids, attention_mask, marker_id, limit) if rows > 1 else 0
+    if not p:
+        return 0, {}
     inner = getattr(model, "module", model)  # one DDP forward per backward: the prefix goes unwrapped
     out = inner(input_ids=input_ids[:1, :p], attention_mask=torch.ones_like(input_ids[:1, :p]),
-                position_ids=position_ids_[:1, :p], use_cache=True, logits_to_keep=1)
+                position_ids=position_ids(attention_mask)[:1, :p], use_cache=True, logits_to_keep=1)
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        return None
-    cache.batch_repeat_interleave(b)
-    return cache
+        return 0, {}
+    cache.batch_repeat_interleave(rows)
+    return p, {_cache_keyword(model): cache}
 
 
 def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -152,15 +158,12 @@ def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
         raise ValueError("response_mask must mark at least one token after the first column.")
     first = int(cols[0])
     positions = position_ids(attention_mask)
-    p = shared_prefix_length(input_ids, attention_mask, hook.marker_id, first - 1) if share_prefix and b > 1 else 0
     attached_here = not hook.attached
     hook.set_vectors(vectors)
     if attached_here:
         hook.attach()
     try:
-        cache = _prefix_cache(model, input_ids, positions, p, b) if p else None
-        p = p if cache is not None else 0
-        extra = {_cache_keyword(model): cache} if cache is not None else {}
+        p, extra = shared_prefix(model, input_ids, attention_mask, hook.marker_id, first - 1, b) if share_prefix else (0, {})
         out = model(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=positions[:, p:],
                     logits_to_keep=t - first + 1, use_cache=False, **extra)
     finally:
@@ -243,9 +246,7 @@ class Verbalizer:
                                eos_token_id=sorted(self.eos_ids))
         # The prompt before the marker is the same for every row: its KV cache is computed once and
         # repeated for the n * k_gen rows generate will run (it takes a cache as given).
-        p = shared_prefix_length(ids, mask, self.hook.marker_id, ids.shape[1] - 1)
-        cache = _prefix_cache(self.model, ids, position_ids(mask), p, n * k_gen) if p and n * k_gen > 1 else None
-        extra = {_cache_keyword(self.model): cache} if cache is not None else {}
+        _, extra = shared_prefix(self.model, ids, mask, self.hook.marker_id, ids.shape[1] - 1, n * k_gen)
         self.hook.set_vectors(repeat_for_samples(vectors, k_gen))
         with self.hook:
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **extra)

@@ -369,7 +369,8 @@ def parse_config(argv: list[str] | None = None, extra: Iterable[type] = ()) -> t
     extra_keys = [f.name for cls in extra for f in dataclasses.fields(cls)]
     flags = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and a not in ("--config", "--help")]
     # `--no_X` is how `--help` shows turning off a boolean X that defaults to true: it is X too.
-    flags = [f[3:] if f.startswith("no_") and f[3:] in _bool_keys(extra) else f for f in flags]
+    booleans = _bool_keys(extra)
+    flags = [f[3:] if f.startswith("no_") and f[3:] in booleans else f for f in flags]
     check_keys([f for f in flags if f not in extra_keys], "the command line", extra_keys)
     parser = TrlParser([*SECTIONS.values(), *extra])
     try:

@@ -48,14 +48,14 @@ def write_errors(folder: str | Path) -> Iterator[None]:
     `SafetensorError: ... I/O error: ... (os error 28)`; the CLI's error boundary turns an OSError
     into one line with the fix, so a full disk reads the same whichever library was writing.
     """
+    from safetensors import SafetensorError
+
     try:
         yield
-    except Exception as err:  # noqa: BLE001 - narrowed right below; anything else is re-raised as is
+    except (RuntimeError, SafetensorError) as err:
         text = str(err)
-        failed_write = (type(err).__name__ == "RuntimeError" and ("unexpected pos" in text or "PytorchStreamWriter" in text
-                                                                   or "file write failed" in text)) \
-            or (type(err).__name__ == "SafetensorError" and "I/O error" in text)
-        if not failed_write:
+        torch_writer = any(s in text for s in ("unexpected pos", "PytorchStreamWriter", "file write failed"))
+        if not (torch_writer if isinstance(err, RuntimeError) else "I/O error" in text):
             raise
         code = re.search(r"os error (\d+)", text)
         if code or _nearly_full(folder):

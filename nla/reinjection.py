@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nla.ar import pad_batch
 from nla.backbone import decoder_layers, last_token_index
 from nla.data import derangement
 
@@ -80,12 +81,7 @@ def reinjection_scores(model: nn.Module, tokenizer, contexts: list[str], positio
     mismatched = 0
     for start in range(0, len(usable), batch_size):
         batch = usable[start:start + batch_size]
-        width = max(len(token_ids[i]) for i in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # right padding: position ids stay the token index
-            ids[row, :len(token_ids[i])] = torch.tensor(token_ids[i])
-            mask[row, :len(token_ids[i])] = 1
+        ids, mask = pad_batch([token_ids[i] for i in batch], tokenizer.pad_token_id)  # right padding: positions = token index
         ids, mask = ids.to(device), mask.to(device)
         original, h = next_token_logprobs(model, ids, mask, layer)
         v = vectors[batch].to(device)

@@ -149,6 +149,7 @@ def test_a_write_that_fails_midway_is_one_line_and_leaves_no_checkpoint(limit_kb
     the adapter's safetensors write fails, at 60 KB torch's zip writer of the optimizer state
     ("unexpected pos"); either is one line naming the checkpoint, and no checkpoint or temp folder
     is left behind."""
+    import os
     import resource
     import signal
     import subprocess
@@ -162,7 +163,7 @@ def test_a_write_that_fails_midway_is_one_line_and_leaves_no_checkpoint(limit_kb
     cmd = [sys.executable, "-m", "nla.cli", "train-ar", "--config", SMOKE, "--model", str(tiny_model_dir), "--data_dir",
            str(data_dir), "--output_dir", str(out), "--ar_steps", "4", "--ar_save_every", "2", "--ar_lora_r", "4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=limit,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
     lines = [line for line in proc.stderr.splitlines() if line.startswith("nla ")]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     said = "File too large" if limit_kb == 8 else "a write did not complete"  # torch's writer gives no errno
