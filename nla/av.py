@@ -112,7 +112,7 @@ def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return p if p >= MIN_SHARED_PREFIX else 0
 
 
-def _cache_keyword(model: nn.Module) -> str:
+def cache_keyword(model: nn.Module) -> str:
     """transformers renamed the forward's `past_key_values` to `cache` (5.24)."""
     import inspect
 
@@ -138,7 +138,7 @@ def shared_prefix(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return 0, {}
     cache.batch_repeat_interleave(rows)
-    return p, {_cache_keyword(model): cache}
+    return p, {cache_keyword(model): cache}
 
 
 def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

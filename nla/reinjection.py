@@ -1,8 +1,8 @@
 """Functional reinjection: does the AR's reconstruction *behave* like the activation?
 
-For a row (a context ending at the explained position), the target model runs twice over the same
-tokens: as is, and with the residual stream after block K at the last position replaced by a
-patch. The next-token distributions are compared: KL(original ‖ patched) and whether the top token
+For a row (a context ending at the explained position), the target model reads the same tokens
+as is and with the residual stream after block K at the last position replaced by a patch (the
+tokens before the last run once: their KV cache serves every variant). The next-token distributions are compared: KL(original ‖ patched) and whether the top token
 agrees. Patches: the AR's reconstruction rescaled to the original vector's norm, and three
 baselines patched at the same place: the mean activation of the rows (same norm), another row's
 activation (same norm), and zero. `recovered` = 1 − KL_reconstruction / KL_mean: 1 when the
@@ -15,6 +15,7 @@ left out and counted, never patched at the wrong place.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nla.ar import pad_batch
+from nla.av import cache_keyword, position_ids
 from nla.backbone import decoder_layers, last_token_index
 from nla.data import derangement
 
@@ -29,28 +31,51 @@ MATCH_TOLERANCE = 1e-2  # relative error between the re-extracted and the stored
 
 
 def next_token_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, layer: int,
-                        patch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        patches: list[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """-> (log-probs [b, vocab] of the token after each row's last real token, block-`layer` output
-    there [b, d] as it was before any patch). `patch` [b, d] replaces that output when given."""
-    last = last_token_index(mask)
-    rows = torch.arange(ids.shape[0], device=ids.device)
+    there [b, d], the log-probs with each of `patches` [b, d] replacing that output).
+
+    Everything before the last token is the same in every run (attention is causal), so it runs
+    once; its KV cache then serves the last token as is and once per patch. Rows are left-aligned
+    (their last tokens share the final column), positions counted over real tokens."""
+    ids, mask = _left_aligned(ids, mask)
+    positions = position_ids(mask)
+    prefix: dict[str, Any] = {}
+    if ids.shape[1] > 1:
+        out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                    use_cache=True, logits_to_keep=1)
+        prefix = {cache_keyword(model): getattr(out, "cache", None) or out.past_key_values}
     seen: dict[str, torch.Tensor] = {}
 
-    def hook(_module, _args, output):
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
-        seen["h"] = hidden[rows, last].detach().float()
-        if patch is None:
-            return output
-        hidden = hidden.clone()
-        hidden[rows, last] = patch.to(hidden.dtype)
-        return (hidden, *output[1:]) if isinstance(output, (tuple, list)) else hidden
+    def last_token(patch: torch.Tensor | None) -> torch.Tensor:
+        def hook(_module, _args, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            seen.setdefault("h", hidden[:, -1].detach().float())
+            if patch is None:
+                return output
+            hidden = hidden.clone()
+            hidden[:, -1] = patch.to(hidden.dtype)
+            return (hidden, *output[1:]) if isinstance(output, (tuple, list)) else hidden
 
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
-    try:
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    finally:
-        handle.remove()
-    return F.log_softmax(logits[rows, last].float(), dim=-1), seen["h"]
+        handle = decoder_layers(model)[layer].register_forward_hook(hook)
+        try:
+            cache = {k: copy.deepcopy(v) for k, v in prefix.items()}  # each run appends its token to the cache
+            logits = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
+                           use_cache=bool(cache), **cache).logits
+        finally:
+            handle.remove()
+        return F.log_softmax(logits[:, -1].float(), dim=-1)
+
+    original = last_token(None)
+    return original, seen["h"], [last_token(p) for p in patches]
+
+
+def _left_aligned(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's real tokens to the right end (padding first)."""
+    shift = (mask.shape[1] - 1 - last_token_index(mask)).tolist()
+    if not any(shift):
+        return ids, mask
+    return (torch.stack([r.roll(s) for r, s in zip(ids, shift)]), torch.stack([r.roll(s) for r, s in zip(mask, shift)]))
 
 
 def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
@@ -81,20 +106,19 @@ def reinjection_scores(model: nn.Module, tokenizer, contexts: list[str], positio
     mismatched = 0
     for start in range(0, len(usable), batch_size):
         batch = usable[start:start + batch_size]
-        ids, mask = pad_batch([token_ids[i] for i in batch], tokenizer.pad_token_id)  # right padding: positions = token index
+        ids, mask = pad_batch([token_ids[i] for i in batch], tokenizer.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
-        original, h = next_token_logprobs(model, ids, mask, layer)
         v = vectors[batch].to(device)
-        match = ((h - v).norm(dim=-1) / v.norm(dim=-1).clamp_min(1e-12)) < MATCH_TOLERANCE
-        mismatched += int((~match).sum())
         norms = v.norm(dim=-1, keepdim=True)
         patches = {"reconstruction": _rescaled(reconstructions[batch].float().to(device), norms),
                    "mean": _rescaled(mean.to(device).expand_as(v), norms),
                    "shuffled": _rescaled(vectors[other[batch]].to(device), norms),
                    "zero": torch.zeros_like(v)}
+        original, h, patched_runs = next_token_logprobs(model, ids, mask, layer, list(patches.values()))
+        match = ((h - v).norm(dim=-1) / v.norm(dim=-1).clamp_min(1e-12)) < MATCH_TOLERANCE
+        mismatched += int((~match).sum())
         top = original.argmax(dim=-1)
-        for name, patch in patches.items():
-            patched, _ = next_token_logprobs(model, ids, mask, layer, patch)
+        for name, patched in zip(patches, patched_runs):
             kls[name].append(_kl(original, patched)[match].cpu())
             agree[name].append((patched.argmax(dim=-1) == top)[match].float().cpu())
         for row, i in enumerate(batch):

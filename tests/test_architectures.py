@@ -17,6 +17,7 @@ from nla.cli import main
 from nla.injection import InjectionHook, rescale
 from nla.lora import apply_lora, untargeted_projections
 from nla.models import load_causal_lm
+from nla.reinjection import next_token_logprobs
 from nla.sidecar import make_token_spec
 from nla.templates import av_prompt_ids
 from nla.testing import ARCHITECTURES, build_tiny_tokenizer, save_tiny_architecture
@@ -69,6 +70,28 @@ def test_invariants_and_lora_coverage(arch_dir):
         plain = response_logprobs(model, batch_sft["input_ids"], batch_sft["attention_mask"], response, two, hook,
                                   share_prefix=False)
     torch.testing.assert_close(shared, plain, atol=1e-4, rtol=1e-4)
+
+    # Reinjection's cached runs (the tokens before the last run once) against plain full forwards.
+    last = batch["attention_mask"].sum(1) - 1
+    rows = torch.arange(len(TEXTS))
+    patch = torch.randn(len(TEXTS), vector.shape[-1]) * 3
+
+    def patch_last(_m, _a, out):
+        hidden = (out[0] if isinstance(out, tuple) else out).clone()
+        hidden[rows, last] = patch
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    with torch.no_grad():
+        original, h, (patched,) = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"], LAYER, [patch])
+        plain_logits = model(**batch).logits[rows, last]
+        handle = decoder_layers(model)[LAYER].register_forward_hook(patch_last)
+        try:
+            patched_logits = model(**batch).logits[rows, last]
+        finally:
+            handle.remove()
+    torch.testing.assert_close(h, ref[rows, last], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(original, torch.log_softmax(plain_logits.float(), -1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(patched, torch.log_softmax(patched_logits.float(), -1), atol=1e-4, rtol=1e-4)
 
     assert untargeted_projections(model) == []
     lora = apply_lora(load_causal_lm(str(path)), 4)

@@ -518,35 +518,48 @@ def test_report_html_in_a_headless_browser(html_report, tmp_path):
 
 
 def test_reinjection_patch_touches_only_the_last_position_at_layer_k(tiny_tokenizer, tmp_path):
-    """After block K, only the patched position differs; earlier positions (and block K-1) are
-    untouched; a mean patch scores exactly the mean baseline."""
+    """The cached runs (the tokens before the last run once) give the log-probs of a plain full
+    forward whose block-K output is replaced at the last real token only, for rows of different
+    lengths and several patches in turn; a mean patch scores exactly the mean baseline."""
+    from nla.ar import pad_batch
     from nla.backbone import decoder_layers
     from nla.models import load_causal_lm
     from nla.reinjection import next_token_logprobs, reinjection_scores
     from nla.testing import save_tiny_model
 
     model = load_causal_lm(str(save_tiny_model(tmp_path / "m", initializer_range=0.2))).eval()
-    batch = tiny_tokenizer(["a text about a river and a stone"], return_tensors="pt")
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    p = ids.shape[1] - 1
-    seen = {}
-    hooks = [decoder_layers(model)[k].register_forward_hook(
-        lambda m, a, out, k=k: seen.setdefault(k, []).append((out[0] if isinstance(out, tuple) else out).detach().clone()))
-        for k in (LAYER - 1, LAYER, LAYER + 1)]
-    try:
-        with torch.no_grad():
-            next_token_logprobs(model, ids, mask, LAYER)
-            next_token_logprobs(model, ids, mask, LAYER, patch=torch.randn(1, D) * 5)
-    finally:
-        for h in hooks:
-            h.remove()
-    assert torch.equal(seen[LAYER - 1][0], seen[LAYER - 1][1])  # before block K: untouched
-    after = (seen[LAYER + 1][0] - seen[LAYER + 1][1]).abs().amax(dim=-1)[0]
-    assert after[:p].max() == 0 and after[p] > 1e-3  # causal: only the patched position moves
+    texts = ["a text about a river and a stone", "music", "a stone and a river"]
+    ids, mask = pad_batch([tiny_tokenizer(t)["input_ids"] for t in texts], tiny_tokenizer.pad_token_id)
+    last = mask.sum(1) - 1
+
+    def plain(patch):  # the whole sequence, no cache: the reference
+        def hook(_m, _a, out):
+            hidden = (out[0] if isinstance(out, tuple) else out).clone()
+            seen.append(hidden[torch.arange(len(texts)), last].clone())
+            if patch is not None:
+                hidden[torch.arange(len(texts)), last] = patch
+            return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+        handle = decoder_layers(model)[LAYER].register_forward_hook(hook)
+        try:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        finally:
+            handle.remove()
+        return torch.log_softmax(logits[torch.arange(len(texts)), last].float(), -1)
+
+    seen: list = []
+    patches = [torch.randn(3, D) * 5, torch.zeros(3, D), torch.randn(3, D)]
+    with torch.no_grad():
+        original, h, patched = next_token_logprobs(model, ids, mask, LAYER, patches)
+        assert torch.allclose(original, plain(None), atol=1e-4) and torch.allclose(h, seen[0], atol=1e-4)
+        for patch, got in zip(patches, patched):
+            want = plain(patch)
+            assert torch.allclose(got, want, atol=1e-4)
+            assert (got - original).abs().max() > 1e-3  # the patch did reach the last token
 
     contexts = ["a text about a river", "a stone and a river", "music about stone"]
-    vectors = torch.stack([next_token_logprobs(model, *(lambda b: (b["input_ids"], b["attention_mask"]))(
-        tiny_tokenizer([c], return_tensors="pt")), LAYER)[1][0] for c in contexts])
+    with torch.no_grad():
+        vectors = torch.stack([next_token_logprobs(model, *(lambda b: (b["input_ids"], b["attention_mask"]))(
+            tiny_tokenizer([c], return_tensors="pt")), LAYER)[1][0] for c in contexts])
     mean = vectors.mean(dim=0).expand_as(vectors)
     scores, _ = reinjection_scores(model, tiny_tokenizer, contexts, [None] * 3, vectors, mean, LAYER)
     assert scores["n"] == 3 and scores["kl"] == pytest.approx(scores["kl_mean_baseline"], rel=1e-6)
