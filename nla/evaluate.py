@@ -300,10 +300,12 @@ def load_eval_data(cfg: NLAConfig, args: EvalArgs, nla: NLA) -> EvalData:
 # ---------------------------------------------------------------- the evaluation
 
 
-def _explainer(nla: NLA, temperature: float, max_new_tokens: int, enabled: bool, samples_out: list | None = None) -> Explain:
-    """vectors -> explanations (None where nothing was extracted), in chunks with a progress bar; the Samples go to `samples_out`."""
+def _explainer(nla: NLA, temperature: float, max_new_tokens: int, enabled: bool, batch_size: int,
+               samples_out: list | None = None) -> Explain:
+    """vectors -> explanations (None where nothing was extracted), `batch_size` rows per generate call
+    with a progress bar; the Samples go to `samples_out`."""
     def explain(vectors: torch.Tensor) -> list:
-        texts, bs = [], nla.verbalizer.batch_size
+        texts, bs = [], batch_size
         for start in progress(range(0, len(vectors), bs), enabled=enabled, desc="eval: AV", unit="batch"):
             for (s,) in nla.explain(vectors[start:start + bs], 1, temperature, max_new_tokens):
                 texts.append(s.explanation)
@@ -326,9 +328,9 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
     show, timing = cfg.logging.progress, {}
     t0 = time.time()
     samples: list = []
-    explain = _explainer(nla, args.eval_temperature, cfg.av.max_new_tokens, show, samples)
+    explain = _explainer(nla, args.eval_temperature, cfg.av.max_new_tokens, show, cfg.eval.eval_batch_size, samples)
     explanations = explain(vectors)
-    explain_controls = _explainer(nla, args.eval_temperature, cfg.av.max_new_tokens, show)
+    explain_controls = _explainer(nla, args.eval_temperature, cfg.av.max_new_tokens, show, cfg.eval.eval_batch_size)
     timing["verbalize_s"] = time.time() - t0
     pred = nla.predict(explanations)
     report: dict[str, Any] = {"n": n, "source": data.source, "checkpoint": {"av": str(nla.paths.av), "ar": str(nla.paths.ar)},

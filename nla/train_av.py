@@ -64,7 +64,7 @@ class AVData:
 def load_data(cfg: NLAConfig, tokenizer, d_model: int) -> AVData:
     """Both splits, verified against the live tokenizer; the injection scale (config wins)."""
     train = load_split(split_path(cfg.data_dir, "av_sft"))
-    val = load_split(split_path(cfg.data_dir, "val"), max_rows=cfg.eval.eval_max_rows, seed=cfg.run.seed)
+    val = load_split(split_path(cfg.data_dir, "val"), max_rows=cfg.av.av_val_rows, seed=cfg.run.seed)
     for split in (train, val):
         split.meta.verify(tokenizer, d_model=d_model, where=str(split.path))
         check_prompts(split.column("prompt"), train.meta, str(split.path))
