@@ -149,18 +149,21 @@ class ARConfig:
     ar_grad_accum: int = _help("Micro-batches per optimizer step.", default=1)
     ar_lora_r: int = _help("LoRA rank for the AR blocks (0 = full fine-tuning).", default=16)
     ar_eval_every: int = _help("Validate every N steps.", default=50)
+    ar_val_rows: int = _help("Val rows for that check, drawn across documents (each read four ways: its text and three "
+                             "controls).", default=256)
     ar_save_every: int = _help("Checkpoint every N steps.", default=100)
     ar_shuffle_targets: bool = _help("Control run: train on targets permuted across rows.", default=False)
     ar_text: str = _help("What the AR reads: 'explanation' (the NLA's AR), or 'context': the raw context's last characters "
                          "instead (the context-oracle AR, the ceiling for `nla eval --oracle_ar`; saved under <output_dir>/ar_oracle).",
                          default="explanation")
+    ar_oracle_steps: int = _help("Steps of the context-oracle AR that `nla demo` trains (0 = ar_steps).", default=0)
     mse_scale: float | None = _help("Vectors are normalised to this norm before MSE (default sqrt(d_model)).", default=None)
     ar_checkpoint: str | None = _help("AR checkpoint to load (default: <output_dir>/ar/final).", default=None)
 
     def __post_init__(self) -> None:
-        if self.ar_lr <= 0 or self.ar_steps < 0 or self.ar_batch_size < 1:
-            raise ConfigError("ar_lr must be > 0, ar_steps >= 0, ar_batch_size >= 1.")
-        _positive(self, "ar_eval_every", "ar_save_every", "ar_grad_accum")
+        if self.ar_lr <= 0 or self.ar_steps < 0 or self.ar_batch_size < 1 or self.ar_oracle_steps < 0:
+            raise ConfigError("ar_lr must be > 0, ar_steps >= 0, ar_oracle_steps >= 0, ar_batch_size >= 1.")
+        _positive(self, "ar_eval_every", "ar_val_rows", "ar_save_every", "ar_grad_accum")
         if self.ar_text not in ("explanation", "context"):
             raise ConfigError(f"ar_text={self.ar_text!r}: use 'explanation' (the NLA's AR) or 'context' (the oracle AR).")
 

@@ -91,7 +91,7 @@ class JointTrainer:
             sc = self.score(ro)
         with timer("update_ar"):
             ar_grad_norm, ar_skipped = self.update_ar(sc)
-        rw = self.rewards(ro, sc)
+        rw = self.reward_terms(ro, sc)
         adv = rewards.group_advantages(rw.total, self.cfg.group_size)
         with timer("update_av"):
             av = self.update_av(ro, adv)
@@ -107,7 +107,7 @@ class JointTrainer:
         is measured on fixed vectors instead of read off noisy training batches."""
         ro = self.rollout(vectors)
         sc = self.score(ro, train=False)
-        rw = self.rewards(ro, sc)
+        rw = self.reward_terms(ro, sc)
         m = {"reward_mean": float(rw.total.mean()), "extraction_fail_rate": float(ro.failed.float().mean()),
              **self.reconstruction_metrics(ro, sc)}
         if self.sft_ar is not None:  # the same explanations read by the SFT AR: the AV's own change
@@ -156,7 +156,7 @@ class JointTrainer:
         sc.loss.backward()
         return self._optimizer_step(self.ar_opt, self.ar_sched)
 
-    def rewards(self, ro: RolloutOut, sc: ScoreOut) -> rewards.Rewards:
+    def reward_terms(self, ro: RolloutOut, sc: ScoreOut) -> rewards.Rewards:
         return rewards.compute_rewards(
             sc.mse, ro.failed | sc.over_length, ro.n_tokens, sc.pred, ro.targets,
             kind=self.cfg.reward, length_coef=self.cfg.length_penalty, contrastive_coef=self.cfg.contrastive_coef,

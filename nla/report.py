@@ -55,7 +55,7 @@ def bars(report: dict[str, Any]) -> list[tuple[str, float]]:
 
 
 def flags(report: dict[str, Any]) -> list[str]:
-    """Plain-language warnings for the failure modes others have hit (REFERENCE §7)."""
+    """Plain-language warnings for the failure modes others have hit (design note 11)."""
     real, out = report["fve_nrm"], []
     best_name, best = max(((k, v["fve_nrm"]) for k, v in report["controls"].items()), key=lambda kv: kv[1])
     if report["non_latin_rate"] > 0.1:

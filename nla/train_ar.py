@@ -227,7 +227,7 @@ class ARTrainer:
 
 def _load_data(cfg: NLAConfig, tokenizer) -> tuple[Split, Split]:
     train = load_split(split_path(cfg.data_dir, "ar_sft"))
-    val = load_split(split_path(cfg.data_dir, "val"))
+    val = load_split(split_path(cfg.data_dir, "val"), max_rows=cfg.ar.ar_val_rows, seed=cfg.run.seed)
     layer = train.meta.layer_index
     if cfg.model.layer is not None and cfg.model.layer != layer:
         raise ConfigError(f"--layer {cfg.model.layer} but {train.path} holds activations of block {layer}; "

@@ -6,9 +6,10 @@ from nla.cli import main
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path, tiny_model_dir, capsys):
-    rc = main(["demo", "--config", "configs/smoke.yaml", "--model", str(tiny_model_dir), "--output_dir", str(tmp_path),
-               "--teacher", "extractive", "--eval_max_rows", "8", "--rl_steps", "2", "--max_new_tokens", "8",
-               "--max_response_tokens", "8"])
+    argv = ["demo", "--config", "configs/smoke.yaml", "--model", str(tiny_model_dir), "--output_dir", str(tmp_path),
+            "--teacher", "extractive", "--eval_max_rows", "8", "--rl_steps", "2", "--max_new_tokens", "8",
+            "--max_response_tokens", "8", "--ar_oracle_steps", "3", "--ar_val_rows", "4"]
+    rc = main(argv)
     assert rc == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) >= {"sft", "rl", "checkpoint", "wall_s"}
@@ -25,6 +26,8 @@ def test_demo_runs_the_whole_pipeline(tmp_path, tiny_model_dir, capsys):
     assert {"reward_mean", "fve_nrm"} <= set(summary["rl_training"]["val_start"]) & set(summary["rl_training"]["val"])
     # The ceilings: the context-oracle AR (trained in the demo, never the pair's AR) and the teacher's text.
     assert summary["ar_oracle"]["ar_text"] == "context" and "ar_oracle" in summary["ar_oracle"]["checkpoint"]
+    assert (summary["ar_oracle"]["steps"], summary["ar_sft"]["steps"]) == (3, 6)  # --ar_oracle_steps: the oracle's own budget
+    assert summary["ar_oracle"]["val_rows"] == summary["ar_sft"]["val_rows"] == 4  # --ar_val_rows caps the AR's val
     for report in (summary["sft"], summary["rl"]):
         assert report["oracle"]["path"] == summary["ar_oracle"]["checkpoint"] and "fve_floor" in report
         assert report["teacher_explanations"]["n"] > 0
@@ -36,3 +39,9 @@ def test_demo_runs_the_whole_pipeline(tmp_path, tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "final checkpoint:" in out and "control: shuffled_vector" in out and "SFT AR reading the AV" in out
     assert "ceiling: oracle AR, raw context" in out and "floor: best constant prediction" in out
+
+    # A second run (every stage resumes) with the user's own oracle AR: the demo trains none.
+    assert main(argv + ["--oracle_ar", summary["ar_oracle"]["checkpoint"]]) == 0
+    again = json.loads((tmp_path / "summary.json").read_text())
+    assert again["ar_oracle"] is None and "train_ar_oracle" not in again["stage_seconds"]
+    assert again["sft"]["oracle"]["path"] == summary["ar_oracle"]["checkpoint"]
