@@ -268,11 +268,12 @@ class Verbalizer:
         return Rollout(out, attention, response_mask, t, texts, hit_cap)
 
     def verbalize(self, vectors: torch.Tensor, num_samples: int = 1, temperature: float = 1.0,
-                  max_new_tokens: int | None = None) -> list[list[Sample]]:
-        """vectors [n, d] raw -> n lists of `num_samples` Samples (batched, left-padded, vector injected)."""
+                  max_new_tokens: int | None = None, batch_size: int | None = None) -> list[list[Sample]]:
+        """vectors [n, d] raw -> n lists of `num_samples` Samples (left-padded, vector injected), at most
+        `batch_size` (default: the Verbalizer's) sequences per generate call."""
         if vectors.dim() != 2:
             raise ValueError(f"vectors must be [n, d], got shape {tuple(vectors.shape)}.")
-        rows_per_call = max(1, self.batch_size // num_samples)
+        rows_per_call = max(1, (batch_size or self.batch_size) // num_samples)
         results: list[list[Sample]] = []
         for start in range(0, vectors.shape[0], rows_per_call):
             ro = self.rollout(vectors[start:start + rows_per_call], num_samples, temperature, max_new_tokens)

@@ -181,9 +181,10 @@ class NLA:
         return float(var) if var else None
 
     def explain(self, vectors: torch.Tensor, num_samples: int = 1, temperature: float = 1.0,
-                max_new_tokens: int | None = None) -> list[list[Sample]]:
-        """vectors [n, d] raw -> n lists of `num_samples` Samples."""
-        return self.verbalizer.verbalize(vectors.to(self.verbalizer.device), num_samples, temperature, max_new_tokens)
+                max_new_tokens: int | None = None, batch_size: int | None = None) -> list[list[Sample]]:
+        """vectors [n, d] raw -> n lists of `num_samples` Samples (`batch_size` sequences per generate call)."""
+        return self.verbalizer.verbalize(vectors.to(self.verbalizer.device), num_samples, temperature, max_new_tokens,
+                                         batch_size)
 
     def predict(self, texts: list[str], ar: ARModel | None = None, tokenizer=None) -> torch.Tensor:
         """Explanations -> [n, d] fp32 on the CPU (None/failed texts read as '')."""

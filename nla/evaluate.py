@@ -307,7 +307,7 @@ def _explainer(nla: NLA, temperature: float, max_new_tokens: int, enabled: bool,
     def explain(vectors: torch.Tensor) -> list:
         texts, bs = [], batch_size
         for start in progress(range(0, len(vectors), bs), enabled=enabled, desc="eval: AV", unit="batch"):
-            for (s,) in nla.explain(vectors[start:start + bs], 1, temperature, max_new_tokens):
+            for (s,) in nla.explain(vectors[start:start + bs], 1, temperature, max_new_tokens, batch_size=bs):
                 texts.append(s.explanation)
                 if samples_out is not None:
                     samples_out.append(s)

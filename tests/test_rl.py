@@ -100,7 +100,7 @@ class _SayRed:
 
 def test_grpo_moves_the_policy_towards_rewarded_answers(warm_start, toy_model_dir, tmp_path, monkeypatch):
     reward = _SayRed()
-    monkeypatch.setattr(grpo.JointTrainer, "rewards", lambda self, ro, sc: reward(self, ro, sc))
+    monkeypatch.setattr(grpo.JointTrainer, "reward_terms", lambda self, ro, sc: reward(self, ro, sc))
     _run_rl(warm_start, toy_model_dir, tmp_path / "red", "--rl_steps", "12")
     start, end = reward.rates[0], sum(reward.rates[-4:]) / 4
     assert end > start + 0.3, reward.rates

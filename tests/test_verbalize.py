@@ -77,6 +77,27 @@ def test_vectors_explained_like_the_training_data(toy, nla):
     assert len(zero) == 1 and zero[0]["row"] == 0 and zero[0]["fve_nrm"] is not None
 
 
+def test_batch_size_is_rows_per_generate_call(toy, nla):
+    """`batch_size` sets how many sequences one generate call runs; the greedy text does not depend on it."""
+    vectors = load_split(toy / "data" / "test.parquet").vectors[:5]
+    calls, rollout = [], nla.verbalizer.rollout
+
+    def counted(v, *args, **kw):
+        calls.append(len(v))
+        return rollout(v, *args, **kw)
+
+    nla.verbalizer.rollout = counted
+    try:
+        one = nla.explain(vectors, 1, 0.0, 24, batch_size=5)
+        assert calls == [5]
+        calls.clear()
+        two = nla.explain(vectors, 1, 0.0, 24, batch_size=2)
+        assert calls == [2, 2, 1]
+    finally:
+        del nla.verbalizer.rollout
+    assert [s.text for (s,) in one] == [s.text for (s,) in two]
+
+
 def test_cli_text_with_rerank(toy, tmp_path, capsys):
     out = tmp_path / "e.jsonl"
     code = cli(["verbalize", "--config", SMOKE, "--checkpoint", str(toy / "run"), "--text", TEXT, "--positions", "3,7,9",
