@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from nla.checkpoints import NLA, CheckpointArgs, load_from_config, load_nla, option
+from nla.pair import NLA, CheckpointArgs, load_from_config, load_nla, option
 from nla.config import ConfigError, NLAConfig
 from nla.extract import DocRecord, document_tokens, extract_vectors
 from nla.io import atomic_write_text
@@ -223,7 +223,7 @@ def explain_vectors(vectors: torch.Tensor | np.ndarray, checkpoint: str | Path |
                     dtype: str = "float32") -> list[dict[str, Any]]:
     """Raw activations [n, d] (or [d]) -> one row dict per vector (see `verbalize_rows`).
 
-    Pass a loaded `nla` (from `nla.checkpoints.load_nla`) to explain many batches without reloading.
+    Pass a loaded `nla` (from `nla.pair.load_nla`) to explain many batches without reloading.
     """
     nla = _load(nla, checkpoint, av, ar, device, dtype, max_new_tokens, None)
     vectors = torch.as_tensor(vectors, dtype=torch.float32)

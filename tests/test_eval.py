@@ -251,7 +251,7 @@ def test_eval_from_texts_with_local_paraphraser(toy, tmp_path, tiny_tokenizer):
     assert report["paraphrase"]["method"].startswith("teacher local:") and report["paraphrase"]["fail_rate"] is not None
     assert (tmp_path / "out" / "paraphrase_cache.jsonl").is_file()
     # the vectors explained are the plain base model's block-K outputs (the AV's LoRA switched off)
-    from nla.checkpoints import load_nla
+    from nla.pair import load_nla
     from nla.verbalize import extract_text_rows
 
     nla = load_nla(toy / "run", device="cpu")
@@ -311,7 +311,7 @@ def test_reference_release_pair_scores_like_ours(toy, tmp_path, ar_layer_field):
 
 def test_checkpoint_resolution(toy, tmp_path):
     """A run folder means rl/final when RL ran, else the SFT finals; --av/--ar override halves."""
-    from nla.checkpoints import resolve_paths
+    from nla.pair import resolve_paths
 
     run_dir = toy / "run"
     sft = resolve_paths(run_dir)

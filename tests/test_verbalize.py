@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nla.checkpoints import load_nla
+from nla.pair import load_nla
 from nla.cli import main as cli
 from nla.config import ConfigError
 from nla.data import load_split

@@ -1,6 +1,6 @@
 """Resolve an NLA checkpoint into a loaded AV + AR pair (ours or the public reference release).
 
-    from nla.checkpoints import load_nla
+    from nla.pair import load_nla
     nla = load_nla(checkpoint="runs/demo/rl/final")             # a folder holding av/ and ar/
     nla = load_nla(av="release/av", ar="release/ar")            # reference release: two HF folders
     nla.explain(vectors)        # AV: [n, d] raw -> list[list[Sample]]
