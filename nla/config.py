@@ -232,8 +232,8 @@ class EvalConfig:
     oracle_ar: str | None = _help("A context-oracle AR (`nla train-ar --ar_text context`): eval reports its FVE on the rows' "
                                   "raw context as the ceiling, and the share of it the NLA reaches.", default=None)
     reinjection_rows: int = _help("Rows whose reconstruction is patched back into the target model at layer K (next-token KL "
-                                  "vs the mean/shuffled/zero baselines); 0 = off. One forward of the context per row, then five runs of its last token.",
-                                  default=32)
+                                  "vs the mean/shuffled/zero baselines); 0 = off. One forward of the context per row, then "
+                                  "five runs of its last token.", default=32)
 
     def __post_init__(self) -> None:
         if self.eval_max_rows < 2:

@@ -44,11 +44,11 @@ import torch
 
 from nla import metrics, templates
 from nla.ar import read_ar_meta
-from nla.pair import NLA, CheckpointArgs, load_checked_ar, load_from_config, model_folder, option
 from nla.config import ConfigError, NLAConfig
 from nla.data import derangement, load_split, split_path
 from nla.extract import choose_positions
 from nla.models import ModelError
+from nla.pair import NLA, CheckpointArgs, load_checked_ar, load_from_config, model_folder, option
 from nla.reinjection import reinjection_scores
 from nla.report import format_table, write_report
 from nla.sidecar import SidecarError

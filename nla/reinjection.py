@@ -2,8 +2,8 @@
 
 For a row (a context ending at the explained position), the target model reads the same tokens
 as is and with the residual stream after block K at the last position replaced by a patch (the
-tokens before the last run once: their KV cache serves every variant). The next-token distributions are compared: KL(original ‖ patched) and whether the top token
-agrees. Patches: the AR's reconstruction rescaled to the original vector's norm, and three
+tokens before the last run once: their KV cache serves every variant). The next-token
+distributions are compared: KL(original ‖ patched) and whether the top token agrees. Patches: the AR's reconstruction rescaled to the original vector's norm, and three
 baselines patched at the same place: the mean activation of the rows (same norm), another row's
 activation (same norm), and zero. `recovered` = 1 − KL_reconstruction / KL_mean: 1 when the
 reconstruction behaves like the activation, 0 when it does no better than the mean direction.
@@ -16,6 +16,7 @@ left out and counted, never patched at the wrong place.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ MATCH_TOLERANCE = 1e-2  # relative error between the re-extracted and the stored
 
 
 def next_token_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, layer: int,
-                        patches: list[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+                        patches: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """-> (log-probs [b, vocab] of the token after each row's last real token, block-`layer` output
     there [b, d], the log-probs with each of `patches` [b, d] replacing that output).
 

@@ -33,11 +33,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from nla.pair import NLA, CheckpointArgs, load_from_config, load_nla, option
 from nla.config import ConfigError, NLAConfig
 from nla.extract import DocRecord, document_tokens, extract_vectors
 from nla.io import atomic_write_text
 from nla.metrics import EPS, mse_nrm, target_variance
+from nla.pair import NLA, CheckpointArgs, load_from_config, load_nla, option
 from nla.report import html_page
 from nla.stage import start_stage
 
