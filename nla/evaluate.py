@@ -86,7 +86,7 @@ class Scorer:
 
     def row_fve(self, pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """[n, d] x2 -> [n]: 1 - MSE_nrm(row) / Var (averages to `fve`)."""
-        return 1.0 - metrics.mse_nrm(pred, targets, self.scale) / max(self.var, metrics.EPS)
+        return metrics.fve_from_mse(metrics.mse_nrm(pred, targets, self.scale), self.var)
 
     def fve(self, pred: torch.Tensor, targets: torch.Tensor) -> float:
         return metrics.fve_nrm(pred, targets, self.scale, self.var)

@@ -197,7 +197,7 @@ class JointTrainer:
             return dict.fromkeys(("mse_nrm", "fve_nrm", "top1_in_batch"), float("nan"))
         mse = float(sc.mse[ok].mean())
         top1 = top1_in_batch(sc.pred[ok], ro.targets[ok], ro.targets[:: self.cfg.group_size], self.mse_scale)
-        return {"mse_nrm": mse, "fve_nrm": 1.0 - mse / max(self.target_var, metrics.EPS), "top1_in_batch": top1}
+        return {"mse_nrm": mse, "fve_nrm": metrics.fve_from_mse(mse, self.target_var), "top1_in_batch": top1}
 
     def _optimizer_step(self, opt: torch.optim.Optimizer, sched) -> tuple[float, bool]:
         """All-reduce grads across processes, clip, skip non-finite steps (bf16 NaNs), step."""
@@ -228,7 +228,7 @@ class JointTrainer:
         }
         m |= {f"rl/{k}": v for k, v in self.reconstruction_metrics(ro, sc).items()}
         m["rl/n_groups"] = float(n_groups)
-        fve = 1.0 - sc.mse / max(self.target_var, metrics.EPS)
+        fve = metrics.fve_from_mse(sc.mse, self.target_var)
         samples = [(i // self.cfg.group_size, e or "<failed>", float(fve[i]) if ok[i] else float("nan"))
                    for i, e in enumerate(ro.explanations)]
         return StepOut(m, samples)

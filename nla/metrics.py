@@ -72,6 +72,11 @@ def target_variance(targets: torch.Tensor, scale: float | None = None) -> float:
     return float((t - t.mean(dim=0)).pow(2).mean())
 
 
+def fve_from_mse(mse, var: float):
+    """1 - MSE / Var: a float, or a tensor of per-row MSEs -> per-row FVE (Var floored at EPS)."""
+    return 1.0 - mse / max(float(var), EPS)
+
+
 def fve_nrm(pred: torch.Tensor, target: torch.Tensor, scale: float | None = None,
             var: float | None = None) -> float:
     """Strict fraction of variance explained: 1 - mean MSE_nrm / Var. `[n, d] x2 -> float`.
@@ -82,7 +87,7 @@ def fve_nrm(pred: torch.Tensor, target: torch.Tensor, scale: float | None = None
     s = _scale(pred, scale)
     if var is None:
         var = target_variance(target, s)
-    return 1.0 - float(mse_nrm(pred, target, s).mean()) / max(var, EPS)
+    return fve_from_mse(float(mse_nrm(pred, target, s).mean()), var)
 
 
 def fve_vs_mean_pred(pred: torch.Tensor, target: torch.Tensor, scale: float | None = None,
@@ -97,7 +102,7 @@ def fve_vs_mean_pred(pred: torch.Tensor, target: torch.Tensor, scale: float | No
     if mean is None:
         mean = target_mean(target, s)
     baseline = mse_nrm(mean.float().expand_as(target), target, s).mean()
-    return 1.0 - float(mse_nrm(pred, target, s).mean()) / max(float(baseline), EPS)
+    return fve_from_mse(float(mse_nrm(pred, target, s).mean()), float(baseline))
 
 
 def _centered(v: torch.Tensor, mean: torch.Tensor, scale: float) -> torch.Tensor:

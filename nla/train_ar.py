@@ -31,7 +31,7 @@ from nla.checkpoint import load_checkpoint_state, publish_final, save_checkpoint
 from nla.config import ConfigError, NLAConfig, training_fingerprint
 from nla.data import Split, derangement, load_split, split_path
 from nla.distributed import make_accelerator
-from nla.metrics import cosine, mse_nrm, summarize, target_mean, target_variance
+from nla.metrics import cosine, fve_from_mse, mse_nrm, summarize, target_mean, target_variance
 from nla.models import ModelSource
 from nla.sidecar import SidecarError
 from nla.stage import seed_everything, start_stage
@@ -177,7 +177,7 @@ class ARTrainer:
         loss, cos = loss_sum / max(rows, 1), cos_sum / max(rows, 1)
         self.rows_seen += rows
         self.train_time += time.time() - start
-        return {"ar/loss": loss, "ar/fve_nrm": 1 - loss / max(self.var, 1e-12), "ar/cos": cos,
+        return {"ar/loss": loss, "ar/fve_nrm": fve_from_mse(loss, self.var), "ar/cos": cos,
                 "ar/lr": sched.get_last_lr()[0], "ar/grad_norm": float(grad_norm), "ar/skipped_steps": self.skipped,
                 "ar/rows_per_s": self.rows_seen / max(self.train_time, 1e-9)}
 

@@ -36,7 +36,7 @@ import torch
 from nla.config import ConfigError, NLAConfig
 from nla.extract import DocRecord, document_tokens, extract_vectors
 from nla.io import atomic_write_text
-from nla.metrics import EPS, mse_nrm, target_variance
+from nla.metrics import fve_from_mse, mse_nrm, target_variance
 from nla.pair import NLA, CheckpointArgs, load_from_config, load_nla, option
 from nla.report import html_page
 from nla.stage import start_stage
@@ -203,7 +203,7 @@ def verbalize_rows(nla: NLA, vectors: torch.Tensor, num_samples: int = 1, temper
                "selection": selection, "num_samples": num_samples, "temperature": temperature}
         if mse is not None:
             row["mse_nrm"] = float(mse[i, pick])
-            row["fve_nrm"] = None if var is None else 1.0 - row["mse_nrm"] / max(var, EPS)
+            row["fve_nrm"] = None if var is None else fve_from_mse(row["mse_nrm"], var)
             row["var_source"] = var_source
         if num_samples > 1:
             row["candidates"] = [{"explanation": c.explanation, "failed": c.failed,

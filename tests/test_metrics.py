@@ -135,3 +135,12 @@ def test_non_latin_rate():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError):
         M.mse_nrm(torch.zeros(3, 4), torch.zeros(3, 5))
+
+
+def test_fve_from_mse_per_row_and_batch_agree():
+    """The one 1 - MSE/Var: per-row FVEs average to the batch FVE; a zero Var is floored, not divided by."""
+    pred, target = torch.randn(6, 8), torch.randn(6, 8)
+    var = M.target_variance(target)
+    rows = M.fve_from_mse(M.mse_nrm(pred, target), var)
+    assert rows.shape == (6,) and float(rows.mean()) == pytest.approx(M.fve_nrm(pred, target, var=var))
+    assert M.fve_from_mse(0.5, 2.0) == 0.75 and math.isfinite(M.fve_from_mse(0.5, 0.0))
