@@ -19,3 +19,8 @@ def make_accelerator(device: str = "auto"):
     if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     return Accelerator(cpu=cpu)
+
+
+def rank_share(rows, accelerator):
+    """This process's share of `rows` (a list or tensor): every num_processes-th row, from its rank."""
+    return rows[accelerator.process_index::accelerator.num_processes]

@@ -26,7 +26,7 @@ from nla.backbone import text_config
 from nla.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint, start_from
 from nla.config import ConfigError, NLAConfig, training_fingerprint
 from nla.data import load_split, split_path
-from nla.distributed import make_accelerator
+from nla.distributed import make_accelerator, rank_share
 from nla.grpo import AR, AR_REF, AV, AV_REF, JointTrainer, adapter_parameters, describe_metrics
 from nla.models import ModelSource, load_adapter
 from nla.report import plot_rl_curve, rl_curve_points
@@ -98,7 +98,7 @@ def validation_vectors(cfg: NLAConfig, acc) -> torch.Tensor | None:
     if len(val) < acc.num_processes:
         raise ConfigError(f"{path} has {len(val)} rows for {acc.num_processes} processes; pass --rl_val_rows 0 to skip "
                           "the held-out reward.")
-    return val.vectors[acc.process_index::acc.num_processes].to(acc.device)
+    return rank_share(val.vectors, acc).to(acc.device)
 
 
 def validate(trainer: JointTrainer, vectors: torch.Tensor, cfg: NLAConfig, acc) -> dict[str, float]:
@@ -171,7 +171,7 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     bar = progress(range(step, rc.rl_steps), enabled=acc.is_main_process and cfg.logging.progress, desc="rl", initial=step,
                    total=rc.rl_steps)
     for step in bar:
-        rows = batch_indices(len(data), cfg.run.seed, cursor, global_batch)[acc.process_index::acc.num_processes]
+        rows = rank_share(batch_indices(len(data), cfg.run.seed, cursor, global_batch), acc)
         cursor += global_batch
         vectors = data.vectors[rows].to(acc.device)
         out = trainer.step(vectors)

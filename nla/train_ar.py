@@ -30,7 +30,7 @@ from nla.ar import ARModel, build_ar, load_ar, model_meta, pad_batch, save_ar
 from nla.checkpoint import load_checkpoint_state, publish_final, save_checkpoint, start_from
 from nla.config import ConfigError, NLAConfig, training_fingerprint
 from nla.data import Split, derangement, load_split, split_path
-from nla.distributed import make_accelerator
+from nla.distributed import make_accelerator, rank_share
 from nla.metrics import cosine, fve_from_mse, mse_nrm, summarize, target_mean, target_variance
 from nla.models import ModelSource
 from nla.sidecar import SidecarError
@@ -140,7 +140,7 @@ class ARTrainer:
         """This process's share of the next global micro-batch -> (ids, mask, raw targets) on device."""
         rows = batch_rows(len(self.train.ids), self.global_batch, self.cfg.run.seed, self.cursor)
         self.cursor += 1
-        mine = rows[self.acc.process_index::self.acc.num_processes]
+        mine = rank_share(rows, self.acc)
         ids, mask = pad_batch([self.train.ids[i] for i in mine.tolist()], self.tok.pad_token_id)
         dev = self.acc.device
         return ids.to(dev), mask.to(dev), self.train.targets[mine].to(dev)

@@ -39,7 +39,7 @@ from nla.av import (IGNORE, Verbalizer, build_sft_batch, check_prompts, make_av_
 from nla.checkpoint import load_checkpoint_state, publish_final, save_checkpoint, start_from
 from nla.config import ConfigError, NLAConfig, training_fingerprint
 from nla.data import Split, derangement, load_split, split_path
-from nla.distributed import make_accelerator
+from nla.distributed import make_accelerator, rank_share
 from nla.injection import InjectionHook
 from nla.lora import apply_lora, trainable_parameters
 from nla.models import ModelSource, load_adapter
@@ -158,7 +158,7 @@ class AVTrainer:
     def val_loss(self, vectors: torch.Tensor) -> float:
         """Token-mean NLL of the val responses given `vectors` [n_val, d] (this process's shard, reduced)."""
         n, b = len(self.data.val), self.cfg.av.av_batch_size
-        mine = list(range(self.acc.process_index, n, self.acc.num_processes))
+        mine = rank_share(list(range(n)), self.acc)
         nll, count = 0.0, 0
         for start in range(0, len(mine), b):
             rows = mine[start:start + b]
