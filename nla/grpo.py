@@ -100,18 +100,22 @@ class JointTrainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self, vectors: torch.Tensor) -> dict[str, float]:
+    def evaluate(self, vectors: torch.Tensor, seed: int) -> dict[str, float]:
         """A step's rollout, score and rewards on held-out vectors, with no update: `rl/val_*` metrics.
 
         The same sampling (G per vector, temperature T) and reward as training, so "the reward rose"
-        is measured on fixed vectors instead of read off noisy training batches."""
-        ro = self.rollout(vectors)
-        sc = self.score(ro, train=False)
-        rw = self.reward_terms(ro, sc)
-        m = {"reward_mean": float(rw.total.mean()), "extraction_fail_rate": float(ro.failed.float().mean()),
-             **self.reconstruction_metrics(ro, sc)}
-        if self.sft_ar is not None:  # the same explanations read by the SFT AR: the AV's own change
-            m["fve_nrm_sft_ar"] = self.sft_ar_fve(ro, sc.usable)
+        is measured on fixed vectors instead of read off noisy training batches. It draws from
+        `seed` with the training RNG forked around it, so a run with this check trains exactly as one
+        without (and resumes the same)."""
+        with torch.random.fork_rng(devices=[vectors.device] if vectors.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            ro = self.rollout(vectors)
+            sc = self.score(ro, train=False)
+            rw = self.reward_terms(ro, sc)
+            m = {"reward_mean": float(rw.total.mean()), "extraction_fail_rate": float(ro.failed.float().mean()),
+                 **self.reconstruction_metrics(ro, sc)}
+            if self.sft_ar is not None:  # the same explanations read by the SFT AR: the AV's own change
+                m["fve_nrm_sft_ar"] = self.sft_ar_fve(ro, sc.usable)
         return {f"rl/val_{k}": v for k, v in m.items()}
 
     @torch.no_grad()

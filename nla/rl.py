@@ -103,12 +103,8 @@ def validation_vectors(cfg: NLAConfig, acc) -> torch.Tensor | None:
 
 def validate(trainer: JointTrainer, vectors: torch.Tensor, cfg: NLAConfig, acc) -> dict[str, float]:
     """rl/val_* on fixed vectors under a fixed sampling seed (the control run shuffles them as in
-    training). The training RNG is forked around it, so a run with validation trains exactly as one
-    without (and resumes the same)."""
-    with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
-        torch.manual_seed(cfg.run.seed + 1)
-        values = trainer.evaluate(vectors)
-    return mean_over_processes(values, acc)
+    training), averaged over processes."""
+    return mean_over_processes(trainer.evaluate(vectors, seed=cfg.run.seed + 1), acc)
 
 
 def _short(values: dict[str, float] | None) -> dict[str, float] | None:
