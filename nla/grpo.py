@@ -9,8 +9,8 @@ A step, top to bottom (docs/design.md §8):
   rollout    G samples per vector from the AV at temperature T, capped at max_response_tokens
   score      the AR reads each explanation; the forward keeps its graph for the AR update
   update_ar  one supervised MSE step on the successful explanations (shares the score forward)
-  rewards    -MSE_nrm (or -log), -2 for failures, optional length / contrastive terms
-  advantages group-normalised rewards
+  rewards    -MSE_nrm (or -log), -2 for failures, optional length / contrastive terms; then the
+             advantages: rewards normalised within each group
   update_av  clipped policy loss + kl_coef * k3 KL to av_ref (reference pass skipped if kl_coef=0)
 The trainer receives ready objects; `nla/rl.py` loads models and runs the loop.
 """
@@ -91,8 +91,9 @@ class JointTrainer:
             sc = self.score(ro)
         with timer("update_ar"):
             ar_grad_norm, ar_skipped = self.update_ar(sc)
-        rw = self.reward_terms(ro, sc)
-        adv = rewards.group_advantages(rw.total, self.cfg.group_size)
+        with timer("rewards"):  # the reward terms, then group-normalised advantages
+            rw = self.reward_terms(ro, sc)
+            adv = rewards.group_advantages(rw.total, self.cfg.group_size)
         with timer("update_av"):
             av = self.update_av(ro, adv)
         out = self.step_metrics(ro, sc, rw, av, ar_grad_norm, ar_skipped)

@@ -124,7 +124,7 @@ def test_joint_rl_raises_held_out_reward_above_its_start_and_the_shuffled_contro
     assert {"rl/val_reward_mean", "rl/val_fve_nrm", "rl/val_extraction_fail_rate"} <= set(first)  # logged before step 1
     logged = set().union(*(json.loads(line) for line in (tmp_path / "real" / "metrics.jsonl").read_text().splitlines()))
     assert {"rl/reward_mean", "rl/fve_nrm", "rl/kl", "rl/top1_in_batch", "rl/response_len", "rl/extraction_fail_rate",
-            "rl/non_latin_rate", "ar/loss", "rl/time_rollout_s", "rl/time_update_av_s"} <= logged
+            "rl/non_latin_rate", "ar/loss", "rl/time_rollout_s", "rl/time_rewards_s", "rl/time_update_av_s"} <= logged
 
 
 def json_rewards(run_dir) -> float:
