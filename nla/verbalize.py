@@ -2,7 +2,7 @@
 
     nla verbalize --checkpoint runs/demo/rl/final --text "def add(a, b): return a + b" --positions 3,7
     nla verbalize --checkpoint runs/demo/rl/final --texts docs.jsonl --num_samples 4 --rerank_with_ar
-    nla verbalize --av release/av --ar release/ar --vectors acts.npy --temperature 0 --out expl.jsonl
+    nla verbalize --av release/av --ar release/ar --vectors acts.npy --verbalize_temperature 0 --out expl.jsonl
     (multi-GPU: a single-process job; run it plainly, e.g. `CUDA_VISIBLE_DEVICES=0 nla verbalize ...`)
 
 Input: `--text` (every token position, or `--positions 3,7,12`), `--texts FILE.jsonl` (rows with
@@ -49,6 +49,7 @@ class VerbalizeArgs(CheckpointArgs):
     vectors: str | None = option("Raw activations: .parquet (column activation_vector), .npy, or .safetensors (one [n, d] tensor).")
     positions: str | None = option("Token positions to explain, e.g. '3,7,12'; unset: every non-special token.")
     num_samples: int = option("Explanations sampled per vector.", 1)
+    verbalize_temperature: float = option("AV sampling temperature (0 = greedy; sampled explanations differ only above 0).", 1.0)
     rerank_with_ar: bool = option("Keep the sample the AR reconstructs best (best-of-K; needs an AR; FVE is then optimistic).", False)
     out: str | None = option("Output JSONL; unset: <output_dir>/verbalize/explanations.jsonl.")
     html: bool = option("Also write the rows as a sortable, searchable page next to it (<out>.html).", True)
@@ -256,6 +257,8 @@ def run(cfg: NLAConfig, args: VerbalizeArgs | None = None, nla: NLA | None = Non
     given = [name for name in ("text", "texts", "vectors") if getattr(args, name) is not None]
     if len(given) != 1:
         raise ConfigError(f"give exactly one input: --text, --texts or --vectors (got {given or 'none'}).")
+    if args.verbalize_temperature < 0:
+        raise ConfigError(f"--verbalize_temperature {args.verbalize_temperature}: must be >= 0 (0 = greedy).")
     nla = nla or load_from_config(cfg, args.checkpoint, args.av, args.ar, need_ar=args.rerank_with_ar,
                                   target_model=args.target_model)
     positions = parse_positions(args.positions)
@@ -265,7 +268,8 @@ def run(cfg: NLAConfig, args: VerbalizeArgs | None = None, nla: NLA | None = Non
         docs = ([{"text": args.text, "doc_id": "text", "positions": positions}] if args.text is not None
                 else [{**d, "positions": d["positions"] or positions} for d in read_texts(args.texts, cfg.data.text_field)])
         vectors, info = extract_text_rows(nla, docs, cfg.data.max_doc_tokens, cfg.data.extract_batch_size)
-    rows = verbalize_rows(nla, vectors, args.num_samples, cfg.rl.temperature, cfg.av.max_new_tokens, args.rerank_with_ar)
+    rows = verbalize_rows(nla, vectors, args.num_samples, args.verbalize_temperature, cfg.av.max_new_tokens,
+                          args.rerank_with_ar)
     rows = [{**i, **r} for i, r in zip(info, rows)]
     out = Path(args.out) if args.out else cfg.output_dir / "verbalize" / "explanations.jsonl"
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

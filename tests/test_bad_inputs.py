@@ -73,6 +73,8 @@ CASES = [
                               "--av_checkpoint", "{tmp}", "--ar_checkpoint", "{tmp}"], "rows"),
     ("max_docs zero", ["datagen", "--config", SMOKE, "--max_docs", "0"], "max_docs"),
     ("negative temperature", ["rl", "--config", SMOKE, "--temperature", "-1"], "temperature"),
+    ("negative verbalize temperature", ["verbalize", "--config", SMOKE, "--text", "x", "--verbalize_temperature", "-1"],
+     "--verbalize_temperature -1"),
     ("eval on one row", ["eval", "--config", SMOKE, "--eval_max_rows", "1"], "at least 2 rows"),
     ("split fractions miscounted", ["datagen", "--config", SMOKE, "--split_fractions", "1,2"], "5 non-negative numbers"),
     ("unknown teacher", ["datagen", "--config", SMOKE, "--teacher", "nope"], "extractive"),

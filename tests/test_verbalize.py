@@ -101,7 +101,7 @@ def test_batch_size_is_rows_per_generate_call(toy, nla):
 def test_cli_text_with_rerank(toy, tmp_path, capsys):
     out = tmp_path / "e.jsonl"
     code = cli(["verbalize", "--config", SMOKE, "--checkpoint", str(toy / "run"), "--text", TEXT, "--positions", "3,7,9",
-                "--num_samples", "4", "--rerank_with_ar", "--temperature", "1.0", "--max_new_tokens", "24",
+                "--num_samples", "4", "--rerank_with_ar", "--verbalize_temperature", "1.0", "--max_new_tokens", "24",
                 "--output_dir", str(tmp_path / "run"), "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
@@ -120,10 +120,11 @@ def test_cli_vectors_file_and_no_ar(toy, tmp_path, capsys):
     """Reference-style AV only (no AR): explanations without scores; rerank then refuses."""
     av = str(toy / "run" / "av" / "final")
     base = ["verbalize", "--config", SMOKE, "--output_dir", str(tmp_path / "run"), "--max_new_tokens", "24"]
-    code = cli(base + ["--av", av, "--vectors", str(toy / "data" / "test.parquet"), "--temperature", "0"])
+    code = cli(base + ["--av", av, "--vectors", str(toy / "data" / "test.parquet"), "--verbalize_temperature", "0"])
     assert code == 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "verbalize" / "explanations.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and rows[5]["doc_id"] == "test-5" and "fve_nrm" not in rows[0]
+    assert rows[0]["temperature"] == 0 and rows[0]["selection"] == "greedy"  # its own option, not RL's temperature
     capsys.readouterr()
     assert cli(base + ["--av", av, "--text", TEXT, "--rerank_with_ar", "--num_samples", "2"]) == 2
     assert cli(base + ["--av", av, "--text", TEXT, "--vectors", "x.npy"]) == 2
