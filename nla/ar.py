@@ -204,14 +204,14 @@ def save_ar(ar: ARModel, directory: str | Path, meta: Meta, tokenizer=None) -> P
     return directory
 
 
-def model_meta(ar: ARModel, base: Meta, base_checkpoint: str, mse_scale: float, extra: dict[str, Any],
-               injection_scale: float | None = None) -> Meta:
+def model_meta(ar: ARModel, base: Meta, base_checkpoint: str, mse_scale: float, extra: dict[str, Any]) -> Meta:
     """The AR's model sidecar: tokens/templates from the dataset sidecar, role ar, scales, provenance.
 
-    `injection_scale` is informational for an AR (it never injects); the reference format has the field.
+    Its `injection_scale` is the dataset's suggestion, for information only: the AR never injects
+    (the AV's sidecar holds the scale it uses); the reference format has the field.
     """
     lora = getattr(getattr(ar.backbone, "peft_config", {}).get("default"), "r", 0)
-    injection = injection_scale if injection_scale is not None else base.extra.get("suggested_injection_scale")
+    injection = base.extra.get("suggested_injection_scale")
     return Meta(
         kind="nla_model", tokens=base.tokens, av_template=base.av_template, ar_template=ar.template,
         d_model=ar.d_model, layer_index=ar.layer, base_model=base_checkpoint,

@@ -284,7 +284,7 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
                          "ar_batch_size": cfg.ar.ar_batch_size, "ar_grad_accum": cfg.ar.ar_grad_accum,
                          "num_processes": acc.num_processes, "dtype": cfg.model.dtype, "seed": cfg.run.seed,
                          "train_rows": len(train.ids), "dataset": str(train_split.path),
-                         "dataset_id": train_split.meta.extra.get("dataset_id")}}, cfg.av.injection_scale)
+                         "dataset_id": train_split.meta.extra.get("dataset_id")}})
 
     trainer = ARTrainer(cfg, ar, tokenizer, train, val, acc, tracker, root, meta_fn, start, fingerprint)
     began = time.time()
