@@ -3,10 +3,11 @@
 For a row (a context ending at the explained position), the target model reads the same tokens
 as is and with the residual stream after block K at the last position replaced by a patch (the
 tokens before the last run once: their KV cache serves every variant). The next-token
-distributions are compared: KL(original ‖ patched) and whether the top token agrees. Patches: the AR's reconstruction rescaled to the original vector's norm, and three
-baselines patched at the same place: the mean activation of the rows (same norm), another row's
-activation (same norm), and zero. `recovered` = 1 − KL_reconstruction / KL_mean: 1 when the
-reconstruction behaves like the activation, 0 when it does no better than the mean direction.
+distributions are compared: KL(original ‖ patched) and whether the top token agrees. Patches: the
+AR's reconstruction rescaled to the original vector's norm, and three baselines patched at the same
+place: the mean activation of the rows (same norm), another row's activation (same norm), and zero.
+`recovered` = 1 − KL_reconstruction / KL_mean: 1 when the reconstruction behaves like the
+activation, 0 when it does no better than the mean direction.
 
 Contexts are re-tokenized from their text; a row is used only when that gives back its position
 and the stored activation (relative error < 1e-2), so a tokenization round trip that drifts is

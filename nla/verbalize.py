@@ -54,6 +54,10 @@ class VerbalizeArgs(CheckpointArgs):
     out: str | None = option("Output JSONL; unset: <output_dir>/verbalize/explanations.jsonl.")
     html: bool = option("Also write the rows as a sortable, searchable page next to it (<out>.html).", True)
 
+    def __post_init__(self) -> None:
+        if self.verbalize_temperature < 0:
+            raise ConfigError(f"--verbalize_temperature {self.verbalize_temperature}: must be >= 0 (0 = greedy).")
+
 
 # ---------------------------------------------------------------- inputs
 
@@ -257,8 +261,6 @@ def run(cfg: NLAConfig, args: VerbalizeArgs | None = None, nla: NLA | None = Non
     given = [name for name in ("text", "texts", "vectors") if getattr(args, name) is not None]
     if len(given) != 1:
         raise ConfigError(f"give exactly one input: --text, --texts or --vectors (got {given or 'none'}).")
-    if args.verbalize_temperature < 0:
-        raise ConfigError(f"--verbalize_temperature {args.verbalize_temperature}: must be >= 0 (0 = greedy).")
     nla = nla or load_from_config(cfg, args.checkpoint, args.av, args.ar, need_ar=args.rerank_with_ar,
                                   target_model=args.target_model)
     positions = parse_positions(args.positions)
