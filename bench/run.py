@@ -53,7 +53,7 @@ from nla.extract import choose_marker  # noqa: E402
 from nla.grpo import AR, AV, AV_REF, JointTrainer, adapter_parameters  # noqa: E402
 from nla.injection import InjectionHook  # noqa: E402
 from nla.lora import lora_config  # noqa: E402
-from nla.models import load_causal_lm, load_tokenizer, resolve_model, torch_dtype  # noqa: E402
+from nla.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
 from nla.sidecar import Meta  # noqa: E402
 
 TARGETS = {"injection_overhead_ratio": 1.03, "rl_overhead_ratio": 1.3}

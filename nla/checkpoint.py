@@ -2,7 +2,8 @@
 
 Layout: `<root>/checkpoint-<step:06d>/` holding whatever the trainer writes (adapters, heads as
 safetensors, `nla_meta.yaml`), plus `training_state.pt` (optimizer, scheduler, RNG; loaded with
-`weights_only=True`) and `trainer_state.json` (step, data cursor, ...). The folder is built under
+`weights_only=True`; optimizers and schedulers as `<role>_optimizer` / `<role>_scheduler`, role av or
+ar) and `trainer_state.json` (step, data cursor in rows, layout, ...). The folder is built under
 a temporary name and renamed, and `trainer_state.json` is written last, so a folder that exists
 with that file is complete. `<root>/final` is the last one, copied under a stable name.
 """
@@ -27,6 +28,9 @@ from nla.config import ConfigError
 from nla.io import atomic_dir, atomic_write_text, write_errors
 
 STATE_FILE = "trainer_state.json"
+# Version of what a checkpoint holds: 2 = the cursor counts rows of `loop.row_stream` and optimizers
+# are saved as <role>_optimizer. Older checkpoints read other rows on resume, so they are refused.
+LAYOUT = 2
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -40,7 +44,7 @@ def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], 
         torch.save({"optimizers": {k: v.state_dict() for k, v in (optimizers or {}).items()},
                     "torch_rng": torch.get_rng_state()}, tmp / "training_state.pt")
         extra = {"python_rng": _jsonable(random.getstate()), "numpy_rng": _jsonable(np.random.get_state())}
-        atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, **state, "rng": extra}, indent=2))
+        atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, "layout": LAYOUT, **state, "rng": extra}, indent=2))
     for old in sorted(list_checkpoints(root))[:-keep] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -109,6 +113,9 @@ def start_from(resume: str, root: str | Path, fingerprint: dict[str, Any], is_ma
     if path is None:
         return None
     state = json.loads((path / STATE_FILE).read_text())
+    if state.get("layout") != LAYOUT:
+        raise ConfigError(f"{path} predates this version's checkpoint layout {LAYOUT} (its data order and optimizer "
+                          "names differ); start over with --resume restart, or finish it with the nla version that wrote it.")
     saved = state.get("fingerprint")
     if saved is not None:
         changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))

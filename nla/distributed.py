@@ -24,3 +24,13 @@ def make_accelerator(device: str = "auto"):
 def rank_share(rows, accelerator):
     """This process's share of `rows` (a list or tensor): every num_processes-th row, from its rank."""
     return rows[accelerator.process_index::accelerator.num_processes]
+
+
+def mean_over_processes(values: dict[str, float], accelerator) -> dict[str, float]:
+    """One gather for all metrics; NaN entries (nothing usable on a process) are left out of the mean."""
+    keys = sorted(values)
+    if accelerator is None:
+        return {k: float(values[k]) for k in keys}
+    local = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    every = accelerator.gather(local.unsqueeze(0)).reshape(-1, len(keys)).cpu()  # [processes, k]
+    return {k: float(v) for k, v in zip(keys, every.nanmean(dim=0))}

@@ -12,7 +12,8 @@ A step, top to bottom (docs/design.md §8):
   rewards    -MSE_nrm (or -log), -2 for failures, optional length / contrastive terms; then the
              advantages: rewards normalised within each group
   update_av  clipped policy loss + kl_coef * k3 KL to av_ref (reference pass skipped if kl_coef=0)
-The trainer receives ready objects; `nla/rl.py` loads models and runs the loop.
+The trainer receives ready objects and owns the loop (`fit`: batches, logging, the held-out
+check, checkpoints through a callback); `nla/rl.py` loads the models and writes the summary.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -29,6 +30,10 @@ from nla import metrics, rewards, templates
 from nla.ar import ARModel
 from nla.av import Rollout, Verbalizer, response_logprobs
 from nla.config import RLConfig
+from nla.data import derangement
+from nla.distributed import mean_over_processes, rank_share
+from nla.loop import OptimizerStep, row_stream
+from nla.tracking import Tracker, progress
 
 AV, AV_REF, AR, AR_REF = "av", "av_ref", "ar", "ar_ref"
 
@@ -78,8 +83,57 @@ class JointTrainer:
         self.model, self.verbalizer, self.ar, self.tokenizer, self.cfg = model, verbalizer, ar, tokenizer, cfg
         self.sft_ar = sft_ar  # frozen SFT AR (adapter AR_REF): scores held-out explanations RL never trained it on
         self.mse_scale, self.target_var = mse_scale, target_var
-        self.av_opt, self.ar_opt, self.av_sched, self.ar_sched = av_opt, ar_opt, av_sched, ar_sched
+        self.av_opt, self.ar_opt = av_opt, ar_opt
         self.accelerator, self.max_grad_norm = accelerator, max_grad_norm
+        self.av_step = OptimizerStep(AV, av_opt, av_sched, lambda: self._clip(av_opt))
+        self.ar_step = OptimizerStep(AR, ar_opt, ar_sched, lambda: self._clip(ar_opt))
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, vectors: torch.Tensor, contexts: list, seed: int, start: dict[str, Any], tracker: Tracker,
+            save: Callable[[int, dict[str, Any]], None], val_vectors: torch.Tensor | None = None, log_every: int = 1,
+            show_progress: bool = True) -> list[dict[str, float]]:
+        """Steps from `start` (step, cursor) to rl_steps on the rows `vectors` [N, d] (raw, every process
+        the same; each takes its share of every global batch from `loop.row_stream`). Logs every
+        `log_every` steps, a samples table every rl_table_every, the held-out check (`validate`) every
+        rl_val_every, and calls `save(step, state)` every rl_save_every and at the end. -> the per-step
+        metrics (averaged over processes)."""
+        rc, acc = self.cfg, self.accelerator
+        n_proc = acc.num_processes if acc is not None else 1
+        global_batch, cursor = rc.rl_batch_size * n_proc, int(start["cursor"])
+        history = []
+        first = int(start["step"])
+        is_main = acc is None or acc.is_main_process
+        bar = progress(range(first, rc.rl_steps), enabled=is_main and show_progress, desc="rl", initial=first,
+                       total=rc.rl_steps)
+        for step in bar:
+            rows = row_stream(len(vectors), seed, cursor, global_batch)
+            rows = torch.tensor(rank_share(rows, acc) if acc is not None else rows)
+            cursor += global_batch
+            device = acc.device if acc is not None else vectors.device
+            out = self.step(vectors[rows].to(device))
+            m = mean_over_processes(out.metrics, acc)
+            history.append(m)
+            done = step + 1
+            if done % log_every == 0 or step == 0:
+                tracker.log(m, done)
+                bar.set_postfix_str(describe_metrics(m))
+            if rc.rl_table_every and done % rc.rl_table_every == 0:
+                table = [[(contexts[int(rows[g])] or "")[-160:], text, fve] for g, text, fve in out.samples]
+                tracker.log_table("rl/samples", ["context_tail", "explanation", "fve_nrm"], table, done)
+            if val_vectors is not None and rc.rl_val_every and done % rc.rl_val_every == 0 and done < rc.rl_steps:
+                tracker.log(self.validate(val_vectors, seed + 1), done)
+            if done % rc.rl_save_every == 0 or done == rc.rl_steps:
+                save(done, {"cursor": cursor, "skipped": {AV: self.av_step.skipped, AR: self.ar_step.skipped}})
+        return history
+
+    def saved_optimizers(self) -> dict[str, Any]:
+        """Both optimizers and schedules under their checkpoint names (`loop.OptimizerStep.saved`)."""
+        return {**self.av_step.saved(), **self.ar_step.saved()}
+
+    def validate(self, vectors: torch.Tensor, seed: int) -> dict[str, float]:
+        """`evaluate` on this process's held-out vectors, averaged over processes (collective: every
+        process calls it)."""
+        return mean_over_processes(self.evaluate(vectors, seed), self.accelerator)
 
     # ------------------------------------------------------------------ the step
     def step(self, vectors: torch.Tensor) -> StepOut:
@@ -131,11 +185,14 @@ class JointTrainer:
 
     def rollout(self, vectors: torch.Tensor) -> RolloutOut:
         """G samples per vector. In the shuffled-vector control (`rl_shuffle_control`) the AV sees
-        its neighbour's vector while the AR must still reconstruct the row's own."""
+        another row's vector (`data.derangement`, seeded from the training RNG so a resume replays
+        it) while the AR must still reconstruct the row's own."""
         self.model.set_adapter(AV)
         self.model.eval()
         g = self.cfg.group_size
-        injected = vectors.roll(1, dims=0) if self.cfg.rl_shuffle_control else vectors
+        injected = vectors
+        if self.cfg.rl_shuffle_control:
+            injected = vectors[derangement(len(vectors), int(torch.randint(0, 2**31 - 1, ()))).to(vectors.device)]
         ro = self.verbalizer.rollout(injected, g, self.cfg.temperature, self.cfg.max_response_tokens)
         explanations = [templates.extract_explanation(t) for t in ro.texts]
         failed = torch.tensor([e is None for e in explanations]) | ro.hit_cap.cpu()
@@ -159,7 +216,7 @@ class JointTrainer:
     def update_ar(self, sc: ScoreOut) -> tuple[float, bool]:
         self.ar_opt.zero_grad(set_to_none=True)
         sc.loss.backward()
-        return self._optimizer_step(self.ar_opt, self.ar_sched)
+        return self.ar_step()
 
     def reward_terms(self, ro: RolloutOut, sc: ScoreOut) -> rewards.Rewards:
         return rewards.compute_rewards(
@@ -189,7 +246,7 @@ class JointTrainer:
         kl = rewards.k3_kl(lp, ref_lp, r.response_mask) if ref_lp is not None else torch.zeros((), device=device)
         loss = policy_loss + self.cfg.kl_coef * kl
         loss.backward()
-        grad_norm, skipped = self._optimizer_step(self.av_opt, self.av_sched)
+        grad_norm, skipped = self.av_step()
         return AVUpdateOut(float(loss.detach()), float(policy_loss.detach()), float(kl.detach()), float(clip_fraction),
                            grad_norm, skipped)
 
@@ -204,18 +261,11 @@ class JointTrainer:
         top1 = top1_in_batch(sc.pred[ok], ro.targets[ok], ro.targets[:: self.cfg.group_size], self.mse_scale)
         return {"mse_nrm": mse, "fve_nrm": metrics.fve_from_mse(mse, self.target_var), "top1_in_batch": top1}
 
-    def _optimizer_step(self, opt: torch.optim.Optimizer, sched) -> tuple[float, bool]:
-        """All-reduce grads across processes, clip, skip non-finite steps (bf16 NaNs), step."""
+    def _clip(self, opt: torch.optim.Optimizer) -> float:
+        """All-reduce the adapter's grads across processes, clip them; -> their norm before clipping."""
         params = [p for group in opt.param_groups for p in group["params"]]
         sync_gradients(params, self.accelerator)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
-        if not torch.isfinite(torch.tensor(grad_norm)):
-            opt.zero_grad(set_to_none=True)
-            return grad_norm, True
-        opt.step()
-        if sched is not None:
-            sched.step()
-        return grad_norm, False
+        return float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
 
     def step_metrics(self, ro: RolloutOut, sc: ScoreOut, rw: rewards.Rewards, av: AVUpdateOut,
                      ar_grad_norm: float, ar_skipped: bool) -> StepOut:

@@ -27,12 +27,13 @@ from nla.checkpoint import load_checkpoint_state, publish_final, resolve_resume,
 from nla.config import ConfigError, NLAConfig, training_fingerprint
 from nla.data import load_split, split_path
 from nla.distributed import make_accelerator, rank_share
-from nla.grpo import AR, AR_REF, AV, AV_REF, JointTrainer, adapter_parameters, describe_metrics
+from nla.grpo import AR, AR_REF, AV, AV_REF, JointTrainer, adapter_parameters
+from nla.loop import schedule
 from nla.models import ModelSource, load_adapter
 from nla.report import plot_rl_curve, rl_curve_points
 from nla.sidecar import MODEL_META, write_meta
 from nla.stage import seed_everything, start_stage
-from nla.tracking import Tracker, progress
+from nla.tracking import Tracker
 
 
 def sft_paths(cfg: NLAConfig) -> tuple[Path, Path]:
@@ -75,18 +76,6 @@ def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, 
     return model, tokenizer, verbalizer, ar, av_meta, sft_ar_model
 
 
-def batch_indices(n_rows: int, seed: int, cursor: int, global_batch: int) -> torch.Tensor:
-    """Rows for the global batch starting at `cursor` (an epoch = one seeded permutation)."""
-    out = []
-    while len(out) < global_batch:
-        epoch, offset = divmod(cursor, n_rows)
-        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        take = min(global_batch - len(out), n_rows - offset)
-        out += perm[offset:offset + take].tolist()
-        cursor += take
-    return torch.tensor(out)
-
-
 def validation_vectors(cfg: NLAConfig, acc) -> torch.Tensor | None:
     """This process's share of the first `rl_val_rows` val vectors (None: off, or no val rows)."""
     path = split_path(cfg.data_dir, "val")
@@ -101,14 +90,53 @@ def validation_vectors(cfg: NLAConfig, acc) -> torch.Tensor | None:
     return rank_share(val.vectors, acc).to(acc.device)
 
 
-def validate(trainer: JointTrainer, vectors: torch.Tensor, cfg: NLAConfig, acc) -> dict[str, float]:
-    """rl/val_* on fixed vectors under a fixed sampling seed (the control run shuffles them as in
-    training), averaged over processes."""
-    return mean_over_processes(trainer.evaluate(vectors, seed=cfg.run.seed + 1), acc)
-
-
 def _short(values: dict[str, float] | None) -> dict[str, float] | None:
     return {k.removeprefix("rl/val_"): v for k, v in values.items()} if values else None
+
+
+def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path | None, acc):
+    """The models (from the SFT pair, or `resume`), their optimizers and schedules, as a JointTrainer
+    restored to `resume`'s state -> (trainer, state {step, cursor, ...}, av_meta, ar_meta)."""
+    rc = cfg.rl
+    model, tokenizer, verbalizer, ar, av_meta, sft_ar_model = load_joint(cfg, sft_av, sft_ar, resume, acc.device)
+    data.meta.verify(tokenizer, d_model=text_config(model.config).hidden_size, where=str(data.path))
+    if data.meta.layer_index != av_meta.layer_index:
+        raise ConfigError(f"{data.path} holds layer {data.meta.layer_index} but the AV was trained on layer {av_meta.layer_index}.")
+    ar_meta = read_ar_meta(sft_ar)
+    scale = mse_scale_of(ar)
+    var = float(ar_meta.extra.get("ar_target_variance") or metrics.target_variance(data.vectors, scale))
+    av_params, ar_params = adapter_parameters(model, AV), adapter_parameters(model, AR) + [ar.head.weight]
+    av_opt = torch.optim.AdamW(av_params, lr=rc.rl_av_lr, weight_decay=0.0)
+    ar_opt = torch.optim.AdamW(ar_params, lr=rc.rl_ar_lr, weight_decay=0.0)
+    av_sched, ar_sched = schedule(av_opt, rc.rl_steps, "constant"), schedule(ar_opt, rc.rl_steps, "constant")
+    trainer = JointTrainer(model, verbalizer, ar, tokenizer, rc, scale, var, av_opt, ar_opt, av_sched, ar_sched, acc,
+                           sft_ar=sft_ar_model)
+    state: dict[str, Any] = {"step": 0, "cursor": 0}
+    if resume is not None:
+        state = load_checkpoint_state(resume, trainer.saved_optimizers())
+        skipped = state.get("skipped", {})
+        trainer.av_step.skipped, trainer.ar_step.skipped = skipped.get(AV, 0), skipped.get(AR, 0)
+    return trainer, state, av_meta, _with(ar_meta, {"ar_target_variance": var})
+
+
+def checkpoint_writer(trainer: JointTrainer, root: Path, av_meta, ar_meta, state: dict[str, Any], acc):
+    """save(step, loop_state): the AV and AR as two folders a later stage loads like SFT ones, plus
+    the training state; `state` supplies what every checkpoint repeats (fingerprint, SFT paths, ...)."""
+    model, tokenizer = trainer.model, trainer.tokenizer
+
+    def write(tmp: Path, step: int) -> None:
+        training = {"stage": "rl", "training": {"stage": "rl", "step": step, "sft_av": state["sft_av"], "sft_ar": state["sft_ar"]}}
+        model.save_pretrained(str(tmp), selected_adapters=[AV])  # -> tmp/av/adapter_*
+        tokenizer.save_pretrained(tmp / "av")
+        write_meta(tmp / "av" / MODEL_META, _with(av_meta, training))
+        save_shared_ar(model, trainer.ar, tmp / "ar", _with(ar_meta, training), AR, tokenizer)
+
+    def save(step: int, loop_state: dict[str, Any]) -> None:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_checkpoint(root, step, lambda d: write(d, step), {**loop_state, **state}, trainer.saved_optimizers())
+        acc.wait_for_everyone()
+    return save
 
 
 def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
@@ -124,70 +152,20 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     fingerprint = training_fingerprint(cfg, "rl", processes=acc.num_processes, sft_av=str(sft_av), sft_ar=str(sft_ar),
                                        dataset_id=data.meta.extra.get("dataset_id"))
     resume = start_from(cfg.run.resume, root, fingerprint, acc.is_main_process)
-    model, tokenizer, verbalizer, ar, av_meta, sft_ar_model = load_joint(cfg, sft_av, sft_ar, resume, acc.device)
-    data.meta.verify(tokenizer, d_model=text_config(model.config).hidden_size, where=str(data.path))
-    if data.meta.layer_index != av_meta.layer_index:
-        raise ConfigError(f"{data.path} holds layer {data.meta.layer_index} but the AV was trained on layer {av_meta.layer_index}.")
-    ar_meta = read_ar_meta(sft_ar)
-    scale = mse_scale_of(ar)
-    var = float(ar_meta.extra.get("ar_target_variance") or metrics.target_variance(data.vectors, scale))
-
-    av_params, ar_params = adapter_parameters(model, AV), adapter_parameters(model, AR) + [ar.head.weight]
-    av_opt = torch.optim.AdamW(av_params, lr=rc.rl_av_lr, weight_decay=0.0)
-    ar_opt = torch.optim.AdamW(ar_params, lr=rc.rl_ar_lr, weight_decay=0.0)
-    warm = max(1, rc.rl_steps // 20)
-    av_sched = torch.optim.lr_scheduler.LambdaLR(av_opt, lambda s: min(1.0, (s + 1) / warm))
-    ar_sched = torch.optim.lr_scheduler.LambdaLR(ar_opt, lambda s: min(1.0, (s + 1) / warm))
-    optimizers = {"av": av_opt, "ar": ar_opt, "av_scheduler": av_sched, "ar_scheduler": ar_sched}
-    state: dict[str, Any] = {"step": 0, "cursor": 0}
-    if resume is not None:
-        state = load_checkpoint_state(resume, optimizers)
-    trainer = JointTrainer(model, verbalizer, ar, tokenizer, rc, scale, var, av_opt, ar_opt, av_sched, ar_sched, acc,
-                           sft_ar=sft_ar_model)
+    trainer, state, av_meta, ar_meta = build_trainer(cfg, data, sft_av, sft_ar, resume, acc)
     tracker = Tracker(cfg, root.name, is_main=acc.is_main_process)
     tracker.forget_after(int(state["step"]))  # steps after the checkpoint are trained (and logged) again
-    contexts = data.columns.get("detokenized_text_truncated") or [""] * len(data)
     val_vectors = validation_vectors(cfg, acc)
     val_start = state.get("val_start")
     if val_vectors is not None and int(state["step"]) == 0:
-        val_start = validate(trainer, val_vectors, cfg, acc)
+        val_start = trainer.validate(val_vectors, cfg.run.seed + 1)
         tracker.log(val_start, 0)
-
-    def write(tmp: Path, step: int) -> None:
-        extra = {"stage": "rl", "training": {"stage": "rl", "step": step, "sft_av": str(sft_av), "sft_ar": str(sft_ar)}}
-        av_out = tmp / "av"
-        model.save_pretrained(str(tmp), selected_adapters=[AV])  # -> tmp/av/adapter_*
-        tokenizer.save_pretrained(av_out)
-        write_meta(av_out / MODEL_META, _with(av_meta, extra))
-        save_shared_ar(model, ar, tmp / "ar", _with(ar_meta, {**extra, "ar_target_variance": var}), AR, tokenizer)
-
-    global_batch = rc.rl_batch_size * acc.num_processes
-    step, cursor = int(state["step"]), int(state["cursor"])
-    began, history = time.time(), []
-    bar = progress(range(step, rc.rl_steps), enabled=acc.is_main_process and cfg.logging.progress, desc="rl", initial=step,
-                   total=rc.rl_steps)
-    for step in bar:
-        rows = rank_share(batch_indices(len(data), cfg.run.seed, cursor, global_batch), acc)
-        cursor += global_batch
-        vectors = data.vectors[rows].to(acc.device)
-        out = trainer.step(vectors)
-        m = mean_over_processes(out.metrics, acc)
-        history.append(m)
-        if (step + 1) % cfg.logging.log_every == 0 or step == 0:
-            tracker.log(m, step + 1)
-            bar.set_postfix_str(describe_metrics(m))
-        if rc.rl_table_every and (step + 1) % rc.rl_table_every == 0:
-            table = [[(contexts[int(rows[g])] or "")[-160:], text, fve] for g, text, fve in out.samples]
-            tracker.log_table("rl/samples", ["context_tail", "explanation", "fve_nrm"], table, step + 1)
-        if val_vectors is not None and rc.rl_val_every and (step + 1) % rc.rl_val_every == 0 and step + 1 < rc.rl_steps:
-            tracker.log(validate(trainer, val_vectors, cfg, acc), step + 1)
-        if (step + 1) % rc.rl_save_every == 0 or step + 1 == rc.rl_steps:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                save_checkpoint(root, step + 1, lambda d, s=step + 1: write(d, s),
-                                {"cursor": cursor, "sft_av": str(sft_av), "val_start": val_start, "fingerprint": fingerprint},
-                                optimizers)
-            acc.wait_for_everyone()
+    save = checkpoint_writer(trainer, root, av_meta, ar_meta, {"sft_av": str(sft_av), "sft_ar": str(sft_ar),
+                                                               "val_start": val_start, "fingerprint": fingerprint}, acc)
+    began = time.time()
+    contexts = data.columns.get("detokenized_text_truncated") or [""] * len(data)
+    history = trainer.fit(data.vectors, contexts, cfg.run.seed, state, tracker, save, val_vectors, cfg.logging.log_every,
+                          cfg.logging.progress)
     final = root / "final"
     last = resolve_resume("auto", root)
     if acc.is_main_process and last is not None:
@@ -199,7 +177,7 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
         summary["reward_last"] = sum(h["rl/reward_mean"] for h in tail) / len(tail)
         summary["seconds_per_step"] = summary["wall_s"] / max(1, len(history))
     if val_vectors is not None:  # every process: the metric gather is collective
-        val_end = validate(trainer, val_vectors, cfg, acc)
+        val_end = trainer.validate(val_vectors, cfg.run.seed + 1)
         tracker.log(val_end, rc.rl_steps)
         summary["val_start"], summary["val"] = _short(val_start), _short(val_end)
         tracker.summary(val_end)
@@ -209,14 +187,6 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
             summary["val_curve_png"] = plot_rl_curve(curve, root / "held_out_fve_by_step.png")
     tracker.finish()
     return summary
-
-
-def mean_over_processes(values: dict[str, float], acc) -> dict[str, float]:
-    """One gather for all metrics; NaN entries (nothing usable on a process) are left out of the mean."""
-    keys = sorted(values)
-    local = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=acc.device)
-    every = acc.gather(local.unsqueeze(0)).reshape(-1, len(keys)).cpu()  # [processes, k]
-    return {k: float(v) for k, v in zip(keys, every.nanmean(dim=0))}
 
 
 def _with(meta, extra: dict[str, Any]):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from nla.checkpoint import load_checkpoint_state, publish_final, save_checkpoint
 from nla.config import ConfigError, NLAConfig, training_fingerprint
 from nla.data import Split, derangement, load_split, split_path
 from nla.distributed import make_accelerator, rank_share
+from nla.loop import OptimizerStep, row_stream, schedule
 from nla.metrics import cosine, fve_from_mse, mse_nrm, summarize, target_mean, target_variance
 from nla.models import ModelSource
 from nla.sidecar import SidecarError
@@ -40,7 +40,6 @@ from nla.tracking import Tracker, progress
 
 CONTROL_DIR = "ar_shuffled_targets"
 ORACLE_DIR = "ar_oracle"  # the context-oracle AR (--ar_text context): never the AR later stages load
-MAX_CONSECUTIVE_SKIPS = 20  # non-finite steps in a row: the run is diverging, stop and say so
 
 
 @dataclass
@@ -56,17 +55,6 @@ class ARRows:
     targets: torch.Tensor
     texts: list[str]
     dropped: int = 0  # rows without explanation or with an over-length prompt
-
-
-def batch_rows(n: int, global_batch: int, seed: int, micro_step: int) -> torch.Tensor:
-    """Row indices of global micro-batch `micro_step`: a fresh seeded shuffle per epoch, drop-last.
-
-    A pure function of the step, so resuming at a saved cursor replays exactly the same order.
-    """
-    per_epoch = max(1, n // global_batch)
-    epoch, j = divmod(micro_step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return perm[j * global_batch:(j + 1) * global_batch]
 
 
 def ar_texts(split: Split, ar_text: str = "explanation") -> list[str | None]:
@@ -121,64 +109,59 @@ def evaluate(ar: ARModel, tokenizer, val: ARRows, scale: float, var: float, mean
 
 
 class ARTrainer:
-    """The SFT loop on ready objects: AR, optimizer, scheduler, rows, accelerator, tracker."""
+    """The SFT loop on ready objects: AR, its prepared model and optimizer, rows, accelerator, tracker."""
 
-    def __init__(self, cfg: NLAConfig, ar: ARModel, tokenizer, train: ARRows, val: ARRows, accelerator,
-                 tracker: Tracker, root: Path, meta_fn, start: dict[str, Any], fingerprint: dict[str, Any] | None = None):
-        self.cfg, self.ar, self.tok, self.train, self.val = cfg, ar, tokenizer, train, val
+    def __init__(self, cfg: NLAConfig, ar: ARModel, model, tokenizer, train: ARRows, val: ARRows, accelerator,
+                 tracker: Tracker, root: Path, meta_fn, optimizer, scheduler, start: dict[str, Any],
+                 fingerprint: dict[str, Any] | None = None):
+        self.cfg, self.ar, self.model, self.tok, self.train, self.val = cfg, ar, model, tokenizer, train, val
         self.fingerprint = fingerprint or {}  # stored in every checkpoint; a resume must match it
         self.acc, self.tracker, self.root, self.meta_fn = accelerator, tracker, root, meta_fn
         self.scale = cfg.ar.mse_scale or math.sqrt(ar.d_model)
         self.var = target_variance(train.targets, self.scale)
         self.mean = target_mean(train.targets, self.scale)
-        self.step, self.cursor, self.skipped = start.get("step", 0), start.get("cursor", 0), start.get("skipped", 0)
+        params = ar.trainable_parameters()
+        self.stepper = OptimizerStep("ar", optimizer, scheduler, lambda: accelerator.clip_grad_norm_(params, 1.0))
+        self.step, self.cursor = start.get("step", 0), start.get("cursor", 0)
+        self.stepper.skipped = start.get("skipped", 0)
         self.global_batch = cfg.ar.ar_batch_size * accelerator.num_processes
-        self.rows_seen, self.train_time, self.consecutive_skips = 0, 0.0, 0
+        self.rows_seen, self.train_time = 0, 0.0
         self.last_ckpt: Path | None = start.get("path")
+
+    @property
+    def skipped(self) -> int:
+        return self.stepper.skipped
 
     def micro_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This process's share of the next global micro-batch -> (ids, mask, raw targets) on device."""
-        rows = batch_rows(len(self.train.ids), self.global_batch, self.cfg.run.seed, self.cursor)
-        self.cursor += 1
+        rows = row_stream(len(self.train.ids), self.cfg.run.seed, self.cursor, self.global_batch)
+        self.cursor += self.global_batch
         mine = rank_share(rows, self.acc)
-        ids, mask = pad_batch([self.train.ids[i] for i in mine.tolist()], self.tok.pad_token_id)
+        ids, mask = pad_batch([self.train.ids[i] for i in mine], self.tok.pad_token_id)
         dev = self.acc.device
         return ids.to(dev), mask.to(dev), self.train.targets[mine].to(dev)
 
-    def train_step(self, model, opt, sched, params) -> dict[str, float]:
-        """One optimizer step over ar_grad_accum micro-batches; a non-finite gradient skips the update."""
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ar_grad_accum micro-batches (`loop.OptimizerStep`'s policy)."""
         start, accum = time.time(), self.cfg.ar.ar_grad_accum
         totals = torch.zeros(3, device=self.acc.device)  # loss sum, cos sum, rows
         for i in range(accum):
             ids, mask, target = self.micro_batch()
-            sync = contextlib.nullcontext() if i == accum - 1 else self.acc.no_sync(model)
+            sync = contextlib.nullcontext() if i == accum - 1 else self.acc.no_sync(self.model)
             with sync:
-                pred = model(ids, mask)
+                pred = self.model(ids, mask)
                 loss_rows = mse_nrm(pred, target, self.scale)  # [b]
                 self.acc.backward(loss_rows.mean() / accum)
             totals += torch.stack([loss_rows.detach().sum(), cosine(pred.detach(), target).sum(),
                                    torch.tensor(float(len(target)), device=totals.device)])
-        grad_norm = self.acc.clip_grad_norm_(params, 1.0)
-        if torch.isfinite(torch.as_tensor(grad_norm)):
-            opt.step()
-            self.consecutive_skips = 0
-        else:  # NaN/inf gradients (seen with bf16 ARs): drop this update rather than poison the weights
-            self.skipped += 1
-            self.consecutive_skips += 1
-            if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                raise RuntimeError(f"{MAX_CONSECUTIVE_SKIPS} AR steps in a row had non-finite gradients; "
-                                   "lower --ar_lr or use --dtype float32.")
-        opt.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # after a skipped update torch warns "scheduler before optimizer"
-            warnings.simplefilter("ignore", UserWarning)
-            sched.step()  # the schedule follows the step count, skipped or not
+        grad_norm, _ = self.stepper()
         self.step += 1
         loss_sum, cos_sum, rows = self.acc.reduce(totals, reduction="sum").tolist()
         loss, cos = loss_sum / max(rows, 1), cos_sum / max(rows, 1)
         self.rows_seen += rows
         self.train_time += time.time() - start
         return {"ar/loss": loss, "ar/fve_nrm": fve_from_mse(loss, self.var), "ar/cos": cos,
-                "ar/lr": sched.get_last_lr()[0], "ar/grad_norm": float(grad_norm), "ar/skipped_steps": self.skipped,
+                "ar/lr": self.stepper.lr, "ar/grad_norm": grad_norm, "ar/skipped_steps": self.skipped,
                 "ar/rows_per_s": self.rows_seen / max(self.train_time, 1e-9)}
 
     def validate(self) -> dict[str, float]:
@@ -190,36 +173,35 @@ class ARTrainer:
         self.acc.wait_for_everyone()
         return out
 
-    def save(self, opt, sched) -> None:
+    def save(self) -> None:
         self.last_ckpt = self.root / f"checkpoint-{self.step:06d}"  # on every process: all know a save happened
         if self.acc.is_main_process:
             meta = self.meta_fn(self.scale, self.var, self.step)
             save_checkpoint(
                 self.root, self.step, lambda d: save_ar(self.ar, d / "ar", meta, self.tok),
                 {"cursor": self.cursor, "skipped": self.skipped, "fingerprint": self.fingerprint},
-                {"ar": opt, "ar_scheduler": sched})
+                self.stepper.saved())
         self.acc.wait_for_everyone()
 
-    def fit(self, model, opt, sched) -> dict[str, Any]:
+    def fit(self) -> dict[str, Any]:
         cfg = self.cfg.ar
-        params = self.ar.trainable_parameters()
-        model.train()
+        self.model.train()
         bar = progress(total=cfg.ar_steps, initial=self.step, enabled=self.cfg.logging.progress and self.acc.is_main_process,
                        desc="train-ar")
         while self.step < cfg.ar_steps:
-            metrics = self.train_step(model, opt, sched, params)
+            metrics = self.train_step()
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['ar/loss']:.3f}", fve=f"{metrics['ar/fve_nrm']:.3f}")
             if self.step % self.cfg.logging.log_every == 0 or self.step == cfg.ar_steps:
                 self.tracker.log(metrics, self.step)
             if self.step % cfg.ar_eval_every == 0 and self.step < cfg.ar_steps:
                 self.tracker.log(self.validate(), self.step)
-                model.train()
+                self.model.train()
             if self.step % cfg.ar_save_every == 0 or self.step == cfg.ar_steps:
-                self.save(opt, sched)
+                self.save()
         bar.close()
         if self.last_ckpt is None:  # nothing trained in this call (0 steps, or resumed at the end)
-            self.save(opt, sched)
+            self.save()
         final = self.validate()
         self.tracker.log(final, self.step)
         return final
@@ -268,10 +250,10 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     if control:  # the control: every row learns another row's target, so text carries no information
         train.targets = train.targets[derangement(len(train.targets), cfg.run.seed + 1)]
     opt = torch.optim.AdamW(ar.trainable_parameters(), lr=cfg.ar.ar_lr, weight_decay=0.0)
-    sched = _cosine_schedule(opt, cfg.ar.ar_steps)
+    sched = schedule(opt, cfg.ar.ar_steps)
     start: dict[str, Any] = {}
     if resume is not None:
-        start = {**load_checkpoint_state(resume, {"ar": opt, "ar_scheduler": sched}), "path": resume}
+        start = {**load_checkpoint_state(resume, {"ar_optimizer": opt, "ar_scheduler": sched}), "path": resume}
     model, opt = acc.prepare(ar, opt)
     tracker = Tracker(cfg, "train-ar-shuffled-targets" if control else "train-ar-oracle" if oracle else "train-ar",
                       is_main=acc.is_main_process)
@@ -286,9 +268,9 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
                          "train_rows": len(train.ids), "dataset": str(train_split.path),
                          "dataset_id": train_split.meta.extra.get("dataset_id")}})
 
-    trainer = ARTrainer(cfg, ar, tokenizer, train, val, acc, tracker, root, meta_fn, start, fingerprint)
+    trainer = ARTrainer(cfg, ar, model, tokenizer, train, val, acc, tracker, root, meta_fn, opt, sched, start, fingerprint)
     began = time.time()
-    final = trainer.fit(model, opt, sched)
+    final = trainer.fit()
     checkpoint = publish_final(trainer.last_ckpt, root) if acc.is_main_process else root / "final"
     acc.wait_for_everyone()
     summary = _summary(final, trainer, control, checkpoint, time.time() - began)
@@ -311,13 +293,6 @@ def _summary(final: dict[str, float], trainer: ARTrainer, control: bool, checkpo
         "skipped_steps": trainer.skipped, "train_rows": len(trainer.train.ids), "val_rows": len(trainer.val.texts),
         "dropped_rows": trainer.train.dropped + trainer.val.dropped, "target_variance": trainer.var,
     }
-
-
-def _cosine_schedule(opt, steps: int):
-    """Cosine decay to 0 after a short linear warmup (5% of the steps, at least 1)."""
-    from transformers import get_cosine_schedule_with_warmup
-
-    return get_cosine_schedule_with_warmup(opt, max(1, steps // 20), max(1, steps))
 
 
 def run_shuffled_control(cfg: NLAConfig, accelerator=None, steps: int | None = None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from nla.metrics import fve_nrm
 from nla.sidecar import Meta, make_token_spec
 from nla.templates import ar_prompt
 from nla.tracking import Tracker
-from nla.train_ar import ARRows, ARTrainer, batch_rows, main, run, run_shuffled_control
+from nla.train_ar import ARRows, ARTrainer, main, run, run_shuffled_control
 
 WORDS = ["apple", "river", "engine", "purple", "violin", "castle"]
 SMOKE = "configs/smoke.yaml"
@@ -51,10 +51,7 @@ def task(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
     return root
 
 
-def test_batch_order_is_a_seeded_epoch_shuffle():
-    rows = [batch_rows(10, 4, seed=3, micro_step=k) for k in range(4)]
-    assert len(set(torch.cat(rows[:2]).tolist())) == 8  # drop-last, no repeats within an epoch
-    assert torch.equal(rows[3], batch_rows(10, 4, seed=3, micro_step=3)) and not torch.equal(rows[0], rows[2])
+def test_derangement_moves_every_row():
     perm = derangement(7, seed=1)
     assert sorted(perm.tolist()) == list(range(7)) and (perm != torch.arange(7)).all()
 
@@ -102,7 +99,7 @@ def test_resume_is_exact(task, tiny_model_dir, tmp_path):
     assert len(entries) == len(set(entries)) and max(e[0] for e in entries) == 8  # steps 5..8 not logged twice
     assert resumed["steps"] == straight["steps"] == 8
     state = json.loads((root / "final" / "trainer_state.json").read_text())
-    assert state["step"] == 8 and state["cursor"] == 16  # 8 steps x 2 micro-batches
+    assert state["step"] == 8 and state["cursor"] == 128 and state["layout"] == 2  # rows: 8 steps x 2 micro-batches x 8
     for name in ("value_head.safetensors", "adapter_model.safetensors"):
         a, b = load_file(str(tmp_path / "straight" / "ar" / name)), load_file(str(root / "final" / "ar" / name))
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -149,12 +146,12 @@ def test_non_finite_steps_are_skipped(tiny_model_dir, tiny_tokenizer, tmp_path):
     acc = Accelerator(cpu=True)
     opt = torch.optim.AdamW(ar.trainable_parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    trainer = ARTrainer(cfg, ar, tiny_tokenizer, rows, rows, acc, Tracker(cfg, "t", True), tmp_path / "ar",
-                        lambda *a: None, {})
+    trainer = ARTrainer(cfg, ar, ar, tiny_tokenizer, rows, rows, acc, Tracker(cfg, "t", True), tmp_path / "ar",
+                        lambda *a: None, opt, sched, {})
     head0 = ar.head.weight.detach().clone()
-    trainer.train_step(ar, opt, sched, ar.trainable_parameters())
+    trainer.train_step()
     assert trainer.skipped == 1 and torch.equal(ar.head.weight, head0)
-    trainer.train_step(ar, opt, sched, ar.trainable_parameters())
+    trainer.train_step()
     assert trainer.skipped == 1 and not torch.equal(ar.head.weight, head0) and torch.isfinite(ar.head.weight).all()
 
 
