@@ -226,10 +226,14 @@ value values given""".split())
 
 
 def quote(text: str) -> str:
-    """`text` as a double-quoted string a person and the AR can read exactly: a JSON string, so
-    backslash, quote, newline, tab and other control characters are escaped (a trailing newline is
-    often the position's own token) and non-ASCII characters stay as they are."""
-    return json.dumps(text, ensure_ascii=False)
+    """`text` in double quotes, exactly as written: line breaks, tabs and spaces stay themselves (they
+    are often the position's own token, and the AV copies them as the tokens the model read);
+    only a double quote is escaped (`\\"`), so the quoted span has one end.
+
+    JSON escapes (a line break as the two characters `\\n`) were replaced after the demo's SFT AV
+    looped on `\\n\\n\\n...` up to the token cap in 10 of its 11 failures; raw quotes lifted the SFT
+    pair's held-out FVE, top-1 and failures (docs/benchmarks.md)."""
+    return '"' + text.replace('"', '\\"') + '"'
 
 
 def _word_char(ch: str) -> bool:
@@ -262,7 +266,7 @@ class ExtractiveTeacher:
     the topic (docs/benchmarks.md measures it: an AR reading these explanations reached 76% of an
     AR reading the raw context, against 14% for "three last words + topic", which dropped the
     punctuation and symbols that are often the position's token). So the explanation quotes the
-    context's last `tail_chars` characters exactly (escaped by `quote`) and names its topic word.
+    context's last `tail_chars` characters exactly (`quote`) and names its topic word.
     The quote comes first: the AV writes left to right, and a topic guessed first steered its quote
     (measured: quote first, shuffled-vector gap 0.30 vs 0.21 nats and held-out FVE -0.24 vs -0.34).
     """
@@ -271,7 +275,7 @@ class ExtractiveTeacher:
 
     def __init__(self, batch_size: int = 256, tail_chars: int = 16):
         self.batch_size, self.tail_chars = batch_size, tail_chars
-        self.identity = f"extractive:v3:tail{tail_chars}"
+        self.identity = f"extractive:v4:tail{tail_chars}"
 
     def check(self) -> None:
         pass

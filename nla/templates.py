@@ -26,7 +26,8 @@ TEACHER_TEMPLATE = (
     "Here is the start of a text, cut off mid-way:\n<text>{context}</text>\n"
     "Describe what a language model reading this text is representing at its very last token, in three "
     "short phrases separated by semicolons: first the exact final characters of the text in double quotes "
-    "(punctuation and symbols included, a line break as \\n); then what is likely to come next; then the topic. "
+    "(punctuation, symbols and line breaks included, exactly as written); then what is likely to come next; then "
+    "the topic. "
     "Answer in the form <explanation>phrase; phrase; phrase</explanation>"
 )
 # `nla eval`'s paraphrase control: same claims, other words (the AR should score it about the same).
