@@ -106,17 +106,23 @@ class ARModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, texts: list[str], tokenizer, batch_size: int = 32) -> torch.Tensor:
-        """Explanations -> [n, d] fp32 predictions on the CPU (no grad, batched, eval mode)."""
+        """Explanations -> [n, d] fp32 predictions on the CPU (no grad, batched, eval mode).
+
+        Batches are cut from the texts sorted by token length, so a batch pads to its own longest
+        text instead of the longest of a random mix; rows come back in the given order."""
         was_training = self.training
         self.eval()
-        out = []
+        lengths = [len(x) for x in self.token_ids(texts, tokenizer)]
+        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        out = torch.zeros(len(texts), self.d_model)
         try:
             for start in range(0, len(texts), batch_size):
-                batch = self.encode(texts[start:start + batch_size], tokenizer)
-                out.append(self(batch.input_ids, batch.attention_mask).float().cpu())
+                rows = order[start:start + batch_size]
+                batch = self.encode([texts[i] for i in rows], tokenizer)
+                out[rows] = self(batch.input_ids, batch.attention_mask).float().cpu()
         finally:
             self.train(was_training)
-        return torch.cat(out) if out else torch.zeros(0, self.d_model)
+        return out
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

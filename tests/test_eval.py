@@ -20,7 +20,7 @@ from nla.cli import main as cli
 from nla.config import from_flat_dict, load_yaml
 from nla.data import write_split
 from nla.evaluate import (EvalArgs, LocalParaphraser, Scorer, control_fves, length_curve, paraphrase_scores,
-                          reverse_claims, run, truncate_tokens)
+                          reverse_claims, run, truncate_tokens, uninformative_vectors)
 from nla.metrics import normalize, target_variance
 from nla.sidecar import Meta, make_token_spec
 from nla.testing import build_tiny_tokenizer, save_tiny_model
@@ -139,6 +139,9 @@ def test_greedy_controls_reuse_the_real_explanations():
     reused = control_fves(counting, predict, vectors, texts, scorer, deterministic=True)
     assert calls == [len(vectors) + 2, 2]
     assert reused == regenerated
+    given = control_fves(counting, predict, vectors, texts, scorer, deterministic=True,
+                         uninformative_texts=explain(uninformative_vectors(vectors)))
+    assert calls == [len(vectors) + 2, 2] and given == regenerated  # written in the rows' call: no call of its own
 
 
 def test_length_curve_is_monotone_when_cutting_removes_words(tiny_tokenizer):
