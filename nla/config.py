@@ -113,7 +113,7 @@ class DataConfig:
 @dataclass
 class TeacherConfig:
     teacher: str = _help("'local' (an HF causal LM), 'openai' (any OpenAI-compatible chat endpoint) or 'extractive' (model-free: the context's last characters quoted exactly + its topic word; the embedded configs' teacher).", default="local")
-    teacher_model: str = _help(f"Local model spec or the endpoint's model name. Default: the target model.", default="")
+    teacher_model: str = _help("Local model spec or the endpoint's model name. Default: the target model.", default="")
     teacher_base_url: str = _help("Base URL of the OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.", default="")
     teacher_api_key_env: str = _help("Name of the environment variable holding the endpoint's API key (empty: no key is "
                                      "sent). Nothing is sent unless you name one, e.g. OPENAI_API_KEY.", default="")
@@ -178,6 +178,8 @@ class AVConfig:
     av_eval_every: int = _help("Validate (real and shuffled vectors) every N steps.", default=50)
     av_val_rows: int = _help("Val rows for that check, drawn across documents (each is read twice: real and shuffled vector).",
                              default=64)
+    av_eval_at_start: bool = _help("Also run that check before the first step (the untrained AV's gap, the baseline).",
+                                   default=True)
     av_save_every: int = _help("Checkpoint every N steps.", default=100)
     injection_scale: float | None = _help("Norm the injected vector is rescaled to (default: the dataset's suggested p75 norm).", default=None)
     max_new_tokens: int = _help("Explanation length cap when generating.", default=64)
@@ -391,7 +393,7 @@ def parse_config(argv: list[str] | None = None, extra: Iterable[type] = ()) -> t
 
 
 # Keys a resumed run may change: how long it runs and how it reports, not what it trains.
-_MAY_CHANGE_ON_RESUME = re.compile(r"(_steps|_every|_val_rows)$|^(max_new_tokens|output_dir|resume|device)$")
+_MAY_CHANGE_ON_RESUME = re.compile(r"(_steps|_every|_val_rows)$|^(max_new_tokens|output_dir|resume|device|av_eval_at_start)$")
 
 
 def training_fingerprint(cfg: "NLAConfig", *sections: str, processes: int = 1, **extra: Any) -> dict[str, Any]:

@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
 
         _banner("2/6 AR warm start (explanation -> activation), with a shuffled-target control")
         ar = timed("train_ar", train_ar.run, cfg, acc)
-        control = timed("train_ar_control", train_ar.run_shuffled_control, cfg, acc, max(10, cfg.ar.ar_steps // 3))
+        control = timed("train_ar_control", train_ar.run_shuffled_control, cfg, acc, max(10, cfg.ar.ar_steps // 5))
         print(train_ar.format_table(ar, control))
         oracle = None
         if not cfg.eval.oracle_ar:  # the user's own oracle AR stands in for the demo's

@@ -25,7 +25,6 @@ data order a function of (seed, step), which is what exact resume needs.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +41,12 @@ from nla.data import Split, derangement, load_split, split_path
 from nla.distributed import make_accelerator, rank_share
 from nla.injection import InjectionHook
 from nla.lora import apply_lora, trainable_parameters
+from nla.loop import OptimizerStep, row_stream, schedule
 from nla.models import ModelSource, load_adapter
 from nla.sidecar import Meta, dataset_meta_path, read_meta
 from nla.stage import seed_everything, start_stage
 from nla.tracking import Tracker, progress
 
-WARMUP_FRACTION = 0.05  # of av_steps, at least one step
 SAMPLE_ROWS = 8  # val rows generated (greedy) at each eval for the samples table and CJK check
 CONTEXT_TAIL_CHARS = 160
 MAX_GRAD_NORM = 1.0
@@ -80,20 +79,6 @@ def load_data(cfg: NLAConfig, tokenizer, d_model: int) -> AVData:
     return AVData(train, val, prompt_ids(tokenizer, train.meta), float(scale))
 
 
-def row_order(n: int, seed: int, start: int, count: int) -> list[int]:
-    """Rows start..start+count-1 of an endless stream of seeded per-epoch permutations of range(n).
-
-    A pure function of (seed, position): resuming at step s reads exactly what step s would have.
-    """
-    out, cache = [], {}
-    for g in range(start, start + count):
-        epoch = g // n
-        if epoch not in cache:
-            cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-        out.append(cache[epoch][g % n])
-    return out
-
-
 class AVTrainer:
     """The SFT loop on ready objects (model, data, optimizer): `fit(start_step)`, `evaluate()`."""
 
@@ -101,8 +86,10 @@ class AVTrainer:
                  optimizer, scheduler, tracker: Tracker, fingerprint: dict[str, Any] | None = None):
         self.cfg, self.acc, self.model, self.tok, self.meta, self.data = cfg, accelerator, model, tokenizer, meta, data
         self.fingerprint = fingerprint or {}  # stored in every checkpoint; a resume must match it
-        self.opt, self.sched, self.tracker = optimizer, scheduler, tracker
+        self.tracker = tracker
         self.unwrapped = accelerator.unwrap_model(model)
+        params = trainable_parameters(self.unwrapped)
+        self.stepper = OptimizerStep("av", optimizer, scheduler, lambda: accelerator.clip_grad_norm_(params, MAX_GRAD_NORM))
         self.hook = InjectionHook(self.unwrapped, *meta.tokens.ids, data.injection_scale)
         self.shuffled = data.val.vectors[derangement(len(data.val), cfg.run.seed + 7)] if len(data.val) > 1 else data.val.vectors
         self.last_eval: dict[str, Any] = {}
@@ -120,10 +107,13 @@ class AVTrainer:
         mask = batch["labels"] != IGNORE
         return -response_logprobs(self.model, batch["input_ids"], batch["attention_mask"], mask, vectors, self.hook).sum()
 
+    def rows_per_step(self) -> int:
+        return self.cfg.av.av_batch_size * self.cfg.av.av_grad_accum * self.acc.num_processes
+
     def _step_rows(self, step: int) -> list[list[int]]:
         """This process's micro-batches for optimizer step `step` (shard of the global window)."""
         b, a, p = self.cfg.av.av_batch_size, self.cfg.av.av_grad_accum, self.acc.num_processes
-        window = row_order(len(self.data.train), self.cfg.run.seed, step * b * a * p, b * a * p)
+        window = row_stream(len(self.data.train), self.cfg.run.seed, step * self.rows_per_step(), self.rows_per_step())
         return [window[(i * p + self.acc.process_index) * b:][:b] for i in range(a)]
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -143,16 +133,11 @@ class AVTrainer:
                 nll = self._nll(batch, self.data.train.vectors[rows])
                 self.acc.backward(nll / norm)
             loss_sum += float(nll.detach())
-        grad_norm = self.acc.clip_grad_norm_(trainable_parameters(self.unwrapped), MAX_GRAD_NORM)
-        finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
-        if finite:  # a non-finite step (bf16 overflow) is skipped, not applied
-            self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        grad_norm, skipped = self.stepper()
         seen = sum(int(b["attention_mask"].sum()) for b in batches)
         stats = self.acc.reduce(torch.tensor([loss_sum, total, seen], device=self.acc.device, dtype=torch.float64), "sum")
-        return {"av/loss": float(stats[0] / stats[1]), "tokens": float(stats[2]), "av/grad_norm": float(grad_norm),
-                "av/skipped_step": float(not finite)}
+        return {"av/loss": float(stats[0] / stats[1]), "tokens": float(stats[2]), "av/grad_norm": grad_norm,
+                "av/skipped_step": float(skipped)}
 
     @torch.no_grad()
     def val_loss(self, vectors: torch.Tensor) -> float:
@@ -203,15 +188,13 @@ class AVTrainer:
                 save_av(self.unwrapped, self.tok, self.meta, tmp / "av")
                 self.cfg.save(tmp)
 
-            state = {"rows_seen": step * self.cfg.av.av_batch_size * self.cfg.av.av_grad_accum * self.acc.num_processes,
-                     "fingerprint": self.fingerprint}
-            self.last_checkpoint = save_checkpoint(self.cfg.output_dir / "av", step, write, state,
-                                                   {"optimizer": self.opt, "scheduler": self.sched})
+            state = {"cursor": step * self.rows_per_step(), "skipped": self.stepper.skipped, "fingerprint": self.fingerprint}
+            self.last_checkpoint = save_checkpoint(self.cfg.output_dir / "av", step, write, state, self.stepper.saved())
         self.acc.wait_for_everyone()
 
     def fit(self, start_step: int) -> None:
         cfg, steps = self.cfg.av, self.cfg.av.av_steps
-        if start_step == 0:
+        if start_step == 0 and cfg.av_eval_at_start:
             self.start_eval = self.evaluate(0)  # the starting point: real vs shuffled before any training
         self.model.train()
         # Throughput counts training steps only (not evals or saves): (tokens, seconds).
@@ -226,7 +209,7 @@ class AVTrainer:
             window_loss.append(stats["av/loss"])
             done = step + 1
             if done % self.cfg.logging.log_every == 0 or done == steps:
-                self.tracker.log({"av/loss": sum(window_loss) / len(window_loss), "av/lr": self.sched.get_last_lr()[0],
+                self.tracker.log({"av/loss": sum(window_loss) / len(window_loss), "av/lr": self.stepper.lr,
                                   "av/tokens_per_s": window[0] / max(window[1], 1e-9), "av/grad_norm": stats["av/grad_norm"],
                                   "av/skipped_step": stats["av/skipped_step"]}, done)
                 bar.set_postfix(loss=f"{window_loss[-1]:.3f}")
@@ -253,8 +236,6 @@ def build_model(cfg: NLAConfig, base_path: str, resume_from: Path | None):
 
 def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     """Train the AV; returns val loss real vs shuffled, samples, the final checkpoint and speed."""
-    from transformers import get_cosine_schedule_with_warmup
-
     start = time.time()
     seed_everything(cfg.run.seed)
     acc = accelerator or make_accelerator(cfg.run.device)
@@ -274,15 +255,16 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     meta = make_av_meta(data.train.meta, d_model, cfg.model.model, data.injection_scale, cfg.av.av_lora_r, provenance)
     model.to(acc.device)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.av.av_lr, weight_decay=0.0)
-    warmup = max(1, math.ceil(WARMUP_FRACTION * cfg.av.av_steps))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max(cfg.av.av_steps, 1))
-    start_step = 0
+    scheduler = schedule(optimizer, cfg.av.av_steps)
+    start_step, skipped = 0, 0
     if resume_from is not None:  # after model.to(device): optimizer state follows its params' device
-        start_step = int(load_checkpoint_state(resume_from, {"optimizer": optimizer, "scheduler": scheduler})["step"])
+        state = load_checkpoint_state(resume_from, {"av_optimizer": optimizer, "av_scheduler": scheduler})
+        start_step, skipped = int(state["step"]), int(state.get("skipped", 0))
     model, optimizer = acc.prepare(model, optimizer)
     tracker = Tracker(cfg, "train-av", is_main=acc.is_main_process)
     tracker.forget_after(start_step)  # steps after the checkpoint are trained (and logged) again
     trainer = AVTrainer(cfg, acc, model, tokenizer, meta, data, optimizer, scheduler, tracker, fingerprint)
+    trainer.stepper.skipped = skipped
     if start_step < cfg.av.av_steps:
         trainer.fit(start_step)
     else:  # resumed a finished run: nothing to train, report and republish
