@@ -30,6 +30,7 @@ from nla.distributed import make_accelerator, rank_share
 from nla.grpo import AR, AR_REF, AV, AV_REF, JointTrainer, adapter_parameters
 from nla.loop import schedule
 from nla.models import ModelSource, load_adapter
+from nla.pair import check_pair
 from nla.report import plot_rl_curve, rl_curve_points
 from nla.sidecar import MODEL_META, write_meta
 from nla.stage import seed_everything, start_stage
@@ -66,8 +67,7 @@ def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, 
         with torch.random.fork_rng(devices=[]):
             sft_ar_model = attach_to_shared_base(model, sft_ar, tokenizer, adapter_name=AR_REF, trainable=False)
     av_meta.verify(tokenizer, d_model=text_config(model.config).hidden_size, where=str(sft_av / MODEL_META))
-    if ar.layer != av_meta.layer_index:
-        raise ConfigError(f"the AV explains layer {av_meta.layer_index} but the AR reads layer {ar.layer}; train them on the same data.")
+    check_pair(av_meta, ar, tokenizer, tokenizer, where=f"AV {sft_av} + AR {sft_ar}")  # the one pair check (nla verbalize/eval too)
     model.to(device)
     ar.to(device)
     if sft_ar_model is not None:
