@@ -43,18 +43,18 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from nla import templates  # noqa: E402
-from nla.ar import ARModel, build_ar, identity_head  # noqa: E402
-from nla.av import Verbalizer, build_generation_batch, build_sft_batch, prompt_ids, response_logprobs  # noqa: E402
-from nla.backbone import block_output, decoder_layers  # noqa: E402
-from nla.config import RLConfig  # noqa: E402
-from nla.corpus import BUILTIN, iter_documents  # noqa: E402
-from nla.extract import choose_marker  # noqa: E402
-from nla.grpo import AR, AV, AV_REF, JointTrainer, adapter_parameters  # noqa: E402
-from nla.injection import InjectionHook  # noqa: E402
-from nla.lora import lora_config  # noqa: E402
-from nla.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
-from nla.sidecar import Meta  # noqa: E402
+from nla.core import templates  # noqa: E402
+from nla.models.ar import ARModel, build_ar, identity_head  # noqa: E402
+from nla.models.av import Verbalizer, build_generation_batch, build_sft_batch, prompt_ids, response_logprobs  # noqa: E402
+from nla.models.backbone import block_output, decoder_layers  # noqa: E402
+from nla.core.config import RLConfig  # noqa: E402
+from nla.data.corpus import BUILTIN, iter_documents  # noqa: E402
+from nla.data.extract import choose_marker  # noqa: E402
+from nla.train.grpo import AR, AV, AV_REF, JointTrainer, adapter_parameters  # noqa: E402
+from nla.models.injection import InjectionHook  # noqa: E402
+from nla.models.lora import lora_config  # noqa: E402
+from nla.models.sources import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
+from nla.core.sidecar import Meta  # noqa: E402
 
 TARGETS = {"injection_overhead_ratio": 1.03, "rl_overhead_ratio": 1.3}
 EXPLANATION = "a Python tutorial; defining a function; the next line is its body"
@@ -251,7 +251,7 @@ def bench_av_sft(ctx: Context, s: Sizes) -> dict[str, float]:
 
 
 def joint_setup(ctx: Context, s: Sizes) -> tuple[JointTrainer, Any, Verbalizer, ARModel, RLConfig]:
-    """One base model with fresh LoRA adapters av, av_ref, ar (as nla/rl.py's load_joint, in memory)."""
+    """One base model with fresh LoRA adapters av, av_ref, ar (as nla/stages/rl.py's load_joint, in memory)."""
     from peft import get_peft_model
 
     torch.manual_seed(0)
@@ -404,7 +404,7 @@ def main(argv: list[str]) -> int:
     load = (load_before, os.getloadavg()[0])
     result["load_avg_1m"] = list(load)
     if args.out:
-        from nla.io import atomic_write_text
+        from nla.core.io import atomic_write_text
 
         atomic_write_text(args.out, json.dumps(result, sort_keys=True) + "\n")
     if not args.no_append:

@@ -10,13 +10,13 @@ import importlib
 import sys
 
 STAGES: dict[str, tuple[str, str]] = {
-    "datagen": ("nla.datagen", "extract activations + teacher explanations into parquet datasets"),
-    "train-ar": ("nla.train_ar", "supervised warm start of the AR (explanation -> activation)"),
-    "train-av": ("nla.train_av", "supervised warm start of the AV (activation -> explanation)"),
-    "rl": ("nla.rl", "joint RL: GRPO on the AV with the live AR as reward, AR co-trained"),
-    "verbalize": ("nla.verbalize", "explanations for text or vectors from a checkpoint"),
-    "eval": ("nla.evaluate", "faithfulness report with controls"),
-    "demo": ("nla.demo", "the whole pipeline on the embedded model, small budget"),
+    "datagen": ("nla.stages.datagen", "extract activations + teacher explanations into parquet datasets"),
+    "train-ar": ("nla.stages.train_ar", "supervised warm start of the AR (explanation -> activation)"),
+    "train-av": ("nla.stages.train_av", "supervised warm start of the AV (activation -> explanation)"),
+    "rl": ("nla.stages.rl", "joint RL: GRPO on the AV with the live AR as reward, AR co-trained"),
+    "verbalize": ("nla.stages.verbalize", "explanations for text or vectors from a checkpoint"),
+    "eval": ("nla.stages.evaluate", "faithfulness report with controls"),
+    "demo": ("nla.stages.demo", "the whole pipeline on the embedded model, small budget"),
 }
 
 USAGE = """usage: nla <stage> [--config FILE] [--output_dir DIR] [--key value ...]
@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nla: unknown stage {stage!r}.\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(STAGES[stage][0])
-    from nla.config import ConfigError
-    from nla.corpus import CorpusError
-    from nla.models import ModelError
-    from nla.sidecar import SidecarError
+    from nla.core.config import ConfigError
+    from nla.data.corpus import CorpusError
+    from nla.models.sources import ModelError
+    from nla.core.sidecar import SidecarError
 
     try:
         return int(module.main(rest) or 0)

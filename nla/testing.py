@@ -17,7 +17,7 @@ def build_tiny_tokenizer(vocab_size: int = 600):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from nla.corpus import BUILTIN, iter_documents
+    from nla.data.corpus import BUILTIN, iter_documents
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -39,7 +39,7 @@ def save_tiny_model(out_dir: str | Path, d_model: int = 64, n_layers: int = 4, s
     `initializer_range` 0.2 makes a tiny model's output depend on its prompt at all (at HF's
     0.02 it barely does), which learnable toys that read an injected vector need.
     """
-    from nla.models import tiny_llama
+    from nla.models.sources import tiny_llama
 
     out_dir = Path(out_dir)
     tok = build_tiny_tokenizer()

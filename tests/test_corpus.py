@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nla.corpus import BUILTIN, CorpusError, iter_documents, pack_paragraphs
+from nla.data.corpus import BUILTIN, CorpusError, iter_documents, pack_paragraphs
 
 
 def test_builtin_corpus_is_real_english_with_stable_ids():
@@ -52,7 +52,7 @@ def test_pack_paragraphs_packs_to_size():
 
 
 def test_stdlib_docstrings_are_read_without_importing_and_ids_are_stable():
-    from nla.corpus import BUILTIN_ALL, BUILTIN_STDLIB, module_docstrings
+    from nla.data.corpus import BUILTIN_ALL, BUILTIN_STDLIB, module_docstrings
 
     source = ('"""A module docstring long enough to be kept as prose here."""\n'
               'def f():\n    """Short."""\n'

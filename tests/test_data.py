@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from nla.config import ConfigError
-from nla.data import load_split, spread_rows, write_split
-from nla.sidecar import Meta, make_token_spec
+from nla.core.config import ConfigError
+from nla.data.splits import load_split, spread_rows, write_split
+from nla.core.sidecar import Meta, make_token_spec
 
 
 def test_spread_rows_draws_across_documents_and_is_seeded():
@@ -54,7 +54,7 @@ def test_sidecar_width_disagreeing_with_the_vectors_is_one_line_error(tmp_path, 
     meta = Meta("nla_dataset", make_token_spec(tiny_tokenizer, "㈠"), d_model=4, layer_index=1, base_model="tiny")
     path = write_split(tmp_path / "val.parquet", np.ones((3, 4), np.float32), {"doc_id": list("abc")}, meta)
     wrong = Meta("nla_dataset", meta.tokens, d_model=8, layer_index=1, base_model="tiny")
-    from nla.sidecar import dataset_meta_path, write_meta
+    from nla.core.sidecar import dataset_meta_path, write_meta
 
     write_meta(dataset_meta_path(path), wrong)
     with pytest.raises(ConfigError, match="width 4 but its sidecar says d_model=8"):

@@ -8,13 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nla.config import parse_config
-from nla.corpus import BUILTIN, iter_documents
-from nla.data import SPLITS, load_split, split_path
-from nla.datagen import DatagenError, run, split_of
-from nla.extract import choose_marker, choose_positions
-from nla.sidecar import SidecarError, read_meta, dataset_meta_path
-from nla.teacher import ExtractiveTeacher
+from nla.core.config import parse_config
+from nla.data.corpus import BUILTIN, iter_documents
+from nla.data.splits import SPLITS, load_split, split_path
+from nla.stages.datagen import DatagenError, run, split_of
+from nla.data.extract import choose_marker, choose_positions
+from nla.core.sidecar import SidecarError, read_meta, dataset_meta_path
+from nla.data.teacher import ExtractiveTeacher
 from nla.testing import build_tiny_tokenizer
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
@@ -239,9 +239,9 @@ def test_two_processes_shard_chunks_and_match_one_process(tiny_model_dir, tmp_pa
 def test_base_model_needs_a_chat_template_and_takes_one_from_a_file(tmp_path):
     """A base model (no chat template) stops before extraction with the fix; --chat_template FILE
     makes the whole path work, and the AV saved by train-av carries the template."""
-    from nla.av import load_av
+    from nla.models.av import load_av
     from nla.testing import CHAT_TEMPLATE, save_tiny_model
-    from nla.train_av import run as train_av
+    from nla.stages.train_av import run as train_av
 
     base = save_tiny_model(tmp_path / "base")
     config = json.loads((base / "tokenizer_config.json").read_text())

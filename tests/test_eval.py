@@ -15,14 +15,14 @@ import pytest
 import torch
 import yaml
 
-from nla import templates
+from nla.core import templates
 from nla.cli import main as cli
-from nla.config import from_flat_dict, load_yaml
-from nla.data import write_split
-from nla.evaluate import (EvalArgs, LocalParaphraser, Scorer, control_fves, length_curve, paraphrase_scores,
+from nla.core.config import from_flat_dict, load_yaml
+from nla.data.splits import write_split
+from nla.stages.evaluate import (EvalArgs, LocalParaphraser, Scorer, control_fves, length_curve, paraphrase_scores,
                           reverse_claims, run, truncate_tokens, uninformative_vectors)
-from nla.metrics import normalize, target_variance
-from nla.sidecar import Meta, make_token_spec
+from nla.core.metrics import normalize, target_variance
+from nla.core.sidecar import Meta, make_token_spec
 from nla.testing import build_tiny_tokenizer, save_tiny_model
 
 MARKER, D, LAYER = "㈠", 64, 1
@@ -35,7 +35,7 @@ SMOKE = "configs/smoke.yaml"
 
 def build_toy(root):
     """Model, data (av_sft/ar_sft/val/test) and trained AV + AR under `root`; reused when already built."""
-    from nla import train_ar, train_av
+    from nla.stages import train_ar, train_av
 
     if (root / "ready").is_file():
         return root
@@ -173,7 +173,7 @@ def test_paraphrase_scores_and_model_free_paraphrase(tiny_tokenizer):
     broken = paraphrase_scores([None] * 4 + ["gibberish"] * 12, texts, predict(texts), predict, vectors, scorer)
     assert broken["n"] == 12 and broken["fail_rate"] == pytest.approx(0.25) and broken["fve_retained"] < 0.5
     assert reverse_claims("a loop; a list ;a dict") == "a dict; a list; a loop" and reverse_claims("one claim") == "one claim"
-    from nla.teacher import LocalTeacher
+    from nla.data.teacher import LocalTeacher
 
     para = LocalParaphraser.wrap(LocalTeacher(None, tiny_tokenizer, "m"))
     prompt = para.prompt_text("a loop over a list")
@@ -182,7 +182,7 @@ def test_paraphrase_scores_and_model_free_paraphrase(tiny_tokenizer):
 
 
 def test_flags_name_the_failure_modes():
-    from nla.report import flags
+    from nla.stages.report import flags
 
     controls = {k: {"fve_nrm": -0.5} for k in ("shuffled_vector", "zero_vector", "mean_vector", "random_text")}
     good = {"fve_nrm": 0.6, "controls": {**controls, "empty_text": {"fve_nrm": 0.0}}, "top1_retrieval": 0.8,
@@ -199,8 +199,8 @@ def test_flags_name_the_failure_modes():
 def test_stage_options_do_not_shadow_config_keys():
     import dataclasses
 
-    from nla.config import valid_keys
-    from nla.verbalize import VerbalizeArgs
+    from nla.core.config import valid_keys
+    from nla.stages.verbalize import VerbalizeArgs
 
     for cls in (EvalArgs, VerbalizeArgs):
         assert not {f.name for f in dataclasses.fields(cls)} & set(valid_keys()), cls
@@ -254,8 +254,8 @@ def test_eval_from_texts_with_local_paraphraser(toy, tmp_path, tiny_tokenizer):
     assert report["paraphrase"]["method"].startswith("teacher local:") and report["paraphrase"]["fail_rate"] is not None
     assert (tmp_path / "out" / "paraphrase_cache.jsonl").is_file()
     # the vectors explained are the plain base model's block-K outputs (the AV's LoRA switched off)
-    from nla.pair import load_nla
-    from nla.verbalize import extract_text_rows
+    from nla.models.pair import load_nla
+    from nla.stages.verbalize import extract_text_rows
 
     nla = load_nla(toy / "run", device="cpu")
     vectors, info = extract_text_rows(nla, [{"text": texts[0], "doc_id": "d0", "positions": [4, 9]}], 256)
@@ -271,8 +271,8 @@ def to_reference_format(toy, dest, ar_layer_field: str = "critic"):
     only the AR's sidecar names the layer, as `critic.extraction_layer_index` or `ar.num_hidden_layers`)."""
     from safetensors.torch import save_file
 
-    from nla.ar import load_ar
-    from nla.av import load_av
+    from nla.models.ar import load_ar
+    from nla.models.av import load_av
 
     av = load_av(toy / "run" / "av" / "final", device="cpu")
     av.model.merge_and_unload().save_pretrained(dest / "av")
@@ -301,8 +301,8 @@ def test_reference_release_pair_scores_like_ours(toy, tmp_path, ar_layer_field):
     assert ref["mse_mean"] == pytest.approx(ours["mse_mean"], abs=1e-4) and ref["cos_mean"] == pytest.approx(ours["cos_mean"], abs=1e-5)
     assert "paraphrase" not in ref
     # verbalizing text needs the layer: the released AV takes its AR's; alone, it says what is missing
-    from nla.sidecar import SidecarError
-    from nla.verbalize import explain_text
+    from nla.core.sidecar import SidecarError
+    from nla.stages.verbalize import explain_text
 
     release = tmp_path / "release"
     rows = explain_text("def add(a, b): return a + b", positions=[3, 6], av=str(release / "av"), ar=str(release / "ar"),
@@ -314,7 +314,7 @@ def test_reference_release_pair_scores_like_ours(toy, tmp_path, ar_layer_field):
 
 def test_checkpoint_resolution(toy, tmp_path):
     """A run folder means rl/final when RL ran, else the SFT finals; --av/--ar override halves."""
-    from nla.pair import resolve_paths
+    from nla.models.pair import resolve_paths
 
     run_dir = toy / "run"
     sft = resolve_paths(run_dir)
@@ -380,7 +380,7 @@ def test_missing_inputs_are_one_line_cli_errors(toy, tmp_path, capsys):
 def test_rl_curve_reads_held_out_series_and_plots(tmp_path):
     import json as _json
 
-    from nla.report import plot_rl_curve, rl_curve_points
+    from nla.stages.report import plot_rl_curve, rl_curve_points
 
     rows = [{"stage": "rl", "step": 0, "rl/val_fve_nrm": 0.1, "rl/val_fve_nrm_sft_ar": 0.1},
             {"stage": "rl", "step": 5, "rl/loss": 1.0},
@@ -396,7 +396,7 @@ def test_rl_curve_reads_held_out_series_and_plots(tmp_path):
 
 
 def test_fraction_of_oracle_is_measured_from_the_floor():
-    from nla.evaluate import fraction_of_oracle
+    from nla.stages.evaluate import fraction_of_oracle
 
     assert fraction_of_oracle(0.6, 0.6, -0.1) == pytest.approx(1.0)  # as good as the oracle
     assert fraction_of_oracle(-0.1, 0.6, -0.1) == pytest.approx(0.0)  # one constant guess
@@ -406,7 +406,7 @@ def test_fraction_of_oracle_is_measured_from_the_floor():
 
 
 def test_claims_split_outside_quotes_and_reorder():
-    from nla.evaluate import shuffle_claims, split_claims
+    from nla.stages.evaluate import shuffle_claims, split_claims
 
     text = 'ends with "a; b. c \\" d; e"; about queue'
     assert split_claims(text) == ['ends with "a; b. c \\" d; e"', "about queue"]
@@ -421,7 +421,7 @@ def test_claims_split_outside_quotes_and_reorder():
 def test_order_shuffle_control_separates_meaning_from_position():
     """An AR that reads a bag of words keeps its FVE when phrases move; one that reads only the
     first phrase loses it."""
-    from nla.evaluate import order_shuffled_scores
+    from nla.stages.evaluate import order_shuffled_scores
 
     g = torch.Generator().manual_seed(3)
     words = ["apple", "river", "music", "stone"]
@@ -446,9 +446,9 @@ def test_reinjection_of_the_true_vector_recovers_everything(tiny_tokenizer, tmp_
     """On datagen's own rows: patching each row's activation back changes nothing (KL 0,
     recovered 1); the mean and zero patches do change the next token; a row whose context does not
     tokenize back to its position is left out, never patched at the wrong place."""
-    from nla.data import load_split
-    from nla.models import load_causal_lm
-    from nla.reinjection import reinjection_scores
+    from nla.data.splits import load_split
+    from nla.models.sources import load_causal_lm
+    from nla.stages.reinjection import reinjection_scores
     from nla.testing import save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "model", initializer_range=0.2)  # output that depends on the input
@@ -524,10 +524,10 @@ def test_reinjection_patch_touches_only_the_last_position_at_layer_k(tiny_tokeni
     """The cached runs (the tokens before the last run once) give the log-probs of a plain full
     forward whose block-K output is replaced at the last real token only, for rows of different
     lengths and several patches in turn; a mean patch scores exactly the mean baseline."""
-    from nla.ar import pad_batch
-    from nla.backbone import decoder_layers
-    from nla.models import load_causal_lm
-    from nla.reinjection import next_token_logprobs, reinjection_scores
+    from nla.models.ar import pad_batch
+    from nla.models.backbone import decoder_layers
+    from nla.models.sources import load_causal_lm
+    from nla.stages.reinjection import next_token_logprobs, reinjection_scores
     from nla.testing import save_tiny_model
 
     model = load_causal_lm(str(save_tiny_model(tmp_path / "m", initializer_range=0.2))).eval()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from nla.injection import InjectionHook, find_marker_positions, inject, repeat_for_samples, rescale
+from nla.models.injection import InjectionHook, find_marker_positions, inject, repeat_for_samples, rescale
 
 PAD, LEFT, RIGHT, MARKER = 0, 5, 6, 7
 SCALE = 4.0

@@ -23,9 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nla import rl, train_ar, train_av
-from nla.config import parse_config
-from nla.datagen import run as datagen_run
+from nla.stages import rl, train_ar, train_av
+from nla.core.config import parse_config
+from nla.stages.datagen import run as datagen_run
 from test_datagen import SMOKE, all_rows
 from test_rl import _cfg, _toy_splits  # the RL toy: 4 colour words, vectors around 4 centres
 

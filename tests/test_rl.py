@@ -14,10 +14,11 @@ import json
 import pytest
 import torch
 
-from nla import grpo, rewards, templates
-from nla.config import parse_config
-from nla.data import load_split, write_split
-from nla.sidecar import Meta, make_token_spec
+from nla.train import grpo
+from nla.core import rewards, templates
+from nla.core.config import parse_config
+from nla.data.splits import load_split, write_split
+from nla.core.sidecar import Meta, make_token_spec
 from nla.testing import save_tiny_model
 
 WORDS = ["red", "green", "blue", "yellow"]
@@ -64,7 +65,7 @@ def toy_model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def warm_start(tmp_path_factory, toy_model_dir, tiny_tokenizer):
     """SFT AV (format only) + SFT AR (word -> centre) on the toy, shared by the RL tests."""
-    from nla import train_ar, train_av
+    from nla.stages import train_ar, train_av
 
     out = tmp_path_factory.mktemp("rl-toy")
     _toy_splits(out / "data", toy_model_dir, tiny_tokenizer)
@@ -77,7 +78,7 @@ def warm_start(tmp_path_factory, toy_model_dir, tiny_tokenizer):
 
 def _run_rl(warm_start, model_dir, out, *extra):
     """RL from the shared warm start into its own folder (the SFT checkpoints are read, not written)."""
-    from nla import rl
+    from nla.stages import rl
 
     cfg = _cfg(out, model_dir, "--av_checkpoint", warm_start / "av" / "final", "--ar_checkpoint", warm_start / "ar" / "final",
                "--data_dir", warm_start / "data", *extra)
@@ -173,7 +174,7 @@ def _adapters_sft(warm_start) -> dict[str, torch.Tensor]:
 
 def test_each_phase_only_moves_its_own_adapter(warm_start, toy_model_dir, tmp_path):
     """The AR step never reaches the AV (nor av_ref), and the AV step never reaches the AR."""
-    from nla import rl
+    from nla.stages import rl
 
     cfg = _cfg(tmp_path, toy_model_dir, "--av_checkpoint", warm_start / "av" / "final", "--ar_checkpoint",
                warm_start / "ar" / "final", "--kl_coef", "0.01")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from nla.backbone import block_output, last_token_index
-from nla.checkpoint import list_checkpoints, load_checkpoint_state, resolve_resume, save_checkpoint
-from nla.data import load_split, write_split
-from nla.sidecar import Meta, make_token_spec
+from nla.models.backbone import block_output, last_token_index
+from nla.train.checkpoint import list_checkpoints, load_checkpoint_state, resolve_resume, save_checkpoint
+from nla.data.splits import load_split, write_split
+from nla.core.sidecar import Meta, make_token_spec
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
@@ -91,7 +91,7 @@ def test_atomic_folders_follow_the_umask(tmp_path):
     must be readable by the group/others as the umask allows (mkdtemp alone gives 0700)."""
     import os
 
-    from nla.io import atomic_dir
+    from nla.core.io import atomic_dir
 
     old = os.umask(0o022)
     try:

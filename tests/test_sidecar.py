@@ -2,8 +2,8 @@ import copy
 
 import pytest
 
-from nla import templates
-from nla.sidecar import Meta, SidecarError, TokenSpec, make_token_spec, read_meta, verify_tokens, write_meta
+from nla.core import templates
+from nla.core.sidecar import Meta, SidecarError, TokenSpec, make_token_spec, read_meta, verify_tokens, write_meta
 from nla.testing import CHAT_TEMPLATE
 
 

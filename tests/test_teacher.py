@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nla import templates
-from nla.config import parse_config
-from nla.datagen import run
-from nla.teacher import (Answer, ExtractiveTeacher, LocalTeacher, OpenAITeacher, TeacherCache, TeacherError, explain,
+from nla.core import templates
+from nla.core.config import parse_config
+from nla.stages.datagen import run
+from nla.data.teacher import (Answer, ExtractiveTeacher, LocalTeacher, OpenAITeacher, TeacherCache, TeacherError, explain,
                          make_teacher)
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
@@ -211,7 +211,7 @@ def test_cache_survives_torn_lines_and_skips_cached_contexts(tmp_path):
     ("stopped by eos without a period", True, "stopped by eos without a period</explanation>"),
 ])
 def test_local_answers_end_at_tag_sentence_or_line(text, ended, expected):
-    from nla.teacher import finish_answer
+    from nla.data.teacher import finish_answer
 
     assert finish_answer(text, ended) == expected
     assert (templates.extract_explanation("<explanation>" + finish_answer(text, ended)) is None) == (expected == text)
@@ -236,7 +236,7 @@ def test_extractive_teacher_topic_and_exact_tail(context, expected):
 
 
 def test_quoted_tail_round_trips_to_the_exact_characters():
-    from nla.teacher import quote
+    from nla.data.teacher import quote
 
     for text in ['a "b" c', "line\n", "tab\there", "back\\slash", "end;", "cr\rlf", "“quoted”"]:
         quoted = quote(text)

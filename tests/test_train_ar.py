@@ -9,14 +9,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from nla.ar import build_ar, load_ar
-from nla.config import ConfigError, from_flat_dict
-from nla.data import derangement, write_split
-from nla.metrics import fve_nrm
-from nla.sidecar import Meta, make_token_spec
-from nla.templates import ar_prompt
-from nla.tracking import Tracker
-from nla.train_ar import ARRows, ARTrainer, main, run, run_shuffled_control
+from nla.models.ar import build_ar, load_ar
+from nla.core.config import ConfigError, from_flat_dict
+from nla.data.splits import derangement, write_split
+from nla.core.metrics import fve_nrm
+from nla.core.sidecar import Meta, make_token_spec
+from nla.core.templates import ar_prompt
+from nla.core.tracking import Tracker
+from nla.stages.train_ar import ARRows, ARTrainer, main, run, run_shuffled_control
 
 WORDS = ["apple", "river", "engine", "purple", "violin", "castle"]
 SMOKE = "configs/smoke.yaml"
@@ -79,7 +79,7 @@ def test_learns_and_controls_stay_at_chance(task, tiny_model_dir, tmp_path):
 
 
 def load_split_rows(path):
-    from nla.data import load_split
+    from nla.data.splits import load_split
 
     split = load_split(path)
     return split.column("explanation"), split.vectors
@@ -114,7 +114,7 @@ def test_resume_is_exact(task, tiny_model_dir, tmp_path):
 
 
 def test_resume_falls_back_past_a_cut_checkpoint_and_clears_dead_temps(task, tiny_model_dir, tmp_path, capsys):
-    from nla.checkpoint import list_checkpoints
+    from nla.train.checkpoint import list_checkpoints
 
     cfg = make_cfg(task, tiny_model_dir, output_dir=str(tmp_path / "run"), ar_steps=8, ar_save_every=4, ar_eval_every=100,
                    resume="auto")
@@ -187,9 +187,9 @@ def test_two_process_ddp_on_cpu(task, tiny_model_dir, tmp_path):
 def test_oracle_ar_reads_the_raw_context_tail(tiny_model_dir, tiny_tokenizer, tmp_path):
     """--ar_text context: the AR reads the context's last characters (verbatim, trailing newline kept)
     instead of the explanation. Here only the context names the word, so only the oracle learns."""
-    from nla.data import load_split
-    from nla.templates import ORACLE_CONTEXT_CHARS, context_tail
-    from nla.train_ar import ar_texts
+    from nla.data.splits import load_split
+    from nla.core.templates import ORACLE_CONTEXT_CHARS, context_tail
+    from nla.stages.train_ar import ar_texts
 
     write_task(tmp_path / "data", tiny_tokenizer, tiny_model_dir)
     for name in ("ar_sft", "val"):  # move the word from the explanation into the context

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nla.pair import load_nla
+from nla.models.pair import load_nla
 from nla.cli import main as cli
-from nla.config import ConfigError
-from nla.data import load_split
-from nla.verbalize import explain_text, explain_vectors, parse_positions, read_texts, read_vectors
+from nla.core.config import ConfigError
+from nla.data.splits import load_split
+from nla.stages.verbalize import explain_text, explain_vectors, parse_positions, read_texts, read_vectors
 from test_eval import SMOKE, build_toy  # the shared trained toy NLA (built once per session)
 
 TEXT = "def add(a, b):\n    return a + b"

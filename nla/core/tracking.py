@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nla.config import NLAConfig
-from nla.io import atomic_write_text
+from nla.core.config import NLAConfig
+from nla.core.io import atomic_write_text
 
 
 def resolve_wandb_mode(cfg_mode: str | None) -> str:

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from nla.io import atomic_dir, atomic_file, atomic_write_text
+from nla.core.io import atomic_dir, atomic_file, atomic_write_text
 
 
 class ModelError(RuntimeError):

@@ -13,7 +13,7 @@ A step, top to bottom (docs/design.md §8):
              advantages: rewards normalised within each group
   update_av  clipped policy loss + kl_coef * k3 KL to av_ref (reference pass skipped if kl_coef=0)
 The trainer receives ready objects and owns the loop (`fit`: batches, logging, the held-out
-check, checkpoints through a callback); `nla/rl.py` loads the models and writes the summary.
+check, checkpoints through a callback); `nla/stages/rl.py` loads the models and writes the summary.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from nla import metrics, rewards, templates
-from nla.ar import ARModel
-from nla.av import Rollout, Verbalizer, response_logprobs
-from nla.config import RLConfig
-from nla.data import derangement
-from nla.distributed import mean_over_processes, rank_share
-from nla.loop import OptimizerStep, row_stream
-from nla.tracking import Tracker, progress
+from nla.core import metrics, rewards, templates
+from nla.models.ar import ARModel
+from nla.models.av import Rollout, Verbalizer, response_logprobs
+from nla.core.config import RLConfig
+from nla.data.splits import derangement
+from nla.train.distributed import mean_over_processes, rank_share
+from nla.train.loop import OptimizerStep, row_stream
+from nla.core.tracking import Tracker, progress
 
 AV, AV_REF, AR, AR_REF = "av", "av_ref", "ar", "ar_ref"
 

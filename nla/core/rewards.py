@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nla.metrics import normalize
+from nla.core.metrics import normalize
 
 FAIL_REWARD = -2.0
 # Floor for MSE under 'neg_log_mse': bounds the reward at -log(1e-4) ~ 9.2 for a perfect match.

@@ -19,9 +19,9 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from nla.io import atomic_write_text
-from nla.models import ModelSource
-from nla.stage import start_stage
+from nla.core.io import atomic_write_text
+from nla.models.sources import ModelSource
+from nla.stages.stage import start_stage
 
 
 def _banner(text: str) -> None:
@@ -76,8 +76,8 @@ def sft_vs_rl_table(sft: dict[str, Any], rl: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from nla import datagen, evaluate, rl, train_ar, train_av
-    from nla.distributed import make_accelerator
+    from nla.stages import datagen, evaluate, rl, train_ar, train_av
+    from nla.train.distributed import make_accelerator
 
     began = time.time()
     cfg, _ = start_stage(argv, "demo")

@@ -17,7 +17,7 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj
 
 def untargeted_projections(model: nn.Module) -> list[str]:
     """Names of the Linear layers inside a decoder block that LoRA would not adapt (empty: all covered)."""
-    from nla.backbone import decoder_layers
+    from nla.models.backbone import decoder_layers
 
     block = decoder_layers(model)[0]
     return sorted({name.rsplit(".", 1)[-1] for name, m in block.named_modules()

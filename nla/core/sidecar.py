@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from nla import templates
-from nla.io import atomic_write_text
+from nla.core import templates
+from nla.core.io import atomic_write_text
 
 SCHEMA_VERSION = 1
 MODEL_META = "nla_meta.yaml"

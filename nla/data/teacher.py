@@ -45,9 +45,9 @@ from transformers import StoppingCriteria
 
 import torch
 
-from nla import templates
-from nla.config import ConfigError
-from nla.tracking import progress
+from nla.core import templates
+from nla.core.config import ConfigError
+from nla.core.tracking import progress
 
 
 class TeacherError(ConfigError):
@@ -304,7 +304,7 @@ def make_teacher(cfg, target_model=None, target_tokenizer=None) -> Teacher:
         return OpenAITeacher(t.teacher_base_url, t.teacher_model, key, t.teacher_max_new_tokens, t.teacher_temperature,
                              t.teacher_timeout_s, t.teacher_retries, t.teacher_concurrency, t.teacher_batch_size)
     if t.teacher_model and t.teacher_model != cfg.model.model:
-        from nla.models import ModelSource, pick_device
+        from nla.models.sources import ModelSource, pick_device
 
         source = ModelSource.of(cfg.model)
         path = source.resolve(t.teacher_model)

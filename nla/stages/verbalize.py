@@ -17,7 +17,7 @@ sidecar's `ar_target_variance`, else the given vectors' own). `--rerank_with_ar`
 `--num_samples` explanations and keeps the one the AR reconstructs best: such rows say
 `selection: best_of_K_by_AR`, and their FVE is optimistic (chosen on the very number reported).
 
-    from nla.verbalize import explain_text, explain_vectors
+    from nla.stages.verbalize import explain_text, explain_vectors
     rows = explain_text("for i in range(3):", checkpoint="runs/demo/rl/final", positions=[5], temperature=0)
     rows[0]["explanation"], rows[0]["fve_nrm"]
 """
@@ -33,13 +33,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from nla.config import ConfigError, NLAConfig
-from nla.extract import DocRecord, document_tokens, extract_vectors
-from nla.io import atomic_write_text
-from nla.metrics import fve_from_mse, mse_nrm, target_variance
-from nla.pair import NLA, CheckpointArgs, load_from_config, load_nla, option
-from nla.report import html_page
-from nla.stage import start_stage
+from nla.core.config import ConfigError, NLAConfig
+from nla.data.extract import DocRecord, document_tokens, extract_vectors
+from nla.core.io import atomic_write_text
+from nla.core.metrics import fve_from_mse, mse_nrm, target_variance
+from nla.models.pair import NLA, CheckpointArgs, load_from_config, load_nla, option
+from nla.stages.report import html_page
+from nla.stages.stage import start_stage
 
 
 @dataclass
@@ -228,7 +228,7 @@ def explain_vectors(vectors: torch.Tensor | np.ndarray, checkpoint: str | Path |
                     dtype: str = "float32") -> list[dict[str, Any]]:
     """Raw activations [n, d] (or [d]) -> one row dict per vector (see `verbalize_rows`).
 
-    Pass a loaded `nla` (from `nla.pair.load_nla`) to explain many batches without reloading.
+    Pass a loaded `nla` (from `nla.models.pair.load_nla`) to explain many batches without reloading.
     """
     nla = _load(nla, checkpoint, av, ar, device, dtype, max_new_tokens, None)
     vectors = torch.as_tensor(vectors, dtype=torch.float32)

@@ -308,7 +308,7 @@ class NLAConfig:
 
     def save(self, directory: str | Path, name: str = "config.yaml") -> Path:
         """Write the resolved config (flat, re-loadable with --config) atomically."""
-        from nla.io import atomic_write_text
+        from nla.core.io import atomic_write_text
 
         path = Path(directory) / name
         atomic_write_text(path, yaml.safe_dump(self.to_flat_dict(), sort_keys=False))

@@ -31,16 +31,17 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from nla import __version__, templates
-from nla.backbone import text_config
-from nla.config import ConfigError, NLAConfig, default_layer
-from nla.corpus import iter_documents
-from nla.data import SPLITS, split_path, write_split
-from nla.extract import ChunkStore, Rows, ScanResult, choose_marker, norm_stats, scan_and_extract, stable_int, stable_unit
-from nla.io import atomic_write_text, remove_temp_files
-from nla.sidecar import Meta, TokenSpec, dataset_meta_path
-from nla.teacher import Explained, Teacher, TeacherCache, explain, make_teacher
-from nla.tracking import Tracker
+from nla import __version__
+from nla.core import templates
+from nla.models.backbone import text_config
+from nla.core.config import ConfigError, NLAConfig, default_layer
+from nla.data.corpus import iter_documents
+from nla.data.splits import SPLITS, split_path, write_split
+from nla.data.extract import ChunkStore, Rows, ScanResult, choose_marker, norm_stats, scan_and_extract, stable_int, stable_unit
+from nla.core.io import atomic_write_text, remove_temp_files
+from nla.core.sidecar import Meta, TokenSpec, dataset_meta_path
+from nla.data.teacher import Explained, Teacher, TeacherCache, explain, make_teacher
+from nla.core.tracking import Tracker
 
 TEACHER_SPLITS = ("av_sft", "ar_sft", "val", "test")  # rows that need an explanation
 RESPONSE_SPLITS = ("av_sft", "val", "test")  # rows that carry the AV's target text
@@ -63,7 +64,7 @@ def split_of(seed: int, doc_id: str, weights: list[float]) -> str:
 
 
 def resolve_layer(cfg: NLAConfig, n_layers: int) -> int:
-    from nla.backbone import layer_problem
+    from nla.models.backbone import layer_problem
 
     layer = cfg.model.layer if cfg.model.layer is not None else default_layer(n_layers)
     problem = layer_problem(layer, n_layers)
@@ -86,7 +87,7 @@ def disk_errors(work: Path) -> Iterator[None]:
 
 def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
     """Extract, explain, split and write; returns the numbers the demo prints (see module docstring)."""
-    from nla.models import load_model_and_tokenizer
+    from nla.models.sources import load_model_and_tokenizer
 
     started = time.perf_counter()
     state = _process_state(cfg)
@@ -274,7 +275,7 @@ def describe(out: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from nla.stage import start_stage
+    from nla.stages.stage import start_stage
 
     cfg, _ = start_stage(argv, "datagen")
     out = run(cfg)

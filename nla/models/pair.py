@@ -1,6 +1,6 @@
 """Resolve an NLA checkpoint into a loaded AV + AR pair (ours or the public reference release).
 
-    from nla.pair import load_nla
+    from nla.models.pair import load_nla
     nla = load_nla(checkpoint="runs/demo/rl/final")             # a folder holding av/ and ar/
     nla = load_nla(av="release/av", ar="release/ar")            # reference release: two HF folders
     nla.explain(vectors)        # AV: [n, d] raw -> list[list[Sample]]
@@ -29,13 +29,13 @@ import torch
 import yaml
 from torch import nn
 
-from nla import templates
-from nla.ar import ARModel, load_ar, mse_scale_of
-from nla.av import AV_ROLES, Sample, Verbalizer, load_av
-from nla.backbone import text_config
-from nla.config import ConfigError
-from nla.models import ModelError, ModelSource, pick_device
-from nla.sidecar import MODEL_META, Meta, SidecarError
+from nla.core import templates
+from nla.models.ar import ARModel, load_ar, mse_scale_of
+from nla.models.av import AV_ROLES, Sample, Verbalizer, load_av
+from nla.models.backbone import text_config
+from nla.core.config import ConfigError
+from nla.models.sources import ModelError, ModelSource, pick_device
+from nla.core.sidecar import MODEL_META, Meta, SidecarError
 
 AR_ROLES = ("ar", "critic")  # "critic": older reference sidecars
 

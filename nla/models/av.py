@@ -1,6 +1,6 @@
 """The AV (activation verbalizer): batches, log-probs, save/load, and the Verbalizer API.
 
-    from nla.av import load_av
+    from nla.models.av import load_av
     av = load_av("runs/demo/av/final")                 # a checkpoint, its av/ folder, or a released AV dir
     samples = av.verbalize(vectors, num_samples=2)     # vectors [n, d] raw -> list[list[Sample]]
     samples[0][0].explanation                          # text between the tags, None when failed
@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from nla import templates
-from nla.injection import InjectionHook, find_marker_positions, repeat_for_samples
-from nla.models import ModelSource, load_adapter, pick_device
-from nla.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
+from nla.core import templates
+from nla.models.injection import InjectionHook, find_marker_positions, repeat_for_samples
+from nla.models.sources import ModelSource, load_adapter, pick_device
+from nla.core.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
 
 IGNORE = -100  # label value that the loss skips
 AV_SUBDIR = "av"  # a training checkpoint holds the AV under <ckpt>/av/

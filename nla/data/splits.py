@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from nla.config import ConfigError
-from nla.io import atomic_file
-from nla.sidecar import Meta, dataset_meta_path, read_meta, write_meta
+from nla.core.config import ConfigError
+from nla.core.io import atomic_file
+from nla.core.sidecar import Meta, dataset_meta_path, read_meta, write_meta
 
 SPLITS = ("av_sft", "ar_sft", "rl", "val", "test")
 

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from nla.config import NLAConfig, parse_config
+from nla.core.config import NLAConfig, parse_config
 
 
 def seed_everything(seed: int) -> None:

@@ -27,7 +27,7 @@ below it, and a content-blind AR sits near it.
 Reinjection (`--reinjection_rows`, default 32): each row's reconstruction, rescaled to the
 activation's norm, patched into the target model at layer K and the last position; next-token
 KL(original ‖ patched) next to the mean, another row's and the zero activation patched there
-(`nla.reinjection`). Skipped, with a note, where the target model cannot be loaded.
+(`nla.stages.reinjection`). Skipped, with a note, where the target model cannot be loaded.
 Failed explanations (no closing tag) are scored as the AR reading what was extracted, else "",
 as `nla rl`'s held-out number is; `extraction_fail_rate` says how many.
 """
@@ -43,20 +43,20 @@ from typing import Any, Callable
 
 import torch
 
-from nla import metrics, templates
-from nla.ar import read_ar_meta
-from nla.config import ConfigError, NLAConfig
-from nla.data import derangement, load_split, split_path
-from nla.extract import choose_positions
-from nla.models import ModelError
-from nla.pair import NLA, CheckpointArgs, load_checked_ar, load_from_config, model_folder, option
-from nla.reinjection import reinjection_scores
-from nla.report import format_table, write_report
-from nla.sidecar import SidecarError
-from nla.stage import start_stage
-from nla.teacher import LocalTeacher, TeacherCache, explain as teacher_explain, make_teacher
-from nla.tracking import Tracker, progress
-from nla.verbalize import extract_text_rows, read_texts
+from nla.core import metrics, templates
+from nla.models.ar import read_ar_meta
+from nla.core.config import ConfigError, NLAConfig
+from nla.data.splits import derangement, load_split, split_path
+from nla.data.extract import choose_positions
+from nla.models.sources import ModelError
+from nla.models.pair import NLA, CheckpointArgs, load_checked_ar, load_from_config, model_folder, option
+from nla.stages.reinjection import reinjection_scores
+from nla.stages.report import format_table, write_report
+from nla.core.sidecar import SidecarError
+from nla.stages.stage import start_stage
+from nla.data.teacher import LocalTeacher, TeacherCache, explain as teacher_explain, make_teacher
+from nla.core.tracking import Tracker, progress
+from nla.stages.verbalize import extract_text_rows, read_texts
 
 LENGTHS = (8, 16, 32, 64)
 FVE_DEFINITION = "strict: 1 − MSE/Var of normalised targets"

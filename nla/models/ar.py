@@ -27,10 +27,10 @@ import torch
 import yaml
 from torch import nn
 
-from nla import templates
-from nla.backbone import block_output, decoder_layers, last_token_index, layer_problem, text_config
-from nla.models import ModelError, ModelSource, damaged, load_adapter, torch_dtype, unreadable_weights
-from nla.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
+from nla.core import templates
+from nla.models.backbone import block_output, decoder_layers, last_token_index, layer_problem, text_config
+from nla.models.sources import ModelError, ModelSource, damaged, load_adapter, torch_dtype, unreadable_weights
+from nla.core.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
 
 # Longer AR prompts are flagged (`over_length`): SFT drops them, RL gives them the failure reward.
 AR_MAX_TOKENS = 256
@@ -188,7 +188,7 @@ def build_ar(model_path: str, layer: int, lora_r: int, dtype: str = "float32", d
     so no layer filter is passed (peft's default layer regex would not even match a base model's
     top-level `layers.N` names without `layers_pattern`).
     """
-    from nla.lora import apply_lora
+    from nla.models.lora import apply_lora
 
     backbone = load_truncated_backbone(model_path, layer, dtype, trust_remote_code)
     backbone = apply_lora(backbone, lora_r)

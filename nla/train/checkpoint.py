@@ -24,8 +24,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from nla.config import ConfigError
-from nla.io import atomic_dir, atomic_write_text, write_errors
+from nla.core.config import ConfigError
+from nla.core.io import atomic_dir, atomic_write_text, write_errors
 
 STATE_FILE = "trainer_state.json"
 # Version of what a checkpoint holds: 2 = the cursor counts rows of `loop.row_stream` and optimizers

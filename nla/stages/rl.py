@@ -7,7 +7,7 @@ Reads `<data_dir>/rl.parquet` (vectors) and `val.parquet` (held-out reward befor
 and at the end, `--rl_val_rows`), the SFT AV
 (`--av_checkpoint`, default `<output_dir>/av/final`) and AR (`--ar_checkpoint`, default
 `<output_dir>/ar/final`). Loads ONE base model with three adapters (av, av_ref, ar; see
-`nla/grpo.py`) and writes `<output_dir>/rl/checkpoint-N/{av,ar}/` and `<output_dir>/rl/final`.
+`nla/train/grpo.py`) and writes `<output_dir>/rl/checkpoint-N/{av,ar}/` and `<output_dir>/rl/final`.
 Each process generates rollouts for its share of every global batch; LoRA grads are averaged.
 """
 
@@ -19,22 +19,22 @@ from typing import Any
 
 import torch
 
-from nla import metrics
-from nla.ar import attach_to_shared_base, mse_scale_of, read_ar_meta, resolve_ar_dir, save_shared_ar
-from nla.av import Verbalizer, injection_scale_of, read_av_meta, resolve_av_dir
-from nla.backbone import text_config
-from nla.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint, start_from
-from nla.config import ConfigError, NLAConfig, training_fingerprint
-from nla.data import load_split, split_path
-from nla.distributed import make_accelerator, rank_share
-from nla.grpo import AR, AR_REF, AV, AV_REF, JointTrainer, adapter_parameters
-from nla.loop import schedule
-from nla.models import ModelSource, load_adapter
-from nla.pair import check_pair
-from nla.report import plot_rl_curve, rl_curve_points
-from nla.sidecar import MODEL_META, write_meta
-from nla.stage import seed_everything, start_stage
-from nla.tracking import Tracker
+from nla.core import metrics
+from nla.models.ar import attach_to_shared_base, mse_scale_of, read_ar_meta, resolve_ar_dir, save_shared_ar
+from nla.models.av import Verbalizer, injection_scale_of, read_av_meta, resolve_av_dir
+from nla.models.backbone import text_config
+from nla.train.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint, start_from
+from nla.core.config import ConfigError, NLAConfig, training_fingerprint
+from nla.data.splits import load_split, split_path
+from nla.train.distributed import make_accelerator, rank_share
+from nla.train.grpo import AR, AR_REF, AV, AV_REF, JointTrainer, adapter_parameters
+from nla.train.loop import schedule
+from nla.models.sources import ModelSource, load_adapter
+from nla.models.pair import check_pair
+from nla.stages.report import plot_rl_curve, rl_curve_points
+from nla.core.sidecar import MODEL_META, write_meta
+from nla.stages.stage import seed_everything, start_stage
+from nla.core.tracking import Tracker
 
 
 def sft_paths(cfg: NLAConfig) -> tuple[Path, Path]:

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from nla.io import atomic_write_bytes, atomic_write_text
+from nla.core.io import atomic_write_bytes, atomic_write_text
 
 CONTROL_NOTES = {
     "shuffled_vector": "AV sees another row's vector",

@@ -1,0 +1,1 @@
+"""Documents to datasets: corpora, activation extraction, teachers, parquet splits."""

@@ -1,0 +1,1 @@
+"""The models: finding and loading them, the block-K backbone, injection, LoRA, the AV, the AR, the pair."""

@@ -1,0 +1,1 @@
+"""One module per CLI stage (datagen, train-ar, train-av, rl, verbalize, eval, demo) plus the report."""

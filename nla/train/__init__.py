@@ -1,0 +1,1 @@
+"""What the trainers share: the row stream and optimizer step, checkpoints, processes, the RL step."""
