@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(STAGES[stage][0])
     from nla.core.config import ConfigError
+    from nla.core.sidecar import SidecarError
     from nla.data.corpus import CorpusError
     from nla.models.sources import ModelError
-    from nla.core.sidecar import SidecarError
 
     try:
         return int(module.main(rest) or 0)

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from nla.train import grpo
 from nla.stages import rl, train_ar, train_av
-from nla.train.distributed import make_accelerator
 from nla.stages.stage import start_stage
+from nla.train import grpo
+from nla.train.distributed import make_accelerator
 
 STAGES = {"train-av": train_av, "train-ar": train_ar, "rl": rl}
 captured: dict[str, torch.nn.Module] = {}

@@ -8,11 +8,11 @@ import torch
 import yaml
 
 from nla.core import templates
-from nla.models.ar import (ARModel, attach_to_shared_base, build_ar, identity_head, load_ar, model_meta, save_ar, save_shared_ar)
-from nla.models.backbone import last_token_index
 from nla.core.metrics import cosine, mse_nrm
-from nla.models.sources import ModelError, load_tokenizer
 from nla.core.sidecar import Meta, SidecarError, make_token_spec
+from nla.models.ar import ARModel, attach_to_shared_base, build_ar, identity_head, load_ar, model_meta, save_ar, save_shared_ar
+from nla.models.backbone import last_token_index
+from nla.models.sources import ModelError, load_tokenizer
 
 TEXTS = ["a short one", "a somewhat longer explanation about lists and loops", ""]
 

@@ -10,16 +10,16 @@ import json
 import pytest
 import torch
 
+from nla.cli import main
+from nla.core.sidecar import make_token_spec
+from nla.core.templates import av_prompt_ids
 from nla.models.ar import build_ar
 from nla.models.av import IGNORE, build_sft_batch, response_logprobs
 from nla.models.backbone import block_output, decoder_layers
-from nla.cli import main
 from nla.models.injection import InjectionHook, rescale
 from nla.models.lora import apply_lora, untargeted_projections
 from nla.models.sources import load_causal_lm
 from nla.stages.reinjection import next_token_logprobs
-from nla.core.sidecar import make_token_spec
-from nla.core.templates import av_prompt_ids
 from nla.testing import ARCHITECTURES, build_tiny_tokenizer, save_tiny_architecture
 
 LAYER = 1

@@ -10,12 +10,25 @@ import torch
 import yaml
 
 from nla.core import templates
-from nla.models.av import (IGNORE, Verbalizer, build_generation_batch, build_sft_batch, check_prompts, generated_mask,
-                    load_av, make_av_meta, marker_positions, pad, prompt_ids, response_logprobs, save_av,
-                    shared_prefix_length)
+from nla.core.sidecar import MODEL_META, Meta, SidecarError, make_token_spec
+from nla.models.av import (
+    IGNORE,
+    Verbalizer,
+    build_generation_batch,
+    build_sft_batch,
+    check_prompts,
+    generated_mask,
+    load_av,
+    make_av_meta,
+    marker_positions,
+    pad,
+    prompt_ids,
+    response_logprobs,
+    save_av,
+    shared_prefix_length,
+)
 from nla.models.injection import InjectionHook
 from nla.models.lora import apply_lora
-from nla.core.sidecar import MODEL_META, Meta, SidecarError, make_token_spec
 from nla.testing import save_tiny_model
 
 MARKER = "㈠"

@@ -127,8 +127,8 @@ def test_bad_input_is_one_line_with_the_fix(name, args, fragment, tmp_path, tiny
 @pytest.mark.parametrize("damaged_file", ["value_head.safetensors", "adapter_model.safetensors"])
 def test_a_damaged_checkpoint_file_is_named(damaged_file, tmp_path, tiny_model_dir, capsys):
     """A weights file cut off (a copy interrupted, a full disk elsewhere) is named with the fix."""
-    from nla.models.ar import build_ar, model_meta, save_ar
     from nla.core.sidecar import Meta, make_token_spec
+    from nla.models.ar import build_ar, model_meta, save_ar
     from nla.testing import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()

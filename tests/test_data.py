@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from nla.core.config import ConfigError
-from nla.data.splits import load_split, spread_rows, write_split
 from nla.core.sidecar import Meta, make_token_spec
+from nla.data.splits import load_split, spread_rows, write_split
 
 
 def test_spread_rows_draws_across_documents_and_is_seeded():

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from nla.core.config import parse_config
+from nla.core.sidecar import SidecarError, dataset_meta_path, read_meta
 from nla.data.corpus import BUILTIN, iter_documents
-from nla.data.splits import SPLITS, load_split, split_path
-from nla.stages.datagen import DatagenError, run, split_of
 from nla.data.extract import choose_marker, choose_positions
-from nla.core.sidecar import SidecarError, read_meta, dataset_meta_path
+from nla.data.splits import SPLITS, load_split, split_path
 from nla.data.teacher import ExtractiveTeacher
+from nla.stages.datagen import DatagenError, run, split_of
 from nla.testing import build_tiny_tokenizer
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
@@ -240,8 +240,8 @@ def test_base_model_needs_a_chat_template_and_takes_one_from_a_file(tmp_path):
     """A base model (no chat template) stops before extraction with the fix; --chat_template FILE
     makes the whole path work, and the AV saved by train-av carries the template."""
     from nla.models.av import load_av
-    from nla.testing import CHAT_TEMPLATE, save_tiny_model
     from nla.stages.train_av import run as train_av
+    from nla.testing import CHAT_TEMPLATE, save_tiny_model
 
     base = save_tiny_model(tmp_path / "base")
     config = json.loads((base / "tokenizer_config.json").read_text())

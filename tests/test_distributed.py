@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_rl import _cfg, _toy_splits  # the RL toy: 4 colour words, vectors around 4 centres
 
+from nla.core.config import parse_config
 from nla.stages import rl, train_ar, train_av
 from nla.train.checkpoint import resolve_resume
-from nla.core.config import parse_config
-from test_rl import _cfg, _toy_splits  # the RL toy: 4 colour words, vectors around 4 centres
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[1]

@@ -15,14 +15,23 @@ import pytest
 import torch
 import yaml
 
-from nla.core import templates
 from nla.cli import main as cli
+from nla.core import templates
 from nla.core.config import from_flat_dict, load_yaml
-from nla.data.splits import write_split
-from nla.stages.evaluate import (EvalArgs, LocalParaphraser, Scorer, control_fves, length_curve, paraphrase_scores,
-                          reverse_claims, run, truncate_tokens, uninformative_vectors)
 from nla.core.metrics import normalize, target_variance
 from nla.core.sidecar import Meta, make_token_spec
+from nla.data.splits import write_split
+from nla.stages.controls import (
+    LocalParaphraser,
+    Scorer,
+    control_fves,
+    length_curve,
+    paraphrase_scores,
+    reverse_claims,
+    truncate_tokens,
+    uninformative_vectors,
+)
+from nla.stages.evaluate import EvalArgs, run
 from nla.testing import build_tiny_tokenizer, save_tiny_model
 
 MARKER, D, LAYER = "㈠", 64, 1
@@ -406,7 +415,7 @@ def test_fraction_of_oracle_is_measured_from_the_floor():
 
 
 def test_claims_split_outside_quotes_and_reorder():
-    from nla.stages.evaluate import shuffle_claims, split_claims
+    from nla.stages.controls import shuffle_claims, split_claims
 
     text = 'ends with "a; b. c \\" d; e"; about queue'
     assert split_claims(text) == ['ends with "a; b. c \\" d; e"', "about queue"]
@@ -421,7 +430,7 @@ def test_claims_split_outside_quotes_and_reorder():
 def test_order_shuffle_control_separates_meaning_from_position():
     """An AR that reads a bag of words keeps its FVE when phrases move; one that reads only the
     first phrase loses it."""
-    from nla.stages.evaluate import order_shuffled_scores
+    from nla.stages.controls import order_shuffled_scores
 
     g = torch.Generator().manual_seed(3)
     words = ["apple", "river", "music", "stone"]

@@ -22,12 +22,12 @@ from typing import Callable
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from nla.stages import rl, train_ar, train_av
-from nla.core.config import parse_config
-from nla.stages.datagen import run as datagen_run
 from test_datagen import SMOKE, all_rows
 from test_rl import _cfg, _toy_splits  # the RL toy: 4 colour words, vectors around 4 centres
+
+from nla.core.config import parse_config
+from nla.stages import rl, train_ar, train_av
+from nla.stages.datagen import run as datagen_run
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from nla.train.checkpoint import LAYOUT, STATE_FILE, save_checkpoint, start_from
 from nla.core.config import ConfigError
+from nla.train.checkpoint import LAYOUT, STATE_FILE, save_checkpoint, start_from
 from nla.train.loop import MAX_CONSECUTIVE_SKIPS, OptimizerStep, lr_factor, row_stream, schedule, warmup_steps
 
 

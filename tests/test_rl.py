@@ -14,12 +14,12 @@ import json
 import pytest
 import torch
 
-from nla.train import grpo
 from nla.core import rewards, templates
 from nla.core.config import parse_config
-from nla.data.splits import load_split, write_split
 from nla.core.sidecar import Meta, make_token_spec
+from nla.data.splits import load_split, write_split
 from nla.testing import save_tiny_model
+from nla.train import grpo
 
 WORDS = ["red", "green", "blue", "yellow"]
 LAYER = 1

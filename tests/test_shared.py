@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from nla.core.sidecar import Meta, make_token_spec
+from nla.data.splits import load_split, write_split
 from nla.models.backbone import block_output, last_token_index
 from nla.train.checkpoint import list_checkpoints, load_checkpoint_state, resolve_resume, save_checkpoint
-from nla.data.splits import load_split, write_split
-from nla.core.sidecar import Meta, make_token_spec
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])

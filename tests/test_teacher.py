@@ -12,9 +12,17 @@ import torch
 
 from nla.core import templates
 from nla.core.config import parse_config
+from nla.data.teacher import (
+    Answer,
+    ExtractiveTeacher,
+    LocalTeacher,
+    OpenAITeacher,
+    TeacherCache,
+    TeacherError,
+    explain,
+    make_teacher,
+)
 from nla.stages.datagen import run
-from nla.data.teacher import (Answer, ExtractiveTeacher, LocalTeacher, OpenAITeacher, TeacherCache, TeacherError, explain,
-                         make_teacher)
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
 CONTEXTS = ["The for statement is used to iterate", "A class definition defines a class", "x"]

@@ -9,13 +9,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from nla.models.ar import build_ar, load_ar
 from nla.core.config import ConfigError, from_flat_dict
-from nla.data.splits import derangement, write_split
 from nla.core.metrics import fve_nrm
 from nla.core.sidecar import Meta, make_token_spec
 from nla.core.templates import ar_prompt
 from nla.core.tracking import Tracker
+from nla.data.splits import derangement, write_split
+from nla.models.ar import build_ar, load_ar
 from nla.stages.train_ar import ARRows, ARTrainer, main, run, run_shuffled_control
 
 WORDS = ["apple", "river", "engine", "purple", "violin", "castle"]
@@ -187,8 +187,8 @@ def test_two_process_ddp_on_cpu(task, tiny_model_dir, tmp_path):
 def test_oracle_ar_reads_the_raw_context_tail(tiny_model_dir, tiny_tokenizer, tmp_path):
     """--ar_text context: the AR reads the context's last characters (verbatim, trailing newline kept)
     instead of the explanation. Here only the context names the word, so only the oracle learns."""
-    from nla.data.splits import load_split
     from nla.core.templates import ORACLE_CONTEXT_CHARS, context_tail
+    from nla.data.splits import load_split
     from nla.stages.train_ar import ar_texts
 
     write_task(tmp_path / "data", tiny_tokenizer, tiny_model_dir)

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from nla.core import templates
-from nla.stages import train_av
-from nla.models.av import load_av
 from nla.core.config import ConfigError, from_flat_dict, load_yaml
-from nla.data.splits import load_split, write_split
 from nla.core.sidecar import Meta, SidecarError, make_token_spec
+from nla.data.splits import load_split, write_split
+from nla.models.av import load_av
+from nla.stages import train_av
 from nla.testing import save_tiny_model
 
 MARKER = "㈠"

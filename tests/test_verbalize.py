@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_eval import SMOKE, build_toy  # the shared trained toy NLA (built once per session)
 
-from nla.models.pair import load_nla
 from nla.cli import main as cli
 from nla.core.config import ConfigError
 from nla.data.splits import load_split
+from nla.models.pair import load_nla
 from nla.stages.verbalize import explain_text, explain_vectors, parse_positions, read_texts, read_vectors
-from test_eval import SMOKE, build_toy  # the shared trained toy NLA (built once per session)
 
 TEXT = "def add(a, b):\n    return a + b"
 

@@ -30,10 +30,10 @@ import pyarrow.parquet as pq
 import torch
 
 from nla.core import templates
-from nla.models.backbone import block_output
 from nla.core.io import atomic_file
 from nla.core.sidecar import SidecarError, TokenSpec, make_token_spec
 from nla.core.tracking import progress
+from nla.models.backbone import block_output
 
 CHUNK_DOCS = 64  # documents per resumable extraction chunk
 MARKER_RANGES = ((0x3200, 0x33FF), (0x2190, 0x2BFF), (0x2000, 0x206F), (0x00A1, 0x00BF))

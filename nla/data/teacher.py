@@ -41,9 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from transformers import StoppingCriteria
-
 import torch
+from transformers import StoppingCriteria
 
 from nla.core import templates
 from nla.core.config import ConfigError

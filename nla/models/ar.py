@@ -28,9 +28,9 @@ import yaml
 from torch import nn
 
 from nla.core import templates
+from nla.core.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
 from nla.models.backbone import block_output, decoder_layers, last_token_index, layer_problem, text_config
 from nla.models.sources import ModelError, ModelSource, damaged, load_adapter, torch_dtype, unreadable_weights
-from nla.core.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
 
 # Longer AR prompts are flagged (`over_length`): SFT drops them, RL gives them the failure reward.
 AR_MAX_TOKENS = 256

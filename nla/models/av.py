@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from nla.core import templates
+from nla.core.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
 from nla.models.injection import InjectionHook, find_marker_positions, repeat_for_samples
 from nla.models.sources import ModelSource, load_adapter, pick_device
-from nla.core.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
 
 IGNORE = -100  # label value that the loss skips
 AV_SUBDIR = "av"  # a training checkpoint holds the AV under <ckpt>/av/

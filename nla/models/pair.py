@@ -30,12 +30,12 @@ import yaml
 from torch import nn
 
 from nla.core import templates
+from nla.core.config import ConfigError
+from nla.core.sidecar import MODEL_META, Meta, SidecarError
 from nla.models.ar import ARModel, load_ar, mse_scale_of
 from nla.models.av import AV_ROLES, Sample, Verbalizer, load_av
 from nla.models.backbone import text_config
-from nla.core.config import ConfigError
 from nla.models.sources import ModelError, ModelSource, pick_device
-from nla.core.sidecar import MODEL_META, Meta, SidecarError
 
 AR_ROLES = ("ar", "critic")  # "critic": older reference sidecars
 

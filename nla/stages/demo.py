@@ -75,6 +75,28 @@ def sft_vs_rl_table(sft: dict[str, Any], rl: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def eval_configs(cfg, oracle: dict[str, Any] | None):
+    """(SFT eval config, RL eval config): both read the demo's oracle AR unless the user gave one; the
+    RL eval's independent AR is the SFT AR unless the user named one: it never saw RL, so a gain it
+    reports is the AV's own, not the co-trained AR adapting (design note 11)."""
+    eval_cfg = replace(cfg, eval=replace(cfg.eval, oracle_ar=oracle["checkpoint"])) if oracle else cfg
+    if cfg.eval.independent_ar:
+        return eval_cfg, eval_cfg
+    return eval_cfg, replace(eval_cfg, eval=replace(eval_cfg.eval, independent_ar=str(cfg.output_dir / "ar" / "final")))
+
+
+def report(cfg, summary: dict[str, Any]) -> None:
+    """Write summary.json and print the SFT-vs-RL table with where everything went."""
+    atomic_write_text(cfg.output_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    _banner("held-out results (strict FVE; controls alongside)")
+    print(sft_vs_rl_table(summary["sft"], summary["rl"]))
+    print(f"\n[demo] stage seconds: {summary['stage_seconds']}")
+    print(f"[demo] total {summary['wall_s']:.0f}s; reports: {cfg.output_dir / 'eval_sft' / 'report.md'}, "
+          f"{cfg.output_dir / 'eval_rl' / 'report.md'}")
+    print(f"[demo] summary: {cfg.output_dir / 'summary.json'}")
+    print(f"[demo] final checkpoint: {summary['checkpoint']}")
+
+
 def main(argv: list[str]) -> int:
     from nla.stages import datagen, evaluate, rl, train_ar, train_av
     from nla.train.distributed import make_accelerator
@@ -115,7 +137,7 @@ def main(argv: list[str]) -> int:
 
         _banner("4/6 eval of the SFT pair on held-out documents")
         sft_args = evaluate.EvalArgs(av=str(cfg.output_dir / "av" / "final"), ar=str(cfg.output_dir / "ar" / "final"))
-        eval_cfg = replace(cfg, eval=replace(cfg.eval, oracle_ar=oracle["checkpoint"])) if oracle else cfg
+        eval_cfg, rl_cfg = eval_configs(cfg, oracle)
         sft_report = timed("eval_sft", evaluate.run, eval_cfg, sft_args, report_dir=cfg.output_dir / "eval_sft")
 
         _banner("5/6 joint RL: GRPO on the AV, live AR as reward, AR co-trained")
@@ -124,28 +146,15 @@ def main(argv: list[str]) -> int:
 
         _banner("6/6 eval of the RL checkpoint on the same held-out documents")
         rl_args = evaluate.EvalArgs(checkpoint=rl_out["checkpoint"])
-        # Unless the user named one, the independent AR is the SFT AR: it never saw RL, so a gain it
-        # reports is the AV's own, not the co-trained AR adapting (design note 11).
-        rl_cfg = eval_cfg if cfg.eval.independent_ar else replace(
-            eval_cfg, eval=replace(eval_cfg.eval, independent_ar=str(cfg.output_dir / "ar" / "final")))
         rl_report = timed("eval_rl", evaluate.run, rl_cfg, rl_args, report_dir=cfg.output_dir / "eval_rl")
     finally:
         acc.end_training()
 
-    summary = {"sft": sft_report, "rl": rl_report, "checkpoint": rl_out["checkpoint"], "wall_s": round(time.time() - began, 1),
-               "stage_seconds": timings, "datagen": {k: data[k] for k in ("rows", "norms", "suggested_injection_scale") if k in data},
-               "ar_sft": {k: v for k, v in ar.items() if k != "history"}, "ar_shuffled_control": control,
-               "ar_oracle": oracle,
-               "av_sft": {k: v for k, v in av.items() if k != "samples"},
-               "rl_training": rl_out,
-               "control_margin": {"sft": control_margin(sft_report), "rl": control_margin(rl_report)}}
-    atomic_write_text(cfg.output_dir / "summary.json", json.dumps(summary, indent=2, default=str))
-    _banner("held-out results (strict FVE; controls alongside)")
-    print(sft_vs_rl_table(sft_report, rl_report))
-    print(f"\n[demo] stage seconds: {timings}")
-    print(f"[demo] total {summary['wall_s']:.0f}s; reports: {cfg.output_dir / 'eval_sft' / 'report.md'}, "
-          f"{cfg.output_dir / 'eval_rl' / 'report.md'}")
-    print(f"[demo] summary: {cfg.output_dir / 'summary.json'}")
-    print(f"[demo] final checkpoint: {rl_out['checkpoint']}")
+    report(cfg, {"sft": sft_report, "rl": rl_report, "checkpoint": rl_out["checkpoint"], "wall_s": round(time.time() - began, 1),
+                 "stage_seconds": timings,
+                 "datagen": {k: data[k] for k in ("rows", "norms", "suggested_injection_scale") if k in data},
+                 "ar_sft": {k: v for k, v in ar.items() if k != "history"}, "ar_shuffled_control": control,
+                 "ar_oracle": oracle, "av_sft": {k: v for k, v in av.items() if k != "samples"}, "rl_training": rl_out,
+                 "control_margin": {"sft": control_margin(sft_report), "rl": control_margin(rl_report)}})
     return 0
 

@@ -39,29 +39,35 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from nla.core import metrics, templates
-from nla.models.ar import read_ar_meta
 from nla.core.config import ConfigError, NLAConfig
-from nla.data.splits import derangement, load_split, split_path
+from nla.core.sidecar import SidecarError
+from nla.core.tracking import Tracker, progress
 from nla.data.extract import choose_positions
-from nla.models.sources import ModelError
+from nla.data.splits import load_split, split_path
+from nla.models.ar import read_ar_meta
 from nla.models.pair import NLA, CheckpointArgs, load_checked_ar, load_from_config, model_folder, option
+from nla.models.sources import ModelError
+from nla.stages.controls import (
+    Explain,
+    Scorer,
+    control_fves,
+    length_curve,
+    order_shuffled_scores,
+    paraphrase,
+    paraphrase_scores,
+    uninformative_vectors,
+)
 from nla.stages.reinjection import reinjection_scores
 from nla.stages.report import format_table, write_report
-from nla.core.sidecar import SidecarError
 from nla.stages.stage import start_stage
-from nla.data.teacher import LocalTeacher, TeacherCache, explain as teacher_explain, make_teacher
-from nla.core.tracking import Tracker, progress
 from nla.stages.verbalize import extract_text_rows, read_texts
 
-LENGTHS = (8, 16, 32, 64)
 FVE_DEFINITION = "strict: 1 − MSE/Var of normalised targets"
-Predict = Callable[[list], torch.Tensor]  # explanations (str or None) -> [n, d]
-Explain = Callable[[torch.Tensor], list]  # vectors [n, d] -> explanations (str or None)
 
 
 @dataclass
@@ -71,196 +77,6 @@ class EvalArgs(CheckpointArgs):
     report_dir: str | None = option("Where report.json/report.md/plots go; unset: --output_dir.")
     eval_temperature: float = option("AV sampling temperature for eval (0 = greedy).", 0.0)
     paraphrase_control: bool = option("Run the paraphrase control (the teacher rewrites each explanation).", True)
-
-
-# ---------------------------------------------------------------- scoring (pure)
-
-
-@dataclass
-class Scorer:
-    """Strict FVE and friends at one scale and Var, so every number in a report is comparable."""
-
-    scale: float
-    var: float
-    n_candidates: int = 16
-    seed: int = 0
-
-    def row_fve(self, pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """[n, d] x2 -> [n]: 1 - MSE_nrm(row) / Var (averages to `fve`)."""
-        return metrics.fve_from_mse(metrics.mse_nrm(pred, targets, self.scale), self.var)
-
-    def fve(self, pred: torch.Tensor, targets: torch.Tensor) -> float:
-        return metrics.fve_nrm(pred, targets, self.scale, self.var)
-
-    def headline(self, pred: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        """The main numbers: strict and centred FVE, the lenient one (labelled), cosine, MSE, top-1."""
-        g = torch.Generator().manual_seed(self.seed)
-        s = metrics.summarize(pred, targets, self.scale, self.var)
-        floor = self.fve(targets.float().mean(dim=0, keepdim=True).expand_as(targets), targets)
-        return {"fve_nrm": s["fve_nrm"], "fve_centered": s["fve_centered"], "fve_vs_mean_pred": s["fve_vs_mean_pred"],
-                "fve_floor": floor, "cos_mean": s["cos"], "mse_mean": s["mse"],
-                "top1_retrieval": metrics.top1_retrieval(pred, targets, self.n_candidates, g, self.scale)}
-
-
-def uninformative_vectors(vectors: torch.Tensor) -> torch.Tensor:
-    """[n, d] -> [2, d]: the zero vector and the rows' mean (the zero_vector / mean_vector controls)."""
-    return torch.stack([torch.zeros_like(vectors[0]), vectors.float().mean(dim=0)]).to(vectors.dtype)
-
-
-def control_fves(explain: Explain, predict: Predict, vectors: torch.Tensor, explanations: list,
-                 scorer: Scorer, deterministic: bool = False, uninformative_texts: list | None = None
-                 ) -> dict[str, dict[str, float]]:
-    """The five controls' FVE against the rows' own vectors [n, d] (n >= 2).
-
-    AV side: shuffled_vector (another row's vector), zero_vector, mean_vector (one explanation
-    each, broadcast to every row). AR side: empty_text, random_text (another row's explanation).
-    `deterministic` (greedy decoding): the AV's text for row j's vector is the one it already wrote
-    for row j, so shuffled_vector permutes `explanations` instead of generating them again, and
-    `uninformative_texts` (what it wrote for `uninformative_vectors`, e.g. in the same generate
-    call as the rows) is used as given.
-    """
-    n = vectors.shape[0]
-    perm = derangement(n, scorer.seed)
-    uninformative = uninformative_vectors(vectors)
-    if deterministic:
-        extra = uninformative_texts if uninformative_texts is not None else explain(uninformative)
-        av_texts = [explanations[j] for j in perm.tolist()] + list(extra)
-    else:
-        av_texts = explain(torch.cat([vectors[perm], uninformative]))
-    others = derangement(n, scorer.seed + 1)
-    ar_texts = av_texts + ["", *[explanations[i] for i in others.tolist()]]
-    pred = predict(ar_texts)  # one batched AR pass: [n + 2 + 1 + n, d]
-    parts = {"shuffled_vector": pred[:n], "zero_vector": pred[n:n + 1].expand(n, -1),
-             "mean_vector": pred[n + 1:n + 2].expand(n, -1), "empty_text": pred[n + 2:n + 3].expand(n, -1),
-             "random_text": pred[n + 3:]}
-    return {name: {"fve_nrm": scorer.fve(p, vectors), "top1_retrieval": scorer.headline(p, vectors)["top1_retrieval"]}
-            for name, p in parts.items()}
-
-
-def truncate_tokens(texts: list, tokenizer, n_tokens: int) -> list:
-    """Keep the first `n_tokens` tokens of each explanation (None stays None)."""
-    out = []
-    for t in texts:
-        if t is None:
-            out.append(None)
-            continue
-        ids = tokenizer.encode(t, add_special_tokens=False)
-        out.append(t if len(ids) <= n_tokens else tokenizer.decode(ids[:n_tokens]))
-    return out
-
-
-def length_curve(predict: Predict, texts: list, full_pred: torch.Tensor, targets: torch.Tensor, tokenizer, scorer: Scorer,
-                 lengths: tuple[int, ...] = LENGTHS) -> dict[str, float]:
-    """FVE with explanations cut to each length, plus 'full' (`full_pred`: the AR's reading of the
-    uncut texts, already computed). Only the rows a cut shortens are read again, in one AR pass."""
-    cuts = [truncate_tokens(texts, tokenizer, k) for k in lengths]
-    changed = [(c, i) for c, cut in enumerate(cuts) for i, t in enumerate(cut) if t != texts[i]]
-    preds = full_pred.unsqueeze(0).repeat(len(lengths), 1, 1)  # [lengths, n, d]
-    if changed:
-        rows, cols = torch.tensor(changed).T
-        preds[rows, cols] = predict([cuts[c][i] for c, i in changed]).to(preds.dtype)
-    return {str(k): scorer.fve(p, targets) for k, p in zip([*lengths, "full"], [*preds, full_pred])}
-
-
-def paraphrase_scores(paraphrased: list, originals: list, original_pred: torch.Tensor, predict: Predict,
-                      targets: torch.Tensor, scorer: Scorer) -> dict[str, Any]:
-    """FVE of paraphrases vs the originals (`original_pred`: the AR's reading of them, already
-    computed) on the rows where both exist; retained = ratio (None if orig <= 0)."""
-    keep = [i for i, (p, o) in enumerate(zip(paraphrased, originals)) if p is not None and o is not None]
-    asked = sum(o is not None for o in originals)
-    return {"n": len(keep), "fail_rate": 1 - len(keep) / asked if asked else None,
-            **rewritten_scores(paraphrased, keep, original_pred, predict, targets, scorer)}
-
-
-def rewritten_scores(rewritten: list, keep: list[int], original_pred: torch.Tensor, predict: Predict,
-                     targets: torch.Tensor, scorer: Scorer) -> dict[str, Any]:
-    """FVE of rewritten explanations on rows `keep` next to the originals' (already predicted);
-    retained = ratio, None while the original FVE is <= 0 (or fewer than 2 rows: all None)."""
-    out: dict[str, Any] = {"fve_nrm": None, "fve_original": None, "fve_retained": None}
-    if len(keep) < 2:
-        return out
-    sub = targets[keep]
-    out["fve_nrm"] = scorer.fve(predict([rewritten[i] for i in keep]), sub)
-    out["fve_original"] = scorer.fve(original_pred[keep], sub)
-    if out["fve_original"] > 0:
-        out["fve_retained"] = out["fve_nrm"] / out["fve_original"]
-    return out
-
-
-# ---------------------------------------------------------------- paraphrase control
-
-
-class LocalParaphraser(LocalTeacher):
-    """The local teacher, asked to rewrite an explanation (PARAPHRASE_TEMPLATE) instead of writing one."""
-
-    @classmethod
-    def wrap(cls, teacher: LocalTeacher) -> "LocalParaphraser":
-        p = cls(teacher.model, teacher.tokenizer, "", teacher.max_new_tokens, teacher.temperature, teacher.batch_size,
-                teacher.prefill)
-        p.identity = f"paraphrase:{templates.PARAPHRASE_TEMPLATE!r}:{teacher.identity}"  # its own cache keys
-        return p
-
-    def prompt_text(self, explanation: str) -> str:
-        messages = [{"role": "user", "content": templates.PARAPHRASE_TEMPLATE.format(explanation=explanation)}]
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + self.prefill
-
-
-def split_claims(text: str) -> list[str]:
-    """An explanation's phrases: split at ';' and at sentence ends ('.', '!', '?' before a space),
-    never inside a double-quoted span (a quoted ending may hold any of them; `\\"` stays inside)."""
-    claims, start, quoted, escaped = [], 0, False, False
-    for i, ch in enumerate(text):
-        if quoted:
-            escaped, quoted = (not escaped and ch == "\\"), quoted and not (ch == '"' and not escaped)
-            continue
-        if ch == '"':
-            quoted = True
-        elif ch == ";" or (ch in ".!?" and text[i + 1:i + 2].isspace()):
-            claims.append(text[start:i + (ch != ";")])
-            start = i + 1
-    claims.append(text[start:])
-    return [c.strip() for c in claims if c.strip()]
-
-
-def reverse_claims(text: str) -> str:
-    """Model-free stand-in for a paraphrase: the same claims in reverse order (the paper: order barely matters)."""
-    return "; ".join(reversed(split_claims(text))) or text
-
-
-def shuffle_claims(text: str, seed: int) -> str | None:
-    """The same phrases in another order (seeded; never the original order), or None when the text
-    has fewer than two phrases to reorder."""
-    claims = split_claims(text)
-    if len(claims) < 2:
-        return None
-    order = derangement(len(claims), seed).tolist()
-    return "; ".join(claims[i] for i in order)
-
-
-def order_shuffled_scores(explanations: list, original_pred: torch.Tensor, predict: Predict, targets: torch.Tensor,
-                          scorer: Scorer) -> dict[str, Any]:
-    """The order-shuffle control: each explanation's phrases reordered (seeded per row), re-scored
-    by the same AR on the rows that have two or more phrases. FVE that holds up means the AR reads
-    what the phrases say, not where they stand; retained = ratio (None if the original <= 0)."""
-    shuffled = [shuffle_claims(e, scorer.seed + i) if e else None for i, e in enumerate(explanations)]
-    keep = [i for i, s in enumerate(shuffled) if s is not None]
-    return {"n": len(keep), **rewritten_scores(shuffled, keep, original_pred, predict, targets, scorer),
-            "example": [explanations[keep[0]], shuffled[keep[0]]] if keep else None}
-
-
-def paraphrase(cfg: NLAConfig, nla: NLA, texts: list, cache_path: Path) -> tuple[list, str]:
-    """-> (one paraphrase per text, None where the text or the teacher's answer is missing; the method used)."""
-    todo = [t for t in texts if t is not None]
-    if cfg.teacher.teacher == "extractive":
-        return [None if t is None else reverse_claims(t) for t in texts], "claims reversed (model-free; --teacher extractive)"
-    if cfg.teacher.teacher == "openai":
-        raise ConfigError("the paraphrase control runs with --teacher local or extractive (the endpoint teacher has a "
-                          "fixed prompt); pass one of those, or --paraphrase_control false.")
-    with nla.target_model() as model:  # the target model (AV adapter off) is the default local teacher
-        base = make_teacher(cfg, model, nla.tokenizer)
-        done = teacher_explain(LocalParaphraser.wrap(base), todo, TeacherCache(cache_path), show_progress=cfg.logging.progress)
-    answers = iter(done.explanations)
-    return [None if t is None else next(answers) for t in texts], f"teacher {base.identity}"
 
 
 # ---------------------------------------------------------------- data
@@ -325,6 +141,34 @@ def _explainer(nla: NLA, temperature: float, max_new_tokens: int, enabled: bool,
     return explain
 
 
+def explain_rows(cfg: NLAConfig, args: EvalArgs, nla: NLA, vectors: torch.Tensor) -> tuple[list, list, list | None]:
+    """The AV's explanation of every row -> (explanations, Samples, the greedy texts of the two
+    `uninformative_vectors` or None). Greedy, those two ride along in the rows' last generate call
+    (two more rows there instead of a generate call of their own, ~4 s on the embedded model)."""
+    n, greedy, samples = len(vectors), args.eval_temperature == 0, []
+    explain = _explainer(nla, args.eval_temperature, cfg.av.max_new_tokens, cfg.logging.progress,
+                         cfg.eval.eval_batch_size + 2 * greedy, samples)
+    if not greedy:
+        return explain(vectors), samples, None
+    texts = explain(torch.cat([vectors, uninformative_vectors(vectors)]))
+    return texts[:n], samples[:n], texts[n:]
+
+
+def reinjection(cfg: NLAConfig, nla: NLA, data: EvalData, pred: torch.Tensor, row_kl: list) -> dict[str, Any]:
+    """The reconstruction patched back into the target model on the first `reinjection_rows` rows (their
+    KLs go into `row_kl`); {"skipped": why} when there is no target model to patch."""
+    k = min(len(data.vectors), cfg.eval.reinjection_rows)
+    try:
+        with nla.target_model() as model:
+            out, row_kl[:k] = reinjection_scores(
+                model, nla.tokenizer, [i.get("context") or "" for i in data.info[:k]], [i.get("position") for i in data.info[:k]],
+                data.vectors[:k], pred[:k], nla.layer, cfg.data.extract_batch_size, cfg.run.seed)
+        return out
+    except (ConfigError, ModelError, SidecarError) as err:  # no target model here: the rest of the report stands
+        print(f"[eval] reinjection skipped: {err}", file=sys.stderr)
+        return {"skipped": str(err)}
+
+
 def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir: Path) -> tuple[dict[str, Any], list[dict]]:
     """All numbers of the report, plus one dict per row."""
     vectors, n = data.vectors, len(data.vectors)
@@ -335,19 +179,9 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
     if var is None:
         var, var_source = metrics.target_variance(vectors, nla.mse_scale), "eval_targets (the AR sidecar records none)"
     scorer = Scorer(nla.mse_scale, var, cfg.eval.retrieval_candidates, cfg.run.seed)
-    show, timing = cfg.logging.progress, {}
+    show, timing, greedy = cfg.logging.progress, {}, args.eval_temperature == 0
     t0 = time.time()
-    samples: list = []
-    greedy = args.eval_temperature == 0
-    # Greedy: the two uninformative vectors ride along in the rows' last generate call (two more rows
-    # there instead of a 36-token generate call of their own, ~4 s on the embedded model).
-    explain = _explainer(nla, args.eval_temperature, cfg.av.max_new_tokens, show, cfg.eval.eval_batch_size + 2 * greedy,
-                         samples)
-    if greedy:
-        explanations = explain(torch.cat([vectors, uninformative_vectors(vectors)]))
-        explanations, uninformative_texts, samples[:] = explanations[:n], explanations[n:], samples[:n]
-    else:
-        explanations, uninformative_texts = explain(vectors), None
+    explanations, samples, uninformative_texts = explain_rows(cfg, args, nla, vectors)
     explain_controls = _explainer(nla, args.eval_temperature, cfg.av.max_new_tokens, show, cfg.eval.eval_batch_size)
     timing["verbalize_s"] = time.time() - t0
     pred = nla.predict(explanations)
@@ -374,16 +208,8 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
     report["order_shuffled"] = order_shuffled_scores(explanations, pred, nla.predict, vectors, scorer)
     reinjection_kl: list = [None] * n
     if cfg.eval.reinjection_rows > 0:
-        t0, k = time.time(), min(n, cfg.eval.reinjection_rows)
-        try:
-            with nla.target_model() as model:
-                report["reinjection"], reinjection_kl[:k] = reinjection_scores(
-                    model, nla.tokenizer, [i.get("context") or "" for i in data.info[:k]],
-                    [i.get("position") for i in data.info[:k]], vectors[:k], pred[:k], nla.layer,
-                    cfg.data.extract_batch_size, cfg.run.seed)
-        except (ConfigError, ModelError, SidecarError) as err:  # no target model here: the rest of the report stands
-            report["reinjection"] = {"skipped": str(err)}
-            print(f"[eval] reinjection skipped: {err}", file=sys.stderr)
+        t0 = time.time()
+        report["reinjection"] = reinjection(cfg, nla, data, pred, reinjection_kl)
         timing["reinjection_s"] = time.time() - t0
     lengths = [len(nla.ar_tokenizer.encode(e, add_special_tokens=False)) for e in explanations if e is not None]
     report["explanation_tokens_mean"] = sum(lengths) / len(lengths) if lengths else 0.0

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nla.data.splits import derangement
 from nla.models.ar import pad_batch
 from nla.models.av import cache_keyword, position_ids
 from nla.models.backbone import decoder_layers, last_token_index
-from nla.data.splits import derangement
 
 MATCH_TOLERANCE = 1e-2  # relative error between the re-extracted and the stored activation
 

@@ -20,21 +20,21 @@ from typing import Any
 import torch
 
 from nla.core import metrics
+from nla.core.config import ConfigError, NLAConfig, training_fingerprint
+from nla.core.sidecar import MODEL_META, write_meta
+from nla.core.tracking import Tracker
+from nla.data.splits import load_split, split_path
 from nla.models.ar import attach_to_shared_base, mse_scale_of, read_ar_meta, resolve_ar_dir, save_shared_ar
 from nla.models.av import Verbalizer, injection_scale_of, read_av_meta, resolve_av_dir
 from nla.models.backbone import text_config
+from nla.models.pair import check_pair
+from nla.models.sources import ModelSource, load_adapter
+from nla.stages.report import plot_rl_curve, rl_curve_points
+from nla.stages.stage import seed_everything, start_stage
 from nla.train.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint, start_from
-from nla.core.config import ConfigError, NLAConfig, training_fingerprint
-from nla.data.splits import load_split, split_path
 from nla.train.distributed import make_accelerator, rank_share
 from nla.train.grpo import AR, AR_REF, AV, AV_REF, JointTrainer, adapter_parameters
 from nla.train.loop import schedule
-from nla.models.sources import ModelSource, load_adapter
-from nla.models.pair import check_pair
-from nla.stages.report import plot_rl_curve, rl_curve_points
-from nla.core.sidecar import MODEL_META, write_meta
-from nla.stages.stage import seed_everything, start_stage
-from nla.core.tracking import Tracker
 
 
 def sft_paths(cfg: NLAConfig) -> tuple[Path, Path]:

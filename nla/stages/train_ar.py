@@ -25,18 +25,18 @@ from typing import Any
 
 import torch
 
-from nla.models.ar import ARModel, build_ar, load_ar, model_meta, pad_batch, save_ar
-from nla.train.checkpoint import load_checkpoint_state, publish_final, save_checkpoint, start_from
 from nla.core.config import ConfigError, NLAConfig, training_fingerprint
-from nla.data.splits import Split, derangement, load_split, split_path
-from nla.train.distributed import make_accelerator, rank_share
-from nla.train.loop import OptimizerStep, row_stream, schedule
 from nla.core.metrics import cosine, fve_from_mse, mse_nrm, summarize, target_mean, target_variance
-from nla.models.sources import ModelSource
 from nla.core.sidecar import SidecarError
-from nla.stages.stage import seed_everything, start_stage
 from nla.core.templates import ar_prompt, context_tail
 from nla.core.tracking import Tracker, progress
+from nla.data.splits import Split, derangement, load_split, split_path
+from nla.models.ar import ARModel, build_ar, load_ar, model_meta, pad_batch, save_ar
+from nla.models.sources import ModelSource
+from nla.stages.stage import seed_everything, start_stage
+from nla.train.checkpoint import load_checkpoint_state, publish_final, save_checkpoint, start_from
+from nla.train.distributed import make_accelerator, rank_share
+from nla.train.loop import OptimizerStep, row_stream, schedule
 
 CONTROL_DIR = "ar_shuffled_targets"
 ORACLE_DIR = "ar_oracle"  # the context-oracle AR (--ar_text context): never the AR later stages load

@@ -33,19 +33,18 @@ from typing import Any
 import torch
 
 from nla.core import metrics
-from nla.models.av import (IGNORE, Verbalizer, build_sft_batch, check_prompts, make_av_meta, prompt_ids, response_logprobs,
-                    save_av)
-from nla.train.checkpoint import load_checkpoint_state, publish_final, save_checkpoint, start_from
 from nla.core.config import ConfigError, NLAConfig, training_fingerprint
+from nla.core.sidecar import Meta, dataset_meta_path, read_meta
+from nla.core.tracking import Tracker, progress
 from nla.data.splits import Split, derangement, load_split, split_path
-from nla.train.distributed import make_accelerator, rank_share
+from nla.models.av import IGNORE, Verbalizer, build_sft_batch, check_prompts, make_av_meta, prompt_ids, response_logprobs, save_av
 from nla.models.injection import InjectionHook
 from nla.models.lora import apply_lora, trainable_parameters
-from nla.train.loop import OptimizerStep, row_stream, schedule
 from nla.models.sources import ModelSource, load_adapter
-from nla.core.sidecar import Meta, dataset_meta_path, read_meta
 from nla.stages.stage import seed_everything, start_stage
-from nla.core.tracking import Tracker, progress
+from nla.train.checkpoint import load_checkpoint_state, publish_final, save_checkpoint, start_from
+from nla.train.distributed import make_accelerator, rank_share
+from nla.train.loop import OptimizerStep, row_stream, schedule
 
 SAMPLE_ROWS = 8  # val rows generated (greedy) at each eval for the samples table and CJK check
 CONTEXT_TAIL_CHARS = 160

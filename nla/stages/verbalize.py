@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from nla.core.config import ConfigError, NLAConfig
-from nla.data.extract import DocRecord, document_tokens, extract_vectors
 from nla.core.io import atomic_write_text
 from nla.core.metrics import fve_from_mse, mse_nrm, target_variance
+from nla.data.extract import DocRecord, document_tokens, extract_vectors
 from nla.models.pair import NLA, CheckpointArgs, load_from_config, load_nla, option
 from nla.stages.report import html_page
 from nla.stages.stage import start_stage

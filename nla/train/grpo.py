@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from nla.core import metrics, rewards, templates
+from nla.core.config import RLConfig
+from nla.core.tracking import Tracker, progress
+from nla.data.splits import derangement
 from nla.models.ar import ARModel
 from nla.models.av import Rollout, Verbalizer, response_logprobs
-from nla.core.config import RLConfig
-from nla.data.splits import derangement
 from nla.train.distributed import mean_over_processes, rank_share
 from nla.train.loop import OptimizerStep, row_stream
-from nla.core.tracking import Tracker, progress
 
 AV, AV_REF, AR, AR_REF = "av", "av_ref", "ar", "ar_ref"
 
