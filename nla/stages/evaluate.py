@@ -169,16 +169,23 @@ def reinjection(cfg: NLAConfig, nla: NLA, data: EvalData, pred: torch.Tensor, ro
         return {"skipped": str(err)}
 
 
+def make_scorer(cfg: NLAConfig, nla: NLA, vectors: torch.Tensor) -> tuple[Scorer, str]:
+    """(the Scorer, where its Var came from): the AR's training Var when its sidecar records it, else
+    these targets' own."""
+    if nla.ar_variance is not None:
+        var, source = nla.ar_variance, "ar_sidecar (the AR's training targets)"
+    else:
+        var, source = metrics.target_variance(vectors, nla.mse_scale), "eval_targets (the AR sidecar records none)"
+    return Scorer(nla.mse_scale, var, cfg.eval.retrieval_candidates, cfg.run.seed), source
+
+
 def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir: Path) -> tuple[dict[str, Any], list[dict]]:
     """All numbers of the report, plus one dict per row."""
     vectors, n = data.vectors, len(data.vectors)
     if n < 2:
         raise ConfigError(f"{data.source}: {n} row(s); eval needs at least 2 (controls compare rows).")
-    var = nla.ar_variance
-    var_source = "ar_sidecar (the AR's training targets)"
-    if var is None:
-        var, var_source = metrics.target_variance(vectors, nla.mse_scale), "eval_targets (the AR sidecar records none)"
-    scorer = Scorer(nla.mse_scale, var, cfg.eval.retrieval_candidates, cfg.run.seed)
+    scorer, var_source = make_scorer(cfg, nla, vectors)
+    var = scorer.var
     show, timing, greedy = cfg.logging.progress, {}, args.eval_temperature == 0
     t0 = time.time()
     explanations, samples, uninformative_texts = explain_rows(cfg, args, nla, vectors)
