@@ -306,7 +306,7 @@ def test_reference_release_pair_scores_like_ours(toy, tmp_path, ar_layer_field):
     ours = run(config(toy, tmp_path / "ours"), eval_args(checkpoint=str(toy / "run"), data=data, paraphrase_control=False))
     ref = run(config(toy, tmp_path / "ref"), eval_args(av=str(tmp_path / "release" / "av"), ar=str(tmp_path / "release" / "ar"),
                                                        data=data, paraphrase_control=False))
-    assert ref["var_source"].startswith("eval_targets")  # the release sidecar records no training Var
+    assert ref["var_source"].startswith("these_vectors")  # the release sidecar records no training Var
     assert ref["mse_mean"] == pytest.approx(ours["mse_mean"], abs=1e-4) and ref["cos_mean"] == pytest.approx(ours["cos_mean"], abs=1e-5)
     assert "paraphrase" not in ref
     # verbalizing text needs the layer: the released AV takes its AR's; alone, it says what is missing

@@ -31,6 +31,7 @@ from torch import nn
 
 from nla.core import templates
 from nla.core.config import ConfigError
+from nla.core.metrics import target_variance
 from nla.core.sidecar import MODEL_META, Meta, SidecarError
 from nla.models.ar import ARModel, load_ar, mse_scale_of
 from nla.models.av import AV_ROLES, Sample, Verbalizer, load_av
@@ -179,6 +180,16 @@ class NLA:
         """The strict-FVE Var the AR was trained against (its sidecar), or None."""
         var = (self.ar.meta.extra if self.ar is not None and self.ar.meta else {}).get("ar_target_variance")
         return float(var) if var else None
+
+    def variance(self, vectors: torch.Tensor) -> tuple[float | None, str]:
+        """(Var for strict FVE, where it came from): the Var the AR was trained against when its sidecar
+        records it, else these vectors' own (at least two), else (None, "none"). The one choice of
+        Var for eval, its extra ARs and verbalize."""
+        if self.ar_variance is not None:
+            return self.ar_variance, "ar_sidecar (the AR's training targets)"
+        if len(vectors) >= 2:
+            return target_variance(vectors, self.mse_scale), "these_vectors (the AR sidecar records none)"
+        return None, "none"
 
     def explain(self, vectors: torch.Tensor, num_samples: int = 1, temperature: float = 1.0,
                 max_new_tokens: int | None = None, batch_size: int | None = None) -> list[list[Sample]]:

@@ -170,12 +170,8 @@ def reinjection(cfg: NLAConfig, nla: NLA, data: EvalData, pred: torch.Tensor, ro
 
 
 def make_scorer(cfg: NLAConfig, nla: NLA, vectors: torch.Tensor) -> tuple[Scorer, str]:
-    """(the Scorer, where its Var came from): the AR's training Var when its sidecar records it, else
-    these targets' own."""
-    if nla.ar_variance is not None:
-        var, source = nla.ar_variance, "ar_sidecar (the AR's training targets)"
-    else:
-        var, source = metrics.target_variance(vectors, nla.mse_scale), "eval_targets (the AR sidecar records none)"
+    """(the Scorer, where its Var came from: `NLA.variance`)."""
+    var, source = nla.variance(vectors)  # eval has >= 2 rows, so a Var
     return Scorer(nla.mse_scale, var, cfg.eval.retrieval_candidates, cfg.run.seed), source
 
 
@@ -246,9 +242,7 @@ def independent_ar(cfg: NLAConfig, nla: NLA, explanations: list, vectors: torch.
     path = path or cfg.eval.independent_ar
     ar, tok = load_checked_ar(path, nla.verbalizer, str(nla.paths.av), cfg.run.device, cfg.model.dtype, nla.source)
     other = NLA(nla.verbalizer, ar, tok, nla.paths, source=nla.source)
-    var, source = other.ar_variance, "ar_sidecar"
-    if var is None:
-        var, source = metrics.target_variance(vectors, other.mse_scale), "eval_targets"
+    var, source = other.variance(vectors)
     s = Scorer(other.mse_scale, var, scorer.n_candidates, scorer.seed)
     pred = other.predict(explanations + [""])
     return {"path": path, "fve_nrm": s.fve(pred[:-1], vectors), "var": var, "var_source": source,

@@ -35,7 +35,7 @@ import torch
 
 from nla.core.config import ConfigError, NLAConfig
 from nla.core.io import atomic_write_text
-from nla.core.metrics import fve_from_mse, mse_nrm, target_variance
+from nla.core.metrics import fve_from_mse, mse_nrm
 from nla.data.extract import DocRecord, document_tokens, extract_vectors
 from nla.models.pair import NLA, CheckpointArgs, load_from_config, load_nla, option
 from nla.stages.report import html_page
@@ -172,15 +172,6 @@ def extract_text_rows(nla: NLA, docs: list[dict[str, Any]], max_tokens: int, bat
 # ---------------------------------------------------------------- explain + score
 
 
-def row_variance(nla: NLA, vectors: torch.Tensor) -> tuple[float | None, str]:
-    """(Var, where it came from) for per-row FVE: the AR's training Var, else these vectors' own."""
-    if nla.ar_variance is not None:
-        return nla.ar_variance, "ar_sidecar"
-    if len(vectors) >= 2:
-        return target_variance(vectors, nla.mse_scale), "these_vectors"
-    return None, "none"
-
-
 def verbalize_rows(nla: NLA, vectors: torch.Tensor, num_samples: int = 1, temperature: float = 1.0,
                    max_new_tokens: int | None = None, rerank_with_ar: bool = False) -> list[dict[str, Any]]:
     """vectors [n, d] raw -> one dict per vector: explanation, failed, text, n_tokens, selection,
@@ -190,7 +181,7 @@ def verbalize_rows(nla: NLA, vectors: torch.Tensor, num_samples: int = 1, temper
     if rerank_with_ar and nla.ar is None:
         raise ConfigError("--rerank_with_ar needs an AR: pass --checkpoint DIR holding ar/, or --ar DIR.")
     samples = nla.explain(vectors, num_samples, temperature, max_new_tokens)
-    var, var_source = row_variance(nla, vectors) if nla.ar is not None else (None, "none")
+    var, var_source = nla.variance(vectors) if nla.ar is not None else (None, "none")
     mse = None
     if nla.ar is not None:  # [n, k]: every candidate scored against its own vector
         flat = [s.explanation for group in samples for s in group]
