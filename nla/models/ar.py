@@ -99,7 +99,10 @@ class ARModel(nn.Module):
 
     def encode(self, texts: list[str], tokenizer) -> ARInputs:
         """Explanations -> padded AR inputs on the AR's device; over-length prompts are cut and flagged."""
-        ids = self.token_ids(texts, tokenizer)
+        return self.pad_ids(self.token_ids(texts, tokenizer), tokenizer)
+
+    def pad_ids(self, ids: list[list[int]], tokenizer) -> ARInputs:
+        """`token_ids` rows -> padded AR inputs on the AR's device; over-length prompts are cut and flagged."""
         over = torch.tensor([len(x) > self.max_length for x in ids], dtype=torch.bool)
         input_ids, mask = pad_batch([x[: self.max_length] for x in ids], tokenizer.pad_token_id)
         return ARInputs(input_ids.to(self.device), mask.to(self.device), over)
@@ -112,13 +115,13 @@ class ARModel(nn.Module):
         text instead of the longest of a random mix; rows come back in the given order."""
         was_training = self.training
         self.eval()
-        lengths = [len(x) for x in self.token_ids(texts, tokenizer)]
-        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        ids = self.token_ids(texts, tokenizer)  # once: the lengths to sort by and the batches' rows
+        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
         out = torch.zeros(len(texts), self.d_model)
         try:
             for start in range(0, len(texts), batch_size):
                 rows = order[start:start + batch_size]
-                batch = self.encode([texts[i] for i in rows], tokenizer)
+                batch = self.pad_ids([ids[i] for i in rows], tokenizer)
                 out[rows] = self(batch.input_ids, batch.attention_mask).float().cpu()
         finally:
             self.train(was_training)
