@@ -63,7 +63,7 @@ def test_api_text_and_vectors_agree(nla, tiny_tokenizer):
     assert [r["position"] for r in picked] == [3, 7]
     assert [r["explanation"] for r in picked] == [rows[3]["explanation"], rows[7]["explanation"]]
     assert all(r["selection"] == "greedy" and "fve_nrm" in r and r["var_source"].startswith("ar_sidecar") for r in picked)
-    var = nla.ar_variance
+    var = float(nla.ar.meta.extra["ar_target_variance"])
     assert picked[0]["fve_nrm"] == pytest.approx(1 - picked[0]["mse_nrm"] / var)
 
 

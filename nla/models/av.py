@@ -334,13 +334,14 @@ def read_av_meta(av_dir: Path) -> Meta:
 
 
 def load_av_model(av_dir: Path, meta: Meta, dtype: str = "float32", is_trainable: bool = False,
-                  source: ModelSource = ModelSource()) -> nn.Module:
-    """A PEFT adapter on its base model (the sidecar's base_checkpoint), or a plain HF folder."""
+                  source: ModelSource = ModelSource(), adapter_name: str = "default") -> nn.Module:
+    """A PEFT adapter on its base model (the sidecar's base_checkpoint), or a plain HF folder: the one
+    way an AV's weights are loaded (nla verbalize/eval, resuming train-av, joint RL)."""
     if (av_dir / "adapter_config.json").is_file():
         if not meta.base_model:
             raise SidecarError(f"{av_dir}: a LoRA adapter but the sidecar names no base_checkpoint to put it on.")
         base = source.causal_lm(meta.base_model, dtype)
-        return load_adapter(base, av_dir, is_trainable=is_trainable)
+        return load_adapter(base, av_dir, is_trainable=is_trainable, adapter_name=adapter_name)
     if not (av_dir / "config.json").is_file():
         raise SidecarError(f"{av_dir}: neither a LoRA adapter (adapter_config.json) nor an HF model folder (config.json).")
     return source.causal_lm(str(av_dir), dtype)

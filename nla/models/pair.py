@@ -175,21 +175,9 @@ class NLA:
     def mse_scale(self) -> float:
         return mse_scale_of(self.ar) if self.ar is not None else math.sqrt(self.d_model)
 
-    @property
-    def ar_variance(self) -> float | None:
-        """The strict-FVE Var the AR was trained against (its sidecar), or None."""
-        var = (self.ar.meta.extra if self.ar is not None and self.ar.meta else {}).get("ar_target_variance")
-        return float(var) if var else None
-
     def variance(self, vectors: torch.Tensor) -> tuple[float | None, str]:
-        """(Var for strict FVE, where it came from): the Var the AR was trained against when its sidecar
-        records it, else these vectors' own (at least two), else (None, "none"). The one choice of
-        Var for eval, its extra ARs and verbalize."""
-        if self.ar_variance is not None:
-            return self.ar_variance, "ar_sidecar (the AR's training targets)"
-        if len(vectors) >= 2:
-            return target_variance(vectors, self.mse_scale), "these_vectors (the AR sidecar records none)"
-        return None, "none"
+        """(Var for strict FVE, where it came from): `strict_variance` for this pair's AR."""
+        return strict_variance(self.ar, vectors, self.mse_scale)
 
     def explain(self, vectors: torch.Tensor, num_samples: int = 1, temperature: float = 1.0,
                 max_new_tokens: int | None = None, batch_size: int | None = None) -> list[list[Sample]]:
@@ -231,6 +219,18 @@ class NLA:
             raise SidecarError(f"target model {spec}: hidden_size {width}, {n_layers} blocks, but the AV needs d_model "
                                f"{self.d_model} and block {self.layer}; pass the matching --target_model.")
         return model
+
+
+def strict_variance(ar: ARModel | None, vectors: torch.Tensor, scale: float) -> tuple[float | None, str]:
+    """(Var for strict FVE, where it came from): the Var the AR was trained against when its sidecar
+    records it, else these vectors' own (at least two), else (None, "none"). The one choice of Var
+    for eval, its extra ARs, verbalize and RL's reward."""
+    var = (ar.meta.extra if ar is not None and ar.meta else {}).get("ar_target_variance")
+    if var:
+        return float(var), "ar_sidecar (the AR's training targets)"
+    if len(vectors) >= 2:
+        return target_variance(vectors, scale), "these_vectors (the AR sidecar records none)"
+    return None, "none"
 
 
 def load_nla(checkpoint: str | Path | None = None, av: str | Path | None = None, ar: str | Path | None = None, *,

@@ -19,16 +19,15 @@ from typing import Any
 
 import torch
 
-from nla.core import metrics
 from nla.core.config import ConfigError, NLAConfig, training_fingerprint
 from nla.core.sidecar import MODEL_META, write_meta
 from nla.core.tracking import Tracker
 from nla.data.splits import load_split, split_path
-from nla.models.ar import attach_to_shared_base, mse_scale_of, read_ar_meta, resolve_ar_dir, save_shared_ar
-from nla.models.av import Verbalizer, injection_scale_of, read_av_meta, resolve_av_dir
+from nla.models.ar import attach_to_shared_base, mse_scale_of, read_ar_meta, save_shared_ar
+from nla.models.av import Verbalizer, injection_scale_of, load_av_model, read_av_meta
 from nla.models.backbone import text_config
-from nla.models.pair import check_pair
-from nla.models.sources import ModelSource, load_adapter
+from nla.models.pair import check_pair, resolve_paths, strict_variance
+from nla.models.sources import ModelSource
 from nla.stages.report import plot_rl_curve, rl_curve_points
 from nla.stages.stage import seed_everything, start_stage
 from nla.train.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint, start_from
@@ -38,13 +37,14 @@ from nla.train.loop import schedule
 
 
 def sft_paths(cfg: NLAConfig) -> tuple[Path, Path]:
-    av = resolve_av_dir(cfg.av.av_checkpoint or cfg.output_dir / "av" / "final")
-    ar = resolve_ar_dir(Path(cfg.ar.ar_checkpoint or cfg.output_dir / "ar" / "final"))
-    for name, path in (("AV", av), ("AR", ar)):
-        if not (path / MODEL_META).is_file():
-            flag = "--av_checkpoint" if name == "AV" else "--ar_checkpoint"
-            raise ConfigError(f"no SFT {name} at {path}: run `nla train-{name.lower()}` first or pass {flag} DIR.")
-    return av, ar
+    """The SFT AV and AR RL starts from: --av_checkpoint/--ar_checkpoint, else the run's own finals."""
+    given = {"av": cfg.av.av_checkpoint, "ar": cfg.ar.ar_checkpoint}
+    for role, path in given.items():
+        if path is None and not (cfg.output_dir / role / "final").is_dir():
+            raise ConfigError(f"no SFT {role.upper()} at {cfg.output_dir / role / 'final'}: run `nla train-{role}` first "
+                              f"or pass --{role}_checkpoint DIR.")
+    paths = resolve_paths(av=given["av"] or cfg.output_dir / "av" / "final", ar=given["ar"] or cfg.output_dir / "ar" / "final")
+    return paths.av, paths.ar
 
 
 def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, device):
@@ -54,12 +54,10 @@ def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, 
     if not (sft_av / "adapter_config.json").is_file():
         raise ConfigError(f"{sft_av} is a full-weight AV; joint RL shares one base model and needs LoRA adapters (av_lora_r > 0).")
     source = ModelSource.of(cfg.model)
-    base_path = source.resolve(av_meta.base_model)
-    tokenizer = source.tokenizer(base_path)
-    base = source.causal_lm(base_path, cfg.model.dtype)
+    tokenizer = source.tokenizer(av_meta.base_model)
     av_src = resume / "av" if resume else sft_av
     ar_src = resume / "ar" if resume else sft_ar
-    model = load_adapter(base, av_src, adapter_name=AV, is_trainable=True)
+    model = load_av_model(av_src, av_meta, cfg.model.dtype, is_trainable=True, source=source, adapter_name=AV)
     model.load_adapter(str(sft_av), adapter_name=AV_REF, is_trainable=False)
     ar = attach_to_shared_base(model, ar_src, tokenizer, adapter_name=AR, trainable=True)
     sft_ar_model = None
@@ -104,7 +102,7 @@ def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path
         raise ConfigError(f"{data.path} holds layer {data.meta.layer_index} but the AV was trained on layer {av_meta.layer_index}.")
     ar_meta = read_ar_meta(sft_ar)
     scale = mse_scale_of(ar)
-    var = float(ar_meta.extra.get("ar_target_variance") or metrics.target_variance(data.vectors, scale))
+    var, _ = strict_variance(ar, data.vectors, scale)
     av_params, ar_params = adapter_parameters(model, AV), adapter_parameters(model, AR) + [ar.head.weight]
     av_opt = torch.optim.AdamW(av_params, lr=rc.rl_av_lr, weight_decay=0.0)
     ar_opt = torch.optim.AdamW(ar_params, lr=rc.rl_ar_lr, weight_decay=0.0)

@@ -37,10 +37,21 @@ from nla.core.config import ConfigError, NLAConfig, training_fingerprint
 from nla.core.sidecar import Meta, dataset_meta_path, read_meta
 from nla.core.tracking import Tracker, progress
 from nla.data.splits import Split, derangement, load_split, split_path
-from nla.models.av import IGNORE, Verbalizer, build_sft_batch, check_prompts, make_av_meta, prompt_ids, response_logprobs, save_av
+from nla.models.av import (
+    IGNORE,
+    Verbalizer,
+    build_sft_batch,
+    check_prompts,
+    load_av_model,
+    make_av_meta,
+    prompt_ids,
+    read_av_meta,
+    response_logprobs,
+    save_av,
+)
 from nla.models.injection import InjectionHook
 from nla.models.lora import apply_lora, trainable_parameters
-from nla.models.sources import ModelSource, load_adapter
+from nla.models.sources import ModelSource
 from nla.stages.stage import seed_everything, start_stage
 from nla.train.checkpoint import load_checkpoint_state, publish_final, save_checkpoint, start_from
 from nla.train.distributed import make_accelerator, rank_share
@@ -228,9 +239,8 @@ def build_model(cfg: NLAConfig, base_path: str, resume_from: Path | None):
     if resume_from is None:
         return apply_lora(source.causal_lm(base_path, cfg.model.dtype), cfg.av.av_lora_r)
     av_dir = resume_from / "av"
-    if cfg.av.av_lora_r > 0:
-        return load_adapter(source.causal_lm(base_path, cfg.model.dtype), av_dir, is_trainable=True)
-    return apply_lora(source.causal_lm(str(av_dir), cfg.model.dtype), 0)
+    model = load_av_model(av_dir, read_av_meta(av_dir), cfg.model.dtype, is_trainable=True, source=source)
+    return model if cfg.av.av_lora_r > 0 else apply_lora(model, 0)
 
 
 def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
