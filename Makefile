@@ -4,7 +4,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nla-installed
 ARGS   ?=
 
-.PHONY: demo demo-long test test-all setup clean-venv
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.nla-installed
+
+.PHONY: demo demo-long test test-all setup vllm clean-venv
 
 setup: $(STAMP)
 
@@ -18,11 +21,19 @@ demo: $(STAMP)
 demo-long: $(STAMP)
 	$(VENV)/bin/nla demo --config configs/embedded-long.yaml $(ARGS)
 
-test: $(STAMP)
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): launch/setup_vllm.sh
+	bash launch/setup_vllm.sh $(VLLM_VENV)
+	touch $(VLLM_STAMP)
+
+# The default suite, then the vLLM engine's tests (marker vllm) with the engine's environment required.
+test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest $(ARGS)
+	NLA_VLLM_PYTHON=$(VLLM_VENV)/bin/python NLA_REQUIRE_VLLM=1 $(PY) -m pytest -m vllm $(ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -m "not gpu" $(ARGS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

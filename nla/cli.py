@@ -56,11 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     from nla.core.config import ConfigError
     from nla.core.sidecar import SidecarError
     from nla.data.corpus import CorpusError
+    from nla.models.engines import EngineError
     from nla.models.sources import ModelError
 
     try:
         return int(module.main(rest) or 0)
-    except (ConfigError, CorpusError, ModelError, SidecarError) as err:
+    except (ConfigError, CorpusError, EngineError, ModelError, SidecarError) as err:
         if debug:
             raise
         print(f"nla {stage}: error: {err}", file=sys.stderr)

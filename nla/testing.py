@@ -33,7 +33,7 @@ def build_tiny_tokenizer(vocab_size: int = 600):
 
 
 def save_tiny_model(out_dir: str | Path, d_model: int = 64, n_layers: int = 4, seed: int = 0,
-                    initializer_range: float = 0.02) -> Path:
+                    initializer_range: float = 0.02, n_heads: int = 4) -> Path:
     """Write a tiny llama + the tiny tokenizer as an HF folder usable as `--model DIR`.
 
     `initializer_range` 0.2 makes a tiny model's output depend on its prompt at all (at HF's
@@ -43,7 +43,7 @@ def save_tiny_model(out_dir: str | Path, d_model: int = 64, n_layers: int = 4, s
 
     out_dir = Path(out_dir)
     tok = build_tiny_tokenizer()
-    model = tiny_llama(len(tok), d_model=d_model, n_layers=n_layers, seed=seed, initializer_range=initializer_range,
+    model = tiny_llama(len(tok), d_model=d_model, n_layers=n_layers, n_heads=n_heads, seed=seed, initializer_range=initializer_range,
                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)

@@ -81,6 +81,7 @@ CASES = [
     ("hf corpus without allow_hub", ["datagen", "--config", SMOKE, "--model", "{model}", "--corpus", "hf:x:y",
                                      "--output_dir", "{tmp}/hf"], "--allow_hub true"),
     ("group size 1", ["rl", "--config", SMOKE, "--group_size", "1"], "group_size"),
+    ("unknown rollout engine", ["rl", "--config", SMOKE, "--rollout_engine", "sglang"], "'hf' or 'vllm'"),
     ("negative lr", ["train-ar", "--config", SMOKE, "--ar_lr", "-1"], "ar_lr"),
     ("verbalize without input", ["verbalize", "--config", SMOKE, "--checkpoint", "{tmp}"], "exactly one input"),
     ("verbalize with two inputs", ["verbalize", "--config", SMOKE, "--checkpoint", "{tmp}", "--text", "x", "--vectors",

@@ -213,8 +213,16 @@ class RLConfig:
     rl_val_rows: int = _help("Held-out (val split) vectors for rl/val_* (same sampling and reward as training, no update); "
                              "measured before the first step and at the end. 0 turns it off.", default=32)
     rl_val_every: int = _help("Also measure rl/val_* every N steps (0: only at the start and the end).", default=0)
+    rollout_engine: str = _help("Who samples the rollouts: 'hf' (transformers generate + the injection hook, the reference) "
+                                "or 'vllm' (a vLLM engine in its own environment, `make vllm`; fed prompt embeddings, "
+                                "merged AV weights pushed after every update).", default="hf")
+    vllm_python: str | None = _help("The Python of the vLLM environment (default: $NLA_VLLM_PYTHON, else .venv-vllm/bin/python).",
+                                    default=None)
+    vllm_memory_gb: float = _help("The vLLM engine's KV cache in GiB (it shares the device with the trainer).", default=2.0)
 
     def __post_init__(self) -> None:
+        if self.rollout_engine not in ("hf", "vllm"):
+            raise ConfigError(f"rollout_engine={self.rollout_engine!r}: use 'hf' or 'vllm'.")
         if self.reward not in ("neg_mse", "neg_log_mse"):
             raise ConfigError(f"reward={self.reward!r}: use 'neg_mse' or 'neg_log_mse'.")
         if self.group_size < 2:
@@ -393,7 +401,7 @@ def parse_config(argv: list[str] | None = None, extra: Iterable[type] = ()) -> t
 
 
 # Keys a resumed run may change: how long it runs and how it reports, not what it trains.
-_MAY_CHANGE_ON_RESUME = re.compile(r"(_steps|_every|_val_rows)$|^(max_new_tokens|output_dir|resume|device|av_eval_at_start)$")
+_MAY_CHANGE_ON_RESUME = re.compile(r"(_steps|_every|_val_rows)$|^(max_new_tokens|output_dir|resume|device|av_eval_at_start|rollout_engine|vllm_python|vllm_memory_gb)$")
 
 
 def training_fingerprint(cfg: "NLAConfig", *sections: str, processes: int = 1, **extra: Any) -> dict[str, Any]:

@@ -209,6 +209,7 @@ class Rollout:
     prompt_len: int
     texts: list[str]
     hit_cap: torch.Tensor  # [n*k] bool: no EOS within max_new_tokens
+    engine_logprobs: torch.Tensor | None = None  # [n*k, t] the sampling engine's log-probs (vllm engine only)
 
 
 class Verbalizer:

@@ -24,8 +24,9 @@ from nla.core.sidecar import MODEL_META, write_meta
 from nla.core.tracking import Tracker
 from nla.data.splits import load_split, split_path
 from nla.models.ar import attach_to_shared_base, mse_scale_of, read_ar_meta, save_shared_ar
-from nla.models.av import Verbalizer, injection_scale_of, load_av_model, read_av_meta
+from nla.models.av import Verbalizer, injection_scale_of, load_av_model, prompt_ids, read_av_meta
 from nla.models.backbone import text_config
+from nla.models.engines import make_engine
 from nla.models.pair import check_pair, resolve_paths, strict_variance
 from nla.models.sources import ModelSource
 from nla.stages.report import plot_rl_curve, rl_curve_points
@@ -107,8 +108,12 @@ def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path
     av_opt = torch.optim.AdamW(av_params, lr=rc.rl_av_lr, weight_decay=0.0)
     ar_opt = torch.optim.AdamW(ar_params, lr=rc.rl_ar_lr, weight_decay=0.0)
     av_sched, ar_sched = schedule(av_opt, rc.rl_steps, "constant"), schedule(ar_opt, rc.rl_steps, "constant")
+    engine_model = ModelSource.of(cfg.model).resolve(av_meta.base_model) if rc.rollout_engine == "vllm" else None
+    longest = len(prompt_ids(tokenizer, av_meta)) + rc.max_response_tokens  # the engine's context length
+    engine = make_engine(rc.rollout_engine, verbalizer, engine_model, rc.vllm_python, cfg.model.dtype, cfg.run.seed + acc.process_index,
+                         max_model_len=longest, memory_gb=rc.vllm_memory_gb, log_path=cfg.output_dir / f"vllm_worker_{acc.process_index}.log")
     trainer = JointTrainer(model, verbalizer, ar, tokenizer, rc, scale, var, av_opt, ar_opt, av_sched, ar_sched, acc,
-                           sft_ar=sft_ar_model)
+                           sft_ar=sft_ar_model, engine=engine)
     state: dict[str, Any] = {"step": 0, "cursor": 0}
     if resume is not None:
         state = load_checkpoint_state(resume, trainer.saved_optimizers())
@@ -151,6 +156,15 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
                                        dataset_id=data.meta.extra.get("dataset_id"))
     resume = start_from(cfg.run.resume, root, fingerprint, acc.is_main_process)
     trainer, state, av_meta, ar_meta = build_trainer(cfg, data, sft_av, sft_ar, resume, acc)
+    try:
+        return _train(cfg, acc, trainer, state, av_meta, ar_meta, data, root, sft_av, sft_ar, fingerprint)
+    finally:
+        trainer.engine.close()
+
+
+def _train(cfg: NLAConfig, acc, trainer: JointTrainer, state: dict[str, Any], av_meta, ar_meta, data, root: Path,
+           sft_av: Path, sft_ar: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    rc = cfg.rl
     tracker = Tracker(cfg, root.name, is_main=acc.is_main_process)
     tracker.forget_after(int(state["step"]))  # steps after the checkpoint are trained (and logged) again
     val_vectors = validation_vectors(cfg, acc)
@@ -168,7 +182,10 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     last = resolve_resume("auto", root)
     if acc.is_main_process and last is not None:
         final = publish_final(last, root)
-    summary: dict[str, Any] = {"steps": rc.rl_steps, "checkpoint": str(final), "wall_s": round(time.time() - began, 1)}
+    summary: dict[str, Any] = {"steps": rc.rl_steps, "checkpoint": str(final), "wall_s": round(time.time() - began, 1),
+                               "rollout_engine": trainer.engine.name}
+    if hasattr(trainer.engine, "start_s"):
+        summary["engine_start_s"] = round(trainer.engine.start_s, 1)
     if history:
         first, tail = history[0], history[-max(1, len(history) // 5):]
         summary["reward_first"] = first["rl/reward_mean"]

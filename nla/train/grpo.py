@@ -32,6 +32,7 @@ from nla.core.tracking import Tracker, progress
 from nla.data.splits import derangement
 from nla.models.ar import ARModel
 from nla.models.av import Rollout, Verbalizer, response_logprobs
+from nla.models.engines import HFEngine
 from nla.train.distributed import mean_over_processes, rank_share
 from nla.train.loop import OptimizerStep, row_stream
 
@@ -65,6 +66,7 @@ class AVUpdateOut:
     clip_fraction: float
     grad_norm: float
     skipped: bool
+    engine_k3: float = float("nan")  # k3 of the engine's sampled-token log-probs vs the trainer's (vllm)
 
 
 @dataclass
@@ -79,7 +81,7 @@ class JointTrainer:
     def __init__(self, model: nn.Module, verbalizer: Verbalizer, ar: ARModel, tokenizer, cfg: RLConfig,
                  mse_scale: float, target_var: float, av_opt: torch.optim.Optimizer, ar_opt: torch.optim.Optimizer,
                  av_sched=None, ar_sched=None, accelerator=None, max_grad_norm: float = 1.0,
-                 sft_ar: ARModel | None = None):
+                 sft_ar: ARModel | None = None, engine=None):
         self.model, self.verbalizer, self.ar, self.tokenizer, self.cfg = model, verbalizer, ar, tokenizer, cfg
         self.sft_ar = sft_ar  # frozen SFT AR (adapter AR_REF): scores held-out explanations RL never trained it on
         self.mse_scale, self.target_var = mse_scale, target_var
@@ -87,6 +89,8 @@ class JointTrainer:
         self.accelerator, self.max_grad_norm = accelerator, max_grad_norm
         self.av_step = OptimizerStep(AV, av_opt, av_sched, lambda: self._clip(av_opt))
         self.ar_step = OptimizerStep(AR, ar_opt, ar_sched, lambda: self._clip(ar_opt))
+        self.engine = engine or HFEngine(verbalizer)  # samples the rollouts (models/engines.py)
+        self.av_version = 0  # AV updates so far: an engine holding another version gets the new weights
 
     # ------------------------------------------------------------------ the loop
     def fit(self, vectors: torch.Tensor, contexts: list, seed: int, start: dict[str, Any], tracker: Tracker,
@@ -139,6 +143,8 @@ class JointTrainer:
     def step(self, vectors: torch.Tensor) -> StepOut:
         """One joint step on this process's vectors [n, d] (raw)."""
         timer = _Timer()
+        with timer("sync"):  # the engine gets the AV's current weights (hf: nothing to do)
+            self.engine.sync(self.model, AV, self.av_version)
         with timer("rollout"):
             ro = self.rollout(vectors)
         with timer("score"):
@@ -164,6 +170,7 @@ class JointTrainer:
         without (and resumes the same)."""
         with torch.random.fork_rng(devices=[vectors.device] if vectors.device.type == "cuda" else []):
             torch.manual_seed(seed)
+            self.engine.sync(self.model, AV, self.av_version)
             ro = self.rollout(vectors)
             sc = self.score(ro, train=False)
             rw = self.reward_terms(ro, sc)
@@ -193,7 +200,7 @@ class JointTrainer:
         injected = vectors
         if self.cfg.rl_shuffle_control:
             injected = vectors[derangement(len(vectors), int(torch.randint(0, 2**31 - 1, ()))).to(vectors.device)]
-        ro = self.verbalizer.rollout(injected, g, self.cfg.temperature, self.cfg.max_response_tokens)
+        ro = self.engine.rollout(injected, g, self.cfg.temperature, self.cfg.max_response_tokens)
         explanations = [templates.extract_explanation(t) for t in ro.texts]
         failed = torch.tensor([e is None for e in explanations]) | ro.hit_cap.cpu()
         n_tokens = ro.response_mask.sum(-1).cpu()
@@ -247,8 +254,13 @@ class JointTrainer:
         loss = policy_loss + self.cfg.kl_coef * kl
         loss.backward()
         grad_norm, skipped = self.av_step()
+        if not skipped:
+            self.av_version += 1
+        engine_k3 = float("nan")
+        if r.engine_logprobs is not None:  # ~0 when the engine sampled with the trainer's weights and prompt
+            engine_k3 = float(rewards.k3_kl(r.engine_logprobs, lp.detach(), r.response_mask))
         return AVUpdateOut(float(loss.detach()), float(policy_loss.detach()), float(kl.detach()), float(clip_fraction),
-                           grad_norm, skipped)
+                           grad_norm, skipped, engine_k3)
 
     # ------------------------------------------------------------------ helpers
     def reconstruction_metrics(self, ro: RolloutOut, sc: ScoreOut) -> dict[str, float]:
@@ -283,6 +295,8 @@ class JointTrainer:
         }
         m |= {f"rl/{k}": v for k, v in self.reconstruction_metrics(ro, sc).items()}
         m["rl/n_groups"] = float(n_groups)
+        if self.engine.name != "hf":
+            m["rl/engine_k3"] = av.engine_k3
         fve = metrics.fve_from_mse(sc.mse, self.target_var)
         samples = [(i // self.cfg.group_size, e or "<failed>", float(fve[i]) if ok[i] else float("nan"))
                    for i, e in enumerate(ro.explanations)]

