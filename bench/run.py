@@ -2,7 +2,8 @@
 
     python bench/run.py --quick                       # a few minutes on 2 CPU cores
     python bench/run.py --dtype bfloat16 --out bench.json
-    python bench/run.py --quick --model DIR --no-append   # any local HF folder (tests use a tiny one)
+    python bench/run.py --quick --model DIR           # any local HF folder (tests use a tiny one)
+    python bench/run.py --only engines --vllm --rl_n 2 --rl_group 8 --rl_tokens 36   # the demo's RL batch
 
 Prints one line per measurement and, last, one JSON object. Keys:
   injection_overhead_ratio  batched greedy generate with the InjectionHook on / off (same batch,
@@ -16,9 +17,16 @@ Prints one line per measurement and, last, one JSON object. Keys:
   rl_overhead_ratio         that step / the sum of its parts timed alone on the same state and seed
                             (rollout generate + AV forward/backward + AR forward/backward, + the
                             reference forward when kl_coef > 0)
+  rollout_tokens_per_s_hf / _vllm   (--vllm, or `make vllm` done) G samples per vector at the RL
+                            temperature from the same AV and vectors, generated tokens/s, median of
+                            interleaved pairs (A B B A ...); engine start-up excluded
+  rollout_engine_speedup    vllm / hf tokens per second; vllm_engine_start_s reported apart
+  rl_step_s_hf / _vllm      one JointTrainer.step with each engine (the vllm step includes its
+                            weight sync, rl_sync_s_vllm), interleaved, median
   peak_rss_mb, machine info and the exact command.
 The budget targets (injection <= 1.03, RL <= 1.3) are checked here and reported as `*_met`,
-never asserted by timed tests. Results are appended to docs/benchmarks.md unless --no-append.
+never asserted by timed tests. Nothing is written unless asked: --out FILE (JSON), --append (a section
+at the end of docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -44,17 +52,17 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from nla.core import templates  # noqa: E402
+from nla.core.config import RLConfig  # noqa: E402
+from nla.core.sidecar import Meta  # noqa: E402
+from nla.data.corpus import BUILTIN, iter_documents  # noqa: E402
+from nla.data.extract import choose_marker  # noqa: E402
 from nla.models.ar import ARModel, build_ar, identity_head  # noqa: E402
 from nla.models.av import Verbalizer, build_generation_batch, build_sft_batch, prompt_ids, response_logprobs  # noqa: E402
 from nla.models.backbone import block_output, decoder_layers  # noqa: E402
-from nla.core.config import RLConfig  # noqa: E402
-from nla.data.corpus import BUILTIN, iter_documents  # noqa: E402
-from nla.data.extract import choose_marker  # noqa: E402
-from nla.train.grpo import AR, AV, AV_REF, JointTrainer, adapter_parameters  # noqa: E402
 from nla.models.injection import InjectionHook  # noqa: E402
 from nla.models.lora import lora_config  # noqa: E402
 from nla.models.sources import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
-from nla.core.sidecar import Meta  # noqa: E402
+from nla.train.grpo import AR, AV, AV_REF, JointTrainer, adapter_parameters  # noqa: E402
 
 TARGETS = {"injection_overhead_ratio": 1.03, "rl_overhead_ratio": 1.3}
 EXPLANATION = "a Python tutorial; defining a function; the next line is its body"
@@ -300,6 +308,63 @@ def rl_parts(model, verbalizer: Verbalizer, ar: ARModel, tokenizer, vectors: tor
     return seconds
 
 
+def interleaved(a: Callable[[], float], b: Callable[[], float], repeats: int) -> tuple[list[float], list[float]]:
+    """`repeats` pairs of measurements, the order alternating (A B, B A, ...) so a load that changes
+    during the run hits both alike. Each callable returns its own number."""
+    xs, ys = [], []
+    for r in range(repeats):
+        if r % 2 == 0:
+            xs.append(a()), ys.append(b())
+        else:
+            ys.append(b()), xs.append(a())
+    return xs, ys
+
+
+def bench_engines(ctx: Context, s: Sizes, vllm_python: str) -> dict[str, float]:
+    """hf vs vllm rollouts (tokens/s) and RL steps, from one AV and one set of vectors, interleaved."""
+    from nla.models.engines import HFEngine, VLLMEngine
+
+    trainer, model, verbalizer, _, cfg = joint_setup(ctx, s)
+    with torch.no_grad():  # a LoRA that changes the output, so the engine must hold the merged weights
+        for p in adapter_parameters(model, AV):
+            p.add_(torch.randn_like(p) * 0.01)
+    vectors = torch.randn(s.rl_n, ctx.d_model, generator=torch.Generator().manual_seed(1)) * ctx.scale
+    hf = HFEngine(verbalizer)
+    vllm = VLLMEngine(verbalizer, ctx.model_path, vllm_python, ctx.dtype, max_model_len=512)
+    try:
+        sync_s = vllm.sync(model, AV, 0)
+        model.set_adapter(AV)
+
+        def rate(engine) -> Callable[[], float]:
+            def run() -> float:
+                start = time.perf_counter()
+                ro = engine.rollout(vectors, s.rl_group, 0.7, s.rl_tokens)
+                return float(ro.response_mask.sum()) / (time.perf_counter() - start)
+            return run
+
+        rate(hf)(), rate(vllm)()  # warm-up
+        tok_hf, tok_vllm = interleaved(rate(hf), rate(vllm), s.rl_repeats)
+
+        def step(engine) -> Callable[[], float]:
+            def run() -> float:
+                trainer.engine = engine
+                torch.manual_seed(0)
+                out = trainer.step(vectors)
+                syncs.append(out.metrics["rl/time_sync_s"]) if engine is vllm else None
+                return sum(v for k, v in out.metrics.items() if k.startswith("rl/time_"))
+            return run
+
+        syncs: list[float] = []
+        step_hf, step_vllm = interleaved(step(hf), step(vllm), s.rl_repeats)
+    finally:
+        vllm.close()
+    med = statistics.median
+    return {"rollout_tokens_per_s_hf": med(tok_hf), "rollout_tokens_per_s_vllm": med(tok_vllm),
+            "rollout_engine_speedup": med(tok_vllm) / med(tok_hf), "vllm_engine_start_s": vllm.start_s,
+            "vllm_first_sync_s": sync_s, "rl_step_s_hf": med(step_hf), "rl_step_s_vllm": med(step_vllm),
+            "rl_sync_s_vllm": med(syncs), "engine_rows": float(s.rl_n * s.rl_group), "vllm_version": vllm.vllm_version}
+
+
 def bench_rl(ctx: Context, s: Sizes) -> dict[str, float]:
     """Per repeat: the parts alone, then one JointTrainer.step from the same state and seed."""
     trainer, model, verbalizer, ar, cfg = joint_setup(ctx, s)
@@ -337,18 +402,27 @@ def machine_info(dtype: str) -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def run_all(model_path: str, dtype: str, sizes: Sizes, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every measurement on the model at `model_path`; returns the flat result dict (no files written)."""
+def run_all(model_path: str, dtype: str, sizes: Sizes, log: Callable[[str], None] = print,
+            vllm_python: str | None = None, only: list[str] | None = None) -> dict[str, Any]:
+    """Every measurement (or those in `only`) on the model at `model_path`; the engine comparison
+    when `vllm_python` is given. Returns the flat result dict (no files written)."""
     ctx = make_context(model_path, dtype, sizes.layer)
     result: dict[str, Any] = {"model": model_path, "layer": ctx.layer, "sizes": vars(sizes).copy()}
-    for name, fn in [("injection", bench_injection), ("extraction", bench_extraction), ("ar", bench_ar),
-                     ("av_sft", bench_av_sft), ("rl", bench_rl)]:
+    parts = [("injection", bench_injection), ("extraction", bench_extraction), ("ar", bench_ar),
+             ("av_sft", bench_av_sft), ("rl", bench_rl)]
+    if vllm_python:
+        parts.append(("engines", lambda c, s: bench_engines(c, s, vllm_python)))
+    for name, fn in parts:
+        if only and name not in only:
+            continue
         start = time.perf_counter()
         part = fn(ctx, sizes)
         result.update(part)
         log(f"[bench] {name:<10} {time.perf_counter() - start:6.1f}s  " + "  ".join(f"{k}={v:.4g}" for k, v in part.items()
                                                                                if isinstance(v, (int, float))))
     for key, limit in TARGETS.items():
+        if key not in result:
+            continue
         result[key.replace("_ratio", "_target")] = limit
         result[key.replace("_ratio", "_met")] = bool(result[key] <= limit)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -376,7 +450,9 @@ embedding hook.
 def markdown(result: dict[str, Any], load: tuple[float, float]) -> str:
     keys = ["injection_overhead_ratio", "injection_overhead_met", "injection_hook_cost_ratio", "extraction_tokens_per_s", "ar_samples_per_s",
             "av_sft_tokens_per_s", "rl_step_s", "rl_overhead_ratio", "rl_overhead_met", "generate_new_tokens_per_s",
-            "peak_rss_mb"]
+            "rollout_tokens_per_s_hf", "rollout_tokens_per_s_vllm", "rollout_engine_speedup", "vllm_engine_start_s",
+            "rl_step_s_hf", "rl_step_s_vllm", "rl_sync_s_vllm", "peak_rss_mb"]
+    keys = [k for k in keys if k in result]
     rows = "\n".join(f"| `{k}` | {result[k]:.4g} |" if isinstance(result[k], float) else f"| `{k}` | {result[k]} |"
                      for k in keys)
     machine = ", ".join(f"{k}={result[k]}" for k in ["cpu", "cpu_count", "torch_threads", "torch", "transformers", "dtype",
@@ -394,12 +470,29 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--model", default="embedded:smollm2-135m", help="embedded:NAME or a local HF model folder")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=None, help="also write the JSON object to this file")
-    ap.add_argument("--no-append", action="store_true", help="do not append the results to docs/benchmarks.md")
+    ap.add_argument("--append", action="store_true", help="also append a section with the results to docs/benchmarks.md")
+    ap.add_argument("--vllm", nargs="?", const="", default=None, metavar="PYTHON",
+                    help="also compare the hf and vllm rollout engines (PYTHON: the vLLM environment's python; "
+                         "default $NLA_VLLM_PYTHON or .venv-vllm/bin/python)")
+    ap.add_argument("--only", default=None, help="comma-separated parts: injection,extraction,ar,av_sft,rl,engines")
+    ap.add_argument("--rl_n", type=int, default=None, help="vectors per RL step / engine rollout (default: the sizes')")
+    ap.add_argument("--rl_group", type=int, default=None, help="samples per vector")
+    ap.add_argument("--rl_tokens", type=int, default=None, help="rollout length cap")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    sizes = Sizes.quick() if args.quick else Sizes()
+    for key in ("rl_n", "rl_group", "rl_tokens"):
+        if getattr(args, key) is not None:
+            setattr(sizes, key, getattr(args, key))
+    vllm_python = None
+    if args.vllm is not None:
+        from nla.models.engines import find_vllm_python
+
+        vllm_python = find_vllm_python(args.vllm or None)
     load_before = os.getloadavg()[0]
-    result = run_all(resolve_model(args.model), args.dtype, Sizes.quick() if args.quick else Sizes())
+    result = run_all(resolve_model(args.model), args.dtype, sizes, vllm_python=vllm_python,
+                     only=args.only.split(",") if args.only else None)
     result["command"] = shlex.join(["python", "bench/run.py", *argv])
     load = (load_before, os.getloadavg()[0])
     result["load_avg_1m"] = list(load)
@@ -407,7 +500,7 @@ def main(argv: list[str]) -> int:
         from nla.core.io import atomic_write_text
 
         atomic_write_text(args.out, json.dumps(result, sort_keys=True) + "\n")
-    if not args.no_append:
+    if args.append:
         # One append-mode write, not read-modify-replace: colleagues may be editing the same file.
         doc = ROOT / "docs" / "benchmarks.md"
         header = "" if doc.is_file() and "(`bench/run.py`)" in doc.read_text(encoding="utf-8") else DOC_HEADER
