@@ -97,8 +97,6 @@ class VLLMEngine:
                  seed: int = 0, max_model_len: int = 1024, memory_gb: float = 2.0, log_path: str | Path | None = None):
         self.verbalizer = verbalizer
         self.version = -1  # the AV version whose weights the engine holds (-1: the base model's)
-        self.calls = 0
-        self.seed = seed
         self.reset_cache = True  # tests switch it off to show the stale-cache failure
         python = find_vllm_python(python)
         # weights and prompts pass through files: in memory (/dev/shm) where the machine has it
@@ -157,9 +155,11 @@ class VLLMEngine:
         embeds = prompt_embeddings(v, vectors)
         path = self._file("embeds.safetensors")
         save_file({"embeds": embeds.detach().float().cpu().contiguous()}, path)
-        self.calls += 1
+        # The request's seed comes from torch's RNG, which a checkpoint saves and the held-out check forks:
+        # a resumed run draws the same samples, and the check leaves training's samples alone.
+        seed = int(torch.randint(0, 2**31 - 1, ())) if temperature > 0 else 0
         reply = self._ask({"op": "generate", "embeds": path, "n": k, "temperature": float(temperature),
-                           "max_tokens": int(max_new_tokens), "stop": sorted(v.eos_ids), "seed": self.seed + self.calls})
+                           "max_tokens": int(max_new_tokens), "stop": sorted(v.eos_ids), "seed": seed})
         prompt, _ = build_generation_batch(v.tokenizer, 1, v.meta)
         return rollout_from_tokens(prompt[0], reply["token_ids"], reply["logprobs"], v.eos_ids, v.tokenizer, max_new_tokens,
                                    v.device)

@@ -110,8 +110,9 @@ def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path
     av_sched, ar_sched = schedule(av_opt, rc.rl_steps, "constant"), schedule(ar_opt, rc.rl_steps, "constant")
     engine_model = ModelSource.of(cfg.model).resolve(av_meta.base_model) if rc.rollout_engine == "vllm" else None
     longest = len(prompt_ids(tokenizer, av_meta)) + rc.max_response_tokens  # the engine's context length
-    engine = make_engine(rc.rollout_engine, verbalizer, engine_model, rc.vllm_python, cfg.model.dtype, cfg.run.seed + acc.process_index,
-                         max_model_len=longest, memory_gb=rc.vllm_memory_gb, log_path=cfg.output_dir / f"vllm_worker_{acc.process_index}.log")
+    engine = make_engine(rc.rollout_engine, verbalizer, engine_model, rc.vllm_python, cfg.model.dtype,
+                         cfg.run.seed + acc.process_index, max_model_len=longest, memory_gb=rc.vllm_memory_gb,
+                         log_path=cfg.output_dir / f"vllm_worker_{acc.process_index}.log")
     trainer = JointTrainer(model, verbalizer, ar, tokenizer, rc, scale, var, av_opt, ar_opt, av_sched, ar_sched, acc,
                            sft_ar=sft_ar_model, engine=engine)
     state: dict[str, Any] = {"step": 0, "cursor": 0}
