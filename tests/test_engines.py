@@ -80,7 +80,7 @@ def test_engine_tokens_make_the_rollout_hf_makes(tmp_path):
     t = hf.prompt_len
     tokens = [row[m.bool()].tolist() for row, m in zip(hf.sequences[:, t:], hf.response_mask[:, t:])]
     lps = [[-1.0] * len(r) for r in tokens]
-    got = rollout_from_tokens(hf.sequences[0, :t], tokens, lps, v.eos_ids, v.tokenizer, 8, v.device)
+    got = rollout_from_tokens(hf.sequences[0, :t], tokens, lps, v.eos_ids, v.tokenizer, v.device)
     width = got.sequences.shape[1]
     assert torch.equal(got.response_mask, hf.response_mask[:, :width]) and not hf.response_mask[:, width:].any()
     assert torch.equal(got.sequences * got.attention_mask, (hf.sequences * hf.attention_mask)[:, :width])

@@ -161,8 +161,7 @@ class VLLMEngine:
         reply = self._ask({"op": "generate", "embeds": path, "n": k, "temperature": float(temperature),
                            "max_tokens": int(max_new_tokens), "stop": sorted(v.eos_ids), "seed": seed})
         prompt, _ = build_generation_batch(v.tokenizer, 1, v.meta)
-        return rollout_from_tokens(prompt[0], reply["token_ids"], reply["logprobs"], v.eos_ids, v.tokenizer, max_new_tokens,
-                                   v.device)
+        return rollout_from_tokens(prompt[0], reply["token_ids"], reply["logprobs"], v.eos_ids, v.tokenizer, v.device)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -193,7 +192,7 @@ def prompt_embeddings(verbalizer: Verbalizer, vectors: torch.Tensor) -> torch.Te
 
 
 def rollout_from_tokens(prompt: torch.Tensor, token_ids: list[list[int]], logprobs: list[list[float]], eos_ids: set[int],
-                        tokenizer, max_new_tokens: int, device) -> Rollout:
+                        tokenizer, device) -> Rollout:
     """An engine's sampled tokens -> the `Rollout` `Verbalizer.rollout` would have built: prompt +
     response padded after EOS, the response mask up to and including EOS, texts without EOS, and
     `engine_logprobs` on the response columns."""
