@@ -188,6 +188,28 @@ def generated_mask(new_tokens: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
     return (before == 0).long()
 
 
+def assemble_rollout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, new_tokens: torch.Tensor, eos_ids: set[int],
+                     tokenizer, new_logprobs: torch.Tensor | None = None) -> "Rollout":
+    """Prompt [b, t] + sampled tokens [b, w] (padded after EOS) -> the `Rollout` every engine returns:
+    the response mask up to and including EOS, texts without EOS, `hit_cap` where no EOS came, and
+    the engine's log-probs [b, w] (if given) placed on the response columns."""
+    resp = generated_mask(new_tokens, eos_ids)
+    hit_cap = ~torch.isin(new_tokens, torch.tensor(sorted(eos_ids), device=new_tokens.device)).any(-1)
+    texts = []
+    for row, m in zip(new_tokens, resp):
+        keep = row[m.bool()].tolist()
+        if keep and keep[-1] in eos_ids:
+            keep = keep[:-1]
+        texts.append(tokenizer.decode(keep, skip_special_tokens=False))
+    logprobs = None
+    if new_logprobs is not None:
+        logprobs = torch.cat([torch.zeros(prompt_ids.shape, dtype=new_logprobs.dtype, device=new_logprobs.device),
+                              new_logprobs * resp], dim=1)
+    return Rollout(torch.cat([prompt_ids, new_tokens], dim=1), torch.cat([prompt_mask, resp], dim=1),
+                   torch.cat([torch.zeros_like(prompt_mask), resp], dim=1), prompt_ids.shape[1], texts, hit_cap,
+                   engine_logprobs=logprobs)
+
+
 # ---------------------------------------------------------------- the Verbalizer
 
 
@@ -255,18 +277,7 @@ class Verbalizer:
             raise RuntimeError(f"injection wrote {self.hook.injected} vectors, expected {n * k_gen}.")
         out = out.repeat_interleave(k // k_gen, dim=0)
         t = ids.shape[1]
-        resp = generated_mask(out[:, t:], self.eos_ids)
-        hit_cap = ~torch.isin(out[:, t:], torch.tensor(sorted(self.eos_ids), device=out.device)).any(-1)
-        texts = []
-        for row, m in zip(out[:, t:], resp):
-            keep = row[m.bool()].tolist()
-            if keep and keep[-1] in self.eos_ids:
-                keep = keep[:-1]
-            texts.append(self.tokenizer.decode(keep, skip_special_tokens=False))
-        prompt_mask = mask.repeat_interleave(k, 0)
-        attention = torch.cat([prompt_mask, resp], dim=1)
-        response_mask = torch.cat([torch.zeros_like(prompt_mask), resp], dim=1)
-        return Rollout(out, attention, response_mask, t, texts, hit_cap)
+        return assemble_rollout(out[:, :t], mask.repeat_interleave(k, 0), out[:, t:], self.eos_ids, self.tokenizer)
 
     def verbalize(self, vectors: torch.Tensor, num_samples: int = 1, temperature: float = 1.0,
                   max_new_tokens: int | None = None, batch_size: int | None = None) -> list[list[Sample]]:

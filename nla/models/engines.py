@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nla.models.av import Rollout, Verbalizer, build_generation_batch
+from nla.models.av import Rollout, Verbalizer, assemble_rollout, build_generation_batch
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 DEFAULT_VLLM_PYTHON = ".venv-vllm/bin/python"
@@ -193,29 +193,17 @@ def prompt_embeddings(verbalizer: Verbalizer, vectors: torch.Tensor) -> torch.Te
 
 def rollout_from_tokens(prompt: torch.Tensor, token_ids: list[list[int]], logprobs: list[list[float]], eos_ids: set[int],
                         tokenizer, device) -> Rollout:
-    """An engine's sampled tokens -> the `Rollout` `Verbalizer.rollout` would have built: prompt +
-    response padded after EOS, the response mask up to and including EOS, texts without EOS, and
-    `engine_logprobs` on the response columns."""
-    n, t = len(token_ids), prompt.shape[0]
-    width = max(1, max(len(r) for r in token_ids))
+    """An engine's sampled tokens (one list per sample, cut at EOS) for one prompt [t] -> the `Rollout`
+    `Verbalizer.rollout` would have built, with the engine's log-probs."""
+    n, width = len(token_ids), max(1, max(len(r) for r in token_ids))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    resp = torch.full((n, width), pad_id, dtype=torch.long)
-    resp_mask = torch.zeros(n, width, dtype=torch.long)
-    lp = torch.zeros(n, t + width)
-    texts, hit_cap = [], []
+    new = torch.full((n, width), pad_id, dtype=torch.long)
+    new_lp = torch.zeros(n, width)
     for i, (row, row_lp) in enumerate(zip(token_ids, logprobs)):
-        end = next((j + 1 for j, tok in enumerate(row) if tok in eos_ids), None)
-        kept = row[:end] if end else row
-        resp[i, :len(kept)] = torch.tensor(kept, dtype=torch.long)
-        resp_mask[i, :len(kept)] = 1
-        lp[i, t:t + len(kept)] = torch.tensor(row_lp[:len(kept)])
-        hit_cap.append(end is None)
-        texts.append(tokenizer.decode(kept[:-1] if end else kept, skip_special_tokens=False))
-    sequences = torch.cat([prompt.unsqueeze(0).expand(n, t), resp], dim=1)
-    attention = torch.cat([torch.ones(n, t, dtype=torch.long), resp_mask], dim=1)
-    response_mask = torch.cat([torch.zeros(n, t, dtype=torch.long), resp_mask], dim=1)
-    return Rollout(sequences.to(device), attention.to(device), response_mask.to(device), t, texts,
-                   torch.tensor(hit_cap, device=device), engine_logprobs=lp.to(device))
+        new[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        new_lp[i, :len(row)] = torch.tensor(row_lp[:len(row)])
+    prompt = prompt.to(device).unsqueeze(0).expand(n, -1)
+    return assemble_rollout(prompt, torch.ones_like(prompt), new.to(device), eos_ids, tokenizer, new_lp.to(device))
 
 
 def make_engine(name: str, verbalizer: Verbalizer, model_dir: str | None = None, python: str | None = None,
