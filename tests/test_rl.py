@@ -18,6 +18,7 @@ from nla.core import rewards, templates
 from nla.core.config import parse_config
 from nla.core.sidecar import Meta, make_token_spec
 from nla.data.splits import load_split, write_split
+from nla.models.sources import ModelSource
 from nla.testing import save_tiny_model
 from nla.train import grpo
 
@@ -179,7 +180,8 @@ def test_each_phase_only_moves_its_own_adapter(warm_start, toy_model_dir, tmp_pa
     cfg = _cfg(tmp_path, toy_model_dir, "--av_checkpoint", warm_start / "av" / "final", "--ar_checkpoint",
                warm_start / "ar" / "final", "--kl_coef", "0.01")
     model, tok, verbalizer, ar, _, sft_ar = rl.load_joint(cfg, warm_start / "av" / "final" / "av",
-                                                          warm_start / "ar" / "final" / "ar", None, torch.device("cpu"))
+                                                          warm_start / "ar" / "final" / "ar", None, torch.device("cpu"),
+                                                          ModelSource.of(cfg.model))
     params = {a: grpo.adapter_parameters(model, a) for a in (grpo.AV, grpo.AV_REF, grpo.AR, grpo.AR_REF)}
     snap = lambda: {a: [p.detach().clone() for p in ps] for a, ps in params.items()}  # noqa: E731
     moved = lambda before, after, a: any(not torch.equal(x, y) for x, y in zip(before[a], after[a]))  # noqa: E731

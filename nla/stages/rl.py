@@ -48,13 +48,12 @@ def sft_paths(cfg: NLAConfig) -> tuple[Path, Path]:
     return paths.av, paths.ar
 
 
-def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, device):
-    """One base model + adapters av (trainable), av_ref (frozen SFT AV), ar (trainable) + AR head,
-    and, when the held-out check is on, ar_ref (the frozen SFT AR + its head) to score it."""
+def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, device, source: ModelSource):
+    """One base model (from `source`) + adapters av (trainable), av_ref (frozen SFT AV), ar (trainable)
+    + AR head, and, when the held-out check is on, ar_ref (the frozen SFT AR + its head) to score it."""
     av_meta = read_av_meta(sft_av)
     if not (sft_av / "adapter_config.json").is_file():
         raise ConfigError(f"{sft_av} is a full-weight AV; joint RL shares one base model and needs LoRA adapters (av_lora_r > 0).")
-    source = ModelSource.of(cfg.model)
     tokenizer = source.tokenizer(av_meta.base_model)
     av_src = resume / "av" if resume else sft_av
     ar_src = resume / "ar" if resume else sft_ar
@@ -96,8 +95,8 @@ def _short(values: dict[str, float] | None) -> dict[str, float] | None:
 def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path | None, acc):
     """The models (from the SFT pair, or `resume`), their optimizers and schedules, as a JointTrainer
     restored to `resume`'s state -> (trainer, state {step, cursor, ...}, av_meta, ar_meta)."""
-    rc = cfg.rl
-    model, tokenizer, verbalizer, ar, av_meta, sft_ar_model = load_joint(cfg, sft_av, sft_ar, resume, acc.device)
+    rc, source = cfg.rl, ModelSource.of(cfg.model)
+    model, tokenizer, verbalizer, ar, av_meta, sft_ar_model = load_joint(cfg, sft_av, sft_ar, resume, acc.device, source)
     data.meta.verify(tokenizer, d_model=text_config(model.config).hidden_size, where=str(data.path))
     if data.meta.layer_index != av_meta.layer_index:
         raise ConfigError(f"{data.path} holds layer {data.meta.layer_index} but the AV was trained on layer {av_meta.layer_index}.")
@@ -108,7 +107,7 @@ def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path
     av_opt = torch.optim.AdamW(av_params, lr=rc.rl_av_lr, weight_decay=0.0)
     ar_opt = torch.optim.AdamW(ar_params, lr=rc.rl_ar_lr, weight_decay=0.0)
     av_sched, ar_sched = schedule(av_opt, rc.rl_steps, "constant"), schedule(ar_opt, rc.rl_steps, "constant")
-    engine_model = ModelSource.of(cfg.model).resolve(av_meta.base_model) if rc.rollout_engine == "vllm" else None
+    engine_model = source.resolve(av_meta.base_model) if rc.rollout_engine == "vllm" else None  # the folder vllm loads
     longest = len(prompt_ids(tokenizer, av_meta)) + rc.max_response_tokens  # the engine's context length
     engine = make_engine(rc.rollout_engine, verbalizer, engine_model, rc.vllm_python, cfg.model.dtype,
                          cfg.run.seed + acc.process_index, max_model_len=longest, memory_gb=rc.vllm_memory_gb,
