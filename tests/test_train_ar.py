@@ -146,7 +146,7 @@ def test_non_finite_steps_are_skipped(tiny_model_dir, tiny_tokenizer, tmp_path):
     acc = Accelerator(cpu=True)
     opt = torch.optim.AdamW(ar.trainable_parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    trainer = ARTrainer(cfg, ar, ar, tiny_tokenizer, rows, rows, acc, Tracker(cfg, "t", True), tmp_path / "ar",
+    trainer = ARTrainer(cfg.ar, cfg.run.seed, ar, ar, tiny_tokenizer, rows, rows, acc, Tracker(cfg, "t", True), tmp_path / "ar",
                         lambda *a: None, opt, sched, {})
     head0 = ar.head.weight.detach().clone()
     trainer.train_step()

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from nla.core.config import ConfigError, NLAConfig, training_fingerprint
+from nla.core.config import ARConfig, ConfigError, NLAConfig, training_fingerprint
 from nla.core.metrics import cosine, fve_from_mse, mse_nrm, summarize, target_mean, target_variance
 from nla.core.sidecar import SidecarError
 from nla.core.templates import ar_prompt, context_tail
@@ -109,22 +109,23 @@ def evaluate(ar: ARModel, tokenizer, val: ARRows, scale: float, var: float, mean
 
 
 class ARTrainer:
-    """The SFT loop on ready objects: AR, its prepared model and optimizer, rows, accelerator, tracker."""
+    """The SFT loop on ready objects: AR, its prepared model and optimizer, rows, accelerator, tracker;
+    its own config section and the run's seed."""
 
-    def __init__(self, cfg: NLAConfig, ar: ARModel, model, tokenizer, train: ARRows, val: ARRows, accelerator,
+    def __init__(self, cfg: ARConfig, seed: int, ar: ARModel, model, tokenizer, train: ARRows, val: ARRows, accelerator,
                  tracker: Tracker, root: Path, meta_fn, optimizer, scheduler, start: dict[str, Any],
                  fingerprint: dict[str, Any] | None = None):
-        self.cfg, self.ar, self.model, self.tok, self.train, self.val = cfg, ar, model, tokenizer, train, val
+        self.cfg, self.seed, self.ar, self.model, self.tok, self.train, self.val = cfg, seed, ar, model, tokenizer, train, val
         self.fingerprint = fingerprint or {}  # stored in every checkpoint; a resume must match it
         self.acc, self.tracker, self.root, self.meta_fn = accelerator, tracker, root, meta_fn
-        self.scale = cfg.ar.mse_scale or math.sqrt(ar.d_model)
+        self.scale = cfg.mse_scale or math.sqrt(ar.d_model)
         self.var = target_variance(train.targets, self.scale)
         self.mean = target_mean(train.targets, self.scale)
         params = ar.trainable_parameters()
         self.stepper = OptimizerStep("ar", optimizer, scheduler, lambda: accelerator.clip_grad_norm_(params, 1.0))
         self.step, self.cursor = start.get("step", 0), start.get("cursor", 0)
         self.stepper.skipped = start.get("skipped", 0)
-        self.global_batch = cfg.ar.ar_batch_size * accelerator.num_processes
+        self.global_batch = cfg.ar_batch_size * accelerator.num_processes
         self.rows_seen, self.train_time = 0, 0.0
         self.last_ckpt: Path | None = start.get("path")
 
@@ -134,7 +135,7 @@ class ARTrainer:
 
     def micro_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This process's share of the next global micro-batch -> (ids, mask, raw targets) on device."""
-        rows = row_stream(len(self.train.ids), self.cfg.run.seed, self.cursor, self.global_batch)
+        rows = row_stream(len(self.train.ids), self.seed, self.cursor, self.global_batch)
         self.cursor += self.global_batch
         mine = rank_share(rows, self.acc)
         ids, mask = pad_batch([self.train.ids[i] for i in mine], self.tok.pad_token_id)
@@ -143,7 +144,7 @@ class ARTrainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ar_grad_accum micro-batches (`loop.OptimizerStep`'s policy)."""
-        start, accum = time.time(), self.cfg.ar.ar_grad_accum
+        start, accum = time.time(), self.cfg.ar_grad_accum
         totals = torch.zeros(3, device=self.acc.device)  # loss sum, cos sum, rows
         for i in range(accum):
             ids, mask, target = self.micro_batch()
@@ -169,7 +170,7 @@ class ARTrainer:
         out: dict[str, float] = {}
         if self.acc.is_main_process and len(self.val.texts):
             out = evaluate(self.ar, self.tok, self.val, self.scale, self.var, self.mean,
-                           self.cfg.ar.ar_batch_size, self.cfg.run.seed)
+                           self.cfg.ar_batch_size, self.seed)
         self.acc.wait_for_everyone()
         return out
 
@@ -183,16 +184,18 @@ class ARTrainer:
                 self.stepper.saved())
         self.acc.wait_for_everyone()
 
-    def fit(self) -> dict[str, Any]:
-        cfg = self.cfg.ar
+    def fit(self, log_every: int = 1, show_progress: bool = True) -> dict[str, Any]:
+        """Steps to ar_steps: logs every `log_every`, validates every ar_eval_every, saves every
+        ar_save_every and at the end -> the final validation metrics."""
+        cfg = self.cfg
         self.model.train()
-        bar = progress(total=cfg.ar_steps, initial=self.step, enabled=self.cfg.logging.progress and self.acc.is_main_process,
+        bar = progress(total=cfg.ar_steps, initial=self.step, enabled=show_progress and self.acc.is_main_process,
                        desc="train-ar")
         while self.step < cfg.ar_steps:
             metrics = self.train_step()
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['ar/loss']:.3f}", fve=f"{metrics['ar/fve_nrm']:.3f}")
-            if self.step % self.cfg.logging.log_every == 0 or self.step == cfg.ar_steps:
+            if self.step % log_every == 0 or self.step == cfg.ar_steps:
                 self.tracker.log(metrics, self.step)
             if self.step % cfg.ar_eval_every == 0 and self.step < cfg.ar_steps:
                 self.tracker.log(self.validate(), self.step)
@@ -268,9 +271,9 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
                          "train_rows": len(train.ids), "dataset": str(train_split.path),
                          "dataset_id": train_split.meta.extra.get("dataset_id")}})
 
-    trainer = ARTrainer(cfg, ar, model, tokenizer, train, val, acc, tracker, root, meta_fn, opt, sched, start, fingerprint)
+    trainer = ARTrainer(cfg.ar, cfg.run.seed, ar, model, tokenizer, train, val, acc, tracker, root, meta_fn, opt, sched, start, fingerprint)
     began = time.time()
-    final = trainer.fit()
+    final = trainer.fit(cfg.logging.log_every, cfg.logging.progress)
     checkpoint = publish_final(trainer.last_ckpt, root) if acc.is_main_process else root / "final"
     acc.wait_for_everyone()
     summary = _summary(final, trainer, control, checkpoint, time.time() - began)
@@ -288,7 +291,7 @@ def _summary(final: dict[str, float], trainer: ARTrainer, control: bool, checkpo
         "controls": {"empty_text": final.get("ar/val_fve_nrm_empty_text"),
                      "random_text": final.get("ar/val_fve_nrm_random_text"),
                      "word_salad": final.get("ar/val_fve_nrm_word_salad")},
-        "shuffled_targets": control, "ar_text": trainer.cfg.ar.ar_text, "checkpoint": str(checkpoint), "steps": trainer.step,
+        "shuffled_targets": control, "ar_text": trainer.cfg.ar_text, "checkpoint": str(checkpoint), "steps": trainer.step,
         "rows_per_s": trainer.rows_seen / max(trainer.train_time, 1e-9), "wall_s": round(wall_s, 1),
         "skipped_steps": trainer.skipped, "train_rows": len(trainer.train.ids), "val_rows": len(trainer.val.texts),
         "dropped_rows": trainer.train.dropped + trainer.val.dropped, "target_variance": trainer.var,

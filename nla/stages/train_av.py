@@ -28,12 +28,12 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from nla.core import metrics
-from nla.core.config import ConfigError, NLAConfig, training_fingerprint
+from nla.core.config import AVConfig, ConfigError, NLAConfig, training_fingerprint
 from nla.core.sidecar import Meta, dataset_meta_path, read_meta
 from nla.core.tracking import Tracker, progress
 from nla.data.splits import Split, derangement, load_split, split_path
@@ -90,18 +90,22 @@ def load_data(cfg: NLAConfig, tokenizer, d_model: int) -> AVData:
 
 
 class AVTrainer:
-    """The SFT loop on ready objects (model, data, optimizer): `fit(start_step)`, `evaluate()`."""
+    """The SFT loop on ready objects (model, data, optimizer, tracker), its own config section and the
+    run's seed: `fit(start_step)`, `evaluate()`. Checkpoints go to `root`; `save_config(folder)` adds
+    the run's config to each."""
 
-    def __init__(self, cfg: NLAConfig, accelerator, model, tokenizer, meta: Meta, data: AVData,
-                 optimizer, scheduler, tracker: Tracker, fingerprint: dict[str, Any] | None = None):
-        self.cfg, self.acc, self.model, self.tok, self.meta, self.data = cfg, accelerator, model, tokenizer, meta, data
+    def __init__(self, cfg: AVConfig, seed: int, accelerator, model, tokenizer, meta: Meta, data: AVData,
+                 optimizer, scheduler, tracker: Tracker, root: Path, save_config: Callable[[Path], None],
+                 start: dict[str, Any] | None = None, fingerprint: dict[str, Any] | None = None):
+        self.cfg, self.seed, self.acc, self.model, self.tok, self.meta, self.data = cfg, seed, accelerator, model, tokenizer, meta, data
         self.fingerprint = fingerprint or {}  # stored in every checkpoint; a resume must match it
-        self.tracker = tracker
+        self.tracker, self.root, self.save_config = tracker, root, save_config
         self.unwrapped = accelerator.unwrap_model(model)
         params = trainable_parameters(self.unwrapped)
         self.stepper = OptimizerStep("av", optimizer, scheduler, lambda: accelerator.clip_grad_norm_(params, MAX_GRAD_NORM))
+        self.stepper.skipped = int((start or {}).get("skipped", 0))
         self.hook = InjectionHook(self.unwrapped, *meta.tokens.ids, data.injection_scale)
-        self.shuffled = data.val.vectors[derangement(len(data.val), cfg.run.seed + 7)] if len(data.val) > 1 else data.val.vectors
+        self.shuffled = data.val.vectors[derangement(len(data.val), seed + 7)] if len(data.val) > 1 else data.val.vectors
         self.last_eval: dict[str, Any] = {}
         self.start_eval: dict[str, Any] = {}  # step 0 (fresh runs only)
         self.last_checkpoint: Path | None = None
@@ -118,12 +122,12 @@ class AVTrainer:
         return -response_logprobs(self.model, batch["input_ids"], batch["attention_mask"], mask, vectors, self.hook).sum()
 
     def rows_per_step(self) -> int:
-        return self.cfg.av.av_batch_size * self.cfg.av.av_grad_accum * self.acc.num_processes
+        return self.cfg.av_batch_size * self.cfg.av_grad_accum * self.acc.num_processes
 
     def _step_rows(self, step: int) -> list[list[int]]:
         """This process's micro-batches for optimizer step `step` (shard of the global window)."""
-        b, a, p = self.cfg.av.av_batch_size, self.cfg.av.av_grad_accum, self.acc.num_processes
-        window = row_stream(len(self.data.train), self.cfg.run.seed, step * self.rows_per_step(), self.rows_per_step())
+        b, a, p = self.cfg.av_batch_size, self.cfg.av_grad_accum, self.acc.num_processes
+        window = row_stream(len(self.data.train), self.seed, step * self.rows_per_step(), self.rows_per_step())
         return [window[(i * p + self.acc.process_index) * b:][:b] for i in range(a)]
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -152,7 +156,7 @@ class AVTrainer:
     @torch.no_grad()
     def val_loss(self, vectors: torch.Tensor) -> float:
         """Token-mean NLL of the val responses given `vectors` [n_val, d] (this process's shard, reduced)."""
-        n, b = len(self.data.val), self.cfg.av.av_batch_size
+        n, b = len(self.data.val), self.cfg.av_batch_size
         mine = rank_share(list(range(n)), self.acc)
         nll, count = 0.0, 0
         for start in range(0, len(mine), b):
@@ -167,7 +171,7 @@ class AVTrainer:
     def sample_table(self) -> tuple[list[list[str]], float, float]:
         """Greedy explanations for the first val rows: (rows [context_tail, teacher, av], non-Latin rate, fail rate)."""
         val, n = self.data.val, min(SAMPLE_ROWS, len(self.data.val))
-        verbalizer = Verbalizer(self.unwrapped, self.tok, self.meta, self.data.injection_scale, self.cfg.av.max_new_tokens)
+        verbalizer = Verbalizer(self.unwrapped, self.tok, self.meta, self.data.injection_scale, self.cfg.max_new_tokens)
         samples = [s[0] for s in verbalizer.verbalize(val.vectors[:n], temperature=0.0)]
         contexts = val.columns.get("detokenized_text_truncated") or [""] * n
         rows = [["…" + str(contexts[i])[-CONTEXT_TAIL_CHARS:], str(val.column("explanation")[i]), s.explanation or s.text]
@@ -196,20 +200,22 @@ class AVTrainer:
 
             def write(tmp: Path) -> None:
                 save_av(self.unwrapped, self.tok, self.meta, tmp / "av")
-                self.cfg.save(tmp)
+                self.save_config(tmp)
 
             state = {"cursor": step * self.rows_per_step(), "skipped": self.stepper.skipped, "fingerprint": self.fingerprint}
-            self.last_checkpoint = save_checkpoint(self.cfg.output_dir / "av", step, write, state, self.stepper.saved())
+            self.last_checkpoint = save_checkpoint(self.root, step, write, state, self.stepper.saved())
         self.acc.wait_for_everyone()
 
-    def fit(self, start_step: int) -> None:
-        cfg, steps = self.cfg.av, self.cfg.av.av_steps
+    def fit(self, start_step: int, log_every: int = 1, show_progress: bool = True) -> None:
+        """Steps from `start_step` to av_steps: logs every `log_every`, evaluates every av_eval_every,
+        saves every av_save_every and at the end."""
+        cfg, steps = self.cfg, self.cfg.av_steps
         if start_step == 0 and cfg.av_eval_at_start:
             self.start_eval = self.evaluate(0)  # the starting point: real vs shuffled before any training
         self.model.train()
         # Throughput counts training steps only (not evals or saves): (tokens, seconds).
         window_loss, window, total = [], [0.0, 0.0], [0.0, 0.0]
-        bar = progress(range(start_step, steps), enabled=self.cfg.logging.progress and self.acc.is_main_process,
+        bar = progress(range(start_step, steps), enabled=show_progress and self.acc.is_main_process,
                        desc="train-av", initial=start_step, total=steps)
         for step in bar:
             t0 = time.time()
@@ -218,7 +224,7 @@ class AVTrainer:
                 acc[0], acc[1] = acc[0] + stats["tokens"], acc[1] + time.time() - t0
             window_loss.append(stats["av/loss"])
             done = step + 1
-            if done % self.cfg.logging.log_every == 0 or done == steps:
+            if done % log_every == 0 or done == steps:
                 self.tracker.log({"av/loss": sum(window_loss) / len(window_loss), "av/lr": self.stepper.lr,
                                   "av/tokens_per_s": window[0] / max(window[1], 1e-9), "av/grad_norm": stats["av/grad_norm"],
                                   "av/skipped_step": stats["av/skipped_step"]}, done)
@@ -272,10 +278,10 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     model, optimizer = acc.prepare(model, optimizer)
     tracker = Tracker(cfg, "train-av", is_main=acc.is_main_process)
     tracker.forget_after(start_step)  # steps after the checkpoint are trained (and logged) again
-    trainer = AVTrainer(cfg, acc, model, tokenizer, meta, data, optimizer, scheduler, tracker, fingerprint)
-    trainer.stepper.skipped = skipped
+    trainer = AVTrainer(cfg.av, cfg.run.seed, acc, model, tokenizer, meta, data, optimizer, scheduler, tracker,
+                        cfg.output_dir / "av", cfg.save, {"skipped": skipped}, fingerprint)
     if start_step < cfg.av.av_steps:
-        trainer.fit(start_step)
+        trainer.fit(start_step, cfg.logging.log_every, cfg.logging.progress)
     else:  # resumed a finished run: nothing to train, report and republish
         trainer.last_checkpoint = resume_from
         trainer.evaluate(start_step)
