@@ -207,7 +207,7 @@ def test_main_prints_counts_norms_and_samples(tiny_model_dir, tmp_path, capsys):
     out = captured.out
     assert "av_sft" in out and "p75" in out and "suggested injection_scale" in out and out.count("->") >= 4
     assert "--max_docs 100000 but corpus" in captured.err  # a cap beyond the corpus is said, not silent
-    assert (tmp_path / "datagen" / "config.yaml").is_file()
+    assert (tmp_path / "data" / "config.yaml").is_file() and not (tmp_path / "datagen").exists()  # beside its output
 
 
 @pytest.mark.distributed

@@ -277,7 +277,7 @@ def describe(out: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     from nla.stages.stage import start_stage
 
-    cfg, _ = start_stage(argv, "datagen")
+    cfg, _ = start_stage(argv, "datagen", folder=lambda c, _: c.data_dir)
     out = run(cfg)
     if out:  # (empty on the non-main processes of a multi-GPU run)
         print(describe(out))

@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
     from nla.train.distributed import make_accelerator
 
     began = time.time()
-    cfg, _ = start_stage(argv, "demo")
+    cfg, _ = start_stage(argv, "demo", folder=lambda c, _: c.output_dir)
     t0 = time.time()
     path = ModelSource.of(cfg.model).resolve(cfg.model.model)
     print(f"[demo] model {cfg.model.model} -> {path} (resolved in {time.time() - t0:.1f}s)")

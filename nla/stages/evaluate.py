@@ -338,7 +338,8 @@ def run(cfg: NLAConfig, args: EvalArgs | None = None, nla: NLA | None = None,
 
 
 def main(argv: list[str]) -> int:
-    cfg, (args,) = start_stage(argv, "eval", extra=[EvalArgs])
+    cfg, (args,) = start_stage(argv, "eval", extra=[EvalArgs],
+                                 folder=lambda c, ex: Path(ex[0].report_dir or c.output_dir))
     report = run(cfg, args)
     print(format_table(report))
     print(f"[eval] {report['n']} rows, {report['wall_s']}s -> {report['files']['report_md']}")

@@ -142,11 +142,16 @@ def checkpoint_writer(trainer: JointTrainer, root: Path, av_meta, ar_meta, state
     return save
 
 
+def output_root(cfg: NLAConfig) -> Path:
+    """Where RL's checkpoints go: <output_dir>/rl, or the shuffle control's folder."""
+    return cfg.output_dir / ("rl_shuffle_control" if cfg.rl.rl_shuffle_control else "rl")
+
+
 def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     seed_everything(cfg.run.seed)  # run() called directly (demo, tests) is as reproducible as the CLI
     acc = accelerator or make_accelerator(cfg.run.device)
     rc = cfg.rl
-    root = cfg.output_dir / ("rl_shuffle_control" if rc.rl_shuffle_control else "rl")
+    root = output_root(cfg)
     data = load_split(split_path(cfg.data_dir, "rl"))
     if len(data) < acc.num_processes * rc.rl_batch_size:
         raise ConfigError(f"{data.path} has {len(data)} rows, fewer than one step's {acc.num_processes * rc.rl_batch_size}: "
@@ -221,7 +226,7 @@ def describe(s: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    cfg, _ = start_stage(argv, "rl")
+    cfg, _ = start_stage(argv, "rl", folder=lambda c, _: output_root(c))
     acc = make_accelerator(cfg.run.device)
     try:
         s = run(cfg, acc)

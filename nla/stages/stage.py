@@ -1,9 +1,10 @@
-"""What every stage does first: parse the config, seed, save the resolved config."""
+"""What every stage does first: parse the config, seed, save the resolved config where its output goes."""
 
 from __future__ import annotations
 
 import random
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -17,11 +18,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_stage(argv: list[str], stage: str, extra: Iterable[type] = ()) -> tuple[NLAConfig, list[Any]]:
-    """Parse argv, configure the process, and write `<output_dir>/<stage>/config.yaml`."""
+def start_stage(argv: list[str], stage: str, extra: Iterable[type] = (),
+                folder: Callable[[NLAConfig, list[Any]], Path] | None = None) -> tuple[NLAConfig, list[Any]]:
+    """Parse argv, configure the process, and write the resolved `config.yaml` into the folder the
+    stage writes its output to: `folder(cfg, extras)` (`<output_dir>/ar` for train-ar, ...), by
+    default `<output_dir>/<stage>`."""
     cfg, extras = parse_config(argv, extra)
     seed_everything(cfg.run.seed)
-    out = cfg.output_dir / stage
+    out = folder(cfg, extras) if folder else cfg.output_dir / stage
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out)
     return cfg, extras

@@ -228,12 +228,17 @@ def _load_data(cfg: NLAConfig, tokenizer) -> tuple[Split, Split]:
     return train, val
 
 
+def output_root(cfg: NLAConfig) -> Path:
+    """Where this AR's checkpoints go: <output_dir>/ar, or the control's or the oracle's folder."""
+    return cfg.output_dir / (CONTROL_DIR if cfg.ar.ar_shuffle_targets else ORACLE_DIR if cfg.ar.ar_text == "context" else "ar")
+
+
 def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     """Train the AR (or, with ar_shuffle_targets, the shuffled-target control); return key numbers."""
     seed_everything(cfg.run.seed)  # run() called directly (demo, tests) is as reproducible as the CLI
     acc = accelerator or make_accelerator(cfg.run.device)
     control, oracle = cfg.ar.ar_shuffle_targets, cfg.ar.ar_text == "context"
-    root = cfg.output_dir / (CONTROL_DIR if control else ORACLE_DIR if oracle else "ar")
+    root = output_root(cfg)
     source = ModelSource.of(cfg.model)
     model_path = source.resolve(cfg.model.model)
     tokenizer = source.tokenizer(model_path)
@@ -322,7 +327,7 @@ def format_table(real: dict[str, Any], control: dict[str, Any] | None = None) ->
 
 
 def main(argv: list[str]) -> int:
-    cfg, (args,) = start_stage(argv, "train-ar", extra=[TrainARArgs])
+    cfg, (args,) = start_stage(argv, "train-ar", extra=[TrainARArgs], folder=lambda c, _: output_root(c))
     acc = make_accelerator(cfg.run.device)
     summary = run(cfg, acc)
     control = run_shuffled_control(cfg, acc) if args.shuffled_control and not cfg.ar.ar_shuffle_targets else None

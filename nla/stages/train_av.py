@@ -320,7 +320,7 @@ def describe(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    cfg, _ = start_stage(argv, "train-av")
+    cfg, _ = start_stage(argv, "train-av", folder=lambda c, _: c.output_dir / "av")
     acc = make_accelerator(cfg.run.device)
     summary = run(cfg, acc)
     if acc.is_main_process:

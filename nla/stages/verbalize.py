@@ -246,6 +246,10 @@ def explain_text(text: str, checkpoint: str | Path | None = None, *, positions: 
 # ---------------------------------------------------------------- stage
 
 
+def output_path(cfg: NLAConfig, args: VerbalizeArgs) -> Path:
+    return Path(args.out) if args.out else cfg.output_dir / "verbalize" / "explanations.jsonl"
+
+
 def run(cfg: NLAConfig, args: VerbalizeArgs | None = None, nla: NLA | None = None) -> dict[str, Any]:
     """Explain the requested input; write JSONL; return {rows, out, n, selection, fve_mean}."""
     args = args or VerbalizeArgs()
@@ -264,7 +268,7 @@ def run(cfg: NLAConfig, args: VerbalizeArgs | None = None, nla: NLA | None = Non
     rows = verbalize_rows(nla, vectors, args.num_samples, args.verbalize_temperature, cfg.av.max_new_tokens,
                           args.rerank_with_ar)
     rows = [{**i, **r} for i, r in zip(info, rows)]
-    out = Path(args.out) if args.out else cfg.output_dir / "verbalize" / "explanations.jsonl"
+    out = output_path(cfg, args)
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     if args.html:  # the same browsable table as eval's report.html, for these rows
         atomic_write_text(out.with_suffix(".html"), html_page(f"NLA verbalize: {out.name}", rows))
@@ -286,7 +290,7 @@ def format_table(rows: list[dict[str, Any]], width: int = 90) -> str:
 
 
 def main(argv: list[str]) -> int:
-    cfg, (args,) = start_stage(argv, "verbalize", extra=[VerbalizeArgs])
+    cfg, (args,) = start_stage(argv, "verbalize", extra=[VerbalizeArgs], folder=lambda c, ex: output_path(c, ex[0]).parent)
     summary = run(cfg, args)
     print(format_table(summary["rows"]))
     fve = summary["fve_mean"]
