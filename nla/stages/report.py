@@ -176,9 +176,17 @@ def plot_rl_curve(series: dict[str, list[tuple[int, float]]], path: Path) -> str
 
 
 def markdown(report: dict[str, Any], rows: list[dict[str, Any]], n_samples: int = 8) -> str:
-    """report.md: headline, controls, paraphrase, length curve, independent AR, flags, sample rows."""
-    r = report
-    lines = ["# NLA evaluation\n", f"- data: `{r['source']}` ({r['n']} rows); AV `{r['checkpoint']['av']}`, AR `{r['checkpoint']['ar']}`",
+    """report.md: headline, controls, ceilings, the optional controls, length curve, independent AR,
+    flags, plots, sample rows (one section function each)."""
+    sections = [_md_headline(report), _md_controls(report), _md_ceilings(report), _md_paraphrase(report),
+                _md_reinjection(report), _md_order(report), _md_length(report), _md_independent(report),
+                _md_flags_and_plots(report), _md_samples(rows, n_samples)]
+    return "\n".join(line for section in sections for line in section) + "\n"
+
+
+def _md_headline(r: dict[str, Any]) -> list[str]:
+    lines = ["# NLA evaluation\n",
+             f"- data: `{r['source']}` ({r['n']} rows); AV `{r['checkpoint']['av']}`, AR `{r['checkpoint']['ar']}`",
              f"- FVE is **{r['fve_definition']}**; Var = {_fmt(r['var'], 4)} from {r['var_source']}; "
              f"vectors normalised to {_fmt(r['mse_scale'], 2)}",
              f"- explanations: {r['selection']} (temperature {r['temperature']})\n",
@@ -188,56 +196,93 @@ def markdown(report: dict[str, Any], rows: list[dict[str, Any]], n_samples: int 
         label = key + {"fve_vs_mean_pred": " (lenient: vs predicting the mean)",
                        "fve_floor": " (strict FVE of the best constant prediction)"}.get(key, "")
         lines.append(f"| {label} | {_fmt(r[key])} |")
-    lines += ["\n## Controls\n", "| control | what it does | fve_nrm | top-1 |", "|---|---|---|---|",
-              f"| real | the AV's explanation of the row's own vector | {_fmt(r['fve_nrm'])} | {_fmt(r['top1_retrieval'])} |"]
+    return lines
+
+
+def _md_controls(r: dict[str, Any]) -> list[str]:
+    lines = ["\n## Controls\n", "| control | what it does | fve_nrm | top-1 |", "|---|---|---|---|",
+             f"| real | the AV's explanation of the row's own vector | {_fmt(r['fve_nrm'])} | {_fmt(r['top1_retrieval'])} |"]
     for k, v in r["controls"].items():
         lines.append(f"| {k} | {CONTROL_NOTES.get(k, '')} | {_fmt(v['fve_nrm'])} | {_fmt(v.get('top1_retrieval'))} |")
     lines.append(f"| floor | one constant prediction (the mean direction) for every row | {_fmt(r.get('fve_floor'))} | |")
-    lines += ["\n## Ceilings\n", "| reader | what it reads | fve_nrm |", "|---|---|---|"]
+    return lines
+
+
+def _md_ceilings(r: dict[str, Any]) -> list[str]:
+    lines = ["\n## Ceilings\n", "| reader | what it reads | fve_nrm |", "|---|---|---|"]
     if r.get("teacher_explanations"):
-        lines.append(f"| this AR | the dataset's teacher explanations | {_fmt(r['teacher_explanations']['fve_nrm'])} |")
+        teacher = r["teacher_explanations"]["fve_nrm"]
+        lines.append(f"| this AR | the dataset's teacher explanations | {_fmt(teacher)} |")
     if r.get("oracle"):
         lines.append(f"| oracle AR `{r['oracle']['path']}` | the raw context (last characters) | {_fmt(r['oracle']['fve_nrm'])} |")
         lines.append(f"| | share of the way from the floor to the oracle the NLA reaches | {_fmt(r.get('fraction_of_oracle'))} |")
     if not (r.get("teacher_explanations") or r.get("oracle")):
         lines.append("| – | no teacher text in the data and no --oracle_ar given | – |")
+    return lines
+
+
+def _md_paraphrase(r: dict[str, Any]) -> list[str]:
     para = r.get("paraphrase")
-    if para:
-        lines += ["\n## Paraphrase control\n", f"Method: {para['method']}. Rows: {para['n']} "
-                  f"(teacher failed on {_fmt(para['fail_rate'])}). FVE original {_fmt(para['fve_original'])} → "
-                  f"paraphrased {_fmt(para['fve_nrm'])}; retained {_fmt(para['fve_retained'])}."]
+    if not para:
+        return []
+    return ["\n## Paraphrase control\n", f"Method: {para['method']}. Rows: {para['n']} "
+            f"(teacher failed on {_fmt(para['fail_rate'])}). FVE original {_fmt(para['fve_original'])} → "
+            f"paraphrased {_fmt(para['fve_nrm'])}; retained {_fmt(para['fve_retained'])}."]
+
+
+def _md_reinjection(r: dict[str, Any]) -> list[str]:
     re_ = r.get("reinjection") or {}
-    if re_.get("kl") is not None:
-        lines += ["\n## Reinjection\n", f"The reconstruction (rescaled to the activation's norm) patched into the target "
-                  f"model at layer K, last position, on {re_['n']} rows ({re_['left_out']} left out: the context did not "
-                  "tokenize back to the stored activation). Next-token KL(original ‖ patched), lower is better:\n",
-                  "| patch | KL | top-1 agrees |", "|---|---|---|",
-                  f"| reconstruction | {_fmt(re_['kl'])} | {_fmt(re_['top1_agree'])} |",
-                  f"| mean activation | {_fmt(re_['kl_mean_baseline'])} | {_fmt(re_['top1_agree_mean_baseline'])} |",
-                  f"| another row's activation | {_fmt(re_['kl_shuffled_baseline'])} | – |",
-                  f"| zero | {_fmt(re_['kl_zero_baseline'])} | – |",
-                  f"\nrecovered = 1 − KL_reconstruction / KL_mean = {_fmt(re_['recovered'])}."]
+    if re_.get("kl") is None:
+        return []
+    return ["\n## Reinjection\n", f"The reconstruction (rescaled to the activation's norm) patched into the target "
+            f"model at layer K, last position, on {re_['n']} rows ({re_['left_out']} left out: the context did not "
+            "tokenize back to the stored activation). Next-token KL(original ‖ patched), lower is better:\n",
+            "| patch | KL | top-1 agrees |", "|---|---|---|",
+            f"| reconstruction | {_fmt(re_['kl'])} | {_fmt(re_['top1_agree'])} |",
+            f"| mean activation | {_fmt(re_['kl_mean_baseline'])} | {_fmt(re_['top1_agree_mean_baseline'])} |",
+            f"| another row's activation | {_fmt(re_['kl_shuffled_baseline'])} | – |",
+            f"| zero | {_fmt(re_['kl_zero_baseline'])} | – |",
+            f"\nrecovered = 1 − KL_reconstruction / KL_mean = {_fmt(re_['recovered'])}."]
+
+
+def _md_order(r: dict[str, Any]) -> list[str]:
     order = r.get("order_shuffled")
-    if order and order.get("fve_nrm") is not None:
-        lines += ["\n## Order-shuffle control\n", f"Each explanation's phrases in another order (seeded), on the "
-                  f"{order['n']} rows with two or more phrases: FVE original {_fmt(order['fve_original'])} → reordered "
-                  f"{_fmt(order['fve_nrm'])}; retained {_fmt(order['fve_retained'])}. "
-                  f"Example: `{order['example'][0]}` → `{order['example'][1]}`."]
-    lines += ["\n## FVE by explanation length\n", "| tokens | " + " | ".join(r["fve_by_length"]) + " |",
-              "|---" * (len(r["fve_by_length"]) + 1) + "|", "| fve_nrm | " + " | ".join(_fmt(v) for v in r["fve_by_length"].values()) + " |"]
+    if not (order and order.get("fve_nrm") is not None):
+        return []
+    return ["\n## Order-shuffle control\n", f"Each explanation's phrases in another order (seeded), on the "
+            f"{order['n']} rows with two or more phrases: FVE original {_fmt(order['fve_original'])} → reordered "
+            f"{_fmt(order['fve_nrm'])}; retained {_fmt(order['fve_retained'])}. "
+            f"Example: `{order['example'][0]}` → `{order['example'][1]}`."]
+
+
+def _md_length(r: dict[str, Any]) -> list[str]:
+    by_length = r["fve_by_length"]
+    return ["\n## FVE by explanation length\n", "| tokens | " + " | ".join(by_length) + " |",
+            "|---" * (len(by_length) + 1) + "|", "| fve_nrm | " + " | ".join(_fmt(v) for v in by_length.values()) + " |"]
+
+
+def _md_independent(r: dict[str, Any]) -> list[str]:
     ind = r.get("independent_ar")
-    if ind:
-        lines += ["\n## Independent AR\n", f"`{ind['path']}`: fve_nrm {_fmt(ind['fve_nrm'])} (Var {_fmt(ind['var'], 4)} from "
-                  f"{ind['var_source']}); its empty-text control {_fmt(ind['empty_text_fve_nrm'])}."]
+    if not ind:
+        return []
+    return ["\n## Independent AR\n", f"`{ind['path']}`: fve_nrm {_fmt(ind['fve_nrm'])} (Var {_fmt(ind['var'], 4)} from "
+            f"{ind['var_source']}); its empty-text control {_fmt(ind['empty_text_fve_nrm'])}."]
+
+
+def _md_flags_and_plots(r: dict[str, Any]) -> list[str]:
     warned = flags(r)
-    lines += ["\n## Flags\n"] + ([f"- ⚠ {w}" for w in warned] or ["- none: the real score clears every control."])
-    lines += ["\n## Plots\n"] + [f"![{name}]({Path(p).name})" for name, p in (r.get("files") or {}).items() if p.endswith(".png")]
-    lines += ["\n## Sample rows\n", "| context (tail) | explanation | fve |", "|---|---|---|"]
+    files = (r.get("files") or {}).items()
+    plots = [f"![{name}]({Path(p).name})" for name, p in files if p.endswith(".png")]
+    return ["\n## Flags\n"] + ([f"- ⚠ {w}" for w in warned] or ["- none: the real score clears every control."]) + ["\n## Plots\n"] + plots
+
+
+def _md_samples(rows: list[dict[str, Any]], n_samples: int) -> list[str]:
+    lines = ["\n## Sample rows\n", "| context (tail) | explanation | fve |", "|---|---|---|"]
     for row in rows[:n_samples]:
         ctx = (row.get("context") or "")[-80:].replace("|", "\\|").replace("\n", " ")
         expl = (row["explanation"] or "<failed>").replace("|", "\\|").replace("\n", " ")[:160]
         lines.append(f"| …{ctx} | {expl} | {_fmt(row['fve_nrm'])} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_report(report: dict[str, Any], rows: list[dict[str, Any]], out_dir: str | Path) -> dict[str, str]:
