@@ -85,16 +85,15 @@ def disk_errors(work: Path) -> Iterator[None]:
                            f"on another disk, then rerun (finished chunks in {work} are kept).") from None
 
 
-def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
-    """Extract, explain, split and write; returns the numbers the demo prints (see module docstring)."""
+def _prepare(cfg: NLAConfig, state, work: Path, teacher: Teacher | None):
+    """Everything that can fail before the extraction, checked before it: the model and tokenizer,
+    the layer, the chat template, the teacher (main process) -> (model, tokenizer, layer, teacher).
+    Also removes files torn by a killed run."""
     from nla.models.sources import load_model_and_tokenizer
 
-    started = time.perf_counter()
-    state = _process_state(cfg)
-    work = cfg.data_dir / ".work"
     model, tok, _ = load_model_and_tokenizer(cfg.model, cfg.run.device if state.num_processes == 1 else str(state.device))
     layer = resolve_layer(cfg, text_config(model.config).num_hidden_layers)
-    try:  # before the extraction, not after it
+    try:
         templates.require_chat_template(tok)
     except templates.NoChatTemplate as err:
         raise DatagenError(f"{cfg.model.model}: {err}.") from None
@@ -106,6 +105,15 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
     if state.is_main_process:
         teacher = teacher or make_teacher(cfg, model, tok)
         teacher.check()  # an unreachable endpoint fails now, not after the extraction
+    return model, tok, layer, teacher
+
+
+def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
+    """Extract, explain, split and write; returns the numbers the demo prints (see module docstring)."""
+    started = time.perf_counter()
+    state = _process_state(cfg)
+    work = cfg.data_dir / ".work"
+    model, tok, layer, teacher = _prepare(cfg, state, work, teacher)
     store = ChunkStore(work, {"model": cfg.model.model, "layer": layer, "dtype": cfg.model.dtype,
                               "max_doc_tokens": cfg.data.max_doc_tokens, "min_position": cfg.data.min_position,
                               "positions_per_doc": cfg.data.positions_per_doc, "seed": cfg.run.seed})
