@@ -389,7 +389,7 @@ def test_missing_inputs_are_one_line_cli_errors(toy, tmp_path, capsys):
 def test_rl_curve_reads_held_out_series_and_plots(tmp_path):
     import json as _json
 
-    from nla.stages.report import plot_rl_curve, rl_curve_points
+    from nla.stages.plots import plot_rl_curve, rl_curve_points
 
     rows = [{"stage": "rl", "step": 0, "rl/val_fve_nrm": 0.1, "rl/val_fve_nrm_sft_ar": 0.1},
             {"stage": "rl", "step": 5, "rl/loss": 1.0},

@@ -29,7 +29,7 @@ from nla.models.backbone import text_config
 from nla.models.engines import make_engine
 from nla.models.pair import check_pair, resolve_paths, strict_variance
 from nla.models.sources import ModelSource
-from nla.stages.report import plot_rl_curve, rl_curve_points
+from nla.stages.plots import plot_rl_curve, rl_curve_points
 from nla.stages.stage import seed_everything, start_stage
 from nla.train.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint, start_from
 from nla.train.distributed import make_accelerator, rank_share
