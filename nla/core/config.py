@@ -398,27 +398,3 @@ def parse_config(argv: list[str] | None = None, extra: Iterable[type] = ()) -> t
     n = len(SECTIONS)
     cfg = NLAConfig(**dict(zip(SECTIONS, parsed[:n])))
     return cfg, list(parsed[n:])
-
-
-# Keys a resumed run may change: how long it runs and how it reports, not what it trains.
-_MAY_CHANGE_ON_RESUME = re.compile(r"(_steps|_every|_val_rows)$|^(max_new_tokens|output_dir|resume|device|av_eval_at_start|rollout_engine|vllm_python|vllm_memory_gb)$")
-
-
-def training_fingerprint(cfg: "NLAConfig", *sections: str, processes: int = 1, **extra: Any) -> dict[str, Any]:
-    """What a checkpoint was trained with: the model, the seed, every key of `sections` (e.g. "ar")
-    except run length and reporting, and `extra` (e.g. the dataset id). A resume compares it.
-    Batch sizes count all `processes` (a run may resume on another process count, same global batch)."""
-    out: dict[str, Any] = {"model": cfg.model.model, "layer": cfg.model.layer, "dtype": cfg.model.dtype, "seed": cfg.run.seed}
-    for name in sections:
-        for k, v in dataclasses.asdict(getattr(cfg, name)).items():
-            if k.endswith("_batch_size"):
-                out[f"{k} x processes"] = v * processes
-            elif not _MAY_CHANGE_ON_RESUME.search(k):
-                out[k] = v
-    return {**out, **extra}
-
-
-def default_layer(n_layers: int) -> int:
-    """About 2/3 depth (the published choice), as a block index."""
-    return max(0, min(n_layers - 2, round(2 * n_layers / 3)))  # never the last block (see backbone.layer_problem)
-

@@ -74,3 +74,8 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """[batch] index of the last real token, for left or right padding alike."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (attention_mask.long() * positions).argmax(dim=1)
+
+
+def default_layer(n_layers: int) -> int:
+    """About 2/3 depth (the published choice), as a block index."""
+    return max(0, min(n_layers - 2, round(2 * n_layers / 3)))  # never the last block (see layer_problem)

@@ -33,7 +33,7 @@ import torch
 
 from nla import __version__
 from nla.core import templates
-from nla.core.config import ConfigError, NLAConfig, default_layer
+from nla.core.config import ConfigError, NLAConfig
 from nla.core.io import atomic_write_text, remove_temp_files
 from nla.core.sidecar import Meta, TokenSpec, dataset_meta_path
 from nla.core.tracking import Tracker
@@ -41,7 +41,7 @@ from nla.data.corpus import iter_documents
 from nla.data.extract import ChunkStore, Rows, ScanResult, choose_marker, norm_stats, scan_and_extract, stable_int, stable_unit
 from nla.data.splits import SPLITS, split_path, write_split
 from nla.data.teacher import Explained, Teacher, TeacherCache, explain, make_teacher
-from nla.models.backbone import text_config
+from nla.models.backbone import default_layer, text_config
 
 TEACHER_SPLITS = ("av_sft", "ar_sft", "val", "test")  # rows that need an explanation
 RESPONSE_SPLITS = ("av_sft", "val", "test")  # rows that carry the AV's target text

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from nla.core.config import ConfigError, NLAConfig, training_fingerprint
+from nla.core.config import ConfigError, NLAConfig
 from nla.core.sidecar import MODEL_META, write_meta
 from nla.core.tracking import Tracker
 from nla.data.splits import load_split, split_path
@@ -31,7 +31,14 @@ from nla.models.pair import check_pair, resolve_paths, strict_variance
 from nla.models.sources import ModelSource
 from nla.stages.plots import plot_rl_curve, rl_curve_points
 from nla.stages.stage import seed_everything, start_stage
-from nla.train.checkpoint import load_checkpoint_state, publish_final, resolve_resume, save_checkpoint, start_from
+from nla.train.checkpoint import (
+    load_checkpoint_state,
+    publish_final,
+    resolve_resume,
+    save_checkpoint,
+    start_from,
+    training_fingerprint,
+)
 from nla.train.distributed import make_accelerator, rank_share
 from nla.train.grpo import AR, AR_REF, AV, AV_REF, JointTrainer, adapter_parameters
 from nla.train.loop import schedule

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from nla.core.config import ARConfig, ConfigError, NLAConfig, training_fingerprint
+from nla.core.config import ARConfig, ConfigError, NLAConfig
 from nla.core.metrics import cosine, fve_from_mse, mse_nrm, summarize, target_mean, target_variance
 from nla.core.sidecar import SidecarError
 from nla.core.templates import ar_prompt, context_tail
@@ -34,7 +34,7 @@ from nla.data.splits import Split, derangement, load_split, split_path
 from nla.models.ar import ARModel, build_ar, load_ar, model_meta, pad_batch, save_ar
 from nla.models.sources import ModelSource
 from nla.stages.stage import seed_everything, start_stage
-from nla.train.checkpoint import load_checkpoint_state, publish_final, save_checkpoint, start_from
+from nla.train.checkpoint import load_checkpoint_state, publish_final, save_checkpoint, start_from, training_fingerprint
 from nla.train.distributed import make_accelerator, rank_share
 from nla.train.loop import OptimizerStep, row_stream, schedule
 

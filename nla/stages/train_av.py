@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 
 from nla.core import metrics
-from nla.core.config import AVConfig, ConfigError, NLAConfig, training_fingerprint
+from nla.core.config import AVConfig, ConfigError, NLAConfig
 from nla.core.sidecar import Meta, dataset_meta_path, read_meta
 from nla.core.tracking import Tracker, progress
 from nla.data.splits import Split, derangement, load_split, split_path
@@ -53,7 +53,7 @@ from nla.models.injection import InjectionHook
 from nla.models.lora import apply_lora, trainable_parameters
 from nla.models.sources import ModelSource
 from nla.stages.stage import seed_everything, start_stage
-from nla.train.checkpoint import load_checkpoint_state, publish_final, save_checkpoint, start_from
+from nla.train.checkpoint import load_checkpoint_state, publish_final, save_checkpoint, start_from, training_fingerprint
 from nla.train.distributed import make_accelerator, rank_share
 from nla.train.loop import OptimizerStep, row_stream, schedule
 

@@ -10,6 +10,7 @@ with that file is complete. `<root>/final` is the last one, copied under a stabl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -24,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from nla.core.config import ConfigError
+from nla.core.config import ConfigError, NLAConfig
 from nla.core.io import atomic_dir, atomic_write_text, write_errors
 
 STATE_FILE = "trainer_state.json"
@@ -32,6 +33,24 @@ STATE_FILE = "trainer_state.json"
 # are saved as <role>_optimizer. Older checkpoints read other rows on resume, so they are refused.
 LAYOUT = 2
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+# Keys a resumed run may change: how long it runs and how it reports, not what it trains.
+_MAY_CHANGE_ON_RESUME = re.compile(r"(_steps|_every|_val_rows)$|^(max_new_tokens|output_dir|resume|device|av_eval_at_start|rollout_engine|vllm_python|vllm_memory_gb)$")
+
+
+def training_fingerprint(cfg: NLAConfig, *sections: str, processes: int = 1, **extra: Any) -> dict[str, Any]:
+    """What a checkpoint was trained with: the model, the seed, every key of `sections` (e.g. "ar")
+    except run length and reporting, and `extra` (e.g. the dataset id). A resume compares it.
+    Batch sizes count all `processes` (a run may resume on another process count, same global batch)."""
+    out: dict[str, Any] = {"model": cfg.model.model, "layer": cfg.model.layer, "dtype": cfg.model.dtype, "seed": cfg.run.seed}
+    for name in sections:
+        for k, v in dataclasses.asdict(getattr(cfg, name)).items():
+            if k.endswith("_batch_size"):
+                out[f"{k} x processes"] = v * processes
+            elif not _MAY_CHANGE_ON_RESUME.search(k):
+                out[k] = v
+    return {**out, **extra}
 
 
 def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], state: dict[str, Any],
