@@ -8,7 +8,16 @@ import torch
 
 from nla.core.config import ConfigError
 from nla.train.checkpoint import LAYOUT, STATE_FILE, save_checkpoint, start_from
-from nla.train.loop import MAX_CONSECUTIVE_SKIPS, OptimizerStep, lr_factor, row_stream, schedule, warmup_steps
+from nla.train.loop import (
+    MAX_CONSECUTIVE_SKIPS,
+    OptimizerStep,
+    lr_factor,
+    restore_skips,
+    row_stream,
+    schedule,
+    skip_counts,
+    warmup_steps,
+)
 
 
 def test_row_stream_is_a_function_of_seed_and_position():
@@ -72,6 +81,22 @@ def test_optimizer_step_stops_a_diverged_run():
         step()
     with pytest.raises(RuntimeError, match=f"{MAX_CONSECUTIVE_SKIPS} AR steps in a row had non-finite gradients"):
         step()
+
+
+def test_skip_counts_round_trip_by_name_and_read_the_old_bare_number():
+    _, av, _ = _stepper([float("nan")])
+    av.name = "av"
+    _, ar, _ = _stepper([1.0])
+    av()
+    saved = skip_counts(av, ar)
+    assert saved == {"av": 1, "ar": 0}
+    av.skipped, ar.skipped = 5, 5
+    restore_skips(saved, ar, av)  # by name, whatever the order
+    assert (av.skipped, ar.skipped) == (1, 0)
+    restore_skips(3, ar)  # a one-optimizer checkpoint from before the names
+    assert ar.skipped == 3
+    restore_skips(None, ar)
+    assert ar.skipped == 0
 
 
 def test_a_checkpoint_of_the_old_layout_is_refused_in_one_line(tmp_path):

@@ -41,7 +41,7 @@ from nla.train.checkpoint import (
 )
 from nla.train.distributed import make_accelerator, rank_share
 from nla.train.grpo import AR, AR_REF, AV, AV_REF, JointTrainer, adapter_parameters
-from nla.train.loop import schedule
+from nla.train.loop import restore_skips, schedule
 
 
 def sft_paths(cfg: NLAConfig) -> tuple[Path, Path]:
@@ -124,8 +124,7 @@ def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path
     state: dict[str, Any] = {"step": 0, "cursor": 0}
     if resume is not None:
         state = load_checkpoint_state(resume, trainer.saved_optimizers())
-        skipped = state.get("skipped", {})
-        trainer.av_step.skipped, trainer.ar_step.skipped = skipped.get(AV, 0), skipped.get(AR, 0)
+        restore_skips(state.get("skipped"), trainer.av_step, trainer.ar_step)
     return trainer, state, av_meta, _with(ar_meta, {"ar_target_variance": var})
 
 

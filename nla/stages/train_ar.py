@@ -36,7 +36,7 @@ from nla.models.sources import ModelSource
 from nla.stages.stage import seed_everything, start_stage
 from nla.train.checkpoint import load_checkpoint_state, publish_final, save_checkpoint, start_from, training_fingerprint
 from nla.train.distributed import make_accelerator, rank_share
-from nla.train.loop import OptimizerStep, row_stream, schedule
+from nla.train.loop import OptimizerStep, restore_skips, row_stream, schedule, skip_counts
 
 CONTROL_DIR = "ar_shuffled_targets"
 ORACLE_DIR = "ar_oracle"  # the context-oracle AR (--ar_text context): never the AR later stages load
@@ -124,7 +124,7 @@ class ARTrainer:
         params = ar.trainable_parameters()
         self.stepper = OptimizerStep("ar", optimizer, scheduler, lambda: accelerator.clip_grad_norm_(params, 1.0))
         self.step, self.cursor = start.get("step", 0), start.get("cursor", 0)
-        self.stepper.skipped = start.get("skipped", 0)
+        restore_skips(start.get("skipped"), self.stepper)
         self.global_batch = cfg.ar_batch_size * accelerator.num_processes
         self.rows_seen, self.train_time = 0, 0.0
         self.last_ckpt: Path | None = start.get("path")
@@ -180,7 +180,7 @@ class ARTrainer:
             meta = self.meta_fn(self.scale, self.var, self.step)
             save_checkpoint(
                 self.root, self.step, lambda d: save_ar(self.ar, d / "ar", meta, self.tok),
-                {"cursor": self.cursor, "skipped": self.skipped, "fingerprint": self.fingerprint},
+                {"cursor": self.cursor, "skipped": skip_counts(self.stepper), "fingerprint": self.fingerprint},
                 self.stepper.saved())
         self.acc.wait_for_everyone()
 

@@ -55,7 +55,7 @@ from nla.models.sources import ModelSource
 from nla.stages.stage import seed_everything, start_stage
 from nla.train.checkpoint import load_checkpoint_state, publish_final, save_checkpoint, start_from, training_fingerprint
 from nla.train.distributed import make_accelerator, rank_share
-from nla.train.loop import OptimizerStep, row_stream, schedule
+from nla.train.loop import OptimizerStep, restore_skips, row_stream, schedule, skip_counts
 
 SAMPLE_ROWS = 8  # val rows generated (greedy) at each eval for the samples table and CJK check
 CONTEXT_TAIL_CHARS = 160
@@ -103,7 +103,7 @@ class AVTrainer:
         self.unwrapped = accelerator.unwrap_model(model)
         params = trainable_parameters(self.unwrapped)
         self.stepper = OptimizerStep("av", optimizer, scheduler, lambda: accelerator.clip_grad_norm_(params, MAX_GRAD_NORM))
-        self.stepper.skipped = int((start or {}).get("skipped", 0))
+        restore_skips((start or {}).get("skipped"), self.stepper)
         self.hook = InjectionHook(self.unwrapped, *meta.tokens.ids, data.injection_scale)
         self.shuffled = data.val.vectors[derangement(len(data.val), seed + 7)] if len(data.val) > 1 else data.val.vectors
         self.last_eval: dict[str, Any] = {}
@@ -202,7 +202,7 @@ class AVTrainer:
                 save_av(self.unwrapped, self.tok, self.meta, tmp / "av")
                 self.save_config(tmp)
 
-            state = {"cursor": step * self.rows_per_step(), "skipped": self.stepper.skipped, "fingerprint": self.fingerprint}
+            state = {"cursor": step * self.rows_per_step(), "skipped": skip_counts(self.stepper), "fingerprint": self.fingerprint}
             self.last_checkpoint = save_checkpoint(self.root, step, write, state, self.stepper.saved())
         self.acc.wait_for_everyone()
 
@@ -271,15 +271,15 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     model.to(acc.device)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.av.av_lr, weight_decay=0.0)
     scheduler = schedule(optimizer, cfg.av.av_steps)
-    start_step, skipped = 0, 0
+    start_step, state = 0, {}
     if resume_from is not None:  # after model.to(device): optimizer state follows its params' device
         state = load_checkpoint_state(resume_from, {"av_optimizer": optimizer, "av_scheduler": scheduler})
-        start_step, skipped = int(state["step"]), int(state.get("skipped", 0))
+        start_step = int(state["step"])
     model, optimizer = acc.prepare(model, optimizer)
     tracker = Tracker(cfg, "train-av", is_main=acc.is_main_process)
     tracker.forget_after(start_step)  # steps after the checkpoint are trained (and logged) again
     trainer = AVTrainer(cfg.av, cfg.run.seed, acc, model, tokenizer, meta, data, optimizer, scheduler, tracker,
-                        cfg.output_dir / "av", cfg.save, {"skipped": skipped}, fingerprint)
+                        cfg.output_dir / "av", cfg.save, state, fingerprint)
     if start_step < cfg.av.av_steps:
         trainer.fit(start_step, cfg.logging.log_every, cfg.logging.progress)
     else:  # resumed a finished run: nothing to train, report and republish

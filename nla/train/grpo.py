@@ -34,7 +34,7 @@ from nla.models.ar import ARModel
 from nla.models.av import Rollout, Verbalizer, response_logprobs
 from nla.models.engines import HFEngine
 from nla.train.distributed import mean_over_processes, rank_share
-from nla.train.loop import OptimizerStep, row_stream
+from nla.train.loop import OptimizerStep, row_stream, skip_counts
 
 AV, AV_REF, AR, AR_REF = "av", "av_ref", "ar", "ar_ref"
 
@@ -127,7 +127,7 @@ class JointTrainer:
             if val_vectors is not None and rc.rl_val_every and done % rc.rl_val_every == 0 and done < rc.rl_steps:
                 tracker.log(self.validate(val_vectors, seed + 1), done)
             if done % rc.rl_save_every == 0 or done == rc.rl_steps:
-                save(done, {"cursor": cursor, "skipped": {AV: self.av_step.skipped, AR: self.ar_step.skipped}})
+                save(done, {"cursor": cursor, "skipped": skip_counts(self.av_step, self.ar_step)})
         return history
 
     def saved_optimizers(self) -> dict[str, Any]:

@@ -72,8 +72,8 @@ class OptimizerStep:
 
     `clip()` brings the gradients into shape and returns their total norm: `accelerator.clip_grad_norm_`
     for a prepared model, or an all-reduce plus `torch.nn.utils.clip_grad_norm_` for parameters the
-    accelerator does not wrap (the RL adapters). `skipped` counts skipped steps over the run; save
-    it with `state_dict`.
+    accelerator does not wrap (the RL adapters). `skipped` counts skipped steps over the run; a
+    checkpoint saves it (`skip_counts`) and a resume restores it (`restore_skips`).
     """
 
     def __init__(self, name: str, optimizer: torch.optim.Optimizer, scheduler, clip: Callable[[], Any]):
@@ -110,3 +110,18 @@ class OptimizerStep:
         if self.scheduler is not None:
             out[f"{self.name}_scheduler"] = self.scheduler
         return out
+
+
+def skip_counts(*steppers: OptimizerStep) -> dict[str, int]:
+    """The skipped-step counts a checkpoint saves, by optimizer name ({"av": 0, "ar": 1})."""
+    return {s.name: s.skipped for s in steppers}
+
+
+def restore_skips(saved: dict[str, int] | int | None, *steppers: OptimizerStep) -> None:
+    """Each stepper's count from a checkpoint's `skipped` (by name; a bare number, as one-optimizer
+    stages saved before, belongs to the single stepper)."""
+    for s in steppers:
+        if isinstance(saved, dict):
+            s.skipped = int(saved.get(s.name, 0))
+        else:
+            s.skipped = int(saved or 0) if len(steppers) == 1 else 0
