@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from nla.core import metrics, templates
+from nla.core import metrics, seeds, templates
 from nla.core.config import ConfigError, NLAConfig
 from nla.data.splits import derangement
 from nla.data.teacher import LocalTeacher, TeacherCache, make_teacher
@@ -79,7 +79,7 @@ def control_fves(explain: Explain, predict: Predict, vectors: torch.Tensor, expl
         av_texts = [explanations[j] for j in perm.tolist()] + list(extra)
     else:
         av_texts = explain(torch.cat([vectors[perm], uninformative]))
-    others = derangement(n, scorer.seed + 1)
+    others = derangement(n, scorer.seed + seeds.CONTROL_PAIRING)
     ar_texts = av_texts + ["", *[explanations[i] for i in others.tolist()]]
     pred = predict(ar_texts)  # one batched AR pass: [n + 2 + 1 + n, d]
     parts = {"shuffled_vector": pred[:n], "zero_vector": pred[n:n + 1].expand(n, -1),

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from nla.core import seeds
 from nla.core.config import ConfigError, NLAConfig
 from nla.core.sidecar import MODEL_META, write_meta
 from nla.core.tracking import Tracker
@@ -181,7 +182,7 @@ def _train(cfg: NLAConfig, acc, trainer: JointTrainer, state: dict[str, Any], av
     val_vectors = validation_vectors(cfg, acc)
     val_start = state.get("val_start")
     if val_vectors is not None and int(state["step"]) == 0:
-        val_start = trainer.validate(val_vectors, cfg.run.seed + 1)
+        val_start = trainer.validate(val_vectors, cfg.run.seed + seeds.HELD_OUT_SAMPLING)
         tracker.log(val_start, 0)
     save = checkpoint_writer(trainer, root, av_meta, ar_meta, {"sft_av": str(sft_av), "sft_ar": str(sft_ar),
                                                                "val_start": val_start, "fingerprint": fingerprint}, acc)
@@ -203,7 +204,7 @@ def _train(cfg: NLAConfig, acc, trainer: JointTrainer, state: dict[str, Any], av
         summary["reward_last"] = sum(h["rl/reward_mean"] for h in tail) / len(tail)
         summary["seconds_per_step"] = summary["wall_s"] / max(1, len(history))
     if val_vectors is not None:  # every process: the metric gather is collective
-        val_end = trainer.validate(val_vectors, cfg.run.seed + 1)
+        val_end = trainer.validate(val_vectors, cfg.run.seed + seeds.HELD_OUT_SAMPLING)
         tracker.log(val_end, rc.rl_steps)
         summary["val_start"], summary["val"] = _short(val_start), _short(val_end)
         tracker.summary(val_end)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from nla.core import seeds
 from nla.core.config import ARConfig, ConfigError, NLAConfig
 from nla.core.metrics import cosine, fve_from_mse, mse_nrm, summarize, target_mean, target_variance
 from nla.core.sidecar import SidecarError
@@ -256,7 +257,7 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     if len(train.ids) < 1:
         raise ConfigError(f"{train_split.path}: no usable rows (need an explanation and a prompt <= {ar.max_length} tokens).")
     if control:  # the control: every row learns another row's target, so text carries no information
-        train.targets = train.targets[derangement(len(train.targets), cfg.run.seed + 1)]
+        train.targets = train.targets[derangement(len(train.targets), cfg.run.seed + seeds.SHUFFLED_TARGETS)]
     opt = torch.optim.AdamW(ar.trainable_parameters(), lr=cfg.ar.ar_lr, weight_decay=0.0)
     sched = schedule(opt, cfg.ar.ar_steps)
     start: dict[str, Any] = {}

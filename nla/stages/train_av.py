@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from nla.core import metrics
+from nla.core import metrics, seeds
 from nla.core.config import AVConfig, ConfigError, NLAConfig
 from nla.core.sidecar import Meta, dataset_meta_path, read_meta
 from nla.core.tracking import Tracker, progress
@@ -105,7 +105,7 @@ class AVTrainer:
         self.stepper = OptimizerStep("av", optimizer, scheduler, lambda: accelerator.clip_grad_norm_(params, MAX_GRAD_NORM))
         restore_skips((start or {}).get("skipped"), self.stepper)
         self.hook = InjectionHook(self.unwrapped, *meta.tokens.ids, data.injection_scale)
-        self.shuffled = data.val.vectors[derangement(len(data.val), seed + 7)] if len(data.val) > 1 else data.val.vectors
+        self.shuffled = data.val.vectors[derangement(len(data.val), seed + seeds.SHUFFLED_VECTORS)] if len(data.val) > 1 else data.val.vectors
         self.last_eval: dict[str, Any] = {}
         self.start_eval: dict[str, Any] = {}  # step 0 (fresh runs only)
         self.last_checkpoint: Path | None = None

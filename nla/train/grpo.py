@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from nla.core import metrics, rewards, templates
+from nla.core import metrics, rewards, seeds, templates
 from nla.core.config import RLConfig
 from nla.core.tracking import Tracker, progress
 from nla.data.splits import derangement
@@ -125,7 +125,7 @@ class JointTrainer:
                 table = [[(contexts[int(rows[g])] or "")[-160:], text, fve] for g, text, fve in out.samples]
                 tracker.log_table("rl/samples", ["context_tail", "explanation", "fve_nrm"], table, done)
             if val_vectors is not None and rc.rl_val_every and done % rc.rl_val_every == 0 and done < rc.rl_steps:
-                tracker.log(self.validate(val_vectors, seed + 1), done)
+                tracker.log(self.validate(val_vectors, seed + seeds.HELD_OUT_SAMPLING), done)
             if done % rc.rl_save_every == 0 or done == rc.rl_steps:
                 save(done, {"cursor": cursor, "skipped": skip_counts(self.av_step, self.ar_step)})
         return history
