@@ -20,14 +20,13 @@ from nla.models.av import (
     generated_mask,
     load_av,
     make_av_meta,
-    marker_positions,
     pad,
     prompt_ids,
     response_logprobs,
     save_av,
     shared_prefix_length,
 )
-from nla.models.injection import InjectionHook
+from nla.models.injection import InjectionHook, find_marker_positions
 from nla.models.lora import apply_lora
 from nla.testing import save_tiny_model
 
@@ -79,7 +78,7 @@ def test_marker_sits_where_the_sidecar_says(tiny_tokenizer, data_meta):
     batch = build_sft_batch(tok, prompt, ["x", "a longer response"])
     gen_ids, gen_mask = build_generation_batch(tok, 3, data_meta)
     for ids in (batch["input_ids"], gen_ids):
-        pos = marker_positions(ids, data_meta)
+        pos = find_marker_positions(ids, *data_meta.tokens.ids)
         assert pos[:, 0].tolist() == list(range(ids.shape[0]))  # exactly one per row
         assert (pos[:, 1] == col + (ids.shape[1] - len(prompt) if ids is gen_ids else 0)).all()
         rows = torch.arange(ids.shape[0])

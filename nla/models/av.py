@@ -28,7 +28,7 @@ from torch import nn
 
 from nla.core import templates
 from nla.core.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
-from nla.models.injection import InjectionHook, find_marker_positions, repeat_for_samples
+from nla.models.injection import InjectionHook, repeat_for_samples
 from nla.models.sources import ModelSource, load_adapter, pick_device
 
 IGNORE = -100  # label value that the loss skips
@@ -371,8 +371,3 @@ def load_av(path: str | Path, device: str = "auto", dtype: str = "float32", max_
     meta.verify(tokenizer, d_model=model.get_input_embeddings().weight.shape[-1], where=str(av_dir / MODEL_META))
     model = model.to(pick_device(device)).eval()
     return Verbalizer(model, tokenizer, meta, scale, max_new_tokens)
-
-
-def marker_positions(input_ids: torch.Tensor, meta: Meta) -> torch.Tensor:
-    """[b, t] -> [m, 2] (row, col) of the marker with its sidecar neighbours (for checks and tests)."""
-    return find_marker_positions(input_ids, *meta.tokens.ids)
