@@ -277,7 +277,8 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
                          "train_rows": len(train.ids), "dataset": str(train_split.path),
                          "dataset_id": train_split.meta.extra.get("dataset_id")}})
 
-    trainer = ARTrainer(cfg.ar, cfg.run.seed, ar, model, tokenizer, train, val, acc, tracker, root, meta_fn, opt, sched, start, fingerprint)
+    trainer = ARTrainer(cfg.ar, cfg.run.seed, ar, model, tokenizer, train, val, acc, tracker, root, meta_fn, opt, sched, start,
+                        fingerprint)
     began = time.time()
     final = trainer.fit(cfg.logging.log_every, cfg.logging.progress)
     checkpoint = publish_final(trainer.last_ckpt, root) if acc.is_main_process else root / "final"

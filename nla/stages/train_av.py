@@ -97,7 +97,8 @@ class AVTrainer:
     def __init__(self, cfg: AVConfig, seed: int, accelerator, model, tokenizer, meta: Meta, data: AVData,
                  optimizer, scheduler, tracker: Tracker, root: Path, save_config: Callable[[Path], None],
                  start: dict[str, Any] | None = None, fingerprint: dict[str, Any] | None = None):
-        self.cfg, self.seed, self.acc, self.model, self.tok, self.meta, self.data = cfg, seed, accelerator, model, tokenizer, meta, data
+        self.cfg, self.seed, self.acc = cfg, seed, accelerator
+        self.model, self.tok, self.meta, self.data = model, tokenizer, meta, data
         self.fingerprint = fingerprint or {}  # stored in every checkpoint; a resume must match it
         self.tracker, self.root, self.save_config = tracker, root, save_config
         self.unwrapped = accelerator.unwrap_model(model)
@@ -105,7 +106,8 @@ class AVTrainer:
         self.stepper = OptimizerStep("av", optimizer, scheduler, lambda: accelerator.clip_grad_norm_(params, MAX_GRAD_NORM))
         restore_skips((start or {}).get("skipped"), self.stepper)
         self.hook = InjectionHook(self.unwrapped, *meta.tokens.ids, data.injection_scale)
-        self.shuffled = data.val.vectors[derangement(len(data.val), seed + seeds.SHUFFLED_VECTORS)] if len(data.val) > 1 else data.val.vectors
+        other = derangement(len(data.val), seed + seeds.SHUFFLED_VECTORS) if len(data.val) > 1 else slice(None)
+        self.shuffled = data.val.vectors[other]
         self.last_eval: dict[str, Any] = {}
         self.start_eval: dict[str, Any] = {}  # step 0 (fresh runs only)
         self.last_checkpoint: Path | None = None
