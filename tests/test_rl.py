@@ -173,8 +173,8 @@ def _adapters_sft(warm_start) -> dict[str, torch.Tensor]:
     return {f"av/{k}": v for k, v in av.items()}
 
 
-def test_each_phase_only_moves_its_own_adapter(warm_start, toy_model_dir, tmp_path):
-    """The AR step never reaches the AV (nor av_ref), and the AV step never reaches the AR."""
+def _joint(warm_start, toy_model_dir, tmp_path):
+    """The SFT pair loaded as RL loads it, in a JointTrainer with plain AdamW -> (trainer, {adapter: params})."""
     from nla.stages import rl
 
     cfg = _cfg(tmp_path, toy_model_dir, "--av_checkpoint", warm_start / "av" / "final", "--ar_checkpoint",
@@ -183,11 +183,16 @@ def test_each_phase_only_moves_its_own_adapter(warm_start, toy_model_dir, tmp_pa
                                                           warm_start / "ar" / "final" / "ar", None, torch.device("cpu"),
                                                           ModelSource.of(cfg.model))
     params = {a: grpo.adapter_parameters(model, a) for a in (grpo.AV, grpo.AV_REF, grpo.AR, grpo.AR_REF)}
-    snap = lambda: {a: [p.detach().clone() for p in ps] for a, ps in params.items()}  # noqa: E731
-    moved = lambda before, after, a: any(not torch.equal(x, y) for x, y in zip(before[a], after[a]))  # noqa: E731
     av_opt = torch.optim.AdamW(params[grpo.AV], lr=1e-2)
     ar_opt = torch.optim.AdamW(params[grpo.AR] + [ar.head.weight], lr=1e-2)
-    trainer = grpo.JointTrainer(model, verbalizer, ar, tok, cfg.rl, 8.0, 1.0, av_opt, ar_opt, sft_ar=sft_ar)
+    return grpo.JointTrainer(model, verbalizer, ar, tok, cfg.rl, 8.0, 1.0, av_opt, ar_opt, sft_ar=sft_ar), params
+
+
+def test_each_phase_only_moves_its_own_adapter(warm_start, toy_model_dir, tmp_path):
+    """The AR step never reaches the AV (nor av_ref), and the AV step never reaches the AR."""
+    trainer, params = _joint(warm_start, toy_model_dir, tmp_path)
+    snap = lambda: {a: [p.detach().clone() for p in ps] for a, ps in params.items()}  # noqa: E731
+    moved = lambda before, after, a: any(not torch.equal(x, y) for x, y in zip(before[a], after[a]))  # noqa: E731
     vectors = load_split(warm_start / "data" / "rl.parquet").vectors[:4]
     ro = trainer.rollout(vectors)
     before = snap()
@@ -206,3 +211,31 @@ def test_each_phase_only_moves_its_own_adapter(warm_start, toy_model_dir, tmp_pa
     if sc.usable.any():  # ... and after the AR's update it still reads as the SFT AR did
         assert trainer.sft_ar_fve(ro, sc.usable) == pytest.approx(m["fve_nrm"], abs=1e-4)
     assert out.kl >= 0.0
+
+
+def test_a_non_finite_gradient_skips_that_update_in_both_phases(warm_start, toy_model_dir, tmp_path):
+    """Fault injection on real gradients (as a bf16 overflow would produce): the poisoned update is
+    skipped and counted, the next one applies."""
+    trainer, params = _joint(warm_start, toy_model_dir, tmp_path)
+    vectors = load_split(warm_start / "data" / "rl.parquet").vectors[:4]
+    ro = trainer.rollout(vectors)
+    adv = torch.linspace(-1, 1, len(ro.explanations))
+    for adapter, update, stepper in ((grpo.AR, lambda: trainer.update_ar(trainer.score(ro)), trainer.ar_step),
+                                     (grpo.AV, lambda: trainer.update_av(ro, adv), trainer.av_step)):
+        clip, calls = stepper.clip, []
+
+        def poison_first(clip=clip, calls=calls, adapter=adapter):  # the gradients just computed, made NaN once
+            if not calls:
+                calls.append(1)
+                for p in params[adapter]:
+                    if p.grad is not None:
+                        p.grad.fill_(float("nan"))
+            return clip()
+
+        stepper.clip = poison_first
+        before = [p.detach().clone() for p in params[adapter]]
+        update()
+        assert stepper.skipped == 1 and all(torch.equal(x, y) for x, y in zip(before, params[adapter])), adapter
+        update()
+        assert stepper.skipped == 1 and any(not torch.equal(x, y) for x, y in zip(before, params[adapter])), adapter
+        assert all(torch.isfinite(p).all() for p in params[adapter])

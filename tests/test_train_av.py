@@ -109,6 +109,46 @@ def test_resume_continues_exactly(toy, tmp_path, capsys):
     assert 0 not in [e["step"] for e in logged if "av/shuffle_gap" in e] and logged[-1]["step"] == 4
 
 
+def test_a_non_finite_gradient_skips_that_update(toy, tmp_path, tiny_tokenizer):
+    """Fault injection on the real gradients of one step (as a bf16 overflow would produce): that update
+    is skipped and counted, the next one applies."""
+    from accelerate import Accelerator
+
+    from nla.core.tracking import Tracker
+    from nla.models.av import make_av_meta
+    from nla.models.lora import trainable_parameters
+    from nla.train.loop import schedule
+
+    cfg = config(toy, tmp_path / "run", av_batch_size=4, report_to="none")
+    model = train_av.build_model(cfg, str(toy / "model"), None)
+    data = train_av.load_data(cfg, tiny_tokenizer, D)
+    av_meta = make_av_meta(data.train.meta, D, cfg.model.model, data.injection_scale, cfg.av.av_lora_r, {})
+    acc = Accelerator(cpu=True)
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    scheduler = schedule(optimizer, 4)
+    model, optimizer = acc.prepare(model, optimizer)
+    trainer = train_av.AVTrainer(cfg.av, 0, acc, model, tiny_tokenizer, av_meta, data, optimizer, scheduler,
+                                 Tracker(cfg, "t", True), tmp_path / "av", cfg.save)
+    clip, calls = trainer.stepper.clip, []
+
+    def poison_first():
+        if not calls:
+            calls.append(1)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        return clip()
+
+    trainer.stepper.clip = poison_first
+    before = [p.detach().clone() for p in params]
+    trainer.train_step(0)
+    assert trainer.stepper.skipped == 1 and all(torch.equal(x, y) for x, y in zip(before, params))
+    trainer.train_step(1)
+    assert trainer.stepper.skipped == 1 and any(not torch.equal(x, y) for x, y in zip(before, params))
+    assert all(torch.isfinite(p).all() for p in params)
+
+
 def test_derangement_moves_every_row():
     perm = train_av.derangement(9, 0)
     assert sorted(perm.tolist()) == list(range(9)) and (perm != torch.arange(9)).all()
