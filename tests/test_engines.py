@@ -88,6 +88,27 @@ def test_engine_tokens_make_the_rollout_hf_makes(tmp_path):
     assert torch.equal(got.engine_logprobs != 0, got.response_mask.bool())
 
 
+def _ranks(v: Verbalizer, ro, vectors: torch.Tensor, k: int) -> torch.Tensor:
+    """Each sampled token's rank among the trainer's next-token logits (0 = the likeliest)."""
+    from nla.models.injection import repeat_for_samples
+
+    with torch.no_grad(), v.hook.set_vectors(repeat_for_samples(vectors, k)):
+        logits = v.model(input_ids=ro.sequences, attention_mask=ro.attention_mask).logits
+    t = ro.prompt_len
+    chosen = ro.sequences[:, t:]
+    before = logits[:, t - 1:-1]  # the logits that chose each response token
+    ranks = (before > before.gather(-1, chosen.unsqueeze(-1))).sum(-1)
+    return ranks[ro.response_mask[:, t:].bool()]
+
+
+def test_sampling_keeps_the_top_k_tokens(tmp_path):
+    v = _verbalizer(save_tiny_model(tmp_path / "m", initializer_range=0.2))
+    vectors = torch.randn(4, v.meta.d_model, generator=torch.Generator().manual_seed(3)) * 3
+    torch.manual_seed(0)
+    assert _ranks(v, HFEngine(v).rollout(vectors, 4, 2.0, 8, top_k=3), vectors, 4).max() < 3
+    assert _ranks(v, HFEngine(v).rollout(vectors, 4, 2.0, 8, top_k=0), vectors, 4).max() >= 3  # 0: every token
+
+
 def test_merged_weights_are_peft_merge(tmp_path):
     v = _verbalizer(save_tiny_model(tmp_path / "m", initializer_range=0.2))
     merged = merged_state_dict(v.model, "default")
@@ -211,3 +232,12 @@ def test_rl_step_at_temperature_zero_is_the_same_with_either_engine(vllm_python,
         if name == "vllm":
             assert all(abs(step.metrics["rl/engine_k3"]) < 1e-3 for step in steps), [s.metrics["rl/engine_k3"] for s in steps]
     assert texts["vllm"] == texts["hf"]
+
+
+@pytest.mark.vllm
+def test_the_engine_samples_from_the_same_top_k(engine):
+    v = engine.verbalizer
+    engine.sync(v.model, "default", 300)
+    vectors = torch.randn(4, v.meta.d_model, generator=torch.Generator().manual_seed(4)) * 3
+    assert _ranks(v, engine.rollout(vectors, 4, 2.0, 8, top_k=3), vectors, 4).max() < 3
+    assert _ranks(v, engine.rollout(vectors, 4, 2.0, 8, top_k=0), vectors, 4).max() >= 3

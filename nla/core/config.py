@@ -5,9 +5,8 @@ file), so field names are unique across the dataclasses and the CLI is flat:
 
     nla train-ar --config configs/embedded.yaml --ar_lr 1e-4 --output_dir runs/x
 
-Parsing is trl's `TrlParser` (YAML sets defaults, CLI overrides them). We check YAML keys
-ourselves first only to give a better error: the unknown key, a close match, and the valid keys.
-"""
+Parsing is trl's `TrlParser` (YAML sets defaults, CLI overrides); we pre-check YAML keys to name
+an unknown key, a close match and the valid keys."""
 
 from __future__ import annotations
 
@@ -201,6 +200,7 @@ class RLConfig:
     rl_av_lr: float = _help("AV learning rate during RL.", default=1e-5)
     rl_ar_lr: float = _help("AR learning rate during RL.", default=5e-5)
     temperature: float = _help("Rollout sampling temperature.", default=1.0)
+    top_k: int = _help("Rollouts sample from the k likeliest tokens (0: all); 50 is what transformers' generate used unasked.", default=50)
     kl_coef: float = _help("Weight of the k3 KL to the frozen SFT AV (0 skips reference log-probs).", default=0.01)
     clip_eps: float = _help("PPO ratio clip.", default=0.2)
     reward: str = _help("'neg_mse' (-MSE_nrm) or 'neg_log_mse'.", default="neg_mse")
@@ -227,8 +227,8 @@ class RLConfig:
             raise ConfigError(f"reward={self.reward!r}: use 'neg_mse' or 'neg_log_mse'.")
         if self.group_size < 2:
             raise ConfigError("group_size must be >= 2 (GRPO normalises rewards within a group).")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature={self.temperature}: must be >= 0 (0 = greedy).")
+        if self.temperature < 0 or self.top_k < 0:
+            raise ConfigError(f"temperature={self.temperature}, top_k={self.top_k}: both must be >= 0 (0 = greedy / all tokens).")
         _positive(self, "rl_save_every", "rl_batch_size", "max_response_tokens")
 
 

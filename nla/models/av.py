@@ -32,6 +32,7 @@ from nla.models.injection import InjectionHook, repeat_for_samples
 from nla.models.sources import ModelSource, load_adapter, pick_device
 
 IGNORE = -100  # label value that the loss skips
+TOP_K = 50  # sampling keeps the 50 likeliest tokens: transformers' generate default, explicit so every engine matches it
 AV_SUBDIR = "av"  # a training checkpoint holds the AV under <ckpt>/av/
 AV_ROLES = ("av", "actor")  # 'actor' is what older reference sidecars say
 
@@ -252,8 +253,9 @@ class Verbalizer:
 
     @torch.no_grad()
     def rollout(self, vectors: torch.Tensor, num_samples: int = 1, temperature: float = 1.0,
-                max_new_tokens: int | None = None) -> Rollout:
-        """One generate call for vectors [n, d] (no chunking); greedy when temperature == 0."""
+                max_new_tokens: int | None = None, top_k: int = TOP_K) -> Rollout:
+        """One generate call for vectors [n, d] (no chunking); greedy when temperature == 0, else
+        sampled from the `top_k` likeliest tokens (0: all)."""
         from transformers import GenerationConfig
 
         n, k = vectors.shape[0], num_samples
@@ -264,7 +266,8 @@ class Verbalizer:
         ids, mask = build_generation_batch(self.tokenizer, n, self.meta)
         ids, mask = ids.to(self.device), mask.to(self.device)
         gen = GenerationConfig(max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=sampling,
-                               temperature=temperature if sampling else None, top_p=None, top_k=None,
+                               temperature=temperature if sampling else None, top_p=None,
+                               top_k=top_k if sampling else None,  # None would mean transformers' default, 50
                                num_return_sequences=k_gen, pad_token_id=self.tokenizer.pad_token_id,
                                eos_token_id=sorted(self.eos_ids))
         # The prompt before the marker is the same for every row: its KV cache is computed once and

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nla.models.av import Rollout, Verbalizer, assemble_rollout, build_generation_batch
+from nla.models.av import TOP_K, Rollout, Verbalizer, assemble_rollout, build_generation_batch
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 DEFAULT_VLLM_PYTHON = ".venv-vllm/bin/python"
@@ -50,8 +50,8 @@ class HFEngine:
     def sync(self, model: nn.Module, adapter: str, version: int) -> float:
         return 0.0
 
-    def rollout(self, vectors: torch.Tensor, k: int, temperature: float, max_new_tokens: int) -> Rollout:
-        return self.verbalizer.rollout(vectors, k, temperature, max_new_tokens)
+    def rollout(self, vectors: torch.Tensor, k: int, temperature: float, max_new_tokens: int, top_k: int = TOP_K) -> Rollout:
+        return self.verbalizer.rollout(vectors, k, temperature, max_new_tokens, top_k)
 
     def close(self) -> None:
         pass
@@ -148,7 +148,7 @@ class VLLMEngine:
         self.version = version
         return time.time() - began
 
-    def rollout(self, vectors: torch.Tensor, k: int, temperature: float, max_new_tokens: int) -> Rollout:
+    def rollout(self, vectors: torch.Tensor, k: int, temperature: float, max_new_tokens: int, top_k: int = TOP_K) -> Rollout:
         from safetensors.torch import save_file
 
         v = self.verbalizer
@@ -159,7 +159,8 @@ class VLLMEngine:
         # a resumed run draws the same samples, and the check leaves training's samples alone.
         seed = int(torch.randint(0, 2**31 - 1, ())) if temperature > 0 else 0
         reply = self._ask({"op": "generate", "embeds": path, "n": k, "temperature": float(temperature),
-                           "max_tokens": int(max_new_tokens), "stop": sorted(v.eos_ids), "seed": seed})
+                           "max_tokens": int(max_new_tokens), "stop": sorted(v.eos_ids), "seed": seed,
+                           "top_k": int(top_k)})
         prompt, _ = build_generation_batch(v.tokenizer, 1, v.meta)
         return rollout_from_tokens(prompt[0], reply["token_ids"], reply["logprobs"], v.eos_ids, v.tokenizer, v.device)
 

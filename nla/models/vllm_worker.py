@@ -9,7 +9,8 @@ Protocol: one JSON object per line on stdin, one JSON reply per line on the orig
 can read. Requests:
 
   {"op": "start", "model": DIR, "dtype": "float32", "max_model_len": N, "seed": S, "memory_gb": G}
-  {"op": "generate", "embeds": FILE, "n": G, "temperature": T, "max_tokens": M, "stop": [ids], "seed": S}
+  {"op": "generate", "embeds": FILE, "n": G, "temperature": T, "max_tokens": M, "stop": [ids], "seed": S,
+   "top_k": K}  (K 0: every token; the trainer sends its own, 50 by default, as transformers' generate uses)
       FILE holds `embeds` [rows, t, d]: every prompt row as input embeddings (marker row = the
       vector). Reply: {"token_ids": [[...]] (rows * n, sample j of row i at i * n + j),
                        "logprobs": [[...]] (the engine's log-prob of each sampled token)}
@@ -64,14 +65,16 @@ def start(state: dict, model: str, dtype: str, max_model_len: int, seed: int, me
     return {"seconds": time.time() - began, "version": __import__("vllm").__version__}
 
 
-def generate(state: dict, embeds: str, n: int, temperature: float, max_tokens: int, stop: list[int], seed: int) -> dict:
+def generate(state: dict, embeds: str, n: int, temperature: float, max_tokens: int, stop: list[int], seed: int,
+             top_k: int = 0) -> dict:
     from safetensors.torch import load_file
     from vllm import SamplingParams
 
     rows = load_file(embeds)["embeds"]
     greedy = temperature <= 0
-    params = SamplingParams(n=1 if greedy else n, temperature=0.0 if greedy else temperature, max_tokens=max_tokens,
-                            stop_token_ids=stop, logprobs=0, seed=None if greedy else seed, skip_special_tokens=False)
+    params = SamplingParams(n=1 if greedy else n, temperature=0.0 if greedy else temperature, top_k=0 if greedy else top_k,
+                            max_tokens=max_tokens, stop_token_ids=stop, logprobs=0, seed=None if greedy else seed,
+                            skip_special_tokens=False)
     outputs = state["llm"].generate([{"prompt_embeds": r} for r in rows], params, use_tqdm=False)
     token_ids, logprobs = [], []
     for o in outputs:

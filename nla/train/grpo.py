@@ -200,7 +200,7 @@ class JointTrainer:
         injected = vectors
         if self.cfg.rl_shuffle_control:
             injected = vectors[derangement(len(vectors), int(torch.randint(0, 2**31 - 1, ()))).to(vectors.device)]
-        ro = self.engine.rollout(injected, g, self.cfg.temperature, self.cfg.max_response_tokens)
+        ro = self.engine.rollout(injected, g, self.cfg.temperature, self.cfg.max_response_tokens, self.cfg.top_k)
         explanations = [templates.extract_explanation(t) for t in ro.texts]
         failed = torch.tensor([e is None for e in explanations]) | ro.hit_cap.cpu()
         n_tokens = ro.response_mask.sum(-1).cpu()
