@@ -109,3 +109,11 @@ def test_a_checkpoint_of_the_old_layout_is_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="predates this version's checkpoint layout") as err:
         start_from("auto", root, {"lr": 1})
     assert "\n" not in str(err.value)
+
+
+def test_a_checkpoint_older_than_a_key_resumes_only_with_the_value_it_used(tmp_path):
+    root = tmp_path / "rl"
+    path = save_checkpoint(root, 4, lambda d: None, {"cursor": 4, "fingerprint": {"lr": 1}})  # written before top_k
+    assert start_from("auto", root, {"lr": 1, "top_k": 50}) == path  # the value generate used unasked
+    with pytest.raises(ConfigError, match=r"top_k \(checkpoint 50, now 0\)"):
+        start_from("auto", root, {"lr": 1, "top_k": 0})

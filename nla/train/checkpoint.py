@@ -36,6 +36,9 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
 # Keys a resumed run may change: how long it runs and how it reports, not what it trains.
+# Keys added after checkpoints were written, with the value those checkpoints trained with: a resume
+# compares a checkpoint that predates the key as if it had saved this value.
+IMPLIED_BY_OLDER_CHECKPOINTS = {"top_k": 50}  # transformers' generate applied top-50 before top_k was an option
 _MAY_CHANGE_ON_RESUME = re.compile(r"(_steps|_every|_val_rows)$|^(max_new_tokens|output_dir|resume|device|av_eval_at_start|rollout_engine|vllm_python|vllm_memory_gb)$")
 
 
@@ -137,6 +140,7 @@ def start_from(resume: str, root: str | Path, fingerprint: dict[str, Any], is_ma
                           "names differ); start over with --resume restart, or finish it with the nla version that wrote it.")
     saved = state.get("fingerprint")
     if saved is not None:
+        saved = {**{k: v for k, v in IMPLIED_BY_OLDER_CHECKPOINTS.items() if k in fingerprint}, **saved}
         changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
         if changed:
             diffs = ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {fingerprint.get(k)!r})" for k in changed[:6])
