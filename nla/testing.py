@@ -94,3 +94,18 @@ def save_tiny_architecture(out_dir: str | Path, arch: str, seed: int = 0) -> Pat
     model.eval().save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+def nan_gradients_once(stepper, params) -> None:
+    """Fault injection: the next time `stepper` (a `loop.OptimizerStep`) clips, the gradients of
+    `params` just computed become NaN, as a bf16 overflow would make them; later steps are untouched."""
+    clip = stepper.clip
+
+    def poisoned():
+        stepper.clip = clip
+        for p in params:
+            if p.grad is not None:
+                p.grad.fill_(float("nan"))
+        return clip()
+
+    stepper.clip = poisoned

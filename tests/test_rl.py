@@ -19,7 +19,7 @@ from nla.core.config import parse_config
 from nla.core.sidecar import Meta, make_token_spec
 from nla.data.splits import load_split, write_split
 from nla.models.sources import ModelSource
-from nla.testing import save_tiny_model
+from nla.testing import nan_gradients_once, save_tiny_model
 from nla.train import grpo
 
 WORDS = ["red", "green", "blue", "yellow"]
@@ -222,17 +222,7 @@ def test_a_non_finite_gradient_skips_that_update_in_both_phases(warm_start, toy_
     adv = torch.linspace(-1, 1, len(ro.explanations))
     for adapter, update, stepper in ((grpo.AR, lambda: trainer.update_ar(trainer.score(ro)), trainer.ar_step),
                                      (grpo.AV, lambda: trainer.update_av(ro, adv), trainer.av_step)):
-        clip, calls = stepper.clip, []
-
-        def poison_first(clip=clip, calls=calls, adapter=adapter):  # the gradients just computed, made NaN once
-            if not calls:
-                calls.append(1)
-                for p in params[adapter]:
-                    if p.grad is not None:
-                        p.grad.fill_(float("nan"))
-            return clip()
-
-        stepper.clip = poison_first
+        nan_gradients_once(stepper, params[adapter])
         before = [p.detach().clone() for p in params[adapter]]
         update()
         assert stepper.skipped == 1 and all(torch.equal(x, y) for x, y in zip(before, params[adapter])), adapter

@@ -17,6 +17,7 @@ from nla.core.tracking import Tracker
 from nla.data.splits import derangement, write_split
 from nla.models.ar import build_ar, load_ar
 from nla.stages.train_ar import ARRows, ARTrainer, main, run, run_shuffled_control
+from nla.testing import nan_gradients_once
 
 WORDS = ["apple", "river", "engine", "purple", "violin", "castle"]
 SMOKE = "configs/smoke.yaml"
@@ -136,18 +137,12 @@ def test_non_finite_steps_are_skipped(tiny_model_dir, tiny_tokenizer, tmp_path):
     ar = build_ar(str(tiny_model_dir), 1, lora_r=4)
     ids = ar.token_ids(WORDS, tiny_tokenizer)
     rows = ARRows(ids, torch.randn(len(ids), 64), list(WORDS))
-    calls = []
-
-    def first_grad_nan(grad):  # fault injection on a real gradient, as a bf16 overflow would produce
-        calls.append(1)
-        return grad * float("nan") if len(calls) == 1 else grad
-
-    ar.head.weight.register_hook(first_grad_nan)
     acc = Accelerator(cpu=True)
     opt = torch.optim.AdamW(ar.trainable_parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     trainer = ARTrainer(cfg.ar, cfg.run.seed, ar, ar, tiny_tokenizer, rows, rows, acc, Tracker(cfg, "t", True), tmp_path / "ar",
                         lambda *a: None, opt, sched, {})
+    nan_gradients_once(trainer.stepper, ar.trainable_parameters())
     head0 = ar.head.weight.detach().clone()
     trainer.train_step()
     assert trainer.skipped == 1 and torch.equal(ar.head.weight, head0)

@@ -117,6 +117,7 @@ def test_a_non_finite_gradient_skips_that_update(toy, tmp_path, tiny_tokenizer):
     from nla.core.tracking import Tracker
     from nla.models.av import make_av_meta
     from nla.models.lora import trainable_parameters
+    from nla.testing import nan_gradients_once
     from nla.train.loop import schedule
 
     cfg = config(toy, tmp_path / "run", av_batch_size=4, report_to="none")
@@ -130,17 +131,7 @@ def test_a_non_finite_gradient_skips_that_update(toy, tmp_path, tiny_tokenizer):
     model, optimizer = acc.prepare(model, optimizer)
     trainer = train_av.AVTrainer(cfg.av, 0, acc, model, tiny_tokenizer, av_meta, data, optimizer, scheduler,
                                  Tracker(cfg, "t", True), tmp_path / "av", cfg.save)
-    clip, calls = trainer.stepper.clip, []
-
-    def poison_first():
-        if not calls:
-            calls.append(1)
-            for p in params:
-                if p.grad is not None:
-                    p.grad.fill_(float("nan"))
-        return clip()
-
-    trainer.stepper.clip = poison_first
+    nan_gradients_once(trainer.stepper, params)
     before = [p.detach().clone() for p in params]
     trainer.train_step(0)
     assert trainer.stepper.skipped == 1 and all(torch.equal(x, y) for x, y in zip(before, params))
