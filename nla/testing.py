@@ -1,4 +1,5 @@
-"""Tiny, seeded, locally built models and tokenizers for tests and toys (no hub, no downloads)."""
+"""Tiny, seeded, locally built models and tokenizers for tests and toys (no hub, no downloads), and a
+fault injection for the trainers' non-finite-gradient tests."""
 
 from __future__ import annotations
 
