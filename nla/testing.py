@@ -1,5 +1,6 @@
-"""Tiny, seeded, locally built models and tokenizers for tests and toys (no hub, no downloads), and a
-fault injection for the trainers' non-finite-gradient tests."""
+"""Tiny, seeded, locally built models and tokenizers for tests and toys (no hub, no downloads), a
+fault injection for the trainers' non-finite-gradient tests, and a real local OpenAI-compatible
+HTTP server for the teacher's and the judge's tests."""
 
 from __future__ import annotations
 
@@ -110,3 +111,67 @@ def nan_gradients_once(stepper, params) -> None:
         return clip()
 
     stepper.clip = poisoned
+
+
+class TestChatServer:
+    """A real HTTP server for `/v1/chat/completions` on 127.0.0.1 (a free port), answering each request
+    body with `answer(body) -> response dict`; counts requests and concurrency, can fail its first
+    `fail_first` requests with HTTP 500, and refuses a wrong API key with 401. `close()` stops it."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, answer, fail_first: int = 0, api_key: str = ""):
+        import threading
+        from http.server import ThreadingHTTPServer
+
+        self.answer, self.fail_first, self.api_key = answer, fail_first, api_key
+        self.requests, self.in_flight, self.max_in_flight = 0, 0, 0
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def _handler(self):
+        import json
+        import time
+        from http.server import BaseHTTPRequestHandler
+
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                with server.lock:
+                    server.requests += 1
+                    n = server.requests
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                    time.sleep(0.05)  # let concurrent requests overlap
+                    if self.path != "/v1/chat/completions":
+                        return self._send(404, {"error": "not found"})
+                    if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                        return self._send(401, {"error": "bad key"})
+                    if n <= server.fail_first:
+                        return self._send(500, {"error": "overloaded"})
+                    self._send(200, server.answer(body))
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _send(self, code, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

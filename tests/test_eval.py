@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -60,7 +61,8 @@ def build_toy(root):
         expl = [WORDS[i] for i in label]
         prompts = [templates.ar_prompt(e) for e in expl] if name == "ar_sft" else [templates.av_user_message(MARKER)] * n
         cols = {"prompt": prompts, "response": [templates.av_response(e) for e in expl], "explanation": expl,
-                "detokenized_text_truncated": [f"a text about {e}" for e in expl],
+                # the label is not the last token, so a lookup of the last tokens cannot read it (the NLA can)
+                "detokenized_text_truncated": [f"{e} is what this text is about" for e in expl],
                 "doc_id": [f"{name}-{i}" for i in range(n)], "position": list(range(n))}
         write_split(root / "data" / f"{name}.parquet", centres[label] + torch.randn(n, D, generator=g), cols, meta)
     base = config(root, root / "run")
@@ -239,14 +241,23 @@ def test_eval_on_trained_toy(toy, tmp_path):
     assert saved["fve_nrm"] == report["fve_nrm"] and saved["controls"] == report["controls"]
     for f in ("report.md", "controls.png", "fve_by_length.png", "fve_hist.png", "rows.jsonl"):
         assert (tmp_path / "out" / f).stat().st_size > 100, f
+    base = report["baselines"]
+    assert base["train_rows"] == 256 + 128 and base["splits"] == ["av_sft", "ar_sft"]  # the rows the AV and AR trained on
+    assert base["token_lookup"]["matched"] == 1.0 and base["token_lookup"]["fve_nrm"] < 0.1  # every row ends in "about"
+    assert report["lookup_margin"] == pytest.approx(report["fve_nrm"] - max(base["token_lookup"]["fve_nrm"],
+                                                                            base["bigram_lookup"]["fve_nrm"]))
+    assert report["claims"]["format"] == "free" and report["claims"]["unchecked"] == ["phrase"]  # no rule checks free text
+    assert report["claims"]["types"]["phrase"]["distinct"] == 4
     md = (tmp_path / "out" / "report.md").read_text()
     assert "shuffled_vector" in md and "strict" in md and "none: the real score clears every control" in md
+    assert "token_lookup" in md and "## Claims" in md
     rows = [json.loads(x) for x in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
     assert np.mean([r["fve_nrm"] for r in rows]) == pytest.approx(report["fve_nrm"], abs=1e-5)
     assert sum(r["explanation"] == r["teacher_explanation"] for r in rows) >= 12
     assert all(("response" in r) == r["failed"] for r in rows)  # a failed answer's raw text is kept for reading
     logged = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["eval/fve_nrm"] == report["fve_nrm"] and "eval/control/empty_text" in logged[-1]
+    assert logged[-1]["eval/control/token_lookup"] == base["token_lookup"]["fve_nrm"] and "eval/lookup_margin" in logged[-1]
 
 
 def test_eval_from_texts_with_local_paraphraser(toy, tmp_path, tiny_tokenizer):
@@ -575,3 +586,66 @@ def test_reinjection_patch_touches_only_the_last_position_at_layer_k(tiny_tokeni
     mean = vectors.mean(dim=0).expand_as(vectors)
     scores, _ = reinjection_scores(model, tiny_tokenizer, contexts, [None] * 3, vectors, mean, LAYER)
     assert scores["n"] == 3 and scores["kl"] == pytest.approx(scores["kl_mean_baseline"], rel=1e-6)
+
+
+# ---------------------------------------------------------------- the LLM judge, against a real local server
+
+
+def rule_judge(body: dict) -> dict:
+    """A judge that reads the prompt as a careful one would: a claim is supported when its last word
+    occurs in the text, contradicted otherwise."""
+    prompt = body["messages"][0]["content"]
+    text = prompt.split("<text>", 1)[1].split("</text>", 1)[0]
+    description = prompt.split("<description>", 1)[1].split("</description>", 1)[0]
+    lines = [f"{'SUPPORTED' if c.split()[-1] in text.split() else 'CONTRADICTED'} | {c.strip()}"
+             for c in description.split(";") if c.strip()]
+    return {"choices": [{"message": {"role": "assistant", "content": "<verdicts>\n" + "\n".join(lines) + "\n</verdicts>"}}],
+            "usage": {"completion_tokens": 5 * len(lines)}}
+
+
+def test_parse_verdicts():
+    from nla.data.judge import parse_verdicts
+
+    answer = "Sure.\n<verdicts>\n1. SUPPORTED | ends with a colon\n- contradicted: about lists\nUNCHECKABLE - next a body\n</verdicts>"
+    assert parse_verdicts(answer) == [{"claim": "ends with a colon", "verdict": "supported"},
+                                      {"claim": "about lists", "verdict": "contradicted"},
+                                      {"claim": "next a body", "verdict": "uncheckable"}]
+    assert parse_verdicts("<verdicts>\nno verdict here\n</verdicts>") is None
+    assert parse_verdicts("SUPPORTED | no tags") is None
+
+
+def test_eval_with_an_llm_judge_on_a_real_server(toy, tmp_path, capsys, monkeypatch):
+    from nla.testing import TestChatServer
+
+    srv = TestChatServer(rule_judge, api_key="judge-key")
+    monkeypatch.setenv("NLA_TEST_JUDGE_KEY", "judge-key")
+    try:
+        opts = dict(judge="openai", judge_base_url=srv.url, judge_model="rule", judge_api_key_env="NLA_TEST_JUDGE_KEY",
+                    paraphrase_control=False, reinjection_rows=0)
+        args = eval_args(checkpoint=str(toy / "run"), data=str(toy / "data" / "test.parquet"))
+        cfg = config(toy, tmp_path / "out", **{k: v for k, v in opts.items() if k != "paraphrase_control"})
+        args.paraphrase_control = False
+        judged = run(cfg, args)["claims"]["judged"]
+        # each explanation against its own context and, for the chance level, another row's; a prompt asked once
+        assert judged["n_judged"] == 16 and 4 < judged["requests_sent"] == srv.requests <= 32
+        assert judged["accuracy"] > 0.7 and judged["chance"] < 0.5 and judged["malformed_answers"] == 0, judged
+        rows = [json.loads(x) for x in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+        assert all(r["judged"][0]["verdict"] in ("supported", "contradicted") for r in rows if r["explanation"])
+        assert "judge supported" in (tmp_path / "out" / "report.md").read_text().replace("(LLM judge) | supported", "judge supported")
+        again = run(cfg, args)["claims"]["judged"]  # the cache answers everything: no request sent
+        assert again["requests_sent"] == 0 and srv.requests == judged["requests_sent"] and again == {**judged, "requests_sent": 0}
+        base = ["eval", "--config", SMOKE, "--model", str(toy / "model"), "--data_dir", str(toy / "data"),
+                "--checkpoint", str(toy / "run"), "--output_dir", str(tmp_path / "cli"), "--judge", "openai",
+                "--judge_model", "rule", "--paraphrase_control", "false", "--reinjection_rows", "0", "--max_new_tokens", "24"]
+        monkeypatch.setenv("NLA_TEST_JUDGE_KEY", "wrong")
+        assert cli(base + ["--judge_base_url", srv.url, "--judge_api_key_env", "NLA_TEST_JUDGE_KEY"]) == 2
+        with socket.socket() as s:  # bound then closed: nothing listens there
+            s.bind(("127.0.0.1", 0))
+            dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+        assert cli(base + ["--judge_base_url", dead]) == 2
+    finally:
+        srv.close()
+    errors = [e for e in capsys.readouterr().err.strip().splitlines() if e.startswith("nla eval")]
+    assert len(errors) == 2 and all(e.startswith("nla eval: error:") for e in errors), errors
+    assert "judge endpoint" in errors[0] and "HTTP 401" in errors[0] and "--judge_api_key_env" in errors[0]
+    assert "judge endpoint" in errors[1] and "unreachable" in errors[1] and "--judge_base_url" in errors[1]

@@ -159,9 +159,20 @@ def test_resume_is_exact(warm_start, toy_model_dir, tmp_path):
 
 def test_held_out_check_leaves_training_unchanged(warm_start, toy_model_dir, tmp_path):
     """rl/val_* samples under a forked RNG: a run with it trains exactly as a run without it."""
-    with_val = _run_rl(warm_start, toy_model_dir, tmp_path / "val", "--rl_steps", "2", "--rl_val_rows", "16", "--rl_val_every", "1")
+    with_val = _run_rl(warm_start, toy_model_dir, tmp_path / "val", "--rl_steps", "2", "--rl_val_rows", "16", "--rl_val_every", "1",
+                       "--rl_table_every", "1")
     without = _run_rl(warm_start, toy_model_dir, tmp_path / "noval", "--rl_steps", "2", "--rl_val_rows", "0")
     assert "val" in with_val and "val" not in without
+    # every held-out check carries the collapse signals (the toy's one-word answers: free text, unchecked claims)
+    checks = [json.loads(x) for x in (tmp_path / "val" / "metrics.jsonl").read_text().splitlines()]
+    checks = [c for c in checks if "rl/val_reward_mean" in c]
+    assert [c["step"] for c in checks] == [0, 1, 2]
+    for c in checks:
+        assert 1 <= c["rl/val_claims/phrase/distinct"] <= 16 * 4 and 0 < c["rl/val_claims/phrase/top_share"] <= 1
+        assert 0 <= c["rl/val_claims/repeated_verbatim"] <= 1 and c["rl/val_claims/format_break_rate"] == 0
+    tables = [json.loads(x) for x in (tmp_path / "val" / "tables.jsonl").read_text().splitlines()]
+    samples = [t for t in tables if t.get("key") == "rl/samples"]
+    assert samples and "claims" in samples[0]["columns"], tables[:1]
     a, b = _adapters(tmp_path / "val" / "rl" / "final"), _adapters(tmp_path / "noval" / "rl" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

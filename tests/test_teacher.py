@@ -4,7 +4,6 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,82 +22,38 @@ from nla.data.teacher import (
     make_teacher,
 )
 from nla.stages.datagen import run
+from nla.testing import TestChatServer
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
 CONTEXTS = ["The for statement is used to iterate", "A class definition defines a class", "x"]
 
 
-class ChatServer:
-    """`/v1/chat/completions` on 127.0.0.1 (random port), answered by the tiny model's `generate`.
+def model_answer(model, tokenizer):
+    """A chat answer written by the tiny model's `generate`. The random tiny model never writes the
+    closing tag, so its text is wrapped in the explanation tags, as a capable chat model asked for
+    that format would answer."""
+    lock = threading.Lock()
 
-    The random tiny model never writes the closing tag, so the server wraps its text in the
-    explanation tags, as a capable chat model asked for that format would answer.
-    """
-
-    def __init__(self, model, tokenizer, fail_first: int = 0, api_key: str = ""):
-        self.model, self.tokenizer, self.fail_first, self.api_key = model, tokenizer, fail_first, api_key
-        self.requests, self.in_flight, self.max_in_flight = 0, 0, 0
-        self.lock, self.gen_lock = threading.Lock(), threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def answer(self, body: dict) -> dict:
-        ids = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, return_tensors="pt",
-                                                 return_dict=True)
-        with self.gen_lock, torch.no_grad():
-            out = self.model.generate(**ids, max_new_tokens=body.get("max_tokens", 8), do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+    def answer(body: dict) -> dict:
+        ids = tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+        with lock, torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=body.get("max_tokens", 8), do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
         new = out[0, ids["input_ids"].shape[1]:]
-        text = self.tokenizer.decode(new, skip_special_tokens=True).replace("<", "")
+        text = tokenizer.decode(new, skip_special_tokens=True).replace("<", "")
         return {"choices": [{"message": {"role": "assistant", "content": f"<explanation>{text} words</explanation>"}}],
                 "usage": {"completion_tokens": len(new)}}
+    return answer
 
-    def _handler(self):
-        server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                with server.lock:
-                    server.requests += 1
-                    n = server.requests
-                    server.in_flight += 1
-                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                try:
-                    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                    time.sleep(0.05)  # let concurrent requests overlap
-                    if self.path != "/v1/chat/completions":
-                        return self._send(404, {"error": "not found"})
-                    if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
-                        return self._send(401, {"error": "bad key"})
-                    if n <= server.fail_first:
-                        return self._send(500, {"error": "overloaded"})
-                    self._send(200, server.answer(body))
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
-
-            def _send(self, code, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        return Handler
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def model_server(model, tokenizer, fail_first: int = 0, api_key: str = "") -> TestChatServer:
+    return TestChatServer(model_answer(model, tokenizer), fail_first=fail_first, api_key=api_key)
 
 
 @pytest.fixture
 def server(tiny_model, tiny_tokenizer):
-    srv = ChatServer(tiny_model, tiny_tokenizer)
+    srv = model_server(tiny_model, tiny_tokenizer)
     yield srv
     srv.close()
 
@@ -119,7 +74,7 @@ def test_openai_teacher_against_a_real_server(server):
 
 
 def test_openai_teacher_retries_after_a_500(tiny_model, tiny_tokenizer):
-    srv = ChatServer(tiny_model, tiny_tokenizer, fail_first=1)
+    srv = model_server(tiny_model, tiny_tokenizer, fail_first=1)
     try:
         answers = OpenAITeacher(srv.url, "tiny", max_new_tokens=4, concurrency=1, backoff_s=0.01).complete(CONTEXTS[:2])
         assert all(templates.extract_explanation(a.text) for a in answers) and srv.requests == 3
@@ -132,7 +87,7 @@ def test_openai_teacher_retries_after_a_500(tiny_model, tiny_tokenizer):
 
 
 def test_openai_teacher_key_from_env_and_refusal(tiny_model, tiny_tokenizer, monkeypatch):
-    srv = ChatServer(tiny_model, tiny_tokenizer, api_key="s3cret")
+    srv = model_server(tiny_model, tiny_tokenizer, api_key="s3cret")
     try:
         cfg, _ = parse_config(["--config", SMOKE, "--teacher", "openai", "--teacher_base_url", srv.url,
                                "--teacher_model", "tiny", "--teacher_api_key_env", "NLA_TEST_TEACHER_KEY"])
@@ -244,7 +199,7 @@ def test_extractive_teacher_topic_and_exact_tail(context, expected):
 
 
 def test_quoted_tail_round_trips_to_the_exact_characters():
-    from nla.data.teacher import quote
+    from nla.core.claims import quote
 
     for text in ['a "b" c', "line\n", "tab\there", "back\\slash", "end;", "cr\rlf", "“quoted”"]:
         quoted = quote(text)

@@ -132,11 +132,41 @@ class TeacherConfig:
             raise ConfigError(f"teacher={self.teacher!r}: use 'local', 'openai' or 'extractive'.")
         if self.teacher_quote_chars < 1:
             raise ConfigError(f"teacher_quote_chars={self.teacher_quote_chars}: the quote needs at least 1 character.")
-        if self.teacher_api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.teacher_api_key_env):
-            # never echo the value: it is most likely a key pasted in place of a variable's name
-            self.teacher_api_key_env = ""
-            raise ConfigError("teacher_api_key_env must be the NAME of an environment variable (e.g. OPENAI_API_KEY), "
-                              "not the key itself; export the key and pass its variable's name.")
+        _env_name(self, "teacher_api_key_env")
+
+
+def _env_name(section: Any, name: str) -> None:
+    """An API key option holds the NAME of an environment variable; never echo its value: it is most
+    likely a key pasted in place of a variable's name."""
+    if getattr(section, name) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", getattr(section, name)):
+        setattr(section, name, "")
+        raise ConfigError(f"{name} must be the NAME of an environment variable (e.g. OPENAI_API_KEY), "
+                          "not the key itself; export the key and pass its variable's name.")
+
+
+@dataclass
+class JudgeConfig:
+    judge: str = _help("'none', or 'openai': `nla eval` asks an OpenAI-compatible chat endpoint to list each explanation's "
+                       "claims and mark each supported / contradicted / uncheckable against the context (free-form "
+                       "explanations have no rule that checks them). Off by default: nothing is sent anywhere unasked.",
+                       default="none")
+    judge_model: str = _help("The model name the judge's endpoint serves.", default="")
+    judge_base_url: str = _help("Base URL of the judge's OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.", default="")
+    judge_api_key_env: str = _help("Name of the environment variable holding the judge endpoint's API key (empty: no key "
+                                   "is sent).", default="")
+    judge_max_new_tokens: int = _help("Token cap for one judge answer.", default=256)
+    judge_temperature: float = _help("Judge sampling temperature (0 = greedy).", default=0.0)
+    judge_concurrency: int = _help("Parallel HTTP requests to the judge.", default=8)
+    judge_timeout_s: float = _help("Per-request timeout for the judge.", default=60.0)
+    judge_retries: int = _help("Retries with exponential backoff per judge request.", default=4)
+    judge_context_chars: int = _help("The judge reads at most this many characters of context before the position.",
+                                     default=600)
+
+    def __post_init__(self) -> None:
+        if self.judge not in ("none", "openai"):
+            raise ConfigError(f"judge={self.judge!r}: use 'none' or 'openai'.")
+        _positive(self, "judge_max_new_tokens", "judge_concurrency", "judge_context_chars")
+        _env_name(self, "judge_api_key_env")
 
 
 @dataclass
@@ -279,6 +309,7 @@ SECTIONS: dict[str, type] = {
     "av": AVConfig,
     "rl": RLConfig,
     "eval": EvalConfig,
+    "judge": JudgeConfig,
     "logging": LoggingConfig,
 }
 
@@ -295,6 +326,7 @@ class NLAConfig:
     av: AVConfig = field(default_factory=AVConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property

@@ -36,6 +36,17 @@ PARAPHRASE_TEMPLATE = (
     "add nothing and drop nothing.\n<text>{explanation}</text>\n"
     "Answer in the form <explanation>rewritten description</explanation>"
 )
+# `nla eval --judge openai`: an LLM lists an explanation's claims and marks each against the context.
+JUDGE_TEMPLATE = (
+    "Here is the start of a text, cut off mid-way:\n<text>{context}</text>\n"
+    "Someone described what a language model reading this text is representing at its very last token:\n"
+    "<description>{explanation}</description>\n"
+    "Split the description into its separate claims. For each claim, judge it against the text only: "
+    "SUPPORTED if the text shows it is true, CONTRADICTED if the text shows it is false, UNCHECKABLE if the text "
+    "cannot tell. Write one line per claim, the verdict first.\n"
+    "Answer in the form <verdicts>\nSUPPORTED | claim\nCONTRADICTED | claim\n</verdicts>"
+)
+VERDICTS_OPEN, VERDICTS_CLOSE = "<verdicts>", "</verdicts>"
 EXPLANATION_OPEN, EXPLANATION_CLOSE = "<explanation>", "</explanation>"
 # The context-oracle AR (`--ar_text context`) reads the raw context's last this many characters
 # (~30 tokens of English, three times the quote the extractive teacher keeps; kept short because
@@ -104,6 +115,10 @@ def ar_suffix(template: str = AR_TEMPLATE) -> str:
 
 def teacher_prompt(context: str, template: str = TEACHER_TEMPLATE) -> str:
     return template.format(context=context)
+
+
+def judge_prompt(context: str, explanation: str) -> str:
+    return JUDGE_TEMPLATE.format(context=context, explanation=explanation)
 
 
 def extract_explanation(text: str) -> str | None:

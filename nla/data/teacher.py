@@ -25,7 +25,6 @@ and fsynced after every batch, so reruns and crashes never redo a finished call.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import os
@@ -39,12 +38,13 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from transformers import StoppingCriteria
 
 from nla.core import templates
+from nla.core.claims import ExtractiveFormat
 from nla.core.config import ConfigError
 from nla.core.tracking import progress
 
@@ -149,16 +149,20 @@ class OpenAITeacher:
 
     def __init__(self, base_url: str, model: str, api_key: str = "", max_new_tokens: int = 64,
                  temperature: float = 0.0, timeout_s: float = 60.0, retries: int = 4, concurrency: int = 8,
-                 batch_size: int = 16, backoff_s: float = 0.5):
+                 batch_size: int = 16, backoff_s: float = 0.5, role: str = "teacher",
+                 prompt: Callable[[str], str] = templates.teacher_prompt):
+        """`role` names the options in error messages (`--teacher_*`, `--judge_*`); `prompt` turns one
+        item of `complete` into the user message (the teacher: a context; the judge: a ready prompt)."""
         if not base_url:
-            raise TeacherError("--teacher openai needs --teacher_base_url, e.g. http://localhost:8000/v1.")
+            raise TeacherError(f"--{role} openai needs --{role}_base_url, e.g. http://localhost:8000/v1.")
         if not model:
-            raise TeacherError("--teacher openai needs --teacher_model: the model name the endpoint serves.")
+            raise TeacherError(f"--{role} openai needs --{role}_model: the model name the endpoint serves.")
         self.url = base_url.rstrip("/") + "/chat/completions"
         host = urllib.parse.urlsplit(base_url).hostname or ""
         if api_key and base_url.startswith("http://") and host not in ("localhost", "127.0.0.1", "::1"):
-            warnings.warn(f"--teacher_base_url {base_url} is plain http to another host: the API key and the corpus text "
+            warnings.warn(f"--{role}_base_url {base_url} is plain http to another host: the API key and the corpus text "
                           "travel unencrypted; use https.", stacklevel=2)
+        self.role, self.prompt = role, prompt
         self.model, self.name, self.api_key = model, model, api_key
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.timeout_s, self.retries, self.concurrency, self.backoff_s = timeout_s, retries, concurrency, backoff_s
@@ -176,14 +180,15 @@ class OpenAITeacher:
 
     def _unreachable(self, err: BaseException) -> TeacherError:
         reason = getattr(err, "reason", None) or err
-        return TeacherError(f"teacher endpoint {self.url} unreachable: {reason}; start the server or use --teacher local.")
+        fix = "start the server or use --teacher local" if self.role == "teacher" else f"start the server or check --{self.role}_base_url"
+        return TeacherError(f"{self.role} endpoint {self.url} unreachable: {reason}; {fix}.")
 
     def complete(self, contexts: list[str]) -> list[Answer]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(self._request, contexts))
 
     def _request(self, context: str) -> Answer:
-        body = {"model": self.model, "messages": [{"role": "user", "content": templates.teacher_prompt(context)}],
+        body = {"model": self.model, "messages": [{"role": "user", "content": self.prompt(context)}],
                 "max_tokens": self.max_new_tokens, "temperature": self.temperature}
         headers = {"Content-Type": "application/json"}
         if self.api_key:
@@ -199,64 +204,24 @@ class OpenAITeacher:
             except urllib.error.HTTPError as err:
                 if err.code not in (408, 409, 425, 429) and err.code < 500:  # our request is wrong: retrying won't help
                     detail = err.read().decode("utf-8", "replace")[:200]
-                    raise TeacherError(f"teacher endpoint {self.url} answered HTTP {err.code}: {detail!r}; "
-                                       "check --teacher_model and the API key (--teacher_api_key_env).") from None
+                    raise TeacherError(f"{self.role} endpoint {self.url} answered HTTP {err.code}: {detail!r}; "
+                                       f"check --{self.role}_model and the API key (--{self.role}_api_key_env).") from None
                 last = err
             except (urllib.error.URLError, TimeoutError, ConnectionError, socket.timeout) as err:
                 last = err
         if isinstance(last, urllib.error.HTTPError):
-            raise TeacherError(f"teacher endpoint {self.url} kept failing (HTTP {last.code}, {self.retries + 1} tries); "
-                               "check the server's log, or raise --teacher_retries.")
+            raise TeacherError(f"{self.role} endpoint {self.url} kept failing (HTTP {last.code}, {self.retries + 1} tries); "
+                               f"check the server's log, or raise --{self.role}_retries.")
         raise self._unreachable(last)
 
     def _parse(self, data: dict) -> Answer:
         try:
             text = data["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
-            raise TeacherError(f"teacher endpoint {self.url} did not answer in the OpenAI chat format "
-                               f"(got {str(data)[:120]!r}); check --teacher_base_url.") from None
+            raise TeacherError(f"{self.role} endpoint {self.url} did not answer in the OpenAI chat format "
+                               f"(got {str(data)[:120]!r}); check --{self.role}_base_url.") from None
         n_tokens = (data.get("usage") or {}).get("completion_tokens") or len(text.split())
         return Answer(text, int(n_tokens))
-
-
-STOP_WORDS = frozenset("""about above after again against because before being below between could doing during
-every further having other should their there these those through under until where which while would itself
-value values given""".split())
-
-
-def quote(text: str) -> str:
-    """`text` in double quotes, exactly as written: line breaks, tabs and spaces stay themselves (they
-    are often the position's own token, and the AV copies them as the tokens the model read);
-    only a double quote is escaped (`\\"`), so the quoted span has one end.
-
-    JSON escapes (a line break as the two characters `\\n`) were replaced after the demo's SFT AV
-    looped on `\\n\\n\\n...` up to the token cap in 10 of its 11 failures; quoted as written, the SFT
-    AV's failures halved in both embedded configs, while held-out FVE moved within the run-to-run
-    spread (+0.06 on the demo, -0.04 on the long config; docs/benchmarks.md)."""
-    return '"' + text.replace('"', '\\"') + '"'
-
-
-def _word_char(ch: str) -> bool:
-    return ch.isalnum() or ch == "_"
-
-
-def text_tail(context: str, n_chars: int) -> str:
-    """The context's last `n_chars` characters, starting at a word boundary where one is near."""
-    if len(context) <= n_chars:
-        return context
-    tail = context[-n_chars:]
-    if _word_char(context[-n_chars - 1]) and _word_char(tail[0]):  # the cut fell inside a word: drop its end
-        space = re.search(r"\s", tail)
-        if space is not None and space.start() < n_chars // 2:
-            tail = tail[space.start() + 1:]
-    return tail
-
-
-def topic_word(context: str) -> str | None:
-    """The context's most frequent word of 5+ letters (stop words aside), or None."""
-    words = [w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", context)]
-    long_words = [w for w in words if len(w) >= 5 and w not in STOP_WORDS and not w.startswith("_")]
-    return collections.Counter(long_words).most_common(1)[0][0] if long_words else None
 
 
 class ExtractiveTeacher:
@@ -266,7 +231,8 @@ class ExtractiveTeacher:
     the topic (docs/benchmarks.md measures it: an AR reading these explanations reached 76% of an
     AR reading the raw context, against 14% for "three last words + topic", which dropped the
     punctuation and symbols that are often the position's token). So the explanation quotes the
-    context's last `tail_chars` characters exactly (`quote`) and names its topic word.
+    context's last `tail_chars` characters exactly and names its topic word (`nla.core.claims.ExtractiveFormat`
+    writes it, and checks each claim of it against a context).
     The quote comes first: the AV writes left to right, and a topic guessed first steered its quote
     (measured: quote first, shuffled-vector gap 0.30 vs 0.21 nats and held-out FVE -0.24 vs -0.34).
     """
@@ -284,10 +250,7 @@ class ExtractiveTeacher:
         return [self._explain(c) for c in contexts]
 
     def explanation(self, context: str) -> str:
-        tail = text_tail(context, self.tail_chars)
-        topic = topic_word(context)
-        claims = [f"ends with {quote(tail)}" if tail else "an empty text"] + ([f"about {topic}"] if topic else [])
-        return "; ".join(claims)
+        return ExtractiveFormat().write(context, self.tail_chars)
 
     def _explain(self, context: str) -> Answer:
         inner = self.explanation(context)
@@ -354,7 +317,7 @@ class TeacherCache:
 class Explained:
     """Teacher results for a list of contexts, in order."""
 
-    explanations: list[str | None]  # None: malformed answer (row to drop)
+    explanations: list[Any]  # the parsed answers (the teacher's: str); None: malformed answer (row to drop)
     n_requested: int = 0
     n_malformed: int = 0
     n_calls: int = 0  # contexts actually sent to the teacher this run (the rest came from the cache)
@@ -367,13 +330,17 @@ class Explained:
         return self.new_tokens / self.seconds if self.seconds > 0 and self.new_tokens else None
 
 
-def explain(teacher: Teacher, contexts: list[str], cache: TeacherCache, show_progress: bool = True) -> Explained:
-    """Explanations for `contexts` (duplicates asked once), asking the teacher only for uncached ones."""
-    keys = [TeacherCache.key(teacher.identity, c) for c in contexts]
+def explain(teacher: Teacher, contexts: list[str], cache: TeacherCache, show_progress: bool = True,
+            template: str = templates.TEACHER_TEMPLATE, parse: Callable[[str], Any] = templates.extract_explanation,
+            desc: str = "datagen: teacher") -> Explained:
+    """Explanations for `contexts` (duplicates asked once), asking the teacher only for uncached ones.
+    The LLM judge of `nla eval` goes through here too: its items are ready prompts, keyed under its
+    own `template`, and `parse` reads its verdicts (None: a malformed answer)."""
+    keys = [TeacherCache.key(teacher.identity, c, template) for c in contexts]
     missing = list({k: c for k, c in zip(keys, contexts) if cache.get(k) is None}.items())
     missing.sort(key=lambda kc: len(kc[1]))  # similar lengths share a batch: less padding
     result = Explained(explanations=[], n_requested=len(contexts))
-    bar = progress(total=len(missing), enabled=show_progress and bool(missing), desc="datagen: teacher", unit="ctx")
+    bar = progress(total=len(missing), enabled=show_progress and bool(missing), desc=desc, unit="ctx")
     for start in range(0, len(missing), teacher.batch_size):
         batch = missing[start:start + teacher.batch_size]
         t0 = time.perf_counter()
@@ -386,7 +353,7 @@ def explain(teacher: Teacher, contexts: list[str], cache: TeacherCache, show_pro
     bar.close()
     for k in keys:
         answer = cache.get(k)["answer"]
-        parsed = templates.extract_explanation(answer)
+        parsed = parse(answer)
         result.explanations.append(parsed)
         result.n_malformed += parsed is None
         if len(result.samples) < 3:

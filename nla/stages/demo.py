@@ -21,6 +21,7 @@ from typing import Any
 
 from nla.core.io import atomic_write_text
 from nla.models.sources import ModelSource
+from nla.stages.faithfulness import control_margin, lookup_margin
 from nla.stages.stage import start_stage
 
 
@@ -30,12 +31,6 @@ def _banner(text: str) -> None:
 
 def _fmt(x: Any) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
-
-
-def control_margin(report: dict[str, Any]) -> float | None:
-    """fve_nrm minus the best control's: what the real vector and the real text add (> 0 = signal)."""
-    controls = [c["fve_nrm"] for c in report.get("controls", {}).values()]
-    return report["fve_nrm"] - max(controls) if controls else None
 
 
 def sft_vs_rl_table(sft: dict[str, Any], rl: dict[str, Any]) -> str:
@@ -61,6 +56,7 @@ def sft_vs_rl_table(sft: dict[str, Any], rl: dict[str, Any]) -> str:
     for control in sorted(rl.get("controls", {})):
         name = f"control: {control} fve_nrm"
         lines.append(f"{name:<34}{_fmt(sft['controls'][control]['fve_nrm']):>10}{_fmt(rl['controls'][control]['fve_nrm']):>10}")
+    lines += lookup_rows(sft, rl) + claim_rows(sft, rl)
     if (rl.get("reinjection") or {}).get("kl") is not None:  # the reconstruction patched back into the model
         for name, key in (("reinjection KL, reconstruction", "kl"), ("reinjection KL, mean activation", "kl_mean_baseline"),
                           ("reinjection KL, another row's", "kl_shuffled_baseline"), ("reinjection recovered", "recovered"),
@@ -73,6 +69,40 @@ def sft_vs_rl_table(sft: dict[str, Any], rl: dict[str, Any]) -> str:
         lines.append(f"{'paraphrased explanations fve_nrm':<34}{_fmt(sft['paraphrase'].get('fve_nrm')):>10}"
                      f"{_fmt(rl['paraphrase'].get('fve_nrm')):>10}")
     return "\n".join(lines)
+
+
+def _row(name: str, sft: Any, rl: Any) -> str:
+    return f"{name:<34}{_fmt(sft):>10}{_fmt(rl):>10}"
+
+
+def lookup_rows(sft: dict[str, Any], rl: dict[str, Any]) -> list[str]:
+    """The text-free baselines (a lookup of the last tokens) and the NLA's margin over the stronger one."""
+    base = [r.get("baselines") or {} for r in (sft, rl)]
+    if "token_lookup" not in base[1]:
+        return [f"{'text-free baselines':<34}{'not computed: ' + str(base[1].get('skipped')):>20}"]
+    lines = [_row(f"control: {k} fve_nrm", base[0].get(k, {}).get("fve_nrm"), base[1][k]["fve_nrm"])
+             for k in ("token_lookup", "bigram_lookup")]
+    return lines + [_row("fve_nrm minus the stronger lookup", lookup_margin(sft), lookup_margin(rl))]
+
+
+def claim_rows(sft: dict[str, Any], rl: dict[str, Any]) -> list[str]:
+    """Claim accuracy per claim type next to its chance level, and the collapse signals."""
+    c = [r.get("claims") or {"types": {}} for r in (sft, rl)]
+    lines = []
+    for kind, t in c[1]["types"].items():
+        s = c[0]["types"].get(kind, {})
+        if t.get("checked"):
+            lines += [_row(f"claims: {kind} true", s.get("accuracy"), t.get("accuracy")),
+                      _row(f"claims: {kind} true, chance", s.get("chance"), t.get("chance"))]
+        lines += [_row(f"claims: {kind} distinct values", s.get("distinct"), t.get("distinct")),
+                  _row(f"claims: {kind} most common share", s.get("top_share"), t.get("top_share"))]
+    for name, key in (("claims: format breaks", "format_break_rate"), ("claims: repeated verbatim", "repeated_verbatim")):
+        lines.append(_row(name, c[0].get(key), c[1].get(key)))
+    judged = [x.get("judged") or {} for x in c]
+    if judged[1]:
+        lines += [_row("claims: judge supported", judged[0].get("accuracy"), judged[1].get("accuracy")),
+                  _row("claims: judge supported, chance", judged[0].get("chance"), judged[1].get("chance"))]
+    return lines
 
 
 def eval_configs(cfg, oracle: dict[str, Any] | None):
@@ -155,6 +185,7 @@ def main(argv: list[str]) -> int:
                  "datagen": {k: data[k] for k in ("rows", "norms", "suggested_injection_scale") if k in data},
                  "ar_sft": {k: v for k, v in ar.items() if k != "history"}, "ar_shuffled_control": control,
                  "ar_oracle": oracle, "av_sft": {k: v for k, v in av.items() if k != "samples"}, "rl_training": rl_out,
-                 "control_margin": {"sft": control_margin(sft_report), "rl": control_margin(rl_report)}})
+                 "control_margin": {"sft": control_margin(sft_report), "rl": control_margin(rl_report)},
+                 "lookup_margin": {"sft": lookup_margin(sft_report), "rl": lookup_margin(rl_report)}})
     return 0
 

@@ -43,11 +43,12 @@ from typing import Any
 
 import torch
 
-from nla.core import metrics, templates
+from nla.core import claims, metrics, templates
 from nla.core.config import ConfigError, NLAConfig
 from nla.core.sidecar import SidecarError
 from nla.core.tracking import Tracker, progress
 from nla.data.extract import choose_positions
+from nla.data.judge import make_judge
 from nla.data.splits import load_split, split_path
 from nla.models.ar import read_ar_meta
 from nla.models.pair import NLA, CheckpointArgs, load_checked_ar, load_from_config, model_folder, option
@@ -62,6 +63,7 @@ from nla.stages.controls import (
     paraphrase_scores,
     uninformative_vectors,
 )
+from nla.stages.faithfulness import LOOKUPS, claim_checks, explanation_format, lookup_margin, text_free_baselines
 from nla.stages.reinjection import reinjection_scores
 from nla.stages.report import format_table, write_report
 from nla.stages.stage import start_stage
@@ -88,6 +90,7 @@ class EvalData:
     info: list[dict[str, Any]]  # doc_id, position, context per row
     teacher: list | None  # the dataset's teacher explanations, when it has them
     source: str
+    path: Path | None = None  # the split read (None: --texts): its sidecar names the format, its folder the training splits
 
 
 def load_eval_data(cfg: NLAConfig, args: EvalArgs, nla: NLA) -> EvalData:
@@ -120,7 +123,7 @@ def load_eval_data(cfg: NLAConfig, args: EvalArgs, nla: NLA) -> EvalData:
     last = [nla.tokenizer(c or "", add_special_tokens=False)["input_ids"][-1:] for c in contexts]  # the position's token
     info = [{"doc_id": cols.get("doc_id", [None] * n)[i], "position": cols.get("position", [None] * n)[i],
              "context": contexts[i] or "", "token": nla.tokenizer.decode(last[i])} for i in range(n)]
-    return EvalData(split.vectors, info, cols.get("explanation"), f"data:{path}")
+    return EvalData(split.vectors, info, cols.get("explanation"), f"data:{path}", path)
 
 
 # ---------------------------------------------------------------- the evaluation
@@ -194,6 +197,11 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
                               "selection": "greedy" if greedy else "first_sample",
                               **scorer.headline(pred, vectors)}
     report["top1_chance"] = 1 / min(cfg.eval.retrieval_candidates, n)
+    contexts = [i.get("context") or "" for i in data.info]
+    fmt = explanation_format(data.path, nla.meta.extra)
+    report["claims"], marks = claim_checks(cfg, fmt, explanations, contexts, data.teacher, cache_dir)
+    report["baselines"] = text_free_baselines(nla.tokenizer, data.path, vectors, contexts, nla.layer, scorer)
+    report["lookup_margin"] = lookup_margin(report)
     t0 = time.time()
     report["controls"] = control_fves(explain_controls, nla.predict, vectors, explanations, scorer,
                                       deterministic=greedy, uninformative_texts=uninformative_texts)
@@ -227,7 +235,7 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
     report["timing"] = timing
     row_fve = scorer.row_fve(pred, vectors).tolist()
     rows = [{**info, "context": (info.get("context") or "")[-200:], "explanation": e, "failed": s.failed, "fve_nrm": f,
-             "reinjection_kl": reinjection_kl[i],
+             "reinjection_kl": reinjection_kl[i], **marks[i],
              **({"response": s.text[:300]} if s.failed else {}),  # what a failed answer said (cap hit, tags missing)
              **({"teacher_explanation": data.teacher[i]} if data.teacher is not None else {}),
              **({"paraphrase": para[i]} if para is not None else {})}
@@ -312,6 +320,15 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
         if report.get("fraction_of_oracle") is not None:
             out["eval/fraction_of_oracle"] = report["fraction_of_oracle"]
     out["eval/fve_floor"] = report["fve_floor"]
+    claim_report = report.get("claims") or {}
+    if claim_report:
+        out |= claims.flat(claim_report, "eval/claims/")
+    judged = claim_report.get("judged") or {}
+    out |= {f"eval/claims/judged/{k}": judged[k] for k in ("accuracy", "chance", "contradicted", "uncheckable")
+            if judged.get(k) is not None}
+    out |= {f"eval/control/{k}": v["fve_nrm"] for k, v in (report.get("baselines") or {}).items() if k in LOOKUPS}
+    if report.get("lookup_margin") is not None:
+        out["eval/lookup_margin"] = report["lookup_margin"]
     return out
 
 
@@ -325,6 +342,8 @@ def run(cfg: NLAConfig, args: EvalArgs | None = None, nla: NLA | None = None,
         raise ConfigError("eval needs an AR: pass --checkpoint DIR holding ar/, or --ar DIR.")
     out_dir = Path(report_dir or args.report_dir or cfg.output_dir)
     check_extra_ars(cfg)
+    if (judge := make_judge(cfg)) is not None:
+        judge.check()  # an unreachable judge fails now, not after the explaining
     data = load_eval_data(cfg, args, nla)
     report, rows = evaluate(cfg, args, nla, data, out_dir)
     report["wall_s"] = round(time.time() - began, 1)

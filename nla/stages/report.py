@@ -11,7 +11,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from nla.core import claims
 from nla.core.io import atomic_write_text
+from nla.stages.faithfulness import LOOKUPS, best_lookup, control_margin, lookup_margin
 from nla.stages.plots import plot_controls, plot_histogram, plot_lengths
 
 CONTROL_NOTES = {
@@ -22,6 +24,7 @@ CONTROL_NOTES = {
     "random_text": "AR reads another row's explanation",
 }
 MARGIN = 0.05  # a real NLA should beat every control by more than this (in FVE)
+LOOKUP_NOTES = {"token_lookup": "the position's last token", "bigram_lookup": "the last two tokens"}
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -57,6 +60,11 @@ def flags(report: dict[str, Any]) -> list[str]:
         else:
             out.append("empty text scores about as well as the explanations, and the AR gains nothing from the teacher's "
                        "text either: the AR may be content-blind.")
+    lookup = best_lookup(report)
+    if lookup is not None and lookup[1] >= real:
+        out.append(f"a lookup table of the position's last tokens ({lookup[0]}, no text) scores {lookup[1]:.3f}, at or above "
+                   f"the real {real:.3f}: the explanations carry less than the token itself.")
+    out += claim_warnings(report.get("claims") or {})
     if report["top1_retrieval"] <= 1.5 * report["top1_chance"]:
         out.append(f"top-1 retrieval {report['top1_retrieval']:.3f} is near chance {report['top1_chance']:.3f}: "
                    "possible template collapse (one description for every vector).")
@@ -65,10 +73,22 @@ def flags(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def claim_warnings(c: dict[str, Any]) -> list[str]:
+    """Claims no more often true than chance, and the collapse signals (`claims.collapse_warnings`)."""
+    if not c:
+        return []
+    out = []
+    for kind, t in c["types"].items():
+        if t.get("accuracy") is not None and t.get("chance") is not None and t["n"] >= 5 and t["accuracy"] <= t["chance"] + MARGIN:
+            out.append(f"{kind} claims are true in {t['accuracy']:.0%}, against {t['chance']:.0%} when checked against another "
+                       "row's context: no better than chance.")
+    return out + claims.collapse_warnings(c, c.get("teacher"))
+
+
 def markdown(report: dict[str, Any], rows: list[dict[str, Any]], n_samples: int = 8) -> str:
     """report.md: headline, controls, ceilings, the optional controls, length curve, independent AR,
     flags, plots, sample rows (one section function each)."""
-    sections = [_md_headline(report), _md_controls(report), _md_ceilings(report), _md_paraphrase(report),
+    sections = [_md_headline(report), _md_controls(report), _md_claims(report), _md_ceilings(report), _md_paraphrase(report),
                 _md_reinjection(report), _md_order(report), _md_length(report), _md_independent(report),
                 _md_flags_and_plots(report), _md_samples(rows, n_samples)]
     return "\n".join(line for section in sections for line in section) + "\n"
@@ -95,6 +115,52 @@ def _md_controls(r: dict[str, Any]) -> list[str]:
     for k, v in r["controls"].items():
         lines.append(f"| {k} | {CONTROL_NOTES.get(k, '')} | {_fmt(v['fve_nrm'])} | {_fmt(v.get('top1_retrieval'))} |")
     lines.append(f"| floor | one constant prediction (the mean direction) for every row | {_fmt(r.get('fve_floor'))} | |")
+    base = r.get("baselines") or {}
+    if "skipped" in base:
+        lines.append(f"\nText-free baselines (a lookup of the position's last tokens): not computed: {base['skipped']}.")
+    elif base:
+        lines += ["\nText-free baselines: no model and no text, the mean training vector of the "
+                  f"{base['train_rows']} training rows ({', '.join(base['splits'])}) that end in the same tokens, "
+                  "backing off to fewer tokens, then to the overall mean.\n",
+                  "| baseline | what it knows | fve_nrm | top-1 | rows matched at full length |", "|---|---|---|---|---|"]
+        for k in LOOKUPS:
+            lines.append(f"| {k} | {LOOKUP_NOTES[k]} | {_fmt(base[k]['fve_nrm'])} | {_fmt(base[k]['top1_retrieval'])} | "
+                         f"{_fmt(base[k]['matched'])} |")
+        lines.append(f"\nThe NLA's margin over the stronger lookup: **{_fmt(r.get('lookup_margin'))}** "
+                     f"(over the best of the five controls above: {_fmt(control_margin(r))}).")
+    return lines
+
+
+def _md_claims(r: dict[str, Any]) -> list[str]:
+    c = r.get("claims")
+    if not c:
+        return []
+    teacher = c.get("teacher") or {}
+    lines = ["\n## Claims\n", f"Format `{c['format']}`; {c['n_explained']} of {c['n']} explanations, {c['n_claims']} claims. "
+             "Each claim is checked against the row's context; *chance* is the same check against another row's context.\n",
+             "| claim | check | true | chance | teacher's text |", "|---|---|---|---|---|"]
+    for kind, t in c["types"].items():
+        if not t["checked"]:
+            lines.append(f"| {kind} | unchecked (no rule; `--judge openai` reads them) | – | – | – |")
+            continue
+        for name, v in (t.get("checks") or {}).items():
+            ref = (((teacher.get("types") or {}).get(kind) or {}).get("checks") or {}).get(name, {}).get("accuracy")
+            lines.append(f"| {kind} | {name} | {_fmt(v['accuracy'])} | {_fmt(v['chance'])} | {_fmt(ref)} |")
+    judged = c.get("judged")
+    if judged:
+        lines.append(f"| any (LLM judge) | supported | {_fmt(judged['accuracy'])} | {_fmt(judged['chance'])} | – |")
+        lines.append(f"\nJudge `{judged['judge']}`: {judged['n_claims']} claims, contradicted {_fmt(judged['contradicted'])} "
+                     f"(chance {_fmt(judged['chance_contradicted'])}), uncheckable {_fmt(judged['uncheckable'])}; "
+                     f"{judged['malformed_answers']} malformed answers.")
+    lines += ["\nCollapse signals (the teacher's own text on the same rows alongside):\n",
+              "| claim | present | distinct values | most common (share) | teacher: distinct, share |", "|---|---|---|---|---|"]
+    for kind, t in c["types"].items():
+        ref = (teacher.get("types") or {}).get(kind) or {}
+        top = f"`{t['top_value']}` ({_fmt(t['top_share'])})" if t["top_value"] is not None else "–"
+        lines.append(f"| {kind} | {_fmt(t['present'])} | {t['distinct']} | {top} | {ref.get('distinct', '–')}, "
+                     f"{_fmt(ref.get('top_share'))} |")
+    lines.append(f"\nFormat breaks {_fmt(c['format_break_rate'])} of explanations; malformed claims {_fmt(c['malformed_rate'])}; "
+                 f"explanations repeated word for word {_fmt(c['repeated_verbatim'])}.")
     return lines
 
 
@@ -201,6 +267,16 @@ def headline_pairs(report: dict[str, Any]) -> list[tuple[str, Any]]:
             (f"top1_retrieval (chance {r['top1_chance']:.3f})", r["top1_retrieval"]),
             ("explanation_tokens_mean", r["explanation_tokens_mean"]), ("extraction_fail_rate", r["extraction_fail_rate"]),
             ("non_latin_rate", r["non_latin_rate"])]
+    best = best_lookup(r)
+    if best is not None:
+        head += [(f"text-free: {best[0]} fve_nrm", best[1]), ("fve_nrm minus the lookup", lookup_margin(r))]
+    c = r.get("claims") or {}
+    if c:
+        head += [(f"claims: {kind} true (chance)", f"{_fmt(t['accuracy'])} ({_fmt(t['chance'])})")
+                 for kind, t in c["types"].items() if t.get("accuracy") is not None]
+        head += [("claims: format breaks", c["format_break_rate"]), ("claims: repeated verbatim", c["repeated_verbatim"])]
+        if c.get("judged"):
+            head.append(("claims: judge supported (chance)", f"{_fmt(c['judged']['accuracy'])} ({_fmt(c['judged']['chance'])})"))
     head += [(f"fve @ {k} tokens", v) for k, v in r["fve_by_length"].items()]
     para = r.get("paraphrase") or {}
     if para:
@@ -227,6 +303,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"{'metric':<34} value", "-" * 44] + [f"{k:<34} {_fmt(v)}" for k, v in headline_pairs(r)]
     lines += ["", f"{'control':<34} fve_nrm", "-" * 44, f"{'real explanations':<34} {_fmt(r['fve_nrm'])}"]
     lines += [f"{k:<34} {_fmt(v['fve_nrm'])}" for k, v in r["controls"].items()]
+    lines += [f"{k:<34} {_fmt(v['fve_nrm'])}" for k, v in (r.get("baselines") or {}).items() if k in LOOKUPS]
     lines += [f"! {w}" for w in flags(r)]
     lines.append(f"(FVE: {r['fve_definition']}; Var {r['var']:.4f} from {r['var_source']})")
     return "\n".join(lines)
@@ -249,12 +326,18 @@ th {{ background: #f2f2f2; }}
 #rows td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 #rows td.text {{ max-width: 34em; white-space: pre-wrap; word-break: break-word; font-family: ui-monospace, monospace; font-size: 12px; }}
 mark {{ background: #ffd54f; }}
+.claim.true {{ background: #c8e6c9; }}
+.claim.false {{ background: #ffcdd2; }}
+.claim.unchecked {{ background: #eeeeee; }}
+.claim.malformed {{ background: #ffe0b2; text-decoration: underline wavy #e65100; }}
 .flag {{ color: #a33; }}
 img {{ max-width: 32em; margin-right: 1em; border: 1px solid #ddd; }}
 </style></head><body>
 <h1>{title}</h1>
 {summary}
 <h2>Rows</h2>
+<p>Claims: <span class="claim true">true</span> <span class="claim false">false</span>
+ <span class="claim unchecked">unchecked</span> <span class="claim malformed">malformed</span> (hover for the checks)</p>
 <p><input id="search" type="search" placeholder="filter rows (any text)" size="40"> <span id="count"></span>
  · click a column header to sort</p>
 <table id="rows"><thead><tr>{header}</tr></thead><tbody>
@@ -302,11 +385,20 @@ def _cell(key: str, row: dict[str, Any]) -> str:
         else:
             shown = html.escape(text)
         return f'<td class="text" data-v="{html.escape(text, quote=True)}">{shown}</td>'
+    if key == "explanation" and row.get("claims"):  # each claim coloured by its verdict, its checks on hover
+        spans = "; ".join(f'<span class="claim {c["verdict"]}" title="{html.escape(_checks_title(c), quote=True)}">'
+                          f'{html.escape(c["text"])}</span>' for c in row["claims"])
+        return f'<td class="text" data-v="{html.escape(str(value), quote=True)}">{spans}</td>'
     if isinstance(value, float):
         return f'<td class="num" data-v="{value!r}">{_fmt(value)}</td>'
     if isinstance(value, bool) or value is None:
         return f'<td data-v="{"" if value is None else int(value)}">{"" if value is None else ("yes" if value else "")}</td>'
     return f'<td class="text" data-v="{html.escape(str(value), quote=True)}">{html.escape(str(value))}</td>'
+
+
+def _checks_title(claim: dict[str, Any]) -> str:
+    checks = ", ".join(f"{k} {_fmt(float(v), 2)}" for k, v in claim["checks"].items())
+    return f"{claim['type']}: {claim['verdict']}" + (f" ({checks})" if checks else "")
 
 
 def html_page(title: str, rows: list[dict[str, Any]], report: dict[str, Any] | None = None,
@@ -321,7 +413,9 @@ def html_page(title: str, rows: list[dict[str, Any]], report: dict[str, Any] | N
         summary.append("<h2>Controls (strict FVE on the same rows)</h2><table><tr><th>real explanations</th>"
                        f"<td>{_fmt(report['fve_nrm'])}</td></tr>" + "".join(
                            f"<tr><th>{html.escape(k)}</th><td>{_fmt(v['fve_nrm'])}</td></tr>"
-                           for k, v in report.get("controls", {}).items()) + "</table>")
+                           for k, v in [*report.get("controls", {}).items(),
+                                        *((k, v) for k, v in (report.get("baselines") or {}).items() if k in LOOKUPS)])
+                       + "</table>")
         summary += [f'<p class="flag">! {html.escape(w)}</p>' for w in flags(report)]
         summary.append(f"<p>FVE: {html.escape(str(report.get('fve_definition', '')))}</p>")
     for name, path in (plots or {}).items():

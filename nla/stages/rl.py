@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from nla.core import seeds
+from nla.core import claims, seeds
 from nla.core.config import ConfigError, NLAConfig
 from nla.core.sidecar import MODEL_META, write_meta
 from nla.core.tracking import Tracker
@@ -41,7 +41,7 @@ from nla.train.checkpoint import (
     training_fingerprint,
 )
 from nla.train.distributed import make_accelerator, rank_share
-from nla.train.grpo import AR, AR_REF, AV, AV_REF, JointTrainer, adapter_parameters
+from nla.train.grpo import AR, AR_REF, AV, AV_REF, HeldOut, JointTrainer, adapter_parameters
 from nla.train.loop import restore_skips, schedule
 
 
@@ -82,8 +82,8 @@ def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, 
     return model, tokenizer, verbalizer, ar, av_meta, sft_ar_model
 
 
-def validation_vectors(cfg: NLAConfig, acc) -> torch.Tensor | None:
-    """This process's share of the first `rl_val_rows` val vectors (None: off, or no val rows)."""
+def held_out_rows(cfg: NLAConfig, acc) -> HeldOut | None:
+    """This process's share of the first `rl_val_rows` val rows (None: off, or no val rows)."""
     path = split_path(cfg.data_dir, "val")
     if cfg.rl.rl_val_rows <= 0 or not path.is_file():
         return None
@@ -93,7 +93,8 @@ def validation_vectors(cfg: NLAConfig, acc) -> torch.Tensor | None:
     if len(val) < acc.num_processes:
         raise ConfigError(f"{path} has {len(val)} rows for {acc.num_processes} processes; pass --rl_val_rows 0 to skip "
                           "the held-out reward.")
-    return rank_share(val.vectors, acc).to(acc.device)
+    contexts = val.columns.get("detokenized_text_truncated") or [""] * len(val)
+    return HeldOut(rank_share(val.vectors, acc).to(acc.device), [c or "" for c in rank_share(contexts, acc)])
 
 
 def _short(values: dict[str, float] | None) -> dict[str, float] | None:
@@ -120,8 +121,9 @@ def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path
     engine = make_engine(rc.rollout_engine, verbalizer, engine_model, rc.vllm_python, cfg.model.dtype,
                          cfg.run.seed + acc.process_index, max_model_len=longest, memory_gb=rc.vllm_memory_gb,
                          log_path=cfg.output_dir / f"vllm_worker_{acc.process_index}.log")
+    record = claims.format_record(data.meta.extra)
     trainer = JointTrainer(model, verbalizer, ar, tokenizer, rc, scale, var, av_opt, ar_opt, av_sched, ar_sched, acc,
-                           sft_ar=sft_ar_model, engine=engine)
+                           sft_ar=sft_ar_model, engine=engine, claim_format=claims.format_for(record, record["context_chars"]))
     state: dict[str, Any] = {"step": 0, "cursor": 0}
     if resume is not None:
         state = load_checkpoint_state(resume, trainer.saved_optimizers())
@@ -135,7 +137,8 @@ def checkpoint_writer(trainer: JointTrainer, root: Path, av_meta, ar_meta, state
     model, tokenizer = trainer.model, trainer.tokenizer
 
     def write(tmp: Path, step: int) -> None:
-        training = {"stage": "rl", "training": {"stage": "rl", "step": step, "sft_av": state["sft_av"], "sft_ar": state["sft_ar"]}}
+        training = {"stage": "rl", "training": {"stage": "rl", "step": step, "sft_av": state["sft_av"], "sft_ar": state["sft_ar"],
+                                                "explanation_format": state["explanation_format"]}}
         model.save_pretrained(str(tmp), selected_adapters=[AV])  # -> tmp/av/adapter_*
         tokenizer.save_pretrained(tmp / "av")
         write_meta(tmp / "av" / MODEL_META, _with(av_meta, training))
@@ -179,16 +182,17 @@ def _train(cfg: NLAConfig, acc, trainer: JointTrainer, state: dict[str, Any], av
     rc = cfg.rl
     tracker = Tracker(cfg, root.name, is_main=acc.is_main_process)
     tracker.forget_after(int(state["step"]))  # steps after the checkpoint are trained (and logged) again
-    val_vectors = validation_vectors(cfg, acc)
+    val = held_out_rows(cfg, acc)
     val_start = state.get("val_start")
-    if val_vectors is not None and int(state["step"]) == 0:
-        val_start = trainer.validate(val_vectors, cfg.run.seed + seeds.HELD_OUT_SAMPLING)
+    if val is not None and int(state["step"]) == 0:
+        val_start = trainer.validate(val, cfg.run.seed + seeds.HELD_OUT_SAMPLING)
         tracker.log(val_start, 0)
     save = checkpoint_writer(trainer, root, av_meta, ar_meta, {"sft_av": str(sft_av), "sft_ar": str(sft_ar),
-                                                               "val_start": val_start, "fingerprint": fingerprint}, acc)
+                                                               "val_start": val_start, "fingerprint": fingerprint,
+                                                               "explanation_format": claims.format_record(data.meta.extra)}, acc)
     began = time.time()
     contexts = data.columns.get("detokenized_text_truncated") or [""] * len(data)
-    history = trainer.fit(data.vectors, contexts, cfg.run.seed, state, tracker, save, val_vectors, cfg.logging.log_every,
+    history = trainer.fit(data.vectors, contexts, cfg.run.seed, state, tracker, save, val, cfg.logging.log_every,
                           cfg.logging.progress)
     final = root / "final"
     last = resolve_resume("auto", root)
@@ -203,8 +207,8 @@ def _train(cfg: NLAConfig, acc, trainer: JointTrainer, state: dict[str, Any], av
         summary["reward_first"] = first["rl/reward_mean"]
         summary["reward_last"] = sum(h["rl/reward_mean"] for h in tail) / len(tail)
         summary["seconds_per_step"] = summary["wall_s"] / max(1, len(history))
-    if val_vectors is not None:  # every process: the metric gather is collective
-        val_end = trainer.validate(val_vectors, cfg.run.seed + seeds.HELD_OUT_SAMPLING)
+    if val is not None:  # every process: the metric gather is collective
+        val_end = trainer.validate(val, cfg.run.seed + seeds.HELD_OUT_SAMPLING)
         tracker.log(val_end, rc.rl_steps)
         summary["val_start"], summary["val"] = _short(val_start), _short(val_end)
         tracker.summary(val_end)

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from nla.core import metrics, seeds
+from nla.core import claims, metrics, seeds
 from nla.core.config import AVConfig, ConfigError, NLAConfig
 from nla.core.sidecar import Meta, dataset_meta_path, read_meta
 from nla.core.tracking import Tracker, progress
@@ -268,7 +268,8 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     data = load_data(cfg, tokenizer, d_model)
     provenance = {"dataset": str(data.train.path), "dataset_id": data.train.meta.extra.get("dataset_id"),
                   "steps": cfg.av.av_steps, "lr": cfg.av.av_lr, "batch_size": cfg.av.av_batch_size,
-                  "grad_accum": cfg.av.av_grad_accum, "seed": cfg.run.seed, "dtype": cfg.model.dtype}
+                  "grad_accum": cfg.av.av_grad_accum, "seed": cfg.run.seed, "dtype": cfg.model.dtype,
+                  "explanation_format": claims.format_record(data.train.meta.extra)}
     meta = make_av_meta(data.train.meta, d_model, cfg.model.model, data.injection_scale, cfg.av.av_lora_r, provenance)
     model.to(acc.device)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.av.av_lr, weight_decay=0.0)

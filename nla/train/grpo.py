@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from nla.core import metrics, rewards, seeds, templates
+from nla.core import claims, metrics, rewards, seeds, templates
 from nla.core.config import RLConfig
 from nla.core.tracking import Tracker, progress
 from nla.data.splits import derangement
@@ -37,6 +37,15 @@ from nla.train.distributed import mean_over_processes, rank_share
 from nla.train.loop import OptimizerStep, row_stream, skip_counts
 
 AV, AV_REF, AR, AR_REF = "av", "av_ref", "ar", "ar_ref"
+FAILED = "<failed>"  # a failed rollout in the samples table
+
+
+@dataclass
+class HeldOut:
+    """This process's share of the held-out rows RL checks itself on."""
+
+    vectors: torch.Tensor  # [n, d] raw
+    contexts: list[str]  # each row's context (claims are checked against it)
 
 
 @dataclass
@@ -81,8 +90,9 @@ class JointTrainer:
     def __init__(self, model: nn.Module, verbalizer: Verbalizer, ar: ARModel, tokenizer, cfg: RLConfig,
                  mse_scale: float, target_var: float, av_opt: torch.optim.Optimizer, ar_opt: torch.optim.Optimizer,
                  av_sched=None, ar_sched=None, accelerator=None, max_grad_norm: float = 1.0,
-                 sft_ar: ARModel | None = None, engine=None):
+                 sft_ar: ARModel | None = None, engine=None, claim_format: claims.ExplanationFormat | None = None):
         self.model, self.verbalizer, self.ar, self.tokenizer, self.cfg = model, verbalizer, ar, tokenizer, cfg
+        self.claim_format = claim_format or claims.FreeFormat()  # the teacher's format: claims checked in the samples and held-out check
         self.sft_ar = sft_ar  # frozen SFT AR (adapter AR_REF): scores held-out explanations RL never trained it on
         self.mse_scale, self.target_var = mse_scale, target_var
         self.av_opt, self.ar_opt = av_opt, ar_opt
@@ -94,13 +104,13 @@ class JointTrainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, vectors: torch.Tensor, contexts: list, seed: int, start: dict[str, Any], tracker: Tracker,
-            save: Callable[[int, dict[str, Any]], None], val_vectors: torch.Tensor | None = None, log_every: int = 1,
+            save: Callable[[int, dict[str, Any]], None], val: HeldOut | None = None, log_every: int = 1,
             show_progress: bool = True) -> list[dict[str, float]]:
         """Steps from `start` (step, cursor) to rl_steps on the rows `vectors` [N, d] (raw, every process
         the same; each takes its share of every global batch from `loop.row_stream`). Logs every
-        `log_every` steps, a samples table every rl_table_every, the held-out check (`validate`) every
-        rl_val_every, and calls `save(step, state)` every rl_save_every and at the end. -> the per-step
-        metrics (averaged over processes)."""
+        `log_every` steps, a samples table every rl_table_every (each claim marked against the
+        row's context), the held-out check (`validate`) every rl_val_every, and calls `save(step,
+        state)` every rl_save_every and at the end. -> the per-step metrics (averaged over processes)."""
         rc, acc = self.cfg, self.accelerator
         n_proc = acc.num_processes if acc is not None else 1
         global_batch, cursor = rc.rl_batch_size * n_proc, int(start["cursor"])
@@ -122,10 +132,14 @@ class JointTrainer:
                 tracker.log(m, done)
                 bar.set_postfix_str(describe_metrics(m))
             if rc.rl_table_every and done % rc.rl_table_every == 0:
-                table = [[(contexts[int(rows[g])] or "")[-160:], text, fve] for g, text, fve in out.samples]
-                tracker.log_table("rl/samples", ["context_tail", "explanation", "fve_nrm"], table, done)
-            if val_vectors is not None and rc.rl_val_every and done % rc.rl_val_every == 0 and done < rc.rl_steps:
-                tracker.log(self.validate(val_vectors, seed + seeds.HELD_OUT_SAMPLING), done)
+                table = []
+                for g, text, fve in out.samples:
+                    context = contexts[int(rows[g])] or ""
+                    marks = claims.mark(self.claim_format, None if text == FAILED else text, context)
+                    table.append([context[-160:], text, claims.marked_text(marks), fve])
+                tracker.log_table("rl/samples", ["context_tail", "explanation", "claims", "fve_nrm"], table, done)
+            if val is not None and rc.rl_val_every and done % rc.rl_val_every == 0 and done < rc.rl_steps:
+                tracker.log(self.validate(val, seed + seeds.HELD_OUT_SAMPLING), done)
             if done % rc.rl_save_every == 0 or done == rc.rl_steps:
                 save(done, {"cursor": cursor, "skipped": skip_counts(self.av_step, self.ar_step)})
         return history
@@ -134,10 +148,23 @@ class JointTrainer:
         """Both optimizers and schedules under their checkpoint names (`loop.OptimizerStep.saved`)."""
         return {**self.av_step.saved(), **self.ar_step.saved()}
 
-    def validate(self, vectors: torch.Tensor, seed: int) -> dict[str, float]:
-        """`evaluate` on this process's held-out vectors, averaged over processes (collective: every
-        process calls it)."""
-        return mean_over_processes(self.evaluate(vectors, seed), self.accelerator)
+    def validate(self, val: HeldOut, seed: int) -> dict[str, float]:
+        """`evaluate` on this process's held-out vectors, averaged over processes, and the claim
+        checks and collapse signals (`rl/val_claims/*`) on every process's explanations together
+        (collective: every process calls it)."""
+        m, explanations = self.evaluate(val.vectors, seed)
+        m = mean_over_processes(m, self.accelerator)
+        g = self.cfg.group_size
+        contexts = [c for c in val.contexts for _ in range(g)]
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            explanations, contexts = gather_object(explanations), gather_object(contexts)
+        n = len(explanations) // g
+        pairing = derangement(n, seed + seeds.CLAIM_CHANCE).tolist() if n >= 2 else None
+        others = [pairing[i // g] * g + i % g for i in range(len(explanations))] if pairing else None
+        summary = claims.summarize(self.claim_format, explanations, contexts, others)
+        return {**m, **claims.flat(summary, "rl/val_claims/")}
 
     # ------------------------------------------------------------------ the step
     def step(self, vectors: torch.Tensor) -> StepOut:
@@ -161,8 +188,9 @@ class JointTrainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self, vectors: torch.Tensor, seed: int) -> dict[str, float]:
-        """A step's rollout, score and rewards on held-out vectors, with no update: `rl/val_*` metrics.
+    def evaluate(self, vectors: torch.Tensor, seed: int) -> tuple[dict[str, float], list[str | None]]:
+        """A step's rollout, score and rewards on held-out vectors, with no update -> (`rl/val_*`
+        metrics, the explanations, G per vector in order).
 
         The same sampling (G per vector, temperature T) and reward as training, so "the reward rose"
         is measured on fixed vectors instead of read off noisy training batches. It draws from
@@ -178,7 +206,8 @@ class JointTrainer:
                  **self.reconstruction_metrics(ro, sc)}
             if self.sft_ar is not None:  # the same explanations read by the SFT AR: the AV's own change
                 m["fve_nrm_sft_ar"] = self.sft_ar_fve(ro, sc.usable)
-        return {f"rl/val_{k}": v for k, v in m.items()}
+        explanations = [e if ok else None for e, ok in zip(ro.explanations, (~ro.failed).tolist())]
+        return {f"rl/val_{k}": v for k, v in m.items()}, explanations
 
     @torch.no_grad()
     def sft_ar_fve(self, ro: RolloutOut, usable: torch.Tensor) -> float:
@@ -298,7 +327,7 @@ class JointTrainer:
         if self.engine.name != "hf":
             m["rl/engine_k3"] = av.engine_k3
         fve = metrics.fve_from_mse(sc.mse, self.target_var)
-        samples = [(i // self.cfg.group_size, e or "<failed>", float(fve[i]) if ok[i] else float("nan"))
+        samples = [(i // self.cfg.group_size, e or FAILED, float(fve[i]) if ok[i] else float("nan"))
                    for i, e in enumerate(ro.explanations)]
         return StepOut(m, samples)
 
