@@ -39,6 +39,15 @@ def test_demo_runs_the_whole_pipeline(tmp_path, tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "final checkpoint:" in out and "control: shuffled_vector" in out and "SFT AR reading the AV" in out
     assert "ceiling: oracle AR, raw context" in out and "floor: best constant prediction" in out
+    # Claims with their chance level, the token lookups and the margin over them, for SFT and RL.
+    for report in (summary["sft"], summary["rl"]):
+        quote = report["claims"]["types"]["quote"]
+        assert report["claims"]["format"] == "extractive" and {"accuracy", "chance", "top_share"} <= set(quote)
+        assert report["claims"]["teacher"]["types"]["quote"]["accuracy"] == 1.0  # the teacher's own quotes, checked
+        assert report["baselines"]["token_lookup"]["fve_nrm"] is not None and "bigram_lookup" in report["baselines"]
+    assert summary["lookup_margin"]["rl"] == summary["rl"]["fve_nrm"] - max(
+        summary["rl"]["baselines"][k]["fve_nrm"] for k in ("token_lookup", "bigram_lookup"))
+    assert "control: token_lookup" in out and "claims: quote true, chance" in out and "claims: format breaks" in out
 
     # A second run (every stage resumes) with the user's own oracle AR: the demo trains none.
     assert main(argv + ["--oracle_ar", summary["ar_oracle"]["checkpoint"]]) == 0

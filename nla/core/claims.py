@@ -287,7 +287,7 @@ def summarize(fmt: ExplanationFormat, explanations: list[str | None], contexts: 
                                                                         for p in parsed if p is not None]),
                                  "distinct": len(values), "top_value": top[0],
                                  "top_share": top[1] / len(of_kind) if of_kind else None,
-                                 "checked": kind in fmt.checked_types}
+                                 "checked": kind in fmt.checked_types, "accuracy": None, "chance": None}
         if entry["checked"] and of_kind:
             real = [fmt.check(c, contexts[i]) for i, c in of_kind]
             chance = [fmt.check(c, contexts[others[i]]) for i, c in of_kind] if others is not None else None
