@@ -12,6 +12,8 @@ import torch
 
 from nla.core import metrics
 
+LOOKUPS = {"token_lookup": 1, "bigram_lookup": 2}  # the baselines eval reports: name -> how many last tokens
+
 
 def lookup_predict(train_ids: list[list[int]], train_vectors: torch.Tensor, eval_ids: list[list[int]], order: int,
                    scale: float) -> tuple[torch.Tensor, list[int]]:

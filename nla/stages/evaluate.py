@@ -45,6 +45,7 @@ import torch
 
 from nla.core import claims, metrics, templates
 from nla.core.config import ConfigError, NLAConfig
+from nla.core.lookup import LOOKUPS
 from nla.core.sidecar import SidecarError
 from nla.core.tracking import Tracker, progress
 from nla.data.extract import choose_positions
@@ -63,7 +64,7 @@ from nla.stages.controls import (
     paraphrase_scores,
     uninformative_vectors,
 )
-from nla.stages.faithfulness import LOOKUPS, claim_checks, explanation_format, lookup_margin, text_free_baselines
+from nla.stages.faithfulness import claim_checks, explanation_format, lookup_margin, text_free_baselines
 from nla.stages.reinjection import reinjection_scores
 from nla.stages.report import format_table, write_report
 from nla.stages.stage import start_stage
@@ -197,11 +198,13 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
                               "selection": "greedy" if greedy else "first_sample",
                               **scorer.headline(pred, vectors)}
     report["top1_chance"] = 1 / min(cfg.eval.retrieval_candidates, n)
+    t0 = time.time()
     contexts = [i.get("context") or "" for i in data.info]
     fmt = explanation_format(data.path, nla.meta.extra)
     report["claims"], marks = claim_checks(cfg, fmt, explanations, contexts, data.teacher, cache_dir)
     report["baselines"] = text_free_baselines(nla.tokenizer, data.path, vectors, contexts, nla.layer, scorer)
     report["lookup_margin"] = lookup_margin(report)
+    timing["claims_s"] = time.time() - t0  # with --judge, mostly the judge's requests
     t0 = time.time()
     report["controls"] = control_fves(explain_controls, nla.predict, vectors, explanations, scorer,
                                       deterministic=greedy, uninformative_texts=uninformative_texts)

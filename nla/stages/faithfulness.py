@@ -21,13 +21,12 @@ from typing import Any
 import torch
 
 from nla.core import claims, seeds
-from nla.core.lookup import lookup_predict
+from nla.core.lookup import LOOKUPS, lookup_predict
 from nla.core.sidecar import SidecarError, dataset_meta_path, read_meta
 from nla.data.judge import judge_claims, make_judge
 from nla.data.splits import derangement, load_split, split_path
 
 TRAINING_SPLITS = ("av_sft", "ar_sft", "rl")  # what the AV and AR trained on (warm starts and RL)
-LOOKUPS = {"token_lookup": 1, "bigram_lookup": 2}
 
 
 def explanation_format(data_path: Path | None, av_meta_extra: dict[str, Any]) -> claims.ExplanationFormat:

@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from nla.core.io import atomic_write_bytes
+from nla.core.lookup import LOOKUPS
 
 
 def bars(report: dict[str, Any]) -> list[tuple[str, float]]:
-    """(label, fve) for the controls chart: the real score, then what it is compared against."""
+    """(label, fve) for the controls chart: the real score, then what it is compared against (the
+    controls, the text-free lookups, the rewritten texts, the ceilings)."""
     out = [("real", report["fve_nrm"])]
     out += [(k, v["fve_nrm"]) for k, v in report["controls"].items()]
+    out += [(k.replace("_", " "), v["fve_nrm"]) for k, v in (report.get("baselines") or {}).items() if k in LOOKUPS]
     para = report.get("paraphrase") or {}
     if para.get("fve_nrm") is not None:
         out.append(("paraphrase", para["fve_nrm"]))
@@ -53,7 +56,9 @@ def plot_controls(report: dict[str, Any], path: Path) -> str:
     items = bars(report)
     fig, ax = _figure(7.0, 3.8)
     values = [v if v is not None and math.isfinite(v) else 0.0 for _, v in items]
-    colors = ["tab:blue"] + ["tab:gray"] * len(report["controls"]) + ["tab:green"] * (len(items) - 1 - len(report["controls"]))
+    n_lookups = sum(k in LOOKUPS for k in report.get("baselines") or {})  # text-free baselines: orange
+    colors = ["tab:blue"] + ["tab:gray"] * len(report["controls"]) + ["tab:orange"] * n_lookups
+    colors += ["tab:green"] * (len(items) - len(colors))
     ax.bar(range(len(items)), values, color=colors)
     ax.set_xticks(range(len(items)), [k for k, _ in items], rotation=30, ha="right")
     ax.axhline(0.0, color="black", linewidth=0.8)

@@ -13,7 +13,8 @@ from typing import Any
 
 from nla.core import claims
 from nla.core.io import atomic_write_text
-from nla.stages.faithfulness import LOOKUPS, best_lookup, control_margin, lookup_margin
+from nla.core.lookup import LOOKUPS
+from nla.stages.faithfulness import best_lookup, control_margin, lookup_margin
 from nla.stages.plots import plot_controls, plot_histogram, plot_lengths
 
 CONTROL_NOTES = {
