@@ -182,3 +182,27 @@ def test_lookup_backs_off_to_fewer_tokens_then_to_the_mean():
     assert torch.allclose(pred[2], normalize(torch.ones(1, 3), 1.0)[0])  # unseen: the mean of all rows
     with pytest.raises(ValueError):
         lookup_predict(train, vecs, [[1]], 0, 1.0)
+
+
+# ---------------------------------------------------------------- the one parser of an AV's answer
+
+
+def test_read_answer_fails_broken_formats_and_keeps_the_text():
+    tagged = lambda e: f"<explanation>\n{e}\n</explanation>"  # noqa: E731
+    assert claims.read_answer(FMT, tagged('ends with "class"; about class')) == ('ends with "class"; about class', True)
+    assert claims.read_answer(FMT, tagged('ends with "class"; class"; about class')) == (
+        'ends with "class"; class"; about class', False)  # RL's stutter: a failure, its text kept for the report
+    assert claims.read_answer(FMT, 'ends with "x"') == (None, False)  # no tags
+    free = claims.FreeFormat()
+    assert claims.read_answer(free, tagged('ends with "class"; class"; about class'))[1]  # free text: the tags only
+    for context in CONTEXTS:
+        text = "<explanation>" + teacher_text(context) + "</explanation>"
+        assert claims.read_answer(FMT, text)[1]
+
+
+def test_the_av_sidecar_names_the_format_it_is_held_to():
+    record = claims.format_record({"teacher": {"provider": "extractive"}, "provenance": {"teacher_context_chars": 300}})
+    fmt = claims.trained_format({"training": {"explanation_format": record}})
+    assert fmt.name == "extractive" and fmt.context_chars == 300
+    assert claims.trained_format({"training": {}}).name == "free"  # an AV saved before the record: tags only
+    assert claims.trained_format({}).name == "free"

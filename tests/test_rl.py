@@ -240,3 +240,23 @@ def test_a_non_finite_gradient_skips_that_update_in_both_phases(warm_start, toy_
         update()
         assert stepper.skipped == 1 and any(not torch.equal(x, y) for x, y in zip(before, params[adapter])), adapter
         assert all(torch.isfinite(p).all() for p in params[adapter])
+
+
+def test_a_rollout_that_breaks_the_avs_format_is_a_failure(warm_start, toy_model_dir, tmp_path):
+    """The toy AV answers with one word between the tags: its own (free) format. Held to the extractive
+    grammar instead (`ends with "…"; about …`), every rollout breaks it, and each gets the failure
+    reward, while its text is kept for the report."""
+    from nla.core import claims
+
+    trainer, _ = _joint(warm_start, toy_model_dir, tmp_path)
+    vectors = load_split(warm_start / "data" / "rl.parquet").vectors[:4]
+    torch.manual_seed(0)
+    free = trainer.rollout(vectors)
+    assert trainer.verbalizer.format.name == "free" and (~free.failed).any()
+    trainer.verbalizer.format = claims.ExtractiveFormat()
+    torch.manual_seed(0)
+    held = trainer.rollout(vectors)
+    assert held.rollout.texts == free.rollout.texts and held.explanations == free.explanations  # the same answers
+    assert held.failed.all()
+    total = trainer.reward_terms(held, trainer.score(held, train=False)).total
+    assert torch.allclose(total, torch.full_like(total, rewards.FAIL_REWARD))

@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
+from nla.core import templates
+
 MALFORMED = "malformed"
 
 
@@ -226,6 +228,22 @@ def format_for(teacher: dict[str, Any] | None, context_chars: int | None = None)
     if (teacher or {}).get("provider") == "extractive":
         return ExtractiveFormat(context_chars or 600)
     return FreeFormat()
+
+
+def trained_format(model_meta_extra: dict[str, Any]) -> ExplanationFormat:
+    """The format an AV was trained to write (its sidecar's `training.explanation_format`); an AV
+    saved without that record is held to the tags only (free text)."""
+    record = (model_meta_extra.get("training") or {}).get("explanation_format") or {}
+    return format_for(record, record.get("context_chars"))
+
+
+def read_answer(fmt: ExplanationFormat, text: str) -> tuple[str | None, bool]:
+    """The one parser of an AV's answer (SFT samples, RL rollouts, eval, verbalize): -> (the
+    explanation between the tags or None, whether it is usable: tags present and the explanation
+    follows `fmt`'s grammar). A broken format is a failure, as missing tags are: RL gives it the
+    failure reward, and no stuttered answer counts as a success."""
+    explanation = templates.extract_explanation(text)
+    return explanation, explanation is not None and fmt.parse(explanation).ok
 
 
 # ---------------------------------------------------------------- marks and summaries

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nla.core import templates
+from nla.core import claims, templates
 from nla.core.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
 from nla.models.injection import InjectionHook, repeat_for_samples
 from nla.models.sources import ModelSource, load_adapter, pick_device
@@ -218,7 +218,7 @@ def assemble_rollout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, new_to
 class Sample:
     text: str  # the raw response (up to EOS)
     explanation: str | None  # between the tags; None when missing
-    failed: bool  # no closing tag, or hit the length cap
+    failed: bool  # no closing tag, the AV's format broken, or hit the length cap
     n_tokens: int  # generated tokens, EOS included
 
 
@@ -244,6 +244,7 @@ class Verbalizer:
         self.injection_scale = float(injection_scale)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.hook = InjectionHook(model, *meta.tokens.ids, self.injection_scale)
+        self.format = claims.trained_format(meta.extra)  # what a usable answer looks like (`claims.read_answer`)
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.eos_ids = {tokenizer.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
 
@@ -295,8 +296,8 @@ class Verbalizer:
             n_tokens = ro.response_mask.sum(-1).tolist()
             samples = []
             for text, cap, nt in zip(ro.texts, ro.hit_cap.tolist(), n_tokens):
-                explanation = templates.extract_explanation(text)
-                samples.append(Sample(text, explanation, explanation is None or cap, int(nt)))
+                explanation, usable = claims.read_answer(self.format, text)
+                samples.append(Sample(text, explanation, not usable or cap, int(nt)))
             results += [samples[i:i + num_samples] for i in range(0, len(samples), num_samples)]
         return results
 

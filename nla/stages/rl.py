@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from nla.core import claims, seeds
+from nla.core import seeds
 from nla.core.config import ConfigError, NLAConfig
 from nla.core.sidecar import MODEL_META, write_meta
 from nla.core.tracking import Tracker
@@ -121,9 +121,8 @@ def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path
     engine = make_engine(rc.rollout_engine, verbalizer, engine_model, rc.vllm_python, cfg.model.dtype,
                          cfg.run.seed + acc.process_index, max_model_len=longest, memory_gb=rc.vllm_memory_gb,
                          log_path=cfg.output_dir / f"vllm_worker_{acc.process_index}.log")
-    record = claims.format_record(data.meta.extra)
     trainer = JointTrainer(model, verbalizer, ar, tokenizer, rc, scale, var, av_opt, ar_opt, av_sched, ar_sched, acc,
-                           sft_ar=sft_ar_model, engine=engine, claim_format=claims.format_for(record, record["context_chars"]))
+                           sft_ar=sft_ar_model, engine=engine)
     state: dict[str, Any] = {"step": 0, "cursor": 0}
     if resume is not None:
         state = load_checkpoint_state(resume, trainer.saved_optimizers())
@@ -137,8 +136,9 @@ def checkpoint_writer(trainer: JointTrainer, root: Path, av_meta, ar_meta, state
     model, tokenizer = trainer.model, trainer.tokenizer
 
     def write(tmp: Path, step: int) -> None:
+        trained = av_meta.extra.get("training") or {}  # the SFT AV's: the format it writes stays on record
         training = {"stage": "rl", "training": {"stage": "rl", "step": step, "sft_av": state["sft_av"], "sft_ar": state["sft_ar"],
-                                                "explanation_format": state["explanation_format"]}}
+                                                "explanation_format": trained.get("explanation_format")}}
         model.save_pretrained(str(tmp), selected_adapters=[AV])  # -> tmp/av/adapter_*
         tokenizer.save_pretrained(tmp / "av")
         write_meta(tmp / "av" / MODEL_META, _with(av_meta, training))
@@ -188,8 +188,7 @@ def _train(cfg: NLAConfig, acc, trainer: JointTrainer, state: dict[str, Any], av
         val_start = trainer.validate(val, cfg.run.seed + seeds.HELD_OUT_SAMPLING)
         tracker.log(val_start, 0)
     save = checkpoint_writer(trainer, root, av_meta, ar_meta, {"sft_av": str(sft_av), "sft_ar": str(sft_ar),
-                                                               "val_start": val_start, "fingerprint": fingerprint,
-                                                               "explanation_format": claims.format_record(data.meta.extra)}, acc)
+                                                               "val_start": val_start, "fingerprint": fingerprint}, acc)
     began = time.time()
     contexts = data.columns.get("detokenized_text_truncated") or [""] * len(data)
     history = trainer.fit(data.vectors, contexts, cfg.run.seed, state, tracker, save, val, cfg.logging.log_every,

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from nla.core import claims, metrics, rewards, seeds, templates
+from nla.core import claims, metrics, rewards, seeds
 from nla.core.config import RLConfig
 from nla.core.tracking import Tracker, progress
 from nla.data.splits import derangement
@@ -54,7 +54,7 @@ class RolloutOut:
     targets: torch.Tensor  # [N, d] raw vector of each row's group (N = n * G): what the AR must reconstruct
     injected: torch.Tensor  # [N, d] what the AV saw (== targets, except in the shuffled-vector control)
     explanations: list[str | None]
-    failed: torch.Tensor  # [N] bool: no explanation between tags, or hit the length cap
+    failed: torch.Tensor  # [N] bool: no explanation between tags, its format broken, or hit the length cap
     n_tokens: torch.Tensor  # [N] generated tokens
 
 
@@ -90,9 +90,8 @@ class JointTrainer:
     def __init__(self, model: nn.Module, verbalizer: Verbalizer, ar: ARModel, tokenizer, cfg: RLConfig,
                  mse_scale: float, target_var: float, av_opt: torch.optim.Optimizer, ar_opt: torch.optim.Optimizer,
                  av_sched=None, ar_sched=None, accelerator=None, max_grad_norm: float = 1.0,
-                 sft_ar: ARModel | None = None, engine=None, claim_format: claims.ExplanationFormat | None = None):
+                 sft_ar: ARModel | None = None, engine=None):
         self.model, self.verbalizer, self.ar, self.tokenizer, self.cfg = model, verbalizer, ar, tokenizer, cfg
-        self.claim_format = claim_format or claims.FreeFormat()  # the teacher's format: claims checked in the samples and held-out check
         self.sft_ar = sft_ar  # frozen SFT AR (adapter AR_REF): scores held-out explanations RL never trained it on
         self.mse_scale, self.target_var = mse_scale, target_var
         self.av_opt, self.ar_opt = av_opt, ar_opt
@@ -135,7 +134,7 @@ class JointTrainer:
                 table = []
                 for g, text, fve in out.samples:
                     context = contexts[int(rows[g])] or ""
-                    marks = claims.mark(self.claim_format, None if text == FAILED else text, context)
+                    marks = claims.mark(self.verbalizer.format, None if text == FAILED else text, context)
                     table.append([context[-160:], text, claims.marked_text(marks), fve])
                 tracker.log_table("rl/samples", ["context_tail", "explanation", "claims", "fve_nrm"], table, done)
             if val is not None and rc.rl_val_every and done % rc.rl_val_every == 0 and done < rc.rl_steps:
@@ -163,7 +162,7 @@ class JointTrainer:
         n = len(explanations) // g
         pairing = derangement(n, seed + seeds.CLAIM_CHANCE).tolist() if n >= 2 else None
         others = [pairing[i // g] * g + i % g for i in range(len(explanations))] if pairing else None
-        summary = claims.summarize(self.claim_format, explanations, contexts, others)
+        summary = claims.summarize(self.verbalizer.format, explanations, contexts, others)
         return {**m, **claims.flat(summary, "rl/val_claims/")}
 
     # ------------------------------------------------------------------ the step
@@ -206,8 +205,7 @@ class JointTrainer:
                  **self.reconstruction_metrics(ro, sc)}
             if self.sft_ar is not None:  # the same explanations read by the SFT AR: the AV's own change
                 m["fve_nrm_sft_ar"] = self.sft_ar_fve(ro, sc.usable)
-        explanations = [e if ok else None for e, ok in zip(ro.explanations, (~ro.failed).tolist())]
-        return {f"rl/val_{k}": v for k, v in m.items()}, explanations
+        return {f"rl/val_{k}": v for k, v in m.items()}, ro.explanations  # broken ones too: the claims report them
 
     @torch.no_grad()
     def sft_ar_fve(self, ro: RolloutOut, usable: torch.Tensor) -> float:
@@ -230,8 +228,9 @@ class JointTrainer:
         if self.cfg.rl_shuffle_control:
             injected = vectors[derangement(len(vectors), int(torch.randint(0, 2**31 - 1, ()))).to(vectors.device)]
         ro = self.engine.rollout(injected, g, self.cfg.temperature, self.cfg.max_response_tokens, self.cfg.top_k)
-        explanations = [templates.extract_explanation(t) for t in ro.texts]
-        failed = torch.tensor([e is None for e in explanations]) | ro.hit_cap.cpu()
+        answers = [claims.read_answer(self.verbalizer.format, t) for t in ro.texts]  # a broken format is a failure
+        explanations = [e for e, _ in answers]
+        failed = torch.tensor([not usable for _, usable in answers]) | ro.hit_cap.cpu()
         n_tokens = ro.response_mask.sum(-1).cpu()
         return RolloutOut(ro, vectors.repeat_interleave(g, 0).float().cpu(), injected.repeat_interleave(g, 0).float().cpu(),
                           explanations, failed, n_tokens)
