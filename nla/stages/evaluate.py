@@ -28,8 +28,10 @@ Reinjection (`--reinjection_rows`, default 32): each row's reconstruction, resca
 activation's norm, patched into the target model at layer K and the last position; next-token
 KL(original ‖ patched) next to the mean, another row's and the zero activation patched there
 (`nla.stages.reinjection`). Skipped, with a note, where the target model cannot be loaded.
-Failed explanations (no closing tag) are scored as the AR reading what was extracted, else "",
-as `nla rl`'s held-out number is; `extraction_fail_rate` says how many.
+Failed explanations (no closing tag, the length cap, or a format the AV's grammar rejects:
+`claims.read_answer`) are scored as the AR reading what was extracted, else "", as `nla rl`'s
+held-out number is; `extraction_fail_rate` says how many. Claim checks, collapse signals and the
+text-free lookups: `nla.stages.faithfulness`.
 """
 
 from __future__ import annotations
