@@ -426,7 +426,8 @@ def test_fraction_of_oracle_is_measured_from_the_floor():
 
 
 def test_claims_split_outside_quotes_and_reorder():
-    from nla.stages.controls import shuffle_claims, split_claims
+    from nla.core.claims import split_claims
+    from nla.stages.controls import shuffle_claims
 
     text = 'ends with "a; b. c \\" d; e"; about queue'
     assert split_claims(text) == ['ends with "a; b. c \\" d; e"', "about queue"]

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from nla.core import metrics, seeds, templates
+from nla.core.claims import split_claims
 from nla.core.config import ConfigError, NLAConfig
 from nla.data.splits import derangement
 from nla.data.teacher import LocalTeacher, TeacherCache, make_teacher
@@ -155,23 +156,6 @@ class LocalParaphraser(LocalTeacher):
     def prompt_text(self, explanation: str) -> str:
         messages = [{"role": "user", "content": templates.PARAPHRASE_TEMPLATE.format(explanation=explanation)}]
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + self.prefill
-
-
-def split_claims(text: str) -> list[str]:
-    """An explanation's phrases: split at ';' and at sentence ends ('.', '!', '?' before a space),
-    never inside a double-quoted span (a quoted ending may hold any of them; `\\"` stays inside)."""
-    claims, start, quoted, escaped = [], 0, False, False
-    for i, ch in enumerate(text):
-        if quoted:
-            escaped, quoted = (not escaped and ch == "\\"), quoted and not (ch == '"' and not escaped)
-            continue
-        if ch == '"':
-            quoted = True
-        elif ch == ";" or (ch in ".!?" and text[i + 1:i + 2].isspace()):
-            claims.append(text[start:i + (ch != ";")])
-            start = i + 1
-    claims.append(text[start:])
-    return [c.strip() for c in claims if c.strip()]
 
 
 def reverse_claims(text: str) -> str:
