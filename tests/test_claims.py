@@ -206,3 +206,22 @@ def test_the_av_sidecar_names_the_format_it_is_held_to():
     assert fmt.name == "extractive" and fmt.context_chars == 300
     assert claims.trained_format({"training": {}}).name == "free"  # an AV saved before the record: tags only
     assert claims.trained_format({}).name == "free"
+
+
+def test_a_format_without_the_topic_writes_and_accepts_only_the_quote():
+    from nla.core.config import ConfigError, TeacherConfig
+
+    quote_only = claims.ExtractiveFormat(300, ("quote",))
+    context = CONTEXTS[1]
+    text = quote_only.write(context, 16)
+    assert text == 'ends with "frame with class"' and quote_only.parse(text).ok
+    assert not quote_only.parse('ends with "x"; about class').ok  # a claim this format does not write is malformed
+    assert FMT.parse('ends with "x"').ok  # the topic is optional where the context has no topic word
+    teacher = ExtractiveTeacher(tail_chars=16, claims=("quote",))
+    assert teacher.identity.endswith(":claims=quote") and ExtractiveTeacher().identity == "extractive:v4:tail16"
+    record = claims.format_record({"teacher": {"provider": "extractive", "claims": ["quote"]}})
+    assert claims.format_for(record).claim_types == ("quote",)
+    assert claims.format_for({"provider": "extractive"}).claim_types == ("quote", "topic")  # a record from before
+    for bad in ("topic", "quote,quote", "quote,colour", ""):
+        with pytest.raises(ConfigError, match="teacher_claims"):
+            TeacherConfig(teacher_claims=bad)

@@ -146,40 +146,55 @@ _QUOTE = re.compile(r'ends with "(.*)"', re.S)
 _TOPIC = re.compile(r"about (\S.*)", re.S)
 
 
+EXTRACTIVE_CLAIMS = ("quote", "topic")  # what the extractive format can say, in its order
+
+
 @dataclass
 class ExtractiveFormat:
     """`ends with "…"; about TOPIC` (nla.data.teacher.ExtractiveTeacher writes it): one quote claim,
-    then at most one topic claim. `context_chars`: how much context the teacher read (its topic
-    rule saw only that tail, so the checks do too)."""
+    then each further claim of `claim_types` at most once, in that order (the topic is left out
+    where the context has no topic word). `context_chars`: how much context the teacher read (its
+    topic rule saw only that tail, so the checks do too)."""
 
     context_chars: int = 600
+    claim_types: tuple[str, ...] = EXTRACTIVE_CLAIMS
     name: str = "extractive"
-    claim_types: tuple[str, ...] = ("quote", "topic")
-    checked_types: tuple[str, ...] = ("quote", "topic")
     primary: dict[str, str] = field(default_factory=lambda: {"quote": "exact", "topic": "rule"})
+
+    def __post_init__(self) -> None:
+        self.claim_types = tuple(self.claim_types)
+        unknown = [c for c in self.claim_types if c not in EXTRACTIVE_CLAIMS]
+        if not self.claim_types or self.claim_types[0] != "quote" or unknown or len(set(self.claim_types)) < len(self.claim_types):
+            raise ValueError(f"extractive claims {list(self.claim_types)}: 'quote' first, then any of "
+                             f"{list(EXTRACTIVE_CLAIMS[1:])}, each once.")
+
+    @property
+    def checked_types(self) -> tuple[str, ...]:
+        return self.claim_types
 
     def write(self, context: str, quote_chars: int) -> str:
         """The teacher's explanation of `context` (already cut to what the teacher reads)."""
         tail = text_tail(context, quote_chars)
-        topic = topic_word(context)
-        claims = [f"ends with {quote(tail)}" if tail else "an empty text"] + ([f"about {topic}"] if topic else [])
-        return "; ".join(claims)
+        claims = [f"ends with {quote(tail)}" if tail else "an empty text"]
+        topic = topic_word(context) if "topic" in self.claim_types else None
+        return "; ".join(claims + ([f"about {topic}"] if topic else []))
 
     def claim(self, text: str) -> Claim:
+        """One claim of this format, or MALFORMED (a claim type the format does not write is malformed too)."""
         if text == "an empty text":
             return Claim("quote", "", text)
         match = _QUOTE.fullmatch(text)
         if match:
             return Claim("quote", match.group(1).replace('\\"', '"'), text)
         match = _TOPIC.fullmatch(text)
-        if match and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", match.group(1).strip()):
+        if "topic" in self.claim_types and match and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", match.group(1).strip()):
             return Claim("topic", match.group(1).strip(), text)
         return Claim(MALFORMED, text, text)
 
     def parse(self, explanation: str) -> Parsed:
         claims = [self.claim(c) for c in split_claims(explanation)]
         kinds = [c.kind for c in claims]
-        ok = kinds in (["quote"], ["quote", "topic"])
+        ok = kinds[:1] == ["quote"] and kinds == [k for k in self.claim_types if k in kinds] and len(set(kinds)) == len(kinds)
         return Parsed(claims, ok)
 
     def check(self, claim: Claim, context: str) -> dict[str, float]:
@@ -217,16 +232,19 @@ class FreeFormat:
 
 def format_record(dataset_extra: dict[str, Any]) -> dict[str, Any]:
     """What a model sidecar keeps of its dataset's format (`training.explanation_format`), so an AV
-    explaining new text (`--texts`) still has its claims checked: {"provider", "context_chars"}."""
-    return {"provider": (dataset_extra.get("teacher") or {}).get("provider"),
+    explaining new text (`--texts`) still has its claims checked: {"provider", "claims", "context_chars"}."""
+    teacher = dataset_extra.get("teacher") or {}
+    return {"provider": teacher.get("provider"), "claims": teacher.get("claims"),
             "context_chars": (dataset_extra.get("provenance") or {}).get("teacher_context_chars")}
 
 
 def format_for(teacher: dict[str, Any] | None, context_chars: int | None = None) -> ExplanationFormat:
     """The format a dataset's explanations were written in, from its sidecar's `teacher` record
-    (`{"provider": "extractive", ...}`); anything else is free text."""
-    if (teacher or {}).get("provider") == "extractive":
-        return ExtractiveFormat(context_chars or 600)
+    (`{"provider": "extractive", "claims": [...]}`; a record without claims predates the choice:
+    quote and topic); anything else is free text."""
+    teacher = teacher or {}
+    if teacher.get("provider") == "extractive":
+        return ExtractiveFormat(context_chars or 600, tuple(teacher.get("claims") or EXTRACTIVE_CLAIMS))
     return FreeFormat()
 
 

@@ -126,6 +126,8 @@ class TeacherConfig:
     teacher_quote_chars: int = _help("The extractive teacher quotes the context's last this many characters (fewer where "
                                      "the cut falls inside a word). On the embedded model 16 gave a far better AV+AR pair "
                                      "than 40 (docs/benchmarks.md).", default=16)
+    teacher_claims: str = _help("What the extractive teacher says, in order: 'quote' (the exact ending, always first), then "
+                                "any of 'topic' (the context's most frequent long word), comma-separated.", default="quote,topic")
 
     def __post_init__(self) -> None:
         if self.teacher not in ("local", "openai", "extractive"):
@@ -133,6 +135,12 @@ class TeacherConfig:
         if self.teacher_quote_chars < 1:
             raise ConfigError(f"teacher_quote_chars={self.teacher_quote_chars}: the quote needs at least 1 character.")
         _env_name(self, "teacher_api_key_env")
+        from nla.core.claims import ExtractiveFormat
+
+        try:  # the format itself says which claim lists it can write
+            ExtractiveFormat(claim_types=tuple(self.teacher_claims.split(",")))
+        except ValueError as err:
+            raise ConfigError(f"teacher_claims={self.teacher_claims!r}: {err}") from None
 
 
 def _env_name(section: Any, name: str) -> None:

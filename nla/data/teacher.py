@@ -44,7 +44,7 @@ import torch
 from transformers import StoppingCriteria
 
 from nla.core import templates
-from nla.core.claims import ExtractiveFormat
+from nla.core.claims import EXTRACTIVE_CLAIMS, ExtractiveFormat
 from nla.core.config import ConfigError
 from nla.core.tracking import progress
 
@@ -239,9 +239,13 @@ class ExtractiveTeacher:
 
     name = "extractive"
 
-    def __init__(self, batch_size: int = 256, tail_chars: int = 16):
+    def __init__(self, batch_size: int = 256, tail_chars: int = 16, claims: tuple[str, ...] = EXTRACTIVE_CLAIMS):
         self.batch_size, self.tail_chars = batch_size, tail_chars
-        self.identity = f"extractive:v4:tail{tail_chars}"
+        self.format = ExtractiveFormat(claim_types=claims)
+        self.claims = self.format.claim_types
+        # the default keeps the identity (and so the cached answers) it had before claims were a choice
+        self.identity = f"extractive:v4:tail{tail_chars}" + ("" if self.claims == EXTRACTIVE_CLAIMS else
+                                                            f":claims={','.join(self.claims)}")
 
     def check(self) -> None:
         pass
@@ -250,7 +254,7 @@ class ExtractiveTeacher:
         return [self._explain(c) for c in contexts]
 
     def explanation(self, context: str) -> str:
-        return ExtractiveFormat().write(context, self.tail_chars)
+        return self.format.write(context, self.tail_chars)
 
     def _explain(self, context: str) -> Answer:
         inner = self.explanation(context)
@@ -261,7 +265,7 @@ def make_teacher(cfg, target_model=None, target_tokenizer=None) -> Teacher:
     """The teacher `cfg.teacher` asks for; the local one reuses the target model when it is the teacher."""
     t = cfg.teacher
     if t.teacher == "extractive":
-        return ExtractiveTeacher(tail_chars=t.teacher_quote_chars)
+        return ExtractiveTeacher(tail_chars=t.teacher_quote_chars, claims=tuple(t.teacher_claims.split(",")))
     if t.teacher == "openai":
         key = os.environ.get(t.teacher_api_key_env, "") if t.teacher_api_key_env else ""
         return OpenAITeacher(t.teacher_base_url, t.teacher_model, key, t.teacher_max_new_tokens, t.teacher_temperature,

@@ -212,6 +212,7 @@ def _meta_extra(cfg: NLAConfig, store: ChunkStore, teacher: Teacher, explained: 
         "activation_norms": norms,
         "suggested_injection_scale": norms["p75"],
         "teacher": {"provider": teacher.identity.split(":", 1)[0], "model": getattr(teacher, "name", ""),
+                    "claims": list(getattr(teacher, "claims", None) or []) or None,
                     "identity": teacher.identity, "n_requested": explained.n_requested,
                     "n_malformed": explained.n_malformed},
         "provenance": {"created_by": "nla datagen", "nla_version": __version__, "split_fractions": cfg.data.split_fractions,
