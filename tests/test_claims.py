@@ -123,7 +123,7 @@ def test_unchecked_claims_are_never_reported_true():
     assert [c["verdict"] for c in marks["claims"]] == ["unchecked", "unchecked"]
     assert claims.marked_text(marks) == "? Python code. · ? A loop over items"
     assert claims.format_for({"provider": "openai"}).name == "free"
-    assert claims.format_for({"provider": "extractive"}, 300).context_chars == 300
+    assert claims.format_for({"provider": "extractive", "context_chars": 300}).context_chars == 300
 
 
 def test_flat_keys():

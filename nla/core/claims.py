@@ -238,21 +238,19 @@ def format_record(dataset_extra: dict[str, Any]) -> dict[str, Any]:
             "context_chars": (dataset_extra.get("provenance") or {}).get("teacher_context_chars")}
 
 
-def format_for(teacher: dict[str, Any] | None, context_chars: int | None = None) -> ExplanationFormat:
-    """The format a dataset's explanations were written in, from its sidecar's `teacher` record
-    (`{"provider": "extractive", "claims": [...]}`; a record without claims predates the choice:
-    quote and topic); anything else is free text."""
-    teacher = teacher or {}
-    if teacher.get("provider") == "extractive":
-        return ExtractiveFormat(context_chars or 600, tuple(teacher.get("claims") or EXTRACTIVE_CLAIMS))
+def format_for(record: dict[str, Any] | None) -> ExplanationFormat:
+    """The format of a `format_record` (`{"provider": "extractive", "claims": [...], "context_chars": N}`;
+    a record without claims predates the choice: quote and topic); any other provider is free text."""
+    record = record or {}
+    if record.get("provider") == "extractive":
+        return ExtractiveFormat(record.get("context_chars") or 600, tuple(record.get("claims") or EXTRACTIVE_CLAIMS))
     return FreeFormat()
 
 
 def trained_format(model_meta_extra: dict[str, Any]) -> ExplanationFormat:
     """The format an AV was trained to write (its sidecar's `training.explanation_format`); an AV
     saved without that record is held to the tags only (free text)."""
-    record = (model_meta_extra.get("training") or {}).get("explanation_format") or {}
-    return format_for(record, record.get("context_chars"))
+    return format_for((model_meta_extra.get("training") or {}).get("explanation_format"))
 
 
 def read_answer(fmt: ExplanationFormat, text: str) -> tuple[str | None, bool]:

@@ -33,11 +33,8 @@ def explanation_format(data_path: Path | None, av_meta_extra: dict[str, Any]) ->
     """The eval data's teacher format (its sidecar's `teacher` record), else the one the AV trained on
     (its sidecar's `training.explanation_format`), else free text."""
     if data_path is not None:
-        extra = read_meta(dataset_meta_path(data_path)).extra
-        chars = (extra.get("provenance") or {}).get("teacher_context_chars")
-        return claims.format_for(extra.get("teacher"), chars)
-    trained = (av_meta_extra.get("training") or {}).get("explanation_format") or {}
-    return claims.format_for(trained, trained.get("context_chars"))
+        return claims.format_for(claims.format_record(read_meta(dataset_meta_path(data_path)).extra))
+    return claims.trained_format(av_meta_extra)
 
 
 def claim_checks(cfg, fmt: claims.ExplanationFormat, explanations: list, contexts: list[str], teacher: list | None,
