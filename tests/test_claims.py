@@ -53,6 +53,7 @@ def test_every_teacher_answer_on_the_builtin_corpus_parses():
     'ends with "x"; about',  # an empty topic
     'about string',  # no quote claim
     'ends with "x"; the next token is y',  # a claim the format does not define
+    'ends with ""; about string',  # an empty quote: RL's safe guess, never a teacher's answer
 ])
 def test_broken_formats_are_rejected(text):
     parsed = FMT.parse(text)

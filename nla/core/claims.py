@@ -5,7 +5,8 @@ teacher format declares its grammar and a checker per claim type (`ExplanationFo
 
 - `extractive` (the model-free teacher): `ends with "LAST CHARACTERS"; about TOPIC`. Exactly one
   quote claim first, then at most one topic claim; anything else is a malformed claim and breaks
-  the format (RL's `ends with "class"; class"; about class` does). The quote is checked three ways
+  the format (RL's `ends with "class"; class"; about class` does, and so does an empty quote,
+  `ends with ""`, which the teacher never writes). The quote is checked three ways
   (`exact`: the context ends with it, whitespace runs collapsed and the ends trimmed; `last_token`:
   its last word or symbol is the context's; `char_share`: the share of its characters, from the
   end, that match the context's end), the topic two ways (`rule`: the word the teacher's rule
@@ -184,7 +185,7 @@ class ExtractiveFormat:
         if text == "an empty text":
             return Claim("quote", "", text)
         match = _QUOTE.fullmatch(text)
-        if match:
+        if match and match.group(1):  # the teacher never quotes nothing: `ends with ""` says nothing true
             return Claim("quote", match.group(1).replace('\\"', '"'), text)
         match = _TOPIC.fullmatch(text)
         if "topic" in self.claim_types and match and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", match.group(1).strip()):
@@ -202,7 +203,7 @@ class ExtractiveFormat:
         if claim.kind == "quote":
             said, real = squash(claim.value), squash(context)
             if not said:  # a quote of whitespace only (or "an empty text"): true when the context ends that way
-                exact = float(claim.value != "" and context[-1:].isspace() or not context.strip())
+                exact = float(context[-1:].isspace() if claim.value else not context.strip())
                 return {"exact": exact, "last_token": exact, "char_share": exact}
             last = last_lexeme(said)
             return {"exact": float(real.endswith(said)),
