@@ -165,7 +165,8 @@ class ExtractiveFormat:
     def __post_init__(self) -> None:
         self.claim_types = tuple(self.claim_types)
         unknown = [c for c in self.claim_types if c not in EXTRACTIVE_CLAIMS]
-        if not self.claim_types or self.claim_types[0] != "quote" or unknown or len(set(self.claim_types)) < len(self.claim_types):
+        repeated = len(set(self.claim_types)) < len(self.claim_types)
+        if not self.claim_types or self.claim_types[0] != "quote" or unknown or repeated:
             raise ValueError(f"extractive claims {list(self.claim_types)}: 'quote' first, then any of "
                              f"{list(EXTRACTIVE_CLAIMS[1:])}, each once.")
 
@@ -195,8 +196,8 @@ class ExtractiveFormat:
     def parse(self, explanation: str) -> Parsed:
         claims = [self.claim(c) for c in split_claims(explanation)]
         kinds = [c.kind for c in claims]
-        ok = kinds[:1] == ["quote"] and kinds == [k for k in self.claim_types if k in kinds] and len(set(kinds)) == len(kinds)
-        return Parsed(claims, ok)
+        in_order = kinds == [k for k in self.claim_types if k in kinds]  # known kinds, in the format's order
+        return Parsed(claims, kinds[:1] == ["quote"] and in_order and len(set(kinds)) == len(kinds))
 
     def check(self, claim: Claim, context: str) -> dict[str, float]:
         context = context[-self.context_chars:]

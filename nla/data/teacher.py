@@ -180,7 +180,8 @@ class OpenAITeacher:
 
     def _unreachable(self, err: BaseException) -> TeacherError:
         reason = getattr(err, "reason", None) or err
-        fix = "start the server or use --teacher local" if self.role == "teacher" else f"start the server or check --{self.role}_base_url"
+        fix = "use --teacher local" if self.role == "teacher" else f"check --{self.role}_base_url"
+        fix = f"start the server or {fix}"
         return TeacherError(f"{self.role} endpoint {self.url} unreachable: {reason}; {fix}.")
 
     def complete(self, contexts: list[str]) -> list[Answer]:
@@ -225,7 +226,8 @@ class OpenAITeacher:
 
 
 class ExtractiveTeacher:
-    """Model-free: `<explanation>ends with "LAST CHARACTERS"; about TOPIC</explanation>`.
+    """Model-free: `<explanation>ends with "LAST CHARACTERS"; about TOPIC</explanation>` (the topic where
+    `claims` has it: `--teacher_claims`).
 
     What a position's residual stream carries most is its own token and the few before it, then
     the topic (docs/benchmarks.md measures it: an AR reading these explanations reached 76% of an
