@@ -273,6 +273,10 @@ def test_eval_from_texts_with_local_paraphraser(toy, tmp_path, tiny_tokenizer):
     assert all(("response" in r) == r["failed"] for r in rows)
     assert report["paraphrase"]["method"].startswith("teacher local:") and report["paraphrase"]["fail_rate"] is not None
     assert (tmp_path / "out" / "paraphrase_cache.jsonl").is_file()
+    # new text has no training split: the lookup is not computed, and the report says why
+    assert "--texts" in report["baselines"]["skipped"] and report["lookup_margin"] is None
+    assert "not computed" in (tmp_path / "out" / "report.md").read_text()
+    assert report["claims"]["format"] == "free"  # the toy AV's sidecar records its (free) dataset format
     # the vectors explained are the plain base model's block-K outputs (the AV's LoRA switched off)
     from nla.models.pair import load_nla
     from nla.stages.verbalize import extract_text_rows
