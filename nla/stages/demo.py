@@ -7,7 +7,8 @@ datagen -> AR SFT (+ a short shuffled-target control, + the context-oracle AR th
 context: the ceiling) -> AV SFT -> eval of the SFT pair on held-out documents -> joint RL (held-out
 FVE by step, read by the live AR and by the SFT AR) -> eval of the RL checkpoint ->
 `<output_dir>/summary.json`:
-    {"sft": <eval report>, "rl": <eval report>, "checkpoint": "<rl/final>", "wall_s": ...}
+    {"sft": <eval report>, "rl": <eval report>, "checkpoint": "<rl/final>", "wall_s": ...,
+     "control_margin": {...}, "lookup_margin": {...}}   (each eval report carries its claims and lookups)
 Every stage resumes (datagen caches chunks and teacher answers, trainers restart from their newest
 checkpoint), so a second `make demo` only redoes what is missing.
 """
@@ -20,6 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from nla.core.io import atomic_write_text
+from nla.core.lookup import LOOKUPS
 from nla.models.sources import ModelSource
 from nla.stages.faithfulness import control_margin, lookup_margin
 from nla.stages.stage import start_stage
@@ -80,8 +82,7 @@ def lookup_rows(sft: dict[str, Any], rl: dict[str, Any]) -> list[str]:
     base = [r.get("baselines") or {} for r in (sft, rl)]
     if "token_lookup" not in base[1]:
         return [f"{'text-free baselines':<34}{'not computed: ' + str(base[1].get('skipped')):>20}"]
-    lines = [_row(f"control: {k} fve_nrm", base[0].get(k, {}).get("fve_nrm"), base[1][k]["fve_nrm"])
-             for k in ("token_lookup", "bigram_lookup")]
+    lines = [_row(f"control: {k} fve_nrm", base[0].get(k, {}).get("fve_nrm"), base[1][k]["fve_nrm"]) for k in LOOKUPS]
     return lines + [_row("fve_nrm minus the stronger lookup", lookup_margin(sft), lookup_margin(rl))]
 
 
