@@ -19,6 +19,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from nla.core.claims import ExtractiveFormat
+
 EMBEDDED_MODEL = "embedded:smollm2-135m"
 
 
@@ -135,8 +137,6 @@ class TeacherConfig:
         if self.teacher_quote_chars < 1:
             raise ConfigError(f"teacher_quote_chars={self.teacher_quote_chars}: the quote needs at least 1 character.")
         _env_name(self, "teacher_api_key_env")
-        from nla.core.claims import ExtractiveFormat
-
         try:  # the format itself says which claim lists it can write
             ExtractiveFormat(claim_types=tuple(self.teacher_claims.split(",")))
         except ValueError as err:

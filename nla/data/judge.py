@@ -11,7 +11,6 @@ context (the caller passes the pairing).
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -43,10 +42,7 @@ def make_judge(cfg) -> OpenAITeacher | None:
     j = cfg.judge
     if j.judge == "none":
         return None
-    key = os.environ.get(j.judge_api_key_env, "") if j.judge_api_key_env else ""
-    return OpenAITeacher(j.judge_base_url, j.judge_model, key, j.judge_max_new_tokens, j.judge_temperature,
-                         j.judge_timeout_s, j.judge_retries, j.judge_concurrency, batch_size=j.judge_concurrency * 4,
-                         role="judge", prompt=lambda item: item)
+    return OpenAITeacher.from_options(j, "judge", j.judge_concurrency * 4, prompt=lambda item: item)
 
 
 def _rates(rows: list[list[dict[str, str]] | None]) -> dict[str, float | None]:
@@ -61,8 +57,8 @@ def judge_claims(judge: OpenAITeacher, explanations: list[str | None], contexts:
     """Judge every explanation against its own context and, for the chance level, against
     `contexts[others[i]]` -> (summary {accuracy, chance, contradicted, ..., malformed_answers},
     per-row verdict lists, None where the explanation failed or the judge's answer was malformed).
-    accuracy = supported claims / all judged claims: an uncheckable claim is not counted as true."""
-    judge.check()
+    accuracy = supported claims / all judged claims: an uncheckable claim is not counted as true.
+    (`nla eval` checks that the judge is reachable before it explains anything.)"""
     todo = [i for i, e in enumerate(explanations) if e is not None]
     prompts = [templates.judge_prompt(contexts[i][-context_chars:], explanations[i]) for i in todo]
     prompts += [templates.judge_prompt(contexts[others[i]][-context_chars:], explanations[i]) for i in todo]
@@ -72,7 +68,8 @@ def judge_claims(judge: OpenAITeacher, explanations: list[str | None], contexts:
     rows: list = [None] * len(explanations)
     for i, verdicts in zip(todo, real):
         rows[i] = verdicts
-    summary = {**_rates(real), "chance": _rates(chance)["accuracy"], "chance_contradicted": _rates(chance)["contradicted"],
+    at_chance = _rates(chance)
+    summary = {**_rates(real), "chance": at_chance["accuracy"], "chance_contradicted": at_chance["contradicted"],
                "n_judged": len(todo), "malformed_answers": done.n_malformed, "requests_sent": done.n_calls,
                "judge": judge.identity}
     return summary, rows

@@ -169,6 +169,15 @@ class OpenAITeacher:
         self.batch_size = max(batch_size, concurrency)
         self.identity = f"openai:{base_url.rstrip('/')}:{model}:max{max_new_tokens}:T{temperature}"
 
+    @classmethod
+    def from_options(cls, section, role: str, batch_size: int, **kw) -> "OpenAITeacher":
+        """The endpoint named by a config section's `<role>_*` options (`--teacher_*`, `--judge_*`); the
+        API key is read from the environment variable `<role>_api_key_env` names (none: no key is sent)."""
+        opt = lambda name: getattr(section, f"{role}_{name}")  # noqa: E731
+        key = os.environ.get(opt("api_key_env"), "") if opt("api_key_env") else ""
+        return cls(opt("base_url"), opt("model"), key, opt("max_new_tokens"), opt("temperature"), opt("timeout_s"),
+                   opt("retries"), opt("concurrency"), batch_size, role=role, **kw)
+
     def check(self) -> None:
         """Open a TCP connection to the endpoint's host, so a missing server fails before extraction."""
         parts = urllib.parse.urlsplit(self.url)
@@ -269,9 +278,7 @@ def make_teacher(cfg, target_model=None, target_tokenizer=None) -> Teacher:
     if t.teacher == "extractive":
         return ExtractiveTeacher(tail_chars=t.teacher_quote_chars, claims=tuple(t.teacher_claims.split(",")))
     if t.teacher == "openai":
-        key = os.environ.get(t.teacher_api_key_env, "") if t.teacher_api_key_env else ""
-        return OpenAITeacher(t.teacher_base_url, t.teacher_model, key, t.teacher_max_new_tokens, t.teacher_temperature,
-                             t.teacher_timeout_s, t.teacher_retries, t.teacher_concurrency, t.teacher_batch_size)
+        return OpenAITeacher.from_options(t, "teacher", t.teacher_batch_size)
     if t.teacher_model and t.teacher_model != cfg.model.model:
         from nla.models.sources import ModelSource, pick_device
 
