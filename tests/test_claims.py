@@ -63,12 +63,18 @@ def test_broken_formats_are_rejected(text):
 def test_quote_checks_known_answers():
     ctx = "the cat sat on the mat"
     check = lambda quoted: FMT.check(FMT.claim(f"ends with {claims.quote(quoted)}"), ctx)  # noqa: E731
-    assert check("on the mat") == {"exact": 1.0, "last_token": 1.0, "char_share": 1.0}
-    assert check("on  the\nmat ") == {"exact": 1.0, "last_token": 1.0, "char_share": 1.0}  # whitespace runs squashed
-    assert check("matmat") == {"exact": 0.0, "last_token": 0.0, "char_share": 0.5}
-    assert check("on a mat") == {"exact": 0.0, "last_token": 1.0, "char_share": 0.5}
-    assert check("a dog") == {"exact": 0.0, "last_token": 0.0, "char_share": 0.0}
+    assert check("on the mat") == {"exact": 1.0, "words": 1.0, "last_token": 1.0, "char_share": 1.0}
+    assert check("on  the mat ") == {"exact": 1.0, "words": 1.0, "last_token": 1.0, "char_share": 1.0}  # runs alike
+    # A line break the context does not have is false, though the words are right (RL learned to write one).
+    assert check("on the\nmat") == {"exact": 0.0, "words": 1.0, "last_token": 1.0, "char_share": 1.0}
+    assert check("\nmat") == {"exact": 0.0, "words": 1.0, "last_token": 1.0, "char_share": 1.0}
+    assert FMT.check(FMT.claim('ends with "\nmat"'), "the cat sat on the\n  mat")["exact"] == 1.0
+    assert check("matmat") == {"exact": 0.0, "words": 0.0, "last_token": 0.0, "char_share": 0.5}
+    assert check("on a mat") == {"exact": 0.0, "words": 0.0, "last_token": 1.0, "char_share": 0.5}
+    assert check("a dog") == {"exact": 0.0, "words": 0.0, "last_token": 0.0, "char_share": 0.0}
     assert FMT.check(FMT.claim('ends with "\n"'), "text:\n")["exact"] == 1.0  # the position's token is a line break
+    assert FMT.check(FMT.claim('ends with "\n"'), "text:  ")["exact"] == 0.0  # spaces, not a line break
+    assert FMT.check(FMT.claim('ends with "\n"'), "text:  ")["words"] == 1.0
     assert FMT.check(FMT.claim('ends with "\n"'), "text:")["exact"] == 0.0
     assert FMT.claim('ends with "say \\"hi\\""').value == 'say "hi"'  # the teacher's escape undone
 
@@ -226,3 +232,16 @@ def test_a_format_without_the_topic_writes_and_accepts_only_the_quote():
     for bad in ("topic", "quote,quote", "quote,colour", ""):
         with pytest.raises(ConfigError, match="teacher_claims"):
             TeacherConfig(teacher_claims=bad)
+
+
+def test_truth_share_is_the_share_of_claims_checked_true():
+    fmt = claims.ExtractiveFormat()
+    context = "The parser returns the header value.\nThe header value"
+    topic = claims.topic_word(context)
+    assert topic == "header"
+    assert claims.truth_share(fmt, f'ends with "header value"; about {topic}', context) == 1.0
+    assert claims.truth_share(fmt, 'ends with "header value"; about string', context) == 0.5
+    assert claims.truth_share(fmt, 'ends with "\n"; about string', context) == 0.0  # the whitespace hedge is false
+    assert claims.truth_share(fmt, 'ends with "value"; value"; about value', context) == 0.5  # malformed: not true
+    assert claims.truth_share(fmt, None, context) == 0.0
+    assert claims.truth_share(claims.FreeFormat(), "about headers", context) == 0.0  # unchecked is never true

@@ -6,8 +6,10 @@ teacher format declares its grammar and a checker per claim type (`ExplanationFo
 - `extractive` (the model-free teacher): `ends with "LAST CHARACTERS"; about TOPIC`. Exactly one
   quote claim first, then at most one topic claim; anything else is a malformed claim and breaks
   the format (RL's `ends with "class"; class"; about class` does, and so does an empty quote,
-  `ends with ""`, which the teacher never writes). The quote is checked three ways
-  (`exact`: the context ends with it, whitespace runs collapsed and the ends trimmed; `last_token`:
+  `ends with ""`, which the teacher never writes). The quote is checked four ways
+  (`exact`: the context ends with it, each whitespace run read as a line break or a space, trailing
+  whitespace aside; `words`: the same with all whitespace runs alike, so `"\nand"` after `" and"`
+  passes; `last_token`:
   its last word or symbol is the context's; `char_share`: the share of its characters, from the
   end, that match the context's end), the topic two ways (`rule`: the word the teacher's rule
   picks for this context; `in_context`: the word occurs in the context).
@@ -96,6 +98,11 @@ def topic_word(context: str) -> str | None:
     """The context's most frequent word of 5+ letters (stop words aside), or None."""
     long_words = [w for w in words(context) if len(w) >= 5 and w not in STOP_WORDS and not w.startswith("_")]
     return collections.Counter(long_words).most_common(1)[0][0] if long_words else None
+
+
+def line_breaks(text: str) -> str:
+    """Each whitespace run as what it reads as: a line break if it holds one, else one space."""
+    return re.sub(r"\s+", lambda m: "\n" if "\n" in m.group() else " ", text)
 
 
 def squash(text: str) -> str:
@@ -204,10 +211,18 @@ class ExtractiveFormat:
         if claim.kind == "quote":
             said, real = squash(claim.value), squash(context)
             if not said:  # a quote of whitespace only (or "an empty text"): true when the context ends that way
-                exact = float(context[-1:].isspace() if claim.value else not context.strip())
-                return {"exact": exact, "last_token": exact, "char_share": exact}
+                if not claim.value:
+                    exact = blank = float(not context.strip())
+                else:
+                    exact = float(context.endswith(claim.value)
+                                  or line_breaks(context).endswith(line_breaks(claim.value)))
+                    blank = float(context[-1:].isspace())
+                return {"exact": exact, "words": blank, "last_token": blank, "char_share": blank}
             last = last_lexeme(said)
-            return {"exact": float(real.endswith(said)),
+            exact = (context.rstrip().endswith(claim.value.rstrip())  # a literal copy (the teacher's) is exact
+                     or line_breaks(context).rstrip().endswith(line_breaks(claim.value).rstrip()))
+            return {"exact": float(exact),
+                    "words": float(real.endswith(said)),
                     "last_token": float(last is not None and last == last_lexeme(real)),
                     "char_share": common_suffix(said, real) / len(said)}
         if claim.kind == "topic":
@@ -284,6 +299,16 @@ def mark(fmt: ExplanationFormat, explanation: str | None, context: str) -> dict[
             verdict = "true" if checks[fmt.primary[c.kind]] >= 1.0 else "false"
         out.append({"type": c.kind, "value": c.value, "text": c.text, "checks": checks, "verdict": verdict})
     return {"format_ok": parsed.ok, "claims": out}
+
+
+def truth_share(fmt: ExplanationFormat, explanation: str | None, context: str) -> float:
+    """The share of an explanation's claims that its format's checks find true of `context` (a
+    malformed or unchecked claim counts as not true); 0 for no explanation or no claims. RL's
+    grounded claim term (`--claim_reward`) pays this."""
+    if explanation is None:
+        return 0.0
+    verdicts = [c["verdict"] for c in mark(fmt, explanation, context)["claims"]]
+    return sum(v == "true" for v in verdicts) / len(verdicts) if verdicts else 0.0
 
 
 SYMBOLS = {"true": "✓", "false": "✗", "unchecked": "?", MALFORMED: "!"}
