@@ -92,6 +92,37 @@ def test_group_advantages_by_hand():
         R.group_advantages(torch.zeros(5), 2)
 
 
+def test_claim_term_pays_for_true_claims_and_never_rescues_a_failure():
+    mse = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    truth = torch.tensor([1.0, 0.5, 0.0, 1.0])  # all claims true, half, none; the last row failed
+    failed = torch.tensor([False, False, False, True])
+    rw = R.compute_rewards(mse, failed, claim_truth=truth, claim_coef=0.4)
+    assert rw.total.tolist() == pytest.approx([-0.1, -0.3, -0.5, R.FAIL_REWARD])  # +0.4, +0.2, +0
+    assert rw.claims[:3].tolist() == pytest.approx([0.4, 0.2, 0.0])
+    assert rw.log_dict()["reward/claims"] == pytest.approx(0.2)
+    # Off by default, and a weight with nothing to weigh is an error, not a silent zero.
+    assert R.compute_rewards(mse, failed, claim_truth=truth).claims.tolist() == [0.0] * 4
+    with pytest.raises(ValueError, match="claim_truth"):
+        R.compute_rewards(mse, failed, claim_coef=0.4)
+
+
+def test_batch_advantages_keep_small_differences_small():
+    # Group A barely differs, group B differs a lot. Per-group std blows A's tiny gap up to +-1;
+    # one batch std keeps it small next to B's.
+    r = torch.tensor([-0.50, -0.49, -1.0, 0.0])
+    group = R.group_advantages(r, 2, eps=0.0)
+    batch = R.group_advantages(r, 2, eps=0.0, scale="batch")
+    assert group.tolist() == pytest.approx([-1.0, 1.0, -1.0, 1.0])
+    centred = torch.tensor([-0.005, 0.005, -0.5, 0.5])
+    assert batch.tolist() == pytest.approx((centred / centred.pow(2).mean().sqrt()).tolist())
+    assert abs(batch[1]) < 0.02 and batch[3] > 1.0
+    assert batch.reshape(-1, 2).sum(dim=1).abs().max() < 1e-6  # still centred within each group
+    flat = R.group_advantages(torch.tensor([0.3, 0.3, -1.0, 0.0]), 2, scale="batch")
+    assert flat[:2].tolist() == [0.0, 0.0]  # a zero-variance group carries no signal
+    with pytest.raises(ValueError, match="scale"):
+        R.group_advantages(r, 2, scale="global")
+
+
 def test_k3_kl():
     logp = torch.tensor([[-1.0, -2.0, -0.5]])
     assert R.k3_kl(logp, logp, torch.ones_like(logp)).item() == 0.0

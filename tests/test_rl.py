@@ -260,3 +260,49 @@ def test_a_rollout_that_breaks_the_avs_format_is_a_failure(warm_start, toy_model
     assert held.failed.all()
     total = trainer.reward_terms(held, trainer.score(held, train=False)).total
     assert torch.allclose(total, torch.full_like(total, rewards.FAIL_REWARD))
+
+
+def test_the_grounded_claim_term_pays_each_rollout_for_its_own_rows_claims(warm_start, toy_model_dir, tmp_path):
+    """claim_reward on: each rollout's claims are checked against its own row's context, and the
+    reward is the reconstruction reward plus weight x the share true. The toy AV writes one free
+    word, so the rows are held to the extractive format with each row's context built to end in
+    (or not in) the word its first rollout wrote: the same text is true for one row and false for another."""
+    from dataclasses import replace
+
+    from nla.core import claims
+
+    trainer, _ = _joint(warm_start, toy_model_dir, tmp_path)
+    trainer.cfg = replace(trainer.cfg, claim_reward=0.5)
+    trainer.verbalizer.format = claims.ExtractiveFormat(claim_types=("quote",))
+    vectors = load_split(warm_start / "data" / "rl.parquet").vectors[:2]
+    g = trainer.cfg.group_size
+    with pytest.raises(ValueError, match="context"):
+        trainer.rollout(vectors)
+    # The toy AV's one-word answers are wrapped the way the format writes a quote.
+    engine_rollout = trainer.engine.rollout
+    trainer.engine.rollout = lambda *a, **k: _quoted(engine_rollout(*a, **k))
+    torch.manual_seed(0)
+    first = trainer.rollout(vectors, ["", ""])
+    word = first.explanations[0][len('ends with "'):-1]
+    contexts = [f"some text ending in {word}", "some text ending elsewhere"]
+    torch.manual_seed(0)
+    ro = trainer.rollout(vectors, contexts)
+    expected = [claims.truth_share(trainer.verbalizer.format, e, contexts[i // g]) for i, e in enumerate(ro.explanations)]
+    assert ro.truth.tolist() == expected and ro.truth[0] == 1.0
+    sc = trainer.score(ro, train=False)
+    rw = trainer.reward_terms(ro, sc)
+    ok = ~rw.failed
+    assert torch.allclose(rw.total[ok], (-sc.mse + 0.5 * ro.truth)[ok])
+    assert (rw.total[~ok] == rewards.FAIL_REWARD).all()
+
+
+def _quoted(ro):
+    """A rollout whose answers are rewritten as `ends with "<word>"` between the tags."""
+    from nla.core import templates
+
+    texts = []
+    for t in ro.texts:
+        said = templates.extract_explanation(t)
+        texts.append(t if said is None else t.replace(said, 'ends with "' + said.strip() + '"', 1))
+    ro.texts = texts
+    return ro

@@ -5,7 +5,9 @@ the G consecutive rows of a group belonging to the same vector. Per-token tensor
 `[n * G, T]` with a `mask` (1 = response token) of the same shape.
 
 Reward for an explanation = reconstruction reward from the AR (-MSE_nrm, or -log MSE_nrm)
-  - length_coef * n_tokens + contrastive_coef * contrastive term;
+  - length_coef * n_tokens + contrastive_coef * contrastive term
+  + claim_coef * (share of its claims checked true of the row's context: the grounded term, off by
+    default because it is not the paper's reward: that RL never sees the context);
 a failed row (no extraction, truncated at the length cap, AR prompt too long) gets exactly
 FAIL_REWARD = -2, the MSE_nrm of an orthogonal guess, so failing is never better than trying.
 """
@@ -103,6 +105,7 @@ class Rewards:
     reconstruction: torch.Tensor
     length: torch.Tensor
     contrastive: torch.Tensor
+    claims: torch.Tensor
     failed: torch.Tensor
 
     def log_dict(self, prefix: str = "reward/") -> dict[str, float]:
@@ -115,6 +118,7 @@ class Rewards:
             f"{prefix}reconstruction": over_ok(self.reconstruction),
             f"{prefix}length": over_ok(self.length),
             f"{prefix}contrastive": over_ok(self.contrastive),
+            f"{prefix}claims": over_ok(self.claims),
             f"{prefix}fail_rate": float(self.failed.float().mean()),
         }
 
@@ -123,10 +127,12 @@ class Rewards:
 def compute_rewards(mse: torch.Tensor, failed: torch.Tensor, n_tokens: torch.Tensor | None = None,
                     pred: torch.Tensor | None = None, targets: torch.Tensor | None = None, *,
                     kind: str = "neg_mse", length_coef: float = 0.0, contrastive_coef: float = 0.0,
-                    scale: float | None = None, group_size: int = 1) -> Rewards:
-    """Combine the reward terms. mse, failed, n_tokens: `[N]`; pred, targets: `[N, d]`.
+                    scale: float | None = None, group_size: int = 1, claim_truth: torch.Tensor | None = None,
+                    claim_coef: float = 0.0) -> Rewards:
+    """Combine the reward terms. mse, failed, n_tokens, claim_truth: `[N]`; pred, targets: `[N, d]`.
 
-    pred/targets are needed only when contrastive_coef != 0. Rewards carry no gradient: the AV
+    pred/targets are needed only when contrastive_coef != 0, claim_truth (each row's share of
+    claims checked true, in [0, 1]) only when claim_coef != 0. Rewards carry no gradient: the AV
     is trained through advantages, the AR through its own loss.
     """
     failed = failed.bool()
@@ -139,23 +145,38 @@ def compute_rewards(mse: torch.Tensor, failed: torch.Tensor, n_tokens: torch.Ten
         contrast = contrastive_coef * contrastive_term(pred, targets, scale, group_size)
     else:
         contrast = zeros
-    total = apply_failures(recon + length + contrast, failed)
-    return Rewards(total=total, reconstruction=recon, length=length, contrastive=contrast, failed=failed)
+    if claim_coef:
+        if claim_truth is None:
+            raise ValueError("claim_coef != 0 needs claim_truth.")
+        grounded = float(claim_coef) * claim_truth.float().clamp(0.0, 1.0)
+    else:
+        grounded = zeros
+    total = apply_failures(recon + length + contrast + grounded, failed)
+    return Rewards(total=total, reconstruction=recon, length=length, contrastive=contrast, claims=grounded,
+                   failed=failed)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO advantages (r - mean_group) / (std_group + eps). `[n * G] -> [n * G]`.
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, scale: str = "group") -> torch.Tensor:
+    """GRPO advantages: r minus its group's mean, divided by a spread. `[n * G] -> [n * G]`.
 
-    std is the population std (correction 0), so a group's advantages have unit spread. A group
-    whose rewards are all equal gets exact zeros: it carries no signal about which sample is
-    better, and rounding in (r - mean) must not be blown up into noise.
+    scale 'group': the group's own std (GRPO), so every group's advantages have unit spread,
+    however small its reward differences. 'batch': one std over the whole batch's centred
+    rewards, so a group whose samples barely differ pushes little and a group with a real
+    difference pushes more (batch-level normalisation). std is the population std (correction 0).
+    A group whose rewards are all equal gets exact zeros either way: it carries no signal about
+    which sample is better, and rounding in (r - mean) must not be blown up into noise.
     """
     if group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}.")
+    if scale not in ("group", "batch"):
+        raise ValueError(f"scale={scale!r}: use 'group' or 'batch'.")
     r = rewards.float().reshape(-1, group_size)
-    mean = r.mean(dim=1, keepdim=True)
-    std = r.std(dim=1, correction=0, keepdim=True)
-    adv = (r - mean) / (std + eps)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        std = r.std(dim=1, correction=0, keepdim=True)
+    else:
+        std = centred.pow(2).mean().sqrt().expand_as(centred)
+    adv = centred / (std + eps)
     flat = (r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values)
     return torch.where(flat, torch.zeros_like(adv), adv).reshape(rewards.shape)
 

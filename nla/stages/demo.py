@@ -121,6 +121,11 @@ def report(cfg, summary: dict[str, Any]) -> None:
     atomic_write_text(cfg.output_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     _banner("held-out results (strict FVE; controls alongside)")
     print(sft_vs_rl_table(summary["sft"], summary["rl"]))
+    reward = summary["rl"].get("rl_reward") or {}
+    if reward.get("claim_reward"):  # said next to the numbers: the paper's RL reward never sees the context
+        print(f"(RL's reward: -MSE_nrm from the live AR + {reward['claim_reward']} x the share of claims checked true "
+              "of the row's context, the grounded term; advantages normalised per "
+              f"{reward.get('advantage_norm', 'group')})")
     print(f"\n[demo] stage seconds: {summary['stage_seconds']}")
     print(f"[demo] total {summary['wall_s']:.0f}s; reports: {cfg.output_dir / 'eval_sft' / 'report.md'}, "
           f"{cfg.output_dir / 'eval_rl' / 'report.md'}")

@@ -198,6 +198,7 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
                               "fve_definition": FVE_DEFINITION, "var": var, "var_source": var_source,
                               "mse_scale": nla.mse_scale, "temperature": args.eval_temperature,
                               "selection": "greedy" if greedy else "first_sample",
+                              "rl_reward": (nla.meta.extra.get("training") or {}).get("reward"),
                               **scorer.headline(pred, vectors)}
     report["top1_chance"] = 1 / min(cfg.eval.retrieval_candidates, n)
     t0 = time.time()

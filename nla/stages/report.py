@@ -95,12 +95,26 @@ def markdown(report: dict[str, Any], rows: list[dict[str, Any]], n_samples: int 
     return "\n".join(line for section in sections for line in section) + "\n"
 
 
+def _reward_line(reward: dict[str, Any] | None) -> list[str]:
+    """What the AV's RL was rewarded for (an RL checkpoint records it; SFT ones have none)."""
+    if not reward:
+        return []
+    parts = [f"{'-MSE_nrm' if reward.get('reward') == 'neg_mse' else '-log MSE_nrm'} from the live AR"]
+    if reward.get("claim_reward"):
+        parts.append(f"**+ {reward['claim_reward']} x the share of claims checked true of the context** (grounded: "
+                     "this RL saw the contexts, which the paper's reward never does)")
+    parts += [f"+ contrastive x {reward['contrastive_coef']}"] if reward.get("contrastive_coef") else []
+    parts += [f"- {reward['length_penalty']} per token"] if reward.get("length_penalty") else []
+    return [f"- RL reward: {' '.join(parts)}; advantages normalised per {reward.get('advantage_norm', 'group')}"]
+
+
 def _md_headline(r: dict[str, Any]) -> list[str]:
     lines = ["# NLA evaluation\n",
              f"- data: `{r['source']}` ({r['n']} rows); AV `{r['checkpoint']['av']}`, AR `{r['checkpoint']['ar']}`",
              f"- FVE is **{r['fve_definition']}**; Var = {_fmt(r['var'], 4)} from {r['var_source']}; "
              f"vectors normalised to {_fmt(r['mse_scale'], 2)}",
-             f"- explanations: {r['selection']} (temperature {r['temperature']})\n",
+             f"- explanations: {r['selection']} (temperature {r['temperature']})",
+             *_reward_line(r.get("rl_reward")), "",
              "| metric | value |", "|---|---|"]
     for key in ("fve_nrm", "fve_floor", "fve_centered", "fve_vs_mean_pred", "cos_mean", "top1_retrieval", "top1_chance",
                 "explanation_tokens_mean", "extraction_fail_rate", "non_latin_rate"):

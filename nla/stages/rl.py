@@ -106,6 +106,9 @@ def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path
     restored to `resume`'s state -> (trainer, state {step, cursor, ...}, av_meta, ar_meta)."""
     rc, source = cfg.rl, ModelSource.of(cfg.model)
     model, tokenizer, verbalizer, ar, av_meta, sft_ar_model = load_joint(cfg, sft_av, sft_ar, resume, acc.device, source)
+    if rc.claim_reward and not verbalizer.format.checked_types:
+        raise ConfigError(f"--claim_reward {rc.claim_reward}: the AV writes the {verbalizer.format.name} format, whose "
+                          "claims no rule checks; the grounded term needs a checkable format (teacher extractive).")
     data.meta.verify(tokenizer, d_model=text_config(model.config).hidden_size, where=str(data.path))
     if data.meta.layer_index != av_meta.layer_index:
         raise ConfigError(f"{data.path} holds layer {data.meta.layer_index} but the AV was trained on layer {av_meta.layer_index}.")
@@ -130,6 +133,13 @@ def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path
     return trainer, state, av_meta, _with(ar_meta, {"ar_target_variance": var})
 
 
+def reward_record(rc) -> dict[str, Any]:
+    """What RL's reward was made of, kept in every RL checkpoint: eval reports it beside the
+    numbers, since a grounded claim term (claim_reward > 0) saw the contexts, which the paper's RL never does."""
+    return {"reward": rc.reward, "claim_reward": rc.claim_reward, "contrastive_coef": rc.contrastive_coef,
+            "length_penalty": rc.length_penalty, "advantage_norm": rc.advantage_norm}
+
+
 def checkpoint_writer(trainer: JointTrainer, root: Path, av_meta, ar_meta, state: dict[str, Any], acc):
     """save(step, loop_state): the AV and AR as two folders a later stage loads like SFT ones, plus
     the training state; `state` supplies what every checkpoint repeats (fingerprint, SFT paths, ...)."""
@@ -138,7 +148,8 @@ def checkpoint_writer(trainer: JointTrainer, root: Path, av_meta, ar_meta, state
     def write(tmp: Path, step: int) -> None:
         trained = av_meta.extra.get("training") or {}  # the SFT AV's: the format it writes stays on record
         training = {"stage": "rl", "training": {"stage": "rl", "step": step, "sft_av": state["sft_av"], "sft_ar": state["sft_ar"],
-                                                "explanation_format": trained.get("explanation_format")}}
+                                                "explanation_format": trained.get("explanation_format"),
+                                                "reward": reward_record(trainer.cfg)}}
         model.save_pretrained(str(tmp), selected_adapters=[AV])  # -> tmp/av/adapter_*
         tokenizer.save_pretrained(tmp / "av")
         write_meta(tmp / "av" / MODEL_META, _with(av_meta, training))
@@ -198,7 +209,7 @@ def _train(cfg: NLAConfig, acc, trainer: JointTrainer, state: dict[str, Any], av
     if acc.is_main_process and last is not None:
         final = publish_final(last, root)
     summary: dict[str, Any] = {"steps": rc.rl_steps, "checkpoint": str(final), "wall_s": round(time.time() - began, 1),
-                               "rollout_engine": trainer.engine.name}
+                               "rollout_engine": trainer.engine.name, "reward": reward_record(rc)}
     if hasattr(trainer.engine, "start_s"):
         summary["engine_start_s"] = round(trainer.engine.start_s, 1)
     if history:
@@ -232,7 +243,9 @@ def describe(s: dict[str, Any]) -> str:
             f"{s.get('reward_last', nan):.3f}; held-out reward {start.get('reward_mean', nan):.3f} -> "
             f"{end.get('reward_mean', nan):.3f}, fve_nrm {start.get('fve_nrm', nan):.3f} -> {end.get('fve_nrm', nan):.3f} "
             f"(live AR, sampled as in training; SFT AR: {start.get('fve_nrm_sft_ar', nan):.3f} -> "
-            f"{end.get('fve_nrm_sft_ar', nan):.3f}); checkpoint {s['checkpoint']}")
+            f"{end.get('fve_nrm_sft_ar', nan):.3f}); checkpoint {s['checkpoint']}"
+            + (f"\n[rl] the reward included the grounded claim term (claim_reward {s['reward']['claim_reward']}): "
+               "this RL saw each row's context" if (s.get("reward") or {}).get("claim_reward") else ""))
 
 
 def main(argv: list[str]) -> int:

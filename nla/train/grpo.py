@@ -9,8 +9,9 @@ A step, top to bottom (docs/design.md §8):
   rollout    G samples per vector from the AV at temperature T, capped at max_response_tokens
   score      the AR reads each explanation; the forward keeps its graph for the AR update
   update_ar  one supervised MSE step on the successful explanations (shares the score forward)
-  rewards    -MSE_nrm (or -log), -2 for failures, optional length / contrastive terms; then the
-             advantages: rewards normalised within each group
+  rewards    -MSE_nrm (or -log), -2 for failures, optional length / contrastive / grounded claim
+             terms; then the advantages: rewards centred within each group, divided by the
+             group's std (or the batch's: advantage_norm)
   update_av  clipped policy loss + kl_coef * k3 KL to av_ref (reference pass skipped if kl_coef=0)
 The trainer receives ready objects and owns the loop (`fit`: batches, logging, the held-out
 check, checkpoints through a callback); `nla/stages/rl.py` loads the models and writes the summary.
@@ -56,6 +57,7 @@ class RolloutOut:
     explanations: list[str | None]
     failed: torch.Tensor  # [N] bool: no explanation between tags, its format broken, or hit the length cap
     n_tokens: torch.Tensor  # [N] generated tokens
+    truth: torch.Tensor | None = None  # [N] share of each explanation's claims true of its row's context (claim_reward)
 
 
 @dataclass
@@ -123,7 +125,7 @@ class JointTrainer:
             rows = torch.tensor(rank_share(rows, acc) if acc is not None else rows)
             cursor += global_batch
             device = acc.device if acc is not None else vectors.device
-            out = self.step(vectors[rows].to(device))
+            out = self.step(vectors[rows].to(device), [contexts[int(r)] or "" for r in rows])
             m = mean_over_processes(out.metrics, acc)
             history.append(m)
             done = step + 1
@@ -151,7 +153,7 @@ class JointTrainer:
         """`evaluate` on this process's held-out vectors, averaged over processes, and the claim
         checks and collapse signals (`rl/val_claims/*`) on every process's explanations together
         (collective: every process calls it)."""
-        m, explanations = self.evaluate(val.vectors, seed)
+        m, explanations = self.evaluate(val.vectors, seed, val.contexts)
         m = mean_over_processes(m, self.accelerator)
         g = self.cfg.group_size
         contexts = [c for c in val.contexts for _ in range(g)]
@@ -166,20 +168,21 @@ class JointTrainer:
         return {**m, **claims.flat(summary, "rl/val_claims/")}
 
     # ------------------------------------------------------------------ the step
-    def step(self, vectors: torch.Tensor) -> StepOut:
-        """One joint step on this process's vectors [n, d] (raw)."""
+    def step(self, vectors: torch.Tensor, contexts: list[str] | None = None) -> StepOut:
+        """One joint step on this process's vectors [n, d] (raw); `contexts` (one per vector) are
+        needed only by the grounded claim term (claim_reward)."""
         timer = _Timer()
         with timer("sync"):  # the engine gets the AV's current weights (hf: nothing to do)
             self.engine.sync(self.model, AV, self.av_version)
         with timer("rollout"):
-            ro = self.rollout(vectors)
+            ro = self.rollout(vectors, contexts)
         with timer("score"):
             sc = self.score(ro)
         with timer("update_ar"):
             ar_grad_norm, ar_skipped = self.update_ar(sc)
         with timer("rewards"):  # the reward terms, then group-normalised advantages
             rw = self.reward_terms(ro, sc)
-            adv = rewards.group_advantages(rw.total, self.cfg.group_size)
+            adv = rewards.group_advantages(rw.total, self.cfg.group_size, scale=self.cfg.advantage_norm)
         with timer("update_av"):
             av = self.update_av(ro, adv)
         out = self.step_metrics(ro, sc, rw, av, ar_grad_norm, ar_skipped)
@@ -187,7 +190,8 @@ class JointTrainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self, vectors: torch.Tensor, seed: int) -> tuple[dict[str, float], list[str | None]]:
+    def evaluate(self, vectors: torch.Tensor, seed: int,
+                 contexts: list[str] | None = None) -> tuple[dict[str, float], list[str | None]]:
         """A step's rollout, score and rewards on held-out vectors, with no update -> (`rl/val_*`
         metrics, the explanations, G per vector in order).
 
@@ -198,7 +202,7 @@ class JointTrainer:
         with torch.random.fork_rng(devices=[vectors.device] if vectors.device.type == "cuda" else []):
             torch.manual_seed(seed)
             self.engine.sync(self.model, AV, self.av_version)
-            ro = self.rollout(vectors)
+            ro = self.rollout(vectors, contexts)
             sc = self.score(ro, train=False)
             rw = self.reward_terms(ro, sc)
             m = {"reward_mean": float(rw.total.mean()), "extraction_fail_rate": float(ro.failed.float().mean()),
@@ -217,10 +221,11 @@ class JointTrainer:
         pred = self.sft_ar.predict(texts, self.tokenizer)
         return metrics.fve_nrm(pred, ro.targets[usable], self.mse_scale, self.target_var)
 
-    def rollout(self, vectors: torch.Tensor) -> RolloutOut:
+    def rollout(self, vectors: torch.Tensor, contexts: list[str] | None = None) -> RolloutOut:
         """G samples per vector. In the shuffled-vector control (`rl_shuffle_control`) the AV sees
         another row's vector (`data.derangement`, seeded from the training RNG so a resume replays
-        it) while the AR must still reconstruct the row's own."""
+        it) while the AR must still reconstruct the row's own. With claim_reward on, each
+        explanation's claims are checked against its own row's context (`contexts`)."""
         self.model.set_adapter(AV)
         self.model.eval()
         g = self.cfg.group_size
@@ -232,8 +237,14 @@ class JointTrainer:
         explanations = [e for e, _ in answers]
         failed = torch.tensor([not usable for _, usable in answers]) | ro.hit_cap.cpu()
         n_tokens = ro.response_mask.sum(-1).cpu()
+        truth = None
+        if self.cfg.claim_reward:
+            if contexts is None or len(contexts) != len(vectors):
+                raise ValueError("claim_reward needs each vector's context.")
+            truth = torch.tensor([claims.truth_share(self.verbalizer.format, e, contexts[i // g])
+                                  for i, e in enumerate(explanations)])
         return RolloutOut(ro, vectors.repeat_interleave(g, 0).float().cpu(), injected.repeat_interleave(g, 0).float().cpu(),
-                          explanations, failed, n_tokens)
+                          explanations, failed, n_tokens, truth)
 
     def score(self, ro: RolloutOut, train: bool = True) -> ScoreOut:
         """AR forward with grad (its graph serves update_ar, so the AR runs once per step)."""
@@ -257,7 +268,7 @@ class JointTrainer:
         return rewards.compute_rewards(
             sc.mse, ro.failed | sc.over_length, ro.n_tokens, sc.pred, ro.targets,
             kind=self.cfg.reward, length_coef=self.cfg.length_penalty, contrastive_coef=self.cfg.contrastive_coef,
-            scale=self.mse_scale, group_size=self.cfg.group_size)
+            scale=self.mse_scale, group_size=self.cfg.group_size, claim_truth=ro.truth, claim_coef=self.cfg.claim_reward)
 
     def update_av(self, ro: RolloutOut, advantages: torch.Tensor) -> AVUpdateOut:
         r = ro.rollout
@@ -323,6 +334,8 @@ class JointTrainer:
         }
         m |= {f"rl/{k}": v for k, v in self.reconstruction_metrics(ro, sc).items()}
         m["rl/n_groups"] = float(n_groups)
+        if ro.truth is not None:  # the grounded term's pay (its weight times the share of claims true)
+            m["rl/reward_claims"] = float(rw.claims[~rw.failed].mean()) if bool((~rw.failed).any()) else float("nan")
         if self.engine.name != "hf":
             m["rl/engine_k3"] = av.engine_k3
         fve = metrics.fve_from_mse(sc.mse, self.target_var)
