@@ -125,7 +125,7 @@ def test_published_configs_run_datagen_on_a_tiny_stand_in(config, arch, tmp_path
     path = save_tiny_architecture(tmp_path / "model", arch)
     rc = main(["datagen", "--config", config, "--model", str(path), "--allow_hub", "false", "--layer", str(LAYER),
                "--corpus", "builtin:python-docs", "--max_docs", "6", "--max_doc_tokens", "48", "--min_position", "8",
-               "--teacher", "extractive", "--output_dir", str(tmp_path / "run"), "--report_to", "none"])
+               "--split_fractions", "1,0,0,0,0", "--teacher", "extractive", "--output_dir", str(tmp_path / "run"), "--report_to", "none"])
     assert rc == 0
     summary = json.loads((tmp_path / "run" / "data" / "datagen_summary.json").read_text())
     assert sum(summary["rows"].values()) > 0

@@ -125,6 +125,108 @@ def test_datagen_with_the_openai_teacher(server, tiny_model_dir, tmp_path):
     assert all(e.endswith("words") for _, e in out["samples"])
 
 
+def prose_server(model, tokenizer, prose_when=lambda prompt: True) -> TestChatServer:
+    """A chat model that ignores the format: it answers in plain prose (no tags), unless the request
+    prefills the answer's opening tag (`continue_final_message`, as vLLM's server allows), when it
+    continues inside the tag and stops without writing the closing one. `prose_when(user message)`:
+    which requests get prose even then (the rest answer inside the tags on their own)."""
+    chat = model_answer(model, tokenizer)
+
+    def answer(body: dict) -> dict:
+        words = chat(body)["choices"][0]["message"]["content"]
+        inner = templates.extract_explanation(words) or "words"
+        messages = body["messages"]
+        if body.get("continue_final_message") and messages[-1]["role"] == "assistant":
+            assert body.get("add_generation_prompt") is False and messages[-1]["content"] == templates.EXPLANATION_OPEN
+            content = inner  # the continuation only, as vLLM returns it
+        elif prose_when(messages[0]["content"]):
+            content = f"Sure! This text is about {inner}."
+        else:
+            content = f"{templates.EXPLANATION_OPEN}{inner}{templates.EXPLANATION_CLOSE}"
+        return {"choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                "usage": {"completion_tokens": 3}}
+    return TestChatServer(answer)
+
+
+def _datagen_cfg(tmp_path, tiny_model_dir, url, *extra):
+    cfg, _ = parse_config(["--config", SMOKE, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path),
+                           "--teacher", "openai", "--teacher_base_url", url, "--teacher_model", "tiny",
+                           "--teacher_max_new_tokens", "4", "--max_docs", "8", "--split_fractions", "1,1,0,0,0",
+                           *extra])
+    return cfg
+
+
+def test_datagen_refuses_unusable_answers_and_the_prefill_fixes_them(tiny_model, tiny_tokenizer, tiny_model_dir,
+                                                                      tmp_path):
+    """Every answer prose: datagen fails with one line (teacher, count, a sample) and writes no split;
+    the answers stay cached. With --teacher_prefill the same server answers inside the format; a
+    third run asks nothing."""
+    from nla.stages.datagen import DatagenError
+
+    srv = prose_server(tiny_model, tiny_tokenizer)
+    try:
+        with pytest.raises(DatagenError, match=r"teacher 'tiny': every answer for split\(s\) ar_sft, av_sft was "
+                                               r"malformed \(16 of 16 answers\), e.g. 'Sure! .*--teacher_prefill true") as err:
+            run(_datagen_cfg(tmp_path, tiny_model_dir, srv.url))
+        assert "\n" not in str(err.value) and srv.requests == 16
+        assert not list(tmp_path.glob("data/*.parquet"))  # nothing written
+        assert len((tmp_path / "data" / ".work" / "teacher_cache.jsonl").read_text().splitlines()) == 16
+        out = run(_datagen_cfg(tmp_path, tiny_model_dir, srv.url, "--teacher_prefill", "true"))
+        assert out["rows"]["av_sft"] + out["rows"]["ar_sft"] == 16 and srv.requests == 32
+        assert all(e and "Sure" not in e for _, e in out["samples"])  # the continuation, closed
+        run(_datagen_cfg(tmp_path, tiny_model_dir, srv.url, "--teacher_prefill", "true"))
+        assert srv.requests == 32  # all cached
+    finally:
+        srv.close()
+
+
+def test_datagen_warns_above_the_malformed_share_and_drops_those_rows(tiny_model, tiny_tokenizer, tiny_model_dir,
+                                                                       tmp_path, capsys):
+    srv = prose_server(tiny_model, tiny_tokenizer, prose_when=lambda prompt: "class" in prompt.lower())
+    try:
+        out = run(_datagen_cfg(tmp_path, tiny_model_dir, srv.url, "--teacher_malformed_warn", "0"))
+        err = capsys.readouterr().err
+        kept = out["rows"]["av_sft"] + out["rows"]["ar_sft"]
+        assert 0 < kept < 16, "the corpus should have rows on both sides of the rule"
+        assert f"{16 - kept} of 16 teacher answers" in err and "malformed and their rows dropped" in err
+        assert "Sure!" in err  # a sample of what went wrong
+    finally:
+        srv.close()
+
+
+def test_datagen_refuses_a_split_too_few_documents_reach(tiny_model_dir, tmp_path, server):
+    cfg, _ = parse_config(["--config", SMOKE, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path),
+                           "--teacher", "openai", "--teacher_base_url", server.url, "--teacher_model", "tiny",
+                           "--max_docs", "3"])
+    from nla.stages.datagen import DatagenError
+
+    with pytest.raises(DatagenError, match=r"split '(val|test|av_sft|ar_sft|rl)' got none of the 3 documents "
+                                           r"\(its share 0\.\d\d of --split_fractions\): use --max_docs \d+") as err:
+        run(cfg)
+    assert "\n" not in str(err.value) and server.requests == 0  # refused before any teacher call
+
+
+def test_the_judge_prefills_its_own_tag(tiny_model, tiny_tokenizer):
+    seen = []
+
+    def answer(body):
+        seen.append(body)
+        return {"choices": [{"message": {"content": "1. supported"}, "finish_reason": "stop"}]}
+    srv = TestChatServer(answer)
+    try:
+        cfg, _ = parse_config(["--config", SMOKE, "--judge", "openai", "--judge_base_url", srv.url,
+                               "--judge_model", "j", "--judge_prefill", "true"])
+        from nla.data.judge import make_judge
+
+        judge = make_judge(cfg)
+        text = judge.complete(["claims?"])[0].text
+        assert seen[0]["messages"][-1] == {"role": "assistant", "content": templates.VERDICTS_OPEN}
+        assert text == f"{templates.VERDICTS_OPEN}1. supported{templates.VERDICTS_CLOSE}"
+        assert judge.identity.endswith(f":prefill={templates.VERDICTS_OPEN}")
+    finally:
+        srv.close()
+
+
 def test_local_teacher_left_padding_matches_unbatched(tiny_model, tiny_tokenizer, tmp_path):
     teacher = LocalTeacher(tiny_model, tiny_tokenizer, "tiny", max_new_tokens=6)
     batched = teacher.complete(CONTEXTS)  # very different lengths: heavy left padding

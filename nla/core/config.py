@@ -124,6 +124,12 @@ class TeacherConfig:
     teacher_concurrency: int = _help("Parallel HTTP requests for the 'openai' teacher.", default=8)
     teacher_timeout_s: float = _help("Per-request timeout for the 'openai' teacher.", default=60.0)
     teacher_retries: int = _help("Retries with exponential backoff per request.", default=4)
+    teacher_prefill: bool = _help("'openai' teacher: send the opening tag as the start of the assistant's answer "
+                                  "(`continue_final_message`, an extension vLLM's server and compatible ones accept; "
+                                  "OpenAI's own API refuses it), so the model answers inside the format.", default=False)
+    teacher_malformed_warn: float = _help("datagen warns when more than this share of teacher answers is malformed (their "
+                                          "rows are dropped); a split whose every answer is malformed is an error.",
+                                          default=0.2)
     teacher_context_chars: int = _help("The teacher sees at most this many characters of context before the position.", default=600)
     teacher_quote_chars: int = _help("The extractive teacher quotes the context's last this many characters (fewer where "
                                      "the cut falls inside a word). On the embedded model 16 gave a far better AV+AR pair "
@@ -169,6 +175,8 @@ class JudgeConfig:
     judge_concurrency: int = _help("Parallel HTTP requests to the judge.", default=8)
     judge_timeout_s: float = _help("Per-request timeout for the judge.", default=60.0)
     judge_retries: int = _help("Retries with exponential backoff per judge request.", default=4)
+    judge_prefill: bool = _help("Send the verdicts' opening tag as the start of the judge's answer (`continue_final_message`, "
+                                "as --teacher_prefill).", default=False)
     judge_context_chars: int = _help("The judge reads at most this many characters of context before the position.",
                                      default=600)
 

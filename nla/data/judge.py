@@ -42,7 +42,8 @@ def make_judge(cfg) -> OpenAITeacher | None:
     j = cfg.judge
     if j.judge == "none":
         return None
-    return OpenAITeacher.from_options(j, "judge", j.judge_concurrency * 4, prompt=lambda item: item)
+    return OpenAITeacher.from_options(j, "judge", j.judge_concurrency * 4,
+                                      tags=(templates.VERDICTS_OPEN, templates.VERDICTS_CLOSE), prompt=lambda item: item)
 
 
 def _rates(rows: list[list[dict[str, str]] | None]) -> dict[str, float | None]:

@@ -150,9 +150,13 @@ class OpenAITeacher:
     def __init__(self, base_url: str, model: str, api_key: str = "", max_new_tokens: int = 64,
                  temperature: float = 0.0, timeout_s: float = 60.0, retries: int = 4, concurrency: int = 8,
                  batch_size: int = 16, backoff_s: float = 0.5, role: str = "teacher",
-                 prompt: Callable[[str], str] = templates.teacher_prompt):
+                 prompt: Callable[[str], str] = templates.teacher_prompt, prefill: str = "",
+                 close: str = templates.EXPLANATION_CLOSE):
         """`role` names the options in error messages (`--teacher_*`, `--judge_*`); `prompt` turns one
-        item of `complete` into the user message (the teacher: a context; the judge: a ready prompt)."""
+        item of `complete` into the user message (the teacher: a context; the judge: a ready prompt).
+        `prefill`: the answer's opening tag, sent as the start of the assistant's message for the
+        server to continue (`continue_final_message`, a vLLM extension); the answer is then the
+        prefill plus the continuation, closed with `close` when the model stopped by itself."""
         if not base_url:
             raise TeacherError(f"--{role} openai needs --{role}_base_url, e.g. http://localhost:8000/v1.")
         if not model:
@@ -162,21 +166,25 @@ class OpenAITeacher:
         if api_key and base_url.startswith("http://") and host not in ("localhost", "127.0.0.1", "::1"):
             warnings.warn(f"--{role}_base_url {base_url} is plain http to another host: the API key and the corpus text "
                           "travel unencrypted; use https.", stacklevel=2)
-        self.role, self.prompt = role, prompt
+        self.role, self.prompt, self.prefill, self.close = role, prompt, prefill, close
         self.model, self.name, self.api_key = model, model, api_key
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.timeout_s, self.retries, self.concurrency, self.backoff_s = timeout_s, retries, concurrency, backoff_s
         self.batch_size = max(batch_size, concurrency)
-        self.identity = f"openai:{base_url.rstrip('/')}:{model}:max{max_new_tokens}:T{temperature}"
+        self.identity = f"openai:{base_url.rstrip('/')}:{model}:max{max_new_tokens}:T{temperature}" + (
+            f":prefill={prefill}" if prefill else "")  # answers asked with a prefill are cached apart
 
     @classmethod
-    def from_options(cls, section, role: str, batch_size: int, **kw) -> "OpenAITeacher":
+    def from_options(cls, section, role: str, batch_size: int, tags: tuple[str, str] = (templates.EXPLANATION_OPEN,
+                     templates.EXPLANATION_CLOSE), **kw) -> "OpenAITeacher":
         """The endpoint named by a config section's `<role>_*` options (`--teacher_*`, `--judge_*`); the
-        API key is read from the environment variable `<role>_api_key_env` names (none: no key is sent)."""
+        API key is read from the environment variable `<role>_api_key_env` names (none: no key is sent);
+        `tags`: the answer's opening and closing tags (`<role>_prefill` sends the first)."""
         opt = lambda name: getattr(section, f"{role}_{name}")  # noqa: E731
         key = os.environ.get(opt("api_key_env"), "") if opt("api_key_env") else ""
         return cls(opt("base_url"), opt("model"), key, opt("max_new_tokens"), opt("temperature"), opt("timeout_s"),
-                   opt("retries"), opt("concurrency"), batch_size, role=role, **kw)
+                   opt("retries"), opt("concurrency"), batch_size, role=role,
+                   prefill=tags[0] if opt("prefill") else "", close=tags[1], **kw)
 
     def check(self) -> None:
         """Open a TCP connection to the endpoint's host, so a missing server fails before extraction."""
@@ -200,6 +208,9 @@ class OpenAITeacher:
     def _request(self, context: str) -> Answer:
         body = {"model": self.model, "messages": [{"role": "user", "content": self.prompt(context)}],
                 "max_tokens": self.max_new_tokens, "temperature": self.temperature}
+        if self.prefill:  # the server continues the assistant's message instead of starting a new one
+            body["messages"].append({"role": "assistant", "content": self.prefill})
+            body |= {"continue_final_message": True, "add_generation_prompt": False}
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -214,8 +225,11 @@ class OpenAITeacher:
             except urllib.error.HTTPError as err:
                 if err.code not in (408, 409, 425, 429) and err.code < 500:  # our request is wrong: retrying won't help
                     detail = err.read().decode("utf-8", "replace")[:200]
+                    prefill = (f"; or the server does not continue a prefilled answer: turn --{self.role}_prefill off"
+                               if self.prefill and err.code in (400, 422) else "")
                     raise TeacherError(f"{self.role} endpoint {self.url} answered HTTP {err.code}: {detail!r}; "
-                                       f"check --{self.role}_model and the API key (--{self.role}_api_key_env).") from None
+                                       f"check --{self.role}_model and the API key (--{self.role}_api_key_env)"
+                                       f"{prefill}.") from None
                 last = err
             except (urllib.error.URLError, TimeoutError, ConnectionError, socket.timeout) as err:
                 last = err
@@ -231,6 +245,10 @@ class OpenAITeacher:
             raise TeacherError(f"{self.role} endpoint {self.url} did not answer in the OpenAI chat format "
                                f"(got {str(data)[:120]!r}); check --{self.role}_base_url.") from None
         n_tokens = (data.get("usage") or {}).get("completion_tokens") or len(text.split())
+        if self.prefill:  # the continuation of the prefilled answer (a server may echo the prefill: kept once)
+            text = text if text.lstrip().startswith(self.prefill) else self.prefill + text
+            if self.close not in text and data["choices"][0].get("finish_reason") == "stop":
+                text += self.close  # the model ended its answer without writing the closing tag
         return Answer(text, int(n_tokens))
 
 
@@ -337,6 +355,7 @@ class Explained:
     new_tokens: int = 0
     seconds: float = 0.0
     samples: list[str] = field(default_factory=list)  # a few raw answers, for eyeballing
+    malformed_samples: list[str] = field(default_factory=list)  # a few raw answers that did not parse
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -369,6 +388,8 @@ def explain(teacher: Teacher, contexts: list[str], cache: TeacherCache, show_pro
         parsed = parse(answer)
         result.explanations.append(parsed)
         result.n_malformed += parsed is None
+        if parsed is None and len(result.malformed_samples) < 3:
+            result.malformed_samples.append(answer)
         if len(result.samples) < 3:
             result.samples.append(answer)
     return result

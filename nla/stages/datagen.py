@@ -124,12 +124,14 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
         spec = choose_marker(tok, scan.seen_chars, scan.seen_ids)
         rows, vectors = scan.rows, scan.rows.matrix()
         splits = [split_of(cfg.run.seed, d, cfg.data.split_weights) for d in rows.doc_id]
+        check_split_documents(rows.doc_id, splits, cfg.data.split_weights)  # before any teacher call
         need = [i for i, s in enumerate(splits) if s in TEACHER_SPLITS]  # RL rows get no explanation
         tails = [rows.context[i][-cfg.teacher.teacher_context_chars:] for i in need]
         explained = explain(teacher, tails, TeacherCache(work / "teacher_cache.jsonl"), cfg.logging.progress)
         explanation: list[str | None] = [None] * len(rows)
         for i, e in zip(need, explained.explanations):
             explanation[i] = e
+        check_teacher_answers(teacher, explained, [splits[i] for i in need], cfg.teacher.teacher_malformed_warn)
         norms = norm_stats(vectors)
         extra = _meta_extra(cfg, store, teacher, explained, norms)
         counts = _write_splits(cfg.data_dir, rows, vectors, splits, explanation, spec, layer, cfg.model.model, extra)
@@ -149,11 +151,45 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
     }
     atomic_write_text(cfg.data_dir / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False))  # last: marks completion
     _log(cfg, summary)
-    if explained.n_requested and explained.n_malformed == explained.n_requested:
-        print(f"[nla datagen] warning: all {explained.n_requested} teacher answers were malformed, so av_sft/ar_sft/val/test "
-              "are empty. Use a stronger --teacher_model, raise --teacher_max_new_tokens, or --teacher extractive "
-              "for smoke tests.", file=sys.stderr)
     return {**result, "wall_s": summary["wall_s"], "summary_path": str(cfg.data_dir / SUMMARY)}
+
+
+def check_split_documents(doc_ids: list[str], splits: list[str], weights: list[float]) -> None:
+    """Refuse a split that has a share of `--split_fractions` but got no document (too few documents for
+    the hash to reach it): every later stage needs its split, and an empty one surfaced only there."""
+    docs = {name: set() for name in SPLITS}
+    for d, name in zip(doc_ids, splits):
+        docs[name].add(d)
+    total = sum(weights)
+    n_docs = len(set(doc_ids))
+    for name, weight in zip(SPLITS, weights):
+        if weight > 0 and not docs[name]:
+            share = weight / total
+            raise DatagenError(f"split {name!r} got none of the {n_docs} documents (its share {share:.2f} of "
+                               f"--split_fractions): use --max_docs {max(n_docs + 1, int(np.ceil(3 / share)))} or more, "
+                               f"or a larger share for {name}; the extracted chunks are kept.")
+
+
+def check_teacher_answers(teacher: Teacher, explained: Explained, splits: list[str], warn_above: float) -> None:
+    """Refuse a dataset whose teacher answers are unusable: a teacher split whose every answer is
+    malformed (it would be written empty, and the next stage is where one would find out); warn
+    when more than `warn_above` of all answers are malformed. The answers stay in the cache, so a
+    rerun with a fixed prompt or --teacher_prefill asks only for what changed."""
+    n, bad = explained.n_requested, explained.n_malformed
+    if not n or not bad:
+        return
+    sample = (explained.malformed_samples or [""])[0][:160]
+    empty = sorted(set(splits) - {s for s, e in zip(splits, explained.explanations) if e is not None})
+    hint = ("try --teacher_prefill true (a vLLM server continues the opening tag), "
+            if getattr(teacher, "role", None) == "teacher" and not getattr(teacher, "prefill", "") else "")
+    if empty:
+        raise DatagenError(f"teacher {teacher.name!r}: every answer for split(s) {', '.join(empty)} was malformed "
+                           f"({bad} of {n} answers), e.g. {sample!r}; {hint}use a stronger model or raise "
+                           "--teacher_max_new_tokens (the answers are cached: a rerun asks only for what changed).")
+    if bad / n > warn_above:
+        samples = "; ".join(repr(a[:100]) for a in explained.malformed_samples[:3])
+        print(f"[nla datagen] warning: {bad} of {n} teacher answers ({bad / n:.0%}) were malformed and their rows "
+              f"dropped (more than --teacher_malformed_warn {warn_above:.0%}), e.g. {samples}", file=sys.stderr)
 
 
 def _process_state(cfg: NLAConfig):
