@@ -142,6 +142,8 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         if self.teacher not in ("local", "openai", "extractive"):
             raise ConfigError(f"teacher={self.teacher!r}: use 'local', 'openai' or 'extractive'.")
+        if not 0 <= self.teacher_malformed_warn <= 1:
+            raise ConfigError(f"teacher_malformed_warn={self.teacher_malformed_warn}: a share of answers, in [0, 1].")
         if self.teacher_quote_chars < 1:
             raise ConfigError(f"teacher_quote_chars={self.teacher_quote_chars}: the quote needs at least 1 character.")
         _env_name(self, "teacher_api_key_env")
