@@ -97,7 +97,7 @@ def test_pad_sides():
 def test_check_prompts_refuses_template_drift(data_meta):
     good = templates.av_user_message(MARKER, data_meta.av_template)
     check_prompts([good, [{"role": "user", "content": good}]], data_meta)
-    with pytest.raises(ValueError, match="template drift"):
+    with pytest.raises(SidecarError, match="template drift"):
         check_prompts([good, good.replace("hidden", "secret")], data_meta)
 
 

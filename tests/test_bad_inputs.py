@@ -89,6 +89,11 @@ CASES = [
     ("eval without checkpoint", ["eval", "--config", SMOKE, "--output_dir", "{tmp}/nowhere"], "--av DIR"),
     ("api key pasted as variable name", ["datagen", "--config", SMOKE, "--teacher", "openai", "--teacher_api_key_env",
                                          "sk-abcdefghijklmnopqrstuvwxyz0123456789"], "variable"),
+    ("too few documents for a split", ["datagen", "--config", SMOKE, "--model", "{model}", "--max_docs", "2",
+                                       "--teacher", "extractive", "--output_dir", "{tmp}/few"], "got none of the 2 documents"),
+    ("a learning rate that diverges", ["train-ar", "--config", SMOKE, "--model", "{model}", "--output_dir", "{tmp}/div",
+                                       "--data_dir", "{data}", "--ar_lr", "1e30", "--ar_steps", "40"],
+     "steps in a row had non-finite gradients"),
 ]
 
 

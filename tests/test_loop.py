@@ -9,6 +9,7 @@ import torch
 from nla.core.config import ConfigError
 from nla.train.checkpoint import LAYOUT, STATE_FILE, save_checkpoint, start_from
 from nla.train.loop import (
+    DivergedError,
     MAX_CONSECUTIVE_SKIPS,
     OptimizerStep,
     lr_factor,
@@ -79,7 +80,7 @@ def test_optimizer_step_stops_a_diverged_run():
     _, step, _ = _stepper([float("inf")] * MAX_CONSECUTIVE_SKIPS)
     for _ in range(MAX_CONSECUTIVE_SKIPS - 1):
         step()
-    with pytest.raises(RuntimeError, match=f"{MAX_CONSECUTIVE_SKIPS} AR steps in a row had non-finite gradients"):
+    with pytest.raises(DivergedError, match=f"{MAX_CONSECUTIVE_SKIPS} AR steps in a row had non-finite gradients"):
         step()
 
 

@@ -160,7 +160,7 @@ def _broken(toy, tmp_path, tok, **kw):
 @pytest.mark.parametrize("kind, error, message", [
     ("no_scale", ConfigError, "injection scale"),
     ("d_model", SidecarError, "hidden_size"),
-    ("template", ValueError, "template drift"),
+    ("template", SidecarError, "template drift"),  # the one error type the CLI prints as one line
 ])
 def test_bad_data_fails_with_one_line(toy, tmp_path, tiny_tokenizer, kind, error, message):
     kw = {"no_scale": {"scale": None}, "d_model": {"d": 32}, "template": {"prompt": "Describe ㈠ please."}}[kind]

@@ -55,7 +55,7 @@ def check_prompts(prompts: list[Any], meta: Meta, where: str = "dataset") -> Non
     for i, p in enumerate(prompts):
         text = p[-1]["content"] if isinstance(p, list) and p and isinstance(p[-1], dict) else p
         if text != expected:
-            raise ValueError(f"{where}: row {i}'s prompt differs from the sidecar's AV template filled with "
+            raise SidecarError(f"{where}: row {i}'s prompt differs from the sidecar's AV template filled with "
                              f"{meta.tokens.injection_char!r} (template drift); regenerate the data with `nla datagen`.")
 
 

@@ -24,9 +24,15 @@ from typing import Any, Callable
 
 import torch
 
+from nla.core.config import ConfigError
+
 ROW_SEED_STRIDE = 100_003  # epoch e of seed s is permutation number s * stride + e
 WARMUP_FRACTION = 0.05  # of the steps, at least one
 MAX_CONSECUTIVE_SKIPS = 20
+
+
+class DivergedError(ConfigError):
+    """Training stopped moving (every recent update was skipped); the message names the setting to change."""
 
 
 def row_stream(n: int, seed: int, start: int, count: int) -> list[int]:
@@ -88,7 +94,7 @@ class OptimizerStep:
             self.skipped += 1
             self.consecutive += 1
             if self.consecutive >= MAX_CONSECUTIVE_SKIPS:
-                raise RuntimeError(f"{MAX_CONSECUTIVE_SKIPS} {self.name.upper()} steps in a row had non-finite gradients; "
+                raise DivergedError(f"{MAX_CONSECUTIVE_SKIPS} {self.name.upper()} steps in a row had non-finite gradients; "
                                    f"lower the {self.name.upper()} learning rate or use --dtype float32.")
         else:
             self.optimizer.step()
