@@ -245,3 +245,34 @@ def test_truth_share_is_the_share_of_claims_checked_true():
     assert claims.truth_share(fmt, 'ends with "value"; value"; about value', context) == 0.5  # malformed: not true
     assert claims.truth_share(fmt, None, context) == 0.0
     assert claims.truth_share(claims.FreeFormat(), "about headers", context) == 0.0  # unchecked is never true
+
+
+def test_the_next_token_claim_is_checked_against_the_rows_recorded_prediction():
+    fmt = claims.ExtractiveFormat(claim_types=("quote", "next"))
+    row = claims.Row("The value of x", " is")
+    text = fmt.with_facts(fmt.write(row.context, 16), row)
+    assert text == 'ends with "The value of x"; predicts " is"' and fmt.parse(text).ok
+    assert [c["verdict"] for c in claims.mark(fmt, text, row)["claims"]] == ["true", "true"]
+    assert fmt.check(fmt.claim('predicts "Is"'), row) == {"exact": 0.0, "words": 1.0}
+    assert fmt.check(fmt.claim('predicts "\n"'), claims.Row("a", "\n\n"))["exact"] == 1.0  # a line break is one
+    assert fmt.check(fmt.claim('predicts " "'), claims.Row("a", "\n"))["exact"] == 0.0
+    # Without a recorded prediction (new text) the claim is unchecked, never true or false.
+    assert claims.mark(fmt, text, row.context)["claims"][1]["verdict"] == "unchecked"
+    assert claims.truth_share(fmt, text, row.context) == 0.5
+    # Order and repetition are the grammar's: the prediction after the quote, once.
+    assert not fmt.parse('predicts " is"; ends with "x"').ok
+    assert not fmt.parse('ends with "x"; predicts " is"; predicts " is"').ok
+    assert not claims.ExtractiveFormat(claim_types=("quote",)).parse(text).ok  # a format without it rejects it
+    assert fmt.with_facts("ends with \"x\"", row.context) == 'ends with "x"'  # no recorded fact: no claim
+
+
+def test_next_token_accuracy_and_chance_use_each_rows_own_prediction():
+    fmt = claims.ExtractiveFormat(claim_types=("quote", "next"))
+    rows = [claims.Row("a b", " c"), claims.Row("d e", " f"), claims.Row("g h", " i"), claims.Row("j k", None)]
+    said = ['ends with "b"; predicts " c"', 'ends with "e"; predicts " f"', 'ends with "h"; predicts " x"',
+            'ends with "k"; predicts " c"']
+    s = claims.summarize(fmt, said, rows, [1, 2, 0, 0])
+    nxt = s["types"]["next"]
+    assert nxt["n"] == 4 and nxt["accuracy"] == pytest.approx(2 / 3)  # the unrecorded row is left out
+    assert nxt["chance"] == pytest.approx(0.0)  # " c" vs row 1's " f", " f" vs " i", " x" vs " c"
+    assert s["types"]["quote"]["accuracy"] == 1.0

@@ -258,3 +258,31 @@ def test_base_model_needs_a_chat_template_and_takes_one_from_a_file(tmp_path):
     out = train_av(cfg)
     av = load_av(out["checkpoint"], device="cpu")  # no --chat_template needed any more
     assert av.tokenizer.chat_template == CHAT_TEMPLATE
+
+
+def test_the_next_token_claim_records_the_models_own_top1(tiny_model_dir, tmp_path):
+    """--teacher_claims quote,next: datagen runs the whole model, records its most likely next token at
+    each position (checked here against an independent full forward), and the explanation says it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nla.cli import main
+    from nla.core.claims import quote
+    from nla.data.splits import load_split
+
+    assert main(["datagen", "--config", "configs/smoke.yaml", "--model", str(tiny_model_dir), "--output_dir",
+                 str(tmp_path), "--teacher", "extractive", "--teacher_claims", "quote,next", "--report_to", "none"]) == 0
+    split = load_split(tmp_path / "data" / "av_sft.parquet")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    checked = 0
+    for context, nxt, explanation in zip(split.columns["detokenized_text_truncated"], split.columns["model_next_token"],
+                                         split.columns["explanation"]):
+        ids = tok(context, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            top = int(model(ids).logits[0, -1].argmax())
+        assert nxt == tok.decode([top]), (context[-30:], nxt)
+        assert explanation.endswith(f"; predicts {quote(nxt)}")
+        checked += 1
+    assert checked == len(split) > 0
+    assert load_split(tmp_path / "data" / "rl.parquet").columns["model_next_token"]  # RL checks its claims too

@@ -97,7 +97,7 @@ class _SayRed:
         self.rates.append(float(said.mean()))
         zero = torch.zeros_like(said)
         return rewards.Rewards(total=rewards.apply_failures(said, ro.failed), reconstruction=said, length=zero,
-                               contrastive=zero, failed=ro.failed)
+                               contrastive=zero, claims=zero, failed=ro.failed)
 
 
 def test_grpo_moves_the_policy_towards_rewarded_answers(warm_start, toy_model_dir, tmp_path, monkeypatch):

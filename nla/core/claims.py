@@ -127,6 +127,24 @@ def common_suffix(a: str, b: str) -> int:
 
 
 @dataclass(frozen=True)
+class Row:
+    """What a claim is checked against: the row's context and the facts about the position that the
+    text alone does not give (`next_token`: the target model's own most likely next token there,
+    recorded by datagen). Every function here takes a plain context string too: no facts."""
+
+    context: str
+    next_token: str | None = None
+
+
+def as_row(context: "str | Row") -> Row:
+    return context if isinstance(context, Row) else Row(context or "")
+
+
+def context_text(context: "str | Row") -> str:
+    return as_row(context).context
+
+
+@dataclass(frozen=True)
 class Claim:
     kind: str  # a claim type of the format, or MALFORMED
     value: str  # what it asserts (the quoted text, the topic word); the claim's own text when malformed
@@ -147,27 +165,33 @@ class ExplanationFormat(Protocol):
 
     def parse(self, explanation: str) -> Parsed: ...
 
-    def check(self, claim: Claim, context: str) -> dict[str, float]: ...  # check -> score in [0, 1]
+    def check(self, claim: Claim, context: "str | Row") -> dict[str, float]: ...  # check -> score in [0, 1]
 
 
 _QUOTE = re.compile(r'ends with "(.*)"', re.S)
 _TOPIC = re.compile(r"about (\S.*)", re.S)
+_NEXT = re.compile(r'predicts "(.*)"', re.S)
 
 
-EXTRACTIVE_CLAIMS = ("quote", "topic")  # what the extractive format can say, in its order
+EXTRACTIVE_CLAIMS = ("quote", "topic", "next")  # what the extractive format can say, in its order
+FACT_CLAIMS = ("next",)  # claims written from a fact about the position (a Row's), not from its text
+LEGACY_CLAIMS = ("quote", "topic")  # what a format record without a claim list means (it predates the choice)
 
 
 @dataclass
 class ExtractiveFormat:
-    """`ends with "…"; about TOPIC` (nla.data.teacher.ExtractiveTeacher writes it): one quote claim,
-    then each further claim of `claim_types` at most once, in that order (the topic is left out
-    where the context has no topic word). `context_chars`: how much context the teacher read (its
-    topic rule saw only that tail, so the checks do too)."""
+    """`ends with "…"; about TOPIC; predicts "…"` (nla.data.teacher.ExtractiveTeacher writes the first
+    two, datagen the last: it ran the model): one quote claim, then each further claim of
+    `claim_types` at most once, in that order (the topic is left out where the context has no topic
+    word, the prediction where the row records none). `context_chars`: how much context the teacher
+    read (its topic rule saw only that tail, so the checks do too). Without a claim list: quote and
+    topic, what the format said before the list was a choice (`--teacher_claims`, whose default is
+    the quote alone)."""
 
     context_chars: int = 600
-    claim_types: tuple[str, ...] = EXTRACTIVE_CLAIMS
+    claim_types: tuple[str, ...] = LEGACY_CLAIMS
     name: str = "extractive"
-    primary: dict[str, str] = field(default_factory=lambda: {"quote": "exact", "topic": "rule"})
+    primary: dict[str, str] = field(default_factory=lambda: {"quote": "exact", "topic": "rule", "next": "exact"})
 
     def __post_init__(self) -> None:
         self.claim_types = tuple(self.claim_types)
@@ -182,11 +206,20 @@ class ExtractiveFormat:
         return self.claim_types
 
     def write(self, context: str, quote_chars: int) -> str:
-        """The teacher's explanation of `context` (already cut to what the teacher reads)."""
+        """The teacher's explanation of `context` (already cut to what the teacher reads): the claims
+        read from the text (the fact claims are added by `with_facts`)."""
         tail = text_tail(context, quote_chars)
         claims = [f"ends with {quote(tail)}" if tail else "an empty text"]
         topic = topic_word(context) if "topic" in self.claim_types else None
         return "; ".join(claims + ([f"about {topic}"] if topic else []))
+
+    def with_facts(self, explanation: str, row: "str | Row") -> str:
+        """`explanation` with the claims this format makes from the row's facts (`predicts "X"`, the
+        model's own next token), where the row records them."""
+        row = as_row(row)
+        if "next" in self.claim_types and row.next_token is not None:
+            return f"{explanation}; predicts {quote(row.next_token)}"
+        return explanation
 
     def claim(self, text: str) -> Claim:
         """One claim of this format, or MALFORMED (a claim type the format does not write is malformed too)."""
@@ -198,6 +231,9 @@ class ExtractiveFormat:
         match = _TOPIC.fullmatch(text)
         if "topic" in self.claim_types and match and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", match.group(1).strip()):
             return Claim("topic", match.group(1).strip(), text)
+        match = _NEXT.fullmatch(text)
+        if "next" in self.claim_types and match and match.group(1):
+            return Claim("next", match.group(1).replace('\\"', '"'), text)
         return Claim(MALFORMED, text, text)
 
     def parse(self, explanation: str) -> Parsed:
@@ -206,8 +242,15 @@ class ExtractiveFormat:
         in_order = kinds == [k for k in self.claim_types if k in kinds]  # known kinds, in the format's order
         return Parsed(claims, kinds[:1] == ["quote"] and in_order and len(set(kinds)) == len(kinds))
 
-    def check(self, claim: Claim, context: str) -> dict[str, float]:
-        context = context[-self.context_chars:]
+    def check(self, claim: Claim, context: "str | Row") -> dict[str, float]:
+        row = as_row(context)
+        context = row.context[-self.context_chars:]
+        if claim.kind == "next":  # the model's own top-1 next token: unchecked where the row does not record it
+            if row.next_token is None:
+                return {}
+            said, real = claim.value, row.next_token
+            same = said.strip() == real.strip() and (said.strip() != "" or line_breaks(said) == line_breaks(real))
+            return {"exact": float(same), "words": float(said.strip().lower() == real.strip().lower())}
         if claim.kind == "quote":
             said, real = squash(claim.value), squash(context)
             if not said:  # a quote of whitespace only (or "an empty text"): true when the context ends that way
@@ -243,7 +286,7 @@ class FreeFormat:
     def parse(self, explanation: str) -> Parsed:
         return Parsed([Claim("phrase", c, c) for c in split_claims(explanation)], True)
 
-    def check(self, claim: Claim, context: str) -> dict[str, float]:
+    def check(self, claim: Claim, context: "str | Row") -> dict[str, float]:
         return {}
 
 
@@ -260,7 +303,7 @@ def format_for(record: dict[str, Any] | None) -> ExplanationFormat:
     a record without claims predates the choice: quote and topic); any other provider is free text."""
     record = record or {}
     if record.get("provider") == "extractive":
-        return ExtractiveFormat(record.get("context_chars") or 600, tuple(record.get("claims") or EXTRACTIVE_CLAIMS))
+        return ExtractiveFormat(record.get("context_chars") or 600, tuple(record.get("claims") or LEGACY_CLAIMS))
     return FreeFormat()
 
 
@@ -282,7 +325,7 @@ def read_answer(fmt: ExplanationFormat, text: str) -> tuple[str | None, bool]:
 # ---------------------------------------------------------------- marks and summaries
 
 
-def mark(fmt: ExplanationFormat, explanation: str | None, context: str) -> dict[str, Any]:
+def mark(fmt: ExplanationFormat, explanation: str | None, context: "str | Row") -> dict[str, Any]:
     """One row's claims with their checks: {"format_ok", "claims": [{type, value, text, checks,
     verdict}]}; verdict is "true" / "false" (the type's primary check), "unchecked" or "malformed"."""
     if explanation is None:
@@ -301,7 +344,7 @@ def mark(fmt: ExplanationFormat, explanation: str | None, context: str) -> dict[
     return {"format_ok": parsed.ok, "claims": out}
 
 
-def truth_share(fmt: ExplanationFormat, explanation: str | None, context: str) -> float:
+def truth_share(fmt: ExplanationFormat, explanation: str | None, context: "str | Row") -> float:
     """The share of an explanation's claims that its format's checks find true of `context` (a
     malformed or unchecked claim counts as not true); 0 for no explanation or no claims. RL's
     grounded claim term (`--claim_reward`) pays this."""
@@ -323,7 +366,7 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(fmt: ExplanationFormat, explanations: list[str | None], contexts: list[str],
+def summarize(fmt: ExplanationFormat, explanations: list[str | None], contexts: "list[str | Row]",
               others: Iterable[int] | None = None) -> dict[str, Any]:
     """Claim accuracy per claim type and check (with chance: the same claims checked against
     `contexts[others[i]]`, a derangement; None skips it), and the collapse signals: per type the
@@ -349,12 +392,14 @@ def summarize(fmt: ExplanationFormat, explanations: list[str | None], contexts: 
                                  "distinct": len(values), "top_value": top[0],
                                  "top_share": top[1] / len(of_kind) if of_kind else None,
                                  "checked": kind in fmt.checked_types, "accuracy": None, "chance": None}
-        if entry["checked"] and of_kind:
-            real = [fmt.check(c, contexts[i]) for i, c in of_kind]
-            chance = [fmt.check(c, contexts[others[i]]) for i, c in of_kind] if others is not None else None
-            entry["checks"] = {name: {"accuracy": _mean([r[name] for r in real]),
-                                      "chance": _mean([r[name] for r in chance]) if chance is not None else None}
-                               for name in real[0]}
+        # a claim its row has no fact for (a prediction on new text) is unchecked: left out of both means
+        real = [(i, c, fmt.check(c, contexts[i])) for i, c in of_kind] if entry["checked"] else []
+        real = [(i, c, r) for i, c, r in real if r]
+        if real:
+            chance = [fmt.check(c, contexts[others[i]]) for i, c, _ in real] if others is not None else None
+            entry["checks"] = {name: {"accuracy": _mean([r[name] for _, _, r in real]),
+                                      "chance": _mean([r[name] for r in chance if r]) if chance is not None else None}
+                               for name in real[0][2]}
             first = entry["checks"][fmt.primary[kind]]
             entry["accuracy"], entry["chance"] = first["accuracy"], first["chance"]
         out["types"][kind] = entry

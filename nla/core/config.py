@@ -135,9 +135,10 @@ class TeacherConfig:
                                      "the cut falls inside a word). On the embedded model 16 gave a far better AV+AR pair "
                                      "than 40 (docs/benchmarks.md).", default=16)
     teacher_claims: str = _help("What the extractive teacher says, in order: 'quote' (the exact ending, always first), then "
-                                "any of 'topic' (the context's most frequent long word), comma-separated. The topic is "
-                                "off by default: measured, the AV got it right at about chance and it lowered the pair.",
-                                default="quote")
+                                "any of 'topic' (the context's most frequent long word) and 'next' (the model's own most "
+                                "likely next token there: datagen runs the whole model to record it), comma-separated. "
+                                "The topic is off by default: measured, the AV got it right at about chance and it "
+                                "lowered the pair.", default="quote")
 
     def __post_init__(self) -> None:
         if self.teacher not in ("local", "openai", "extractive"):

@@ -33,7 +33,7 @@ from nla.core import templates
 from nla.core.io import atomic_file
 from nla.core.sidecar import SidecarError, TokenSpec, make_token_spec
 from nla.core.tracking import progress
-from nla.models.backbone import block_output
+from nla.models.backbone import block_output, block_output_and_logits
 
 CHUNK_DOCS = 64  # documents per resumable extraction chunk
 MARKER_RANGES = ((0x3200, 0x33FF), (0x2190, 0x2BFF), (0x2000, 0x206F), (0x00A1, 0x00BF))
@@ -142,9 +142,10 @@ class Rows:
     n_raw_tokens: list[int] = field(default_factory=list)  # tokens in the context: position + 1
     context: list[str] = field(default_factory=list)  # decoded tokens [0, position]
     vectors: list[np.ndarray] = field(default_factory=list)  # one [rows_in_chunk, d] array per chunk
+    next_token: list[str | None] = field(default_factory=list)  # the model's top-1 next token (predict_next), else None
 
     def extend(self, other: "Rows") -> None:
-        for name in ("doc_id", "position", "n_raw_tokens", "context", "vectors"):
+        for name in ("doc_id", "position", "n_raw_tokens", "context", "vectors", "next_token"):
             getattr(self, name).extend(getattr(other, name))
 
     def matrix(self) -> np.ndarray:
@@ -156,12 +157,16 @@ class Rows:
 
 
 @torch.inference_mode()
-def extract_vectors(model, docs: list[DocRecord], layer: int, batch_size: int, pad_id: int) -> np.ndarray:
-    """[sum of len(d.positions), d_model] float32: block-`layer` outputs at each doc's positions, in doc order."""
+def extract_vectors(model, docs: list[DocRecord], layer: int, batch_size: int, pad_id: int,
+                    predict_next: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """-> ([sum of len(d.positions), d_model] float32: block-`layer` outputs at each doc's positions, in
+    doc order; with `predict_next`, the model's most likely next token id at each of them, else None).
+    The prediction needs the whole forward (the vectors alone stop at block `layer`)."""
     device = next(model.parameters()).device
     need = [max(d.positions) + 1 for d in docs]  # tokens after the last position cannot change it
     order = sorted(range(len(docs)), key=lambda i: -need[i])  # similar lengths share a batch: less padding
     per_doc: dict[int, np.ndarray] = {}
+    per_doc_next: dict[int, np.ndarray] = {}
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         width = max(need[i] for i in batch)
@@ -170,10 +175,16 @@ def extract_vectors(model, docs: list[DocRecord], layer: int, batch_size: int, p
         for row, i in enumerate(batch):  # right padding keeps position ids = token index
             ids[row, :need[i]] = torch.tensor(docs[i].ids[:need[i]])
             mask[row, :need[i]] = 1
-        hidden = block_output(model, ids.to(device), mask.to(device), layer)  # [b, width, d]
+        if predict_next:
+            hidden, logits = block_output_and_logits(model, ids.to(device), mask.to(device), layer)
+        else:
+            hidden, logits = block_output(model, ids.to(device), mask.to(device), layer), None  # [b, width, d]
         for row, i in enumerate(batch):
             per_doc[i] = hidden[row, docs[i].positions].float().cpu().numpy()
-    return np.concatenate([per_doc[i] for i in range(len(docs))], axis=0)
+            if logits is not None:
+                per_doc_next[i] = logits[row, docs[i].positions].argmax(-1).cpu().numpy()
+    vectors = np.concatenate([per_doc[i] for i in range(len(docs))], axis=0)
+    return vectors, (np.concatenate([per_doc_next[i] for i in range(len(docs))]) if predict_next else None)
 
 
 @dataclass
@@ -199,8 +210,11 @@ class ChunkStore:
     """Finished extraction chunks under `<data_dir>/.work/`, named by a hash of what made them."""
 
     def __init__(self, work_dir: Path, identity: dict[str, Any]):
+        """`identity`: what made the chunks (model, layer, positions ...); with `"predict_next": True`
+        the chunks also record the model's top-1 next token at each position (a whole forward)."""
         self.dir = Path(work_dir)
         self.identity = identity
+        self.predict_next = bool(identity.get("predict_next"))
 
     def path(self, docs: list[DocRecord]) -> Path:
         key = stable_int(self.identity, [(d.doc_id, d.positions, len(d.ids)) for d in docs])
@@ -210,14 +224,16 @@ class ChunkStore:
         table = pq.read_table(path)
         col = table.column("activation_vector").combine_chunks()
         vecs = np.asarray(col.flatten(), dtype=np.float32).reshape(len(col), -1)
+        nexts = table.column("next_token").to_pylist() if "next_token" in table.column_names else [None] * len(col)
         return Rows(table.column("doc_id").to_pylist(), table.column("position").to_pylist(),
-                    table.column("n_raw_tokens").to_pylist(), table.column("context").to_pylist(), [vecs])
+                    table.column("n_raw_tokens").to_pylist(), table.column("context").to_pylist(), [vecs], nexts)
 
     def save(self, path: Path, rows: Rows) -> None:
         vecs = rows.matrix()
         flat = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), type=pa.float32()), vecs.shape[1])
         table = pa.table({"doc_id": rows.doc_id, "position": rows.position, "n_raw_tokens": rows.n_raw_tokens,
-                          "context": rows.context, "activation_vector": flat})
+                          "context": rows.context, "activation_vector": flat,
+                          "next_token": pa.array(rows.next_token, type=pa.string())})
         with atomic_file(path) as tmp:  # a crash or full disk leaves no partial chunk behind
             pq.write_table(table, tmp)
 
@@ -270,7 +286,7 @@ def _run_chunk(docs: list[DocRecord], tokenizer, model, layer: int, store: Chunk
         result.n_chunks_reused += 1
         return store.load(path)
     start = time.perf_counter()
-    vectors = extract_vectors(model, docs, layer, batch_size, tokenizer.pad_token_id)
+    vectors, next_ids = extract_vectors(model, docs, layer, batch_size, tokenizer.pad_token_id, store.predict_next)
     rows = Rows(vectors=[vectors])
     for d in docs:
         for p in d.positions:
@@ -278,6 +294,8 @@ def _run_chunk(docs: list[DocRecord], tokenizer, model, layer: int, store: Chunk
             rows.position.append(p)
             rows.n_raw_tokens.append(p + 1)
             rows.context.append(tokenizer.decode(d.ids[:p + 1], skip_special_tokens=True))
+    rows.next_token = ([tokenizer.decode([int(t)]) for t in next_ids] if next_ids is not None
+                       else [None] * len(rows.doc_id))
     store.save(path, rows)
     result.extract_seconds += time.perf_counter() - start
     result.rows_new += len(rows)

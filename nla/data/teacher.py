@@ -44,7 +44,7 @@ import torch
 from transformers import StoppingCriteria
 
 from nla.core import templates
-from nla.core.claims import EXTRACTIVE_CLAIMS, ExtractiveFormat
+from nla.core.claims import LEGACY_CLAIMS, ExtractiveFormat
 from nla.core.config import ConfigError
 from nla.core.tracking import progress
 
@@ -268,12 +268,12 @@ class ExtractiveTeacher:
 
     name = "extractive"
 
-    def __init__(self, batch_size: int = 256, tail_chars: int = 16, claims: tuple[str, ...] = EXTRACTIVE_CLAIMS):
+    def __init__(self, batch_size: int = 256, tail_chars: int = 16, claims: tuple[str, ...] = LEGACY_CLAIMS):
         self.batch_size, self.tail_chars = batch_size, tail_chars
         self.format = ExtractiveFormat(claim_types=claims)
         self.claims = self.format.claim_types
         # the default keeps the identity (and so the cached answers) it had before claims were a choice
-        self.identity = f"extractive:v4:tail{tail_chars}" + ("" if self.claims == EXTRACTIVE_CLAIMS else
+        self.identity = f"extractive:v4:tail{tail_chars}" + ("" if self.claims == LEGACY_CLAIMS else
                                                             f":claims={','.join(self.claims)}")
 
     def check(self) -> None:

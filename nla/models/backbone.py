@@ -70,6 +70,26 @@ def block_output(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return captured["h"]
 
 
+def block_output_and_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                            layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream after block `layer` ([batch, seq, d_model]) and the model's next-token logits
+    ([batch, seq, vocab]) from one whole forward."""
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"layer {layer} is out of range: the model has blocks 0..{len(layers) - 1}.")
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _args, output):
+        captured["h"] = output[0] if isinstance(output, (tuple, list)) else output
+
+    handle = layers[layer].register_forward_hook(hook)
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        handle.remove()
+    return captured["h"], logits
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """[batch] index of the last real token, for left or right padding alike."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)

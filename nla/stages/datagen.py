@@ -33,6 +33,7 @@ import torch
 
 from nla import __version__
 from nla.core import templates
+from nla.core.claims import Row
 from nla.core.config import ConfigError, NLAConfig
 from nla.core.io import atomic_write_text, remove_temp_files
 from nla.core.sidecar import Meta, TokenSpec, dataset_meta_path
@@ -114,9 +115,12 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
     state = _process_state(cfg)
     work = cfg.data_dir / ".work"
     model, tok, layer, teacher = _prepare(cfg, state, work, teacher)
+    fmt = getattr(teacher, "format", None)  # the extractive teacher's: its fact claims need the model's prediction
+    predict_next = fmt is not None and "next" in fmt.claim_types
     store = ChunkStore(work, {"model": cfg.model.model, "layer": layer, "dtype": cfg.model.dtype,
                               "max_doc_tokens": cfg.data.max_doc_tokens, "min_position": cfg.data.min_position,
-                              "positions_per_doc": cfg.data.positions_per_doc, "seed": cfg.run.seed})
+                              "positions_per_doc": cfg.data.positions_per_doc, "seed": cfg.run.seed,
+                              **({"predict_next": True} if predict_next else {})})
     with disk_errors(work):
         scan = _extract(cfg, tok, model, layer, store, state)
         if scan is None:  # a non-main process: its chunks are on disk, the main process does the rest
@@ -130,7 +134,7 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
         explained = explain(teacher, tails, TeacherCache(work / "teacher_cache.jsonl"), cfg.logging.progress)
         explanation: list[str | None] = [None] * len(rows)
         for i, e in zip(need, explained.explanations):
-            explanation[i] = e
+            explanation[i] = e if e is None or fmt is None else fmt.with_facts(e, Row(rows.context[i], rows.next_token[i]))
         check_teacher_answers(teacher, explained, [splits[i] for i in need], cfg.teacher.teacher_malformed_warn)
         norms = norm_stats(vectors)
         extra = _meta_extra(cfg, store, teacher, explained, norms)
@@ -273,6 +277,8 @@ def _write_splits(data_dir: Path, rows: Rows, vectors: np.ndarray, splits: list[
             "n_raw_tokens": [rows.n_raw_tokens[i] for i in idx],
             "activation_layer": [layer] * len(idx),
             "detokenized_text_truncated": [rows.context[i] for i in idx],
+            **({"model_next_token": [rows.next_token[i] for i in idx]} if any(t is not None for t in rows.next_token)
+               else {}),
             "explanation": [explanation[i] for i in idx],
             "prompt": [templates.ar_prompt(explanation[i]) if name == "ar_sft" else av_message for i in idx],
         }

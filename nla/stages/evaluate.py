@@ -124,8 +124,10 @@ def load_eval_data(cfg: NLAConfig, args: EvalArgs, nla: NLA) -> EvalData:
     n = len(split)
     contexts = cols.get("detokenized_text_truncated") or [""] * n
     last = [nla.tokenizer(c or "", add_special_tokens=False)["input_ids"][-1:] for c in contexts]  # the position's token
+    nexts = cols.get("model_next_token") or [None] * n  # the model's own next token, where datagen recorded it
     info = [{"doc_id": cols.get("doc_id", [None] * n)[i], "position": cols.get("position", [None] * n)[i],
-             "context": contexts[i] or "", "token": nla.tokenizer.decode(last[i])} for i in range(n)]
+             "context": contexts[i] or "", "token": nla.tokenizer.decode(last[i]), "next_token": nexts[i]}
+            for i in range(n)]
     return EvalData(split.vectors, info, cols.get("explanation"), f"data:{path}", path)
 
 
@@ -204,7 +206,8 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
     t0 = time.time()
     contexts = [i.get("context") or "" for i in data.info]
     fmt = explanation_format(data.path, nla.meta.extra)
-    report["claims"], marks = claim_checks(cfg, fmt, explanations, contexts, data.teacher, cache_dir)
+    facts = [claims.Row(c, i.get("next_token")) for c, i in zip(contexts, data.info)]  # what each claim is checked against
+    report["claims"], marks = claim_checks(cfg, fmt, explanations, facts, data.teacher, cache_dir)
     report["baselines"] = text_free_baselines(nla.tokenizer, data.path, vectors, contexts, nla.layer, scorer)
     report["lookup_margin"] = lookup_margin(report)
     timing["claims_s"] = time.time() - t0  # with --judge, mostly the judge's requests

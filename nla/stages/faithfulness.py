@@ -37,9 +37,10 @@ def explanation_format(data_path: Path | None, av_meta_extra: dict[str, Any]) ->
     return claims.trained_format(av_meta_extra)
 
 
-def claim_checks(cfg, fmt: claims.ExplanationFormat, explanations: list, contexts: list[str], teacher: list | None,
+def claim_checks(cfg, fmt: claims.ExplanationFormat, explanations: list, contexts: list, teacher: list | None,
                  cache_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """-> (report["claims"], one {format_ok, claims[, judged]} per row)."""
+    """contexts: one `claims.Row` (or context string) per row -> (report["claims"], one {format_ok,
+    claims[, judged]} per row)."""
     n = len(explanations)
     others = derangement(n, cfg.run.seed + seeds.CLAIM_CHANCE).tolist()
     report = claims.summarize(fmt, explanations, contexts, others)
@@ -48,7 +49,8 @@ def claim_checks(cfg, fmt: claims.ExplanationFormat, explanations: list, context
     rows = [claims.mark(fmt, e, c) for e, c in zip(explanations, contexts)]
     judge = make_judge(cfg)
     if judge is not None:
-        report["judged"], verdicts = judge_claims(judge, explanations, contexts, others, cache_dir / "judge_cache.jsonl",
+        texts = [claims.context_text(c) for c in contexts]
+        report["judged"], verdicts = judge_claims(judge, explanations, texts, others, cache_dir / "judge_cache.jsonl",
                                                   cfg.judge.judge_context_chars, cfg.logging.progress)
         for row, v in zip(rows, verdicts):
             row["judged"] = v

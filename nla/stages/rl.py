@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from nla.core import seeds
+from nla.core.claims import Row
 from nla.core.config import ConfigError, NLAConfig
 from nla.core.sidecar import MODEL_META, write_meta
 from nla.core.tracking import Tracker
@@ -93,8 +94,16 @@ def held_out_rows(cfg: NLAConfig, acc) -> HeldOut | None:
     if len(val) < acc.num_processes:
         raise ConfigError(f"{path} has {len(val)} rows for {acc.num_processes} processes; pass --rl_val_rows 0 to skip "
                           "the held-out reward.")
-    contexts = val.columns.get("detokenized_text_truncated") or [""] * len(val)
-    return HeldOut(rank_share(val.vectors, acc).to(acc.device), [c or "" for c in rank_share(contexts, acc)])
+    return HeldOut(rank_share(val.vectors, acc).to(acc.device), rank_share(claim_rows(val), acc))
+
+
+def claim_rows(split) -> list[Row]:
+    """What each row's claims are checked against: its context, and the model's next token where
+    datagen recorded it."""
+    n = len(split)
+    contexts = split.columns.get("detokenized_text_truncated") or [""] * n
+    nexts = split.columns.get("model_next_token") or [None] * n
+    return [Row(c or "", t) for c, t in zip(contexts, nexts)]
 
 
 def _short(values: dict[str, float] | None) -> dict[str, float] | None:
@@ -201,8 +210,7 @@ def _train(cfg: NLAConfig, acc, trainer: JointTrainer, state: dict[str, Any], av
     save = checkpoint_writer(trainer, root, av_meta, ar_meta, {"sft_av": str(sft_av), "sft_ar": str(sft_ar),
                                                                "val_start": val_start, "fingerprint": fingerprint}, acc)
     began = time.time()
-    contexts = data.columns.get("detokenized_text_truncated") or [""] * len(data)
-    history = trainer.fit(data.vectors, contexts, cfg.run.seed, state, tracker, save, val, cfg.logging.log_every,
+    history = trainer.fit(data.vectors, claim_rows(data), cfg.run.seed, state, tracker, save, val, cfg.logging.log_every,
                           cfg.logging.progress)
     final = root / "final"
     last = resolve_resume("auto", root)

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from nla.core import claims
 from nla.core.config import ConfigError, NLAConfig
 from nla.core.io import atomic_write_text
 from nla.core.metrics import fve_from_mse, mse_nrm
@@ -162,11 +163,15 @@ def extract_text_rows(nla: NLA, docs: list[dict[str, Any]], max_tokens: int, bat
     if not records:
         raise ConfigError("no token positions to explain: the texts are too short for the position rule "
                           "(lower --min_position, or pass --positions).")
+    predict = "next" in getattr(claims.trained_format(nla.meta.extra), "claim_types", ())  # its claims can be checked
     with nla.target_model() as model:
-        vectors = torch.from_numpy(extract_vectors(model, records, nla.layer, batch_size, tok.pad_token_id))
+        vectors, next_ids = extract_vectors(model, records, nla.layer, batch_size, tok.pad_token_id, predict)
     rows = [{"doc_id": r.doc_id, "position": p, "token": tok.decode([r.ids[p]]),
              "context": tok.decode(r.ids[:p + 1], skip_special_tokens=True)} for r in records for p in r.positions]
-    return vectors, rows
+    if next_ids is not None:
+        for row, t in zip(rows, next_ids.tolist()):
+            row["next_token"] = tok.decode([t])
+    return torch.from_numpy(vectors), rows
 
 
 # ---------------------------------------------------------------- explain + score

@@ -46,7 +46,7 @@ class HeldOut:
     """This process's share of the held-out rows RL checks itself on."""
 
     vectors: torch.Tensor  # [n, d] raw
-    contexts: list[str]  # each row's context (claims are checked against it)
+    contexts: list[claims.Row]  # each row's context and facts (claims are checked against them)
 
 
 @dataclass
@@ -125,7 +125,7 @@ class JointTrainer:
             rows = torch.tensor(rank_share(rows, acc) if acc is not None else rows)
             cursor += global_batch
             device = acc.device if acc is not None else vectors.device
-            out = self.step(vectors[rows].to(device), [contexts[int(r)] or "" for r in rows])
+            out = self.step(vectors[rows].to(device), [contexts[int(r)] for r in rows])
             m = mean_over_processes(out.metrics, acc)
             history.append(m)
             done = step + 1
@@ -135,9 +135,9 @@ class JointTrainer:
             if rc.rl_table_every and done % rc.rl_table_every == 0:
                 table = []
                 for g, text, fve in out.samples:
-                    context = contexts[int(rows[g])] or ""
+                    context = contexts[int(rows[g])]
                     marks = claims.mark(self.verbalizer.format, None if text == FAILED else text, context)
-                    table.append([context[-160:], text, claims.marked_text(marks), fve])
+                    table.append([claims.context_text(context)[-160:], text, claims.marked_text(marks), fve])
                 tracker.log_table("rl/samples", ["context_tail", "explanation", "claims", "fve_nrm"], table, done)
             if val is not None and rc.rl_val_every and done % rc.rl_val_every == 0 and done < rc.rl_steps:
                 tracker.log(self.validate(val, seed + seeds.HELD_OUT_SAMPLING), done)
@@ -168,7 +168,7 @@ class JointTrainer:
         return {**m, **claims.flat(summary, "rl/val_claims/")}
 
     # ------------------------------------------------------------------ the step
-    def step(self, vectors: torch.Tensor, contexts: list[str] | None = None) -> StepOut:
+    def step(self, vectors: torch.Tensor, contexts: list | None = None) -> StepOut:
         """One joint step on this process's vectors [n, d] (raw); `contexts` (one per vector) are
         needed only by the grounded claim term (claim_reward)."""
         timer = _Timer()
@@ -191,7 +191,7 @@ class JointTrainer:
 
     @torch.no_grad()
     def evaluate(self, vectors: torch.Tensor, seed: int,
-                 contexts: list[str] | None = None) -> tuple[dict[str, float], list[str | None]]:
+                 contexts: list | None = None) -> tuple[dict[str, float], list[str | None]]:
         """A step's rollout, score and rewards on held-out vectors, with no update -> (`rl/val_*`
         metrics, the explanations, G per vector in order).
 
@@ -221,7 +221,7 @@ class JointTrainer:
         pred = self.sft_ar.predict(texts, self.tokenizer)
         return metrics.fve_nrm(pred, ro.targets[usable], self.mse_scale, self.target_var)
 
-    def rollout(self, vectors: torch.Tensor, contexts: list[str] | None = None) -> RolloutOut:
+    def rollout(self, vectors: torch.Tensor, contexts: list | None = None) -> RolloutOut:
         """G samples per vector. In the shuffled-vector control (`rl_shuffle_control`) the AV sees
         another row's vector (`data.derangement`, seeded from the training RNG so a resume replays
         it) while the AR must still reconstruct the row's own. With claim_reward on, each
