@@ -42,8 +42,16 @@ def make_judge(cfg) -> OpenAITeacher | None:
     j = cfg.judge
     if j.judge == "none":
         return None
-    return OpenAITeacher.from_options(j, "judge", j.judge_concurrency * 4,
-                                      tags=(templates.VERDICTS_OPEN, templates.VERDICTS_CLOSE), prompt=lambda item: item)
+    return OpenAITeacher.from_options(j, "judge", j.judge_concurrency * 4, open_tag=templates.VERDICTS_OPEN,
+                                      finish=close_verdicts, prompt=lambda item: item)
+
+
+def close_verdicts(text: str, ended: bool) -> str:
+    """A prefilled judge answer's continuation: up to its closing tag, closed if the judge stopped without it."""
+    close = templates.VERDICTS_CLOSE
+    if close in text:
+        return text[:text.index(close) + len(close)]
+    return text + close if ended else text
 
 
 def _rates(rows: list[list[dict[str, str]] | None]) -> dict[str, float | None]:

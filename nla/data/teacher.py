@@ -151,12 +151,13 @@ class OpenAITeacher:
                  temperature: float = 0.0, timeout_s: float = 60.0, retries: int = 4, concurrency: int = 8,
                  batch_size: int = 16, backoff_s: float = 0.5, role: str = "teacher",
                  prompt: Callable[[str], str] = templates.teacher_prompt, prefill: str = "",
-                 close: str = templates.EXPLANATION_CLOSE):
+                 finish: Callable[[str, bool], str] | None = None):
         """`role` names the options in error messages (`--teacher_*`, `--judge_*`); `prompt` turns one
         item of `complete` into the user message (the teacher: a context; the judge: a ready prompt).
         `prefill`: the answer's opening tag, sent as the start of the assistant's message for the
         server to continue (`continue_final_message`, a vLLM extension); the answer is then the
-        prefill plus the continuation, closed with `close` when the model stopped by itself."""
+        prefill plus `finish(continuation, ended)` (default: the local teacher's rule, `finish_answer`:
+        cut at the closing tag or the first sentence, then closed; `ended`: the model stopped by itself)."""
         if not base_url:
             raise TeacherError(f"--{role} openai needs --{role}_base_url, e.g. http://localhost:8000/v1.")
         if not model:
@@ -166,7 +167,7 @@ class OpenAITeacher:
         if api_key and base_url.startswith("http://") and host not in ("localhost", "127.0.0.1", "::1"):
             warnings.warn(f"--{role}_base_url {base_url} is plain http to another host: the API key and the corpus text "
                           "travel unencrypted; use https.", stacklevel=2)
-        self.role, self.prompt, self.prefill, self.close = role, prompt, prefill, close
+        self.role, self.prompt, self.prefill, self.finish = role, prompt, prefill, finish or finish_answer
         self.model, self.name, self.api_key = model, model, api_key
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.timeout_s, self.retries, self.concurrency, self.backoff_s = timeout_s, retries, concurrency, backoff_s
@@ -175,16 +176,16 @@ class OpenAITeacher:
             f":prefill={prefill}" if prefill else "")  # answers asked with a prefill are cached apart
 
     @classmethod
-    def from_options(cls, section, role: str, batch_size: int, tags: tuple[str, str] = (templates.EXPLANATION_OPEN,
-                     templates.EXPLANATION_CLOSE), **kw) -> "OpenAITeacher":
+    def from_options(cls, section, role: str, batch_size: int, open_tag: str = templates.EXPLANATION_OPEN,
+                     **kw) -> "OpenAITeacher":
         """The endpoint named by a config section's `<role>_*` options (`--teacher_*`, `--judge_*`); the
         API key is read from the environment variable `<role>_api_key_env` names (none: no key is sent);
-        `tags`: the answer's opening and closing tags (`<role>_prefill` sends the first)."""
+        `open_tag`: the answer's opening tag, which `<role>_prefill` sends."""
         opt = lambda name: getattr(section, f"{role}_{name}")  # noqa: E731
         key = os.environ.get(opt("api_key_env"), "") if opt("api_key_env") else ""
         return cls(opt("base_url"), opt("model"), key, opt("max_new_tokens"), opt("temperature"), opt("timeout_s"),
                    opt("retries"), opt("concurrency"), batch_size, role=role,
-                   prefill=tags[0] if opt("prefill") else "", close=tags[1], **kw)
+                   prefill=open_tag if opt("prefill") else "", **kw)
 
     def check(self) -> None:
         """Open a TCP connection to the endpoint's host, so a missing server fails before extraction."""
@@ -246,9 +247,8 @@ class OpenAITeacher:
                                f"(got {str(data)[:120]!r}); check --{self.role}_base_url.") from None
         n_tokens = (data.get("usage") or {}).get("completion_tokens") or len(text.split())
         if self.prefill:  # the continuation of the prefilled answer (a server may echo the prefill: kept once)
-            text = text if text.lstrip().startswith(self.prefill) else self.prefill + text
-            if self.close not in text and data["choices"][0].get("finish_reason") == "stop":
-                text += self.close  # the model ended its answer without writing the closing tag
+            text = text.lstrip().removeprefix(self.prefill) if text.lstrip().startswith(self.prefill) else text
+            text = self.prefill + self.finish(text, data["choices"][0].get("finish_reason") == "stop")
         return Answer(text, int(n_tokens))
 
 
