@@ -49,3 +49,17 @@ def embedded_tokenizer(embedded_model_dir):
     from nla.models.sources import load_tokenizer
 
     return load_tokenizer(embedded_model_dir)
+
+
+@pytest.fixture(scope="session")
+def vllm_python():
+    """The vLLM environment's Python (`make vllm`); the test is skipped without it, unless
+    NLA_REQUIRE_VLLM=1 (`make test`) makes a missing environment an error."""
+    from nla.models.engines import EngineError, find_vllm_python
+
+    try:
+        return find_vllm_python(None)
+    except EngineError as err:
+        if os.environ.get("NLA_REQUIRE_VLLM") == "1":
+            raise
+        pytest.skip(str(err))

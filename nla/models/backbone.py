@@ -48,32 +48,21 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def block_output(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int) -> torch.Tensor:
-    """[batch, seq, d_model] residual stream after block `layer` (0-based); grads flow if enabled."""
-    layers = decoder_layers(model)
-    if not 0 <= layer < len(layers):
-        raise ValueError(f"layer {layer} is out of range: the model has blocks 0..{len(layers) - 1}.")
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(_module, _args, output):
-        captured["h"] = output[0] if isinstance(output, (tuple, list)) else output
-        raise _StopForward
-
-    handle = layers[layer].register_forward_hook(hook)
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if "h" not in captured:
-        raise RuntimeError(f"block {layer} never ran; is the model's forward unusual?")
-    return captured["h"]
+    """[batch, seq, d_model] residual stream after block `layer` (0-based); grads flow if enabled.
+    The forward stops there: the blocks after it never run."""
+    return _capture(model, input_ids, attention_mask, layer, stop=True)[0]
 
 
 def block_output_and_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                             layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual stream after block `layer` ([batch, seq, d_model]) and the model's next-token logits
     ([batch, seq, vocab]) from one whole forward."""
+    return _capture(model, input_ids, attention_mask, layer, stop=False)
+
+
+def _capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int,
+             stop: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Block `layer`'s output, and the logits unless the forward `stop`s right after that block."""
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise ValueError(f"layer {layer} is out of range: the model has blocks 0..{len(layers) - 1}.")
@@ -81,12 +70,20 @@ def block_output_and_logits(model: nn.Module, input_ids: torch.Tensor, attention
 
     def hook(_module, _args, output):
         captured["h"] = output[0] if isinstance(output, (tuple, list)) else output
+        if stop:
+            raise _StopForward
 
     handle = layers[layer].register_forward_hook(hook)
+    logits = None
     try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        logits = out.logits
+    except _StopForward:
+        pass
     finally:
         handle.remove()
+    if "h" not in captured:
+        raise RuntimeError(f"block {layer} never ran; is the model's forward unusual?")
     return captured["h"], logits
 
 
