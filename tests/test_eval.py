@@ -654,3 +654,15 @@ def test_eval_with_an_llm_judge_on_a_real_server(toy, tmp_path, capsys, monkeypa
     assert len(errors) == 2 and all(e.startswith("nla eval: error:") for e in errors), errors
     assert "judge endpoint" in errors[0] and "HTTP 401" in errors[0] and "--judge_api_key_env" in errors[0]
     assert "judge endpoint" in errors[1] and "unreachable" in errors[1] and "--judge_base_url" in errors[1]
+
+
+def test_the_report_says_what_rl_was_rewarded_for():
+    from nla.stages.report import _reward_line
+
+    grounded = {"reward": "neg_mse", "claim_reward": 0.5, "contrastive_coef": 0.0, "length_penalty": 0.0,
+                "advantage_norm": "batch"}
+    line = _reward_line(grounded)[0]
+    assert "+ 0.5 x the share of claims checked true" in line and "saw the contexts" in line and "per batch" in line
+    plain = _reward_line({**grounded, "claim_reward": 0.0, "advantage_norm": "group"})[0]
+    assert "claims" not in plain and plain.startswith("- RL reward: -MSE_nrm from the live AR")
+    assert _reward_line(None) == []  # an SFT checkpoint: no RL, no line

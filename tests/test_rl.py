@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from nla.core import rewards, templates
-from nla.core.config import parse_config
+from nla.core.config import ConfigError, parse_config
 from nla.core.sidecar import Meta, make_token_spec
 from nla.data.splits import load_split, write_split
 from nla.models.sources import ModelSource
@@ -155,6 +155,16 @@ def test_resume_is_exact(warm_start, toy_model_dir, tmp_path):
     assert any(not torch.allclose(a[k], sft[k]) for k in a if k.startswith("av/"))  # RL did change the AV
     state = json.loads((tmp_path / "split" / "rl" / "final" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["cursor"] == 4 * 8
+    from nla.core.sidecar import MODEL_META, read_meta
+
+    reward = read_meta(tmp_path / "split" / "rl" / "final" / "av" / MODEL_META).extra["training"]["reward"]
+    assert reward["reward"] == "neg_mse" and reward["claim_reward"] == 0.0 and reward["advantage_norm"] == "group"
+
+
+def test_the_grounded_term_refuses_a_format_no_rule_checks(warm_start, toy_model_dir, tmp_path):
+    """The toy AV writes free text: paying for true claims would pay nothing, silently. Refused instead."""
+    with pytest.raises(ConfigError, match="claim_reward 0.5: the AV writes the free format"):
+        _run_rl(warm_start, toy_model_dir, tmp_path / "cr", "--claim_reward", "0.5", "--rl_steps", "1")
 
 
 def test_held_out_check_leaves_training_unchanged(warm_start, toy_model_dir, tmp_path):
