@@ -142,6 +142,22 @@ def engine(vllm_python, tiny_av_dir):
     eng.close()
 
 
+def _logprobs_now(v, vectors):
+    """A function scoring a rollout's tokens under the AV's weights as they are now (a snapshot)."""
+    import copy
+
+    snapshot = copy.deepcopy(v.model.state_dict())
+
+    def score(ro):
+        current = copy.deepcopy(v.model.state_dict())
+        v.model.load_state_dict(snapshot)
+        try:
+            return response_logprobs(v.model, ro.sequences, ro.attention_mask, ro.response_mask, vectors, v.hook)
+        finally:
+            v.model.load_state_dict(current)
+    return score
+
+
 def _greedy_pair(engine, vectors, max_new: int = 10):
     ours = HFEngine(engine.verbalizer).rollout(vectors, 1, 0.0, max_new)
     theirs = engine.rollout(vectors, 1, 0.0, max_new)
@@ -160,9 +176,15 @@ def test_greedy_parity_across_weight_updates(engine):
         ours, theirs = _greedy_pair(engine, vectors)
         assert theirs.texts == ours.texts, version
         assert torch.equal(theirs.sequences, ours.sequences[:, :theirs.sequences.shape[1]])
-        t = ours.prompt_len  # the engine's log-probs are the trainer's to float rounding
+        # The engine's log-probs are the trainer's to float rounding: vLLM's CPU kernels drifted up to
+        # 5e-3 from the trainer's on one fresh clone (1e-3 elsewhere), while the same tokens under the
+        # other version's weights differ by far more (checked below).
+        t = ours.prompt_len
         lp = response_logprobs(v.model, theirs.sequences, theirs.attention_mask, theirs.response_mask, vectors, v.hook)
-        assert torch.allclose(theirs.engine_logprobs[:, t:], lp[:, t:], atol=1e-3)
+        assert torch.allclose(theirs.engine_logprobs[:, t:], lp[:, t:], atol=1e-2)
+        if version:  # the tolerance still tells the weights apart: the previous version's log-probs are far off
+            assert (theirs.engine_logprobs[:, t:] - previous(theirs)[:, t:]).abs().max() > 0.1
+        previous = _logprobs_now(v, vectors)
         texts.append(ours.texts)
     assert texts[0] != texts[1] != texts[2]  # the updates changed what the AV writes
 
