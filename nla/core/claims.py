@@ -174,7 +174,6 @@ _NEXT = re.compile(r'predicts "(.*)"', re.S)
 
 
 EXTRACTIVE_CLAIMS = ("quote", "topic", "next")  # what the extractive format can say, in its order
-FACT_CLAIMS = ("next",)  # claims written from a fact about the position (a Row's), not from its text
 LEGACY_CLAIMS = ("quote", "topic")  # what a format record without a claim list means (it predates the choice)
 
 

@@ -15,6 +15,7 @@ FAIL_REWARD = -2, the MSE_nrm of an orthogonal guess, so failing is never better
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -121,6 +122,27 @@ class Rewards:
             f"{prefix}claims": over_ok(self.claims),
             f"{prefix}fail_rate": float(self.failed.float().mean()),
         }
+
+
+def reward_record(rc) -> dict[str, Any]:
+    """What an RL run's reward was made of (`rc`: its RLConfig), kept in every RL checkpoint and its
+    summary, so eval can say it beside the numbers: a grounded claim term saw the contexts."""
+    return {"reward": rc.reward, "claim_reward": rc.claim_reward, "contrastive_coef": rc.contrastive_coef,
+            "length_penalty": rc.length_penalty, "advantage_norm": rc.advantage_norm}
+
+
+def describe_reward(record: dict[str, Any] | None) -> str | None:
+    """One line of a `reward_record` for people (eval's report, the demo's table, the RL summary);
+    None without a record (an SFT checkpoint)."""
+    if not record:
+        return None
+    parts = [f"{'-MSE_nrm' if record.get('reward') == 'neg_mse' else '-log MSE_nrm'} from the live AR"]
+    if record.get("claim_reward"):
+        parts.append(f"+ {record['claim_reward']} x the share of claims checked true of the row's context (the grounded "
+                     "term: this RL saw the contexts, which the paper's reward never does)")
+    parts += [f"+ contrastive x {record['contrastive_coef']}"] if record.get("contrastive_coef") else []
+    parts += [f"- {record['length_penalty']} per token"] if record.get("length_penalty") else []
+    return f"{' '.join(parts)}; advantages normalised per {record.get('advantage_norm', 'group')}"
 
 
 @torch.no_grad()

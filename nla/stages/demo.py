@@ -22,6 +22,7 @@ from typing import Any
 
 from nla.core.io import atomic_write_text
 from nla.core.lookup import LOOKUPS
+from nla.core.rewards import describe_reward
 from nla.models.sources import ModelSource
 from nla.stages.faithfulness import control_margin, lookup_margin
 from nla.stages.stage import start_stage
@@ -123,9 +124,7 @@ def report(cfg, summary: dict[str, Any]) -> None:
     print(sft_vs_rl_table(summary["sft"], summary["rl"]))
     reward = summary["rl"].get("rl_reward") or {}
     if reward.get("claim_reward"):  # said next to the numbers: the paper's RL reward never sees the context
-        print(f"(RL's reward: -MSE_nrm from the live AR + {reward['claim_reward']} x the share of claims checked true "
-              "of the row's context, the grounded term; advantages normalised per "
-              f"{reward.get('advantage_norm', 'group')})")
+        print(f"(RL's reward: {describe_reward(reward)})")
     print(f"\n[demo] stage seconds: {summary['stage_seconds']}")
     print(f"[demo] total {summary['wall_s']:.0f}s; reports: {cfg.output_dir / 'eval_sft' / 'report.md'}, "
           f"{cfg.output_dir / 'eval_rl' / 'report.md'}")

@@ -14,6 +14,7 @@ from typing import Any
 from nla.core import claims
 from nla.core.io import atomic_write_text
 from nla.core.lookup import LOOKUPS
+from nla.core.rewards import describe_reward
 from nla.stages.faithfulness import best_lookup, control_margin, lookup_margin
 from nla.stages.plots import plot_controls, plot_histogram, plot_lengths
 
@@ -97,15 +98,8 @@ def markdown(report: dict[str, Any], rows: list[dict[str, Any]], n_samples: int 
 
 def _reward_line(reward: dict[str, Any] | None) -> list[str]:
     """What the AV's RL was rewarded for (an RL checkpoint records it; SFT ones have none)."""
-    if not reward:
-        return []
-    parts = [f"{'-MSE_nrm' if reward.get('reward') == 'neg_mse' else '-log MSE_nrm'} from the live AR"]
-    if reward.get("claim_reward"):
-        parts.append(f"**+ {reward['claim_reward']} x the share of claims checked true of the context** (grounded: "
-                     "this RL saw the contexts, which the paper's reward never does)")
-    parts += [f"+ contrastive x {reward['contrastive_coef']}"] if reward.get("contrastive_coef") else []
-    parts += [f"- {reward['length_penalty']} per token"] if reward.get("length_penalty") else []
-    return [f"- RL reward: {' '.join(parts)}; advantages normalised per {reward.get('advantage_norm', 'group')}"]
+    text = describe_reward(reward)
+    return [f"- RL reward: {text}"] if text else []
 
 
 def _md_headline(r: dict[str, Any]) -> list[str]:

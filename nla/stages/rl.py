@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from nla.core import seeds
+from nla.core.rewards import describe_reward, reward_record
 from nla.core.claims import Row
 from nla.core.config import ConfigError, NLAConfig
 from nla.core.sidecar import MODEL_META, write_meta
@@ -142,13 +143,6 @@ def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path
     return trainer, state, av_meta, _with(ar_meta, {"ar_target_variance": var})
 
 
-def reward_record(rc) -> dict[str, Any]:
-    """What RL's reward was made of, kept in every RL checkpoint: eval reports it beside the
-    numbers, since a grounded claim term (claim_reward > 0) saw the contexts, which the paper's RL never does."""
-    return {"reward": rc.reward, "claim_reward": rc.claim_reward, "contrastive_coef": rc.contrastive_coef,
-            "length_penalty": rc.length_penalty, "advantage_norm": rc.advantage_norm}
-
-
 def checkpoint_writer(trainer: JointTrainer, root: Path, av_meta, ar_meta, state: dict[str, Any], acc):
     """save(step, loop_state): the AV and AR as two folders a later stage loads like SFT ones, plus
     the training state; `state` supplies what every checkpoint repeats (fingerprint, SFT paths, ...)."""
@@ -252,8 +246,7 @@ def describe(s: dict[str, Any]) -> str:
             f"{end.get('reward_mean', nan):.3f}, fve_nrm {start.get('fve_nrm', nan):.3f} -> {end.get('fve_nrm', nan):.3f} "
             f"(live AR, sampled as in training; SFT AR: {start.get('fve_nrm_sft_ar', nan):.3f} -> "
             f"{end.get('fve_nrm_sft_ar', nan):.3f}); checkpoint {s['checkpoint']}"
-            + (f"\n[rl] the reward included the grounded claim term (claim_reward {s['reward']['claim_reward']}): "
-               "this RL saw each row's context" if (s.get("reward") or {}).get("claim_reward") else ""))
+            + (f"\n[rl] reward: {describe_reward(s['reward'])}" if (s.get("reward") or {}).get("claim_reward") else ""))
 
 
 def main(argv: list[str]) -> int:

@@ -335,7 +335,7 @@ class JointTrainer:
         m |= {f"rl/{k}": v for k, v in self.reconstruction_metrics(ro, sc).items()}
         m["rl/n_groups"] = float(n_groups)
         if ro.truth is not None:  # the grounded term's pay (its weight times the share of claims true)
-            m["rl/reward_claims"] = float(rw.claims[~rw.failed].mean()) if bool((~rw.failed).any()) else float("nan")
+            m["rl/reward_claims"] = rw.log_dict("rl/reward_")["rl/reward_claims"]
         if self.engine.name != "hf":
             m["rl/engine_k3"] = av.engine_k3
         fve = metrics.fve_from_mse(sc.mse, self.target_var)
