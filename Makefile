@@ -27,8 +27,11 @@ $(VLLM_STAMP): launch/setup_vllm.sh
 	bash launch/setup_vllm.sh $(VLLM_VENV)
 	touch $(VLLM_STAMP)
 
-# The default suite, then the vLLM engine's tests (marker vllm) with the engine's environment required.
+# The linter (ruff: lint + format, configured in pyproject.toml), the default suite, then the vLLM
+# engine's tests (marker vllm) with the engine's environment required.
 test: $(STAMP) $(VLLM_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(ARGS)
 	NLA_VLLM_PYTHON=$(VLLM_VENV)/bin/python NLA_REQUIRE_VLLM=1 $(PY) -m pytest -m vllm $(ARGS)
 

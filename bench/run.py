@@ -41,9 +41,10 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,14 +89,38 @@ class Sizes:
     layer: int = 20
 
     @classmethod
-    def quick(cls) -> "Sizes":
-        return cls(gen_batch=8, gen_tokens=16, repeats=5, text_batch=4, text_tokens=64, train_batch=4, train_steps=2,
-                   rl_n=2, rl_group=4, rl_tokens=24, rl_repeats=3)
+    def quick(cls) -> Sizes:
+        return cls(
+            gen_batch=8,
+            gen_tokens=16,
+            repeats=5,
+            text_batch=4,
+            text_tokens=64,
+            train_batch=4,
+            train_steps=2,
+            rl_n=2,
+            rl_group=4,
+            rl_tokens=24,
+            rl_repeats=3,
+        )
 
     @classmethod
-    def tiny(cls) -> "Sizes":
-        return cls(gen_batch=2, gen_tokens=3, repeats=2, text_batch=2, text_tokens=16, train_batch=2, train_steps=1,
-                   rl_n=2, rl_group=2, rl_tokens=4, rl_repeats=2, lora_r=2, layer=1)
+    def tiny(cls) -> Sizes:
+        return cls(
+            gen_batch=2,
+            gen_tokens=3,
+            repeats=2,
+            text_batch=2,
+            text_tokens=16,
+            train_batch=2,
+            train_steps=1,
+            rl_n=2,
+            rl_group=2,
+            rl_tokens=4,
+            rl_repeats=2,
+            lora_r=2,
+            layer=1,
+        )
 
 
 @dataclass
@@ -128,12 +153,14 @@ def make_context(model_path: str, dtype: str, layer: int) -> Context:
 
 def real_texts(tokenizer, n: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n builtin-corpus documents cut to max_tokens, right-padded: (ids [n, t], mask [n, t])."""
-    rows = [tokenizer.encode(doc.text, add_special_tokens=False)[:max_tokens] for doc in iter_documents(BUILTIN, max_docs=n)]
+    rows = [
+        tokenizer.encode(doc.text, add_special_tokens=False)[:max_tokens] for doc in iter_documents(BUILTIN, max_docs=n)
+    ]
     t = max(map(len, rows))
     ids = torch.full((len(rows), t), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), t), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
     return ids, mask
 
 
@@ -146,9 +173,16 @@ def bench_injection(ctx: Context, s: Sizes) -> dict[str, float]:
 
     model = load_causal_lm(ctx.model_path, ctx.dtype).eval()
     ids, mask = build_generation_batch(ctx.tokenizer, s.gen_batch, ctx.meta)
-    gen = GenerationConfig(max_new_tokens=s.gen_tokens, min_new_tokens=s.gen_tokens, do_sample=False, top_p=None,
-                           top_k=None, temperature=None, pad_token_id=ctx.tokenizer.pad_token_id,
-                           eos_token_id=ctx.tokenizer.eos_token_id)
+    gen = GenerationConfig(
+        max_new_tokens=s.gen_tokens,
+        min_new_tokens=s.gen_tokens,
+        do_sample=False,
+        top_p=None,
+        top_k=None,
+        temperature=None,
+        pad_token_id=ctx.tokenizer.pad_token_id,
+        eos_token_id=ctx.tokenizer.eos_token_id,
+    )
     hook = InjectionHook(model, *ctx.meta.tokens.ids, ctx.scale)
     vectors = torch.randn(s.gen_batch, ctx.d_model, generator=torch.Generator().manual_seed(0))
 
@@ -172,13 +206,19 @@ def bench_injection(ctx: Context, s: Sizes) -> dict[str, float]:
     ratio = statistics.median(a / b for a, b in zip(on, off))
     new_tokens = s.gen_batch * s.gen_tokens
     hook_s = hook_seconds_per_generate(model, hook, ids, vectors, s.gen_tokens)
-    return {"injection_overhead_ratio": ratio, "injection_hook_cost_ratio": 1.0 + hook_s / statistics.median(off),
-            "injection_hook_s_per_generate": hook_s, "generate_plain_s": statistics.median(off),
-            "generate_injected_s": statistics.median(on), "generate_new_tokens_per_s": new_tokens / statistics.median(off)}
+    return {
+        "injection_overhead_ratio": ratio,
+        "injection_hook_cost_ratio": 1.0 + hook_s / statistics.median(off),
+        "injection_hook_s_per_generate": hook_s,
+        "generate_plain_s": statistics.median(off),
+        "generate_injected_s": statistics.median(on),
+        "generate_new_tokens_per_s": new_tokens / statistics.median(off),
+    }
 
 
-def hook_seconds_per_generate(model, hook: InjectionHook, ids: torch.Tensor, vectors: torch.Tensor, new_tokens: int,
-                              repeats: int = 20) -> float:
+def hook_seconds_per_generate(
+    model, hook: InjectionHook, ids: torch.Tensor, vectors: torch.Tensor, new_tokens: int, repeats: int = 20
+) -> float:
     """The hook's own time in one generate: its prompt call ([b, t]) + new_tokens - 1 decode calls ([b, 1]).
 
     Timed by calling the hook function directly, so it is immune to the load noise that limits
@@ -242,8 +282,9 @@ def bench_av_sft(ctx: Context, s: Sizes) -> dict[str, float]:
 
     def step(share_prefix: bool = True) -> None:
         opt.zero_grad(set_to_none=True)
-        loss = -response_logprobs(model, batch["input_ids"], batch["attention_mask"], response, vectors, hook,
-                                  share_prefix=share_prefix).sum()
+        loss = -response_logprobs(
+            model, batch["input_ids"], batch["attention_mask"], response, vectors, hook, share_prefix=share_prefix
+        ).sum()
         (loss / response.sum()).backward()
         opt.step()
 
@@ -254,8 +295,10 @@ def bench_av_sft(ctx: Context, s: Sizes) -> dict[str, float]:
         shared.append(timed(step))
         unshared.append(timed(lambda: step(False)))
     seconds = statistics.median(shared)
-    return {"av_sft_tokens_per_s": float(batch["attention_mask"].sum()) / seconds,
-            "av_sft_prefix_speedup": statistics.median(unshared) / seconds}
+    return {
+        "av_sft_tokens_per_s": float(batch["attention_mask"].sum()) / seconds,
+        "av_sft_prefix_speedup": statistics.median(unshared) / seconds,
+    }
 
 
 def joint_setup(ctx: Context, s: Sizes) -> tuple[JointTrainer, Any, Verbalizer, ARModel, RLConfig]:
@@ -275,8 +318,9 @@ def joint_setup(ctx: Context, s: Sizes) -> tuple[JointTrainer, Any, Verbalizer, 
     return trainer, model, verbalizer, ar, cfg
 
 
-def rl_parts(model, verbalizer: Verbalizer, ar: ARModel, tokenizer, vectors: torch.Tensor, cfg: RLConfig,
-             seed: int) -> dict[str, float]:
+def rl_parts(
+    model, verbalizer: Verbalizer, ar: ARModel, tokenizer, vectors: torch.Tensor, cfg: RLConfig, seed: int
+) -> dict[str, float]:
     """The step's essential work timed alone, on the same state and seed (no optimizer steps)."""
     g, seconds = cfg.group_size, {}
     model.set_adapter(AV)
@@ -340,6 +384,7 @@ def bench_engines(ctx: Context, s: Sizes, vllm_python: str) -> dict[str, float]:
                 start = time.perf_counter()
                 ro = engine.rollout(vectors, s.rl_group, 0.7, s.rl_tokens)
                 return float(ro.response_mask.sum()) / (time.perf_counter() - start)
+
             return run
 
         rate(hf)(), rate(vllm)()  # warm-up
@@ -352,6 +397,7 @@ def bench_engines(ctx: Context, s: Sizes, vllm_python: str) -> dict[str, float]:
                 out = trainer.step(vectors)
                 syncs.append(out.metrics["rl/time_sync_s"]) if engine is vllm else None
                 return sum(v for k, v in out.metrics.items() if k.startswith("rl/time_"))
+
             return run
 
         syncs: list[float] = []
@@ -359,10 +405,18 @@ def bench_engines(ctx: Context, s: Sizes, vllm_python: str) -> dict[str, float]:
     finally:
         vllm.close()
     med = statistics.median
-    return {"rollout_tokens_per_s_hf": med(tok_hf), "rollout_tokens_per_s_vllm": med(tok_vllm),
-            "rollout_engine_speedup": med(tok_vllm) / med(tok_hf), "vllm_engine_start_s": vllm.start_s,
-            "vllm_first_sync_s": sync_s, "rl_step_s_hf": med(step_hf), "rl_step_s_vllm": med(step_vllm),
-            "rl_sync_s_vllm": med(syncs), "engine_rows": float(s.rl_n * s.rl_group), "vllm_version": vllm.vllm_version}
+    return {
+        "rollout_tokens_per_s_hf": med(tok_hf),
+        "rollout_tokens_per_s_vllm": med(tok_vllm),
+        "rollout_engine_speedup": med(tok_vllm) / med(tok_hf),
+        "vllm_engine_start_s": vllm.start_s,
+        "vllm_first_sync_s": sync_s,
+        "rl_step_s_hf": med(step_hf),
+        "rl_step_s_vllm": med(step_vllm),
+        "rl_sync_s_vllm": med(syncs),
+        "engine_rows": float(s.rl_n * s.rl_group),
+        "vllm_version": vllm.vllm_version,
+    }
 
 
 def bench_rl(ctx: Context, s: Sizes) -> dict[str, float]:
@@ -377,7 +431,10 @@ def bench_rl(ctx: Context, s: Sizes) -> dict[str, float]:
         if r == 0 and s.rl_repeats > 1:
             continue  # warm-up
         steps.append(step_s), sums.append(sum(p.values())), parts.append(p)
-    out = {"rl_step_s": statistics.median(steps), "rl_overhead_ratio": statistics.median(a / b for a, b in zip(steps, sums))}
+    out = {
+        "rl_step_s": statistics.median(steps),
+        "rl_overhead_ratio": statistics.median(a / b for a, b in zip(steps, sums)),
+    }
     for key in parts[0]:
         out[f"rl_part_{key}_s"] = statistics.median(p[key] for p in parts)
     out["rl_rows"] = s.rl_n * s.rl_group
@@ -390,26 +447,55 @@ def bench_rl(ctx: Context, s: Sizes) -> dict[str, float]:
 def machine_info(dtype: str) -> dict[str, Any]:
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
     try:
         bf16 = bool(torch.cpu._is_avx512_bf16_supported())  # private API; absent on some builds
     except AttributeError:
         bf16 = None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(), "dtype": dtype,
-            "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_bf16_supported": bf16,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "dtype": dtype,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpu_bf16_supported": bf16,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
-def run_all(model_path: str, dtype: str, sizes: Sizes, log: Callable[[str], None] = print,
-            vllm_python: str | None = None, only: list[str] | None = None) -> dict[str, Any]:
+def run_all(
+    model_path: str,
+    dtype: str,
+    sizes: Sizes,
+    log: Callable[[str], None] = print,
+    vllm_python: str | None = None,
+    only: list[str] | None = None,
+) -> dict[str, Any]:
     """Every measurement (or those in `only`) on the model at `model_path`; the engine comparison
     when `vllm_python` is given. Returns the flat result dict (no files written)."""
     ctx = make_context(model_path, dtype, sizes.layer)
     result: dict[str, Any] = {"model": model_path, "layer": ctx.layer, "sizes": vars(sizes).copy()}
-    parts = [("injection", bench_injection), ("extraction", bench_extraction), ("ar", bench_ar),
-             ("av_sft", bench_av_sft), ("rl", bench_rl)]
+    parts = [
+        ("injection", bench_injection),
+        ("extraction", bench_extraction),
+        ("ar", bench_ar),
+        ("av_sft", bench_av_sft),
+        ("rl", bench_rl),
+    ]
     if vllm_python:
         parts.append(("engines", lambda c, s: bench_engines(c, s, vllm_python)))
     for name, fn in parts:
@@ -418,8 +504,10 @@ def run_all(model_path: str, dtype: str, sizes: Sizes, log: Callable[[str], None
         start = time.perf_counter()
         part = fn(ctx, sizes)
         result.update(part)
-        log(f"[bench] {name:<10} {time.perf_counter() - start:6.1f}s  " + "  ".join(f"{k}={v:.4g}" for k, v in part.items()
-                                                                               if isinstance(v, (int, float))))
+        log(
+            f"[bench] {name:<10} {time.perf_counter() - start:6.1f}s  "
+            + "  ".join(f"{k}={v:.4g}" for k, v in part.items() if isinstance(v, (int, float)))
+        )
     for key, limit in TARGETS.items():
         if key not in result:
             continue
@@ -448,19 +536,50 @@ embedding hook.
 
 
 def markdown(result: dict[str, Any], load: tuple[float, float]) -> str:
-    keys = ["injection_overhead_ratio", "injection_overhead_met", "injection_hook_cost_ratio", "extraction_tokens_per_s", "ar_samples_per_s",
-            "av_sft_tokens_per_s", "rl_step_s", "rl_overhead_ratio", "rl_overhead_met", "generate_new_tokens_per_s",
-            "rollout_tokens_per_s_hf", "rollout_tokens_per_s_vllm", "rollout_engine_speedup", "vllm_engine_start_s",
-            "rl_step_s_hf", "rl_step_s_vllm", "rl_sync_s_vllm", "peak_rss_mb"]
+    keys = [
+        "injection_overhead_ratio",
+        "injection_overhead_met",
+        "injection_hook_cost_ratio",
+        "extraction_tokens_per_s",
+        "ar_samples_per_s",
+        "av_sft_tokens_per_s",
+        "rl_step_s",
+        "rl_overhead_ratio",
+        "rl_overhead_met",
+        "generate_new_tokens_per_s",
+        "rollout_tokens_per_s_hf",
+        "rollout_tokens_per_s_vllm",
+        "rollout_engine_speedup",
+        "vllm_engine_start_s",
+        "rl_step_s_hf",
+        "rl_step_s_vllm",
+        "rl_sync_s_vllm",
+        "peak_rss_mb",
+    ]
     keys = [k for k in keys if k in result]
-    rows = "\n".join(f"| `{k}` | {result[k]:.4g} |" if isinstance(result[k], float) else f"| `{k}` | {result[k]} |"
-                     for k in keys)
-    machine = ", ".join(f"{k}={result[k]}" for k in ["cpu", "cpu_count", "torch_threads", "torch", "transformers", "dtype",
-                                                     "device", "cpu_bf16_supported", "gpu"])
-    return (f"\n### bench/run.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {result['dtype']}\n\n"
-            f"Command: `{result['command']}`  \nMachine: {machine}; load average (1 min) {load[0]:.2f} before, "
-            f"{load[1]:.2f} after  \nSizes: {result['sizes']}\n\n| key | value |\n|---|---|\n{rows}\n\n"
-            f"```json\n{json.dumps(result, sort_keys=True)}\n```\n")
+    rows = "\n".join(
+        f"| `{k}` | {result[k]:.4g} |" if isinstance(result[k], float) else f"| `{k}` | {result[k]} |" for k in keys
+    )
+    machine = ", ".join(
+        f"{k}={result[k]}"
+        for k in [
+            "cpu",
+            "cpu_count",
+            "torch_threads",
+            "torch",
+            "transformers",
+            "dtype",
+            "device",
+            "cpu_bf16_supported",
+            "gpu",
+        ]
+    )
+    return (
+        f"\n### bench/run.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {result['dtype']}\n\n"
+        f"Command: `{result['command']}`  \nMachine: {machine}; load average (1 min) {load[0]:.2f} before, "
+        f"{load[1]:.2f} after  \nSizes: {result['sizes']}\n\n| key | value |\n|---|---|\n{rows}\n\n"
+        f"```json\n{json.dumps(result, sort_keys=True)}\n```\n"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -470,10 +589,18 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--model", default="embedded:smollm2-135m", help="embedded:NAME or a local HF model folder")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=None, help="also write the JSON object to this file")
-    ap.add_argument("--append", action="store_true", help="also append a section with the results to docs/benchmarks.md")
-    ap.add_argument("--vllm", nargs="?", const="", default=None, metavar="PYTHON",
-                    help="also compare the hf and vllm rollout engines (PYTHON: the vLLM environment's python; "
-                         "default $NLA_VLLM_PYTHON or .venv-vllm/bin/python)")
+    ap.add_argument(
+        "--append", action="store_true", help="also append a section with the results to docs/benchmarks.md"
+    )
+    ap.add_argument(
+        "--vllm",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PYTHON",
+        help="also compare the hf and vllm rollout engines (PYTHON: the vLLM environment's python; "
+        "default $NLA_VLLM_PYTHON or .venv-vllm/bin/python)",
+    )
     ap.add_argument("--only", default=None, help="comma-separated parts: injection,extraction,ar,av_sft,rl,engines")
     ap.add_argument("--rl_n", type=int, default=None, help="vectors per RL step / engine rollout (default: the sizes')")
     ap.add_argument("--rl_group", type=int, default=None, help="samples per vector")
@@ -491,8 +618,13 @@ def main(argv: list[str]) -> int:
 
         vllm_python = find_vllm_python(args.vllm or None)
     load_before = os.getloadavg()[0]
-    result = run_all(resolve_model(args.model), args.dtype, sizes, vllm_python=vllm_python,
-                     only=args.only.split(",") if args.only else None)
+    result = run_all(
+        resolve_model(args.model),
+        args.dtype,
+        sizes,
+        vllm_python=vllm_python,
+        only=args.only.split(",") if args.only else None,
+    )
     result["command"] = shlex.join(["python", "bench/run.py", *argv])
     load = (load_before, os.getloadavg()[0])
     result["load_avg_1m"] = list(load)

@@ -1,2 +1,3 @@
 """Natural Language Autoencoders."""
+
 __version__ = "0.1.0"

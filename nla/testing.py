@@ -24,18 +24,29 @@ def build_tiny_tokenizer(vocab_size: int = 600):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator((d.text for d in iter_documents(BUILTIN, max_docs=200)), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                   bos_token="<|im_start|>", unk_token=None)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>", unk_token=None
+    )
     fast.add_tokens(MARKER_CANDIDATES)
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def save_tiny_model(out_dir: str | Path, d_model: int = 64, n_layers: int = 4, seed: int = 0,
-                    initializer_range: float = 0.02, n_heads: int = 4) -> Path:
+def save_tiny_model(
+    out_dir: str | Path,
+    d_model: int = 64,
+    n_layers: int = 4,
+    seed: int = 0,
+    initializer_range: float = 0.02,
+    n_heads: int = 4,
+) -> Path:
     """Write a tiny llama + the tiny tokenizer as an HF folder usable as `--model DIR`.
 
     `initializer_range` 0.2 makes a tiny model's output depend on its prompt at all (at HF's
@@ -45,8 +56,17 @@ def save_tiny_model(out_dir: str | Path, d_model: int = 64, n_layers: int = 4, s
 
     out_dir = Path(out_dir)
     tok = build_tiny_tokenizer()
-    model = tiny_llama(len(tok), d_model=d_model, n_layers=n_layers, n_heads=n_heads, seed=seed, initializer_range=initializer_range,
-                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    model = tiny_llama(
+        len(tok),
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        seed=seed,
+        initializer_range=initializer_range,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
@@ -59,9 +79,17 @@ def tiny_config(arch: str, vocab_size: int, special: dict[str, int], d_model: in
     """A transformers config of a tiny random model of `arch` (one of ARCHITECTURES)."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-                  **special)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        **special,
+    )
     if arch == "llama":
         return tf.LlamaConfig(**common)
     if arch == "qwen2":
@@ -74,10 +102,22 @@ def tiny_config(arch: str, vocab_size: int, special: dict[str, int], d_model: in
     if arch == "gemma3":
         return tf.Gemma3TextConfig(**gemma)
     if arch == "gemma3-multimodal":  # Gemma3ForConditionalGeneration (gemma-3-4b/12b/27b): a tiny vision tower
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                      patch_size=14)
-        return tf.Gemma3Config(text_config=gemma, vision_config=vision, mm_tokens_per_image=4,
-                               image_token_index=vocab_size - 1, boi_token_index=vocab_size - 2, eoi_token_index=vocab_size - 3)
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+        return tf.Gemma3Config(
+            text_config=gemma,
+            vision_config=vision,
+            mm_tokens_per_image=4,
+            image_token_index=vocab_size - 1,
+            boi_token_index=vocab_size - 2,
+            eoi_token_index=vocab_size - 3,
+        )
     raise ValueError(f"unknown architecture {arch!r}; one of {ARCHITECTURES}")
 
 

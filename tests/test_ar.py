@@ -10,7 +10,16 @@ import yaml
 from nla.core import templates
 from nla.core.metrics import cosine, mse_nrm
 from nla.core.sidecar import Meta, SidecarError, make_token_spec
-from nla.models.ar import ARModel, attach_to_shared_base, build_ar, identity_head, load_ar, model_meta, save_ar, save_shared_ar
+from nla.models.ar import (
+    ARModel,
+    attach_to_shared_base,
+    build_ar,
+    identity_head,
+    load_ar,
+    model_meta,
+    save_ar,
+    save_shared_ar,
+)
 from nla.models.backbone import last_token_index
 from nla.models.sources import ModelError, load_tokenizer
 
@@ -23,7 +32,9 @@ def tok(tiny_model_dir):
 
 
 def dataset_meta(tok, tiny_model_dir, layer=1):
-    return Meta("nla_dataset", make_token_spec(tok, "㈠"), d_model=64, layer_index=layer, base_model=str(tiny_model_dir))
+    return Meta(
+        "nla_dataset", make_token_spec(tok, "㈠"), d_model=64, layer_index=layer, base_model=str(tiny_model_dir)
+    )
 
 
 def reference_readout(model, tok, texts, layer, side):
@@ -132,11 +143,18 @@ def write_reference_ar(folder, tiny_model_dir, tok, layer, critic_layer=None, d_
     weight = torch.eye(64) + 0.1 * torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
     save_file({"weight": weight}, str(folder / "value_head.safetensors"))
     spec = make_token_spec(tok, "㈠")
-    side = {"kind": "nla_model", "schema_version": 1, "role": role, "stage": "rl", "base_checkpoint": "org/hub-model",
-            "d_model": d_model, "critic": {"extraction_layer_index": layer if critic_layer is None else critic_layer},
-            "extraction": {"injection_scale": 150.0, "mse_scale": 8.0},
-            "tokens": json.loads(json.dumps(spec.__dict__)),
-            "prompt_templates": {"actor": templates.AV_TEMPLATE, "critic": templates.AR_TEMPLATE}}
+    side = {
+        "kind": "nla_model",
+        "schema_version": 1,
+        "role": role,
+        "stage": "rl",
+        "base_checkpoint": "org/hub-model",
+        "d_model": d_model,
+        "critic": {"extraction_layer_index": layer if critic_layer is None else critic_layer},
+        "extraction": {"injection_scale": 150.0, "mse_scale": 8.0},
+        "tokens": json.loads(json.dumps(spec.__dict__)),
+        "prompt_templates": {"actor": templates.AV_TEMPLATE, "critic": templates.AR_TEMPLATE},
+    }
     (folder / "nla_meta.yaml").write_text(yaml.safe_dump(side, allow_unicode=True))
     return weight
 
@@ -148,17 +166,26 @@ def test_reference_release_format_loads(tmp_path, tiny_model_dir, tiny_model, to
     assert ar.layer == 1 and torch.allclose(ar.predict(TEXTS, tok2), ref @ weight.T, atol=1e-4)
 
 
-@pytest.mark.parametrize("breakage, error, match", [
-    ("no_sidecar", SidecarError, "nla_meta.yaml"),
-    ("d_model", SidecarError, "d_model is 128"),
-    ("layers", SidecarError, "3 blocks"),
-    ("role", SidecarError, "not an AR"),
-    ("no_head", ModelError, "value_head"),
-])
+@pytest.mark.parametrize(
+    "breakage, error, match",
+    [
+        ("no_sidecar", SidecarError, "nla_meta.yaml"),
+        ("d_model", SidecarError, "d_model is 128"),
+        ("layers", SidecarError, "3 blocks"),
+        ("role", SidecarError, "not an AR"),
+        ("no_head", ModelError, "value_head"),
+    ],
+)
 def test_bad_checkpoints_fail_with_one_line(tmp_path, tiny_model_dir, tok, breakage, error, match):
-    write_reference_ar(tmp_path, tiny_model_dir, tok, layer=2,
-                       critic_layer=1 if breakage == "layers" else None,
-                       d_model=128 if breakage == "d_model" else 64, role="actor" if breakage == "role" else "critic")
+    write_reference_ar(
+        tmp_path,
+        tiny_model_dir,
+        tok,
+        layer=2,
+        critic_layer=1 if breakage == "layers" else None,
+        d_model=128 if breakage == "d_model" else 64,
+        role="actor" if breakage == "role" else "critic",
+    )
     if breakage == "no_sidecar":
         (tmp_path / "nla_meta.yaml").unlink()
     if breakage == "no_head":

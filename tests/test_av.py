@@ -68,7 +68,7 @@ def test_sft_batch_labels_mask_prompt_and_padding(tiny_tokenizer, data_meta):
         assert batch["labels"][row, p:end].tolist() == ans  # loss on response + EOS
         assert (batch["labels"][row, end:] == IGNORE).all()  # no loss on padding
         assert batch["attention_mask"][row].tolist() == [1] * end + [0] * (t - end)  # right-padded
-    assert (batch["input_ids"][0, p + len(answers[0]):] == tok.pad_token_id).all()
+    assert (batch["input_ids"][0, p + len(answers[0]) :] == tok.pad_token_id).all()
 
 
 def test_marker_sits_where_the_sidecar_says(tiny_tokenizer, data_meta):
@@ -145,7 +145,9 @@ def test_shared_prompt_prefix_gives_the_same_logprobs_and_gradients(wide_dir, ti
     for share in (True, False):
         model.zero_grad()
         vectors.grad = None
-        lp = response_logprobs(model, batch["input_ids"], batch["attention_mask"], mask, vectors, hook, share_prefix=share)
+        lp = response_logprobs(
+            model, batch["input_ids"], batch["attention_mask"], mask, vectors, hook, share_prefix=share
+        )
         lp.sum().backward()
         grads = {n: prm.grad.clone() for n, prm in model.named_parameters() if prm.requires_grad}
         results.append((lp.detach(), grads, vectors.grad.clone()))
@@ -173,18 +175,24 @@ def test_rollout_with_the_shared_prefix_cache_equals_a_plain_generate(wide_dir, 
     for k, temperature in ((1, 0.0), (2, 1.0)):
         torch.manual_seed(5)
         ro = av.rollout(vectors, num_samples=k, temperature=temperature)
-        gen = GenerationConfig(max_new_tokens=10, do_sample=temperature > 0, temperature=temperature or None, top_p=None,
-                               top_k=None, num_return_sequences=k, pad_token_id=tok.pad_token_id,
-                               eos_token_id=sorted(av.eos_ids))
+        gen = GenerationConfig(
+            max_new_tokens=10,
+            do_sample=temperature > 0,
+            temperature=temperature or None,
+            top_p=None,
+            top_k=None,
+            num_return_sequences=k,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=sorted(av.eos_ids),
+        )
         torch.manual_seed(5)
         with InjectionHook(model, *data_meta.tokens.ids, SCALE, repeat_for_samples(vectors, k)), torch.no_grad():
             plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
-        assert ro.sequences[:, :plain.shape[1]].tolist() == plain.tolist()
+        assert ro.sequences[:, : plain.shape[1]].tolist() == plain.tolist()
 
 
 def test_shared_prefix_stops_before_the_marker_and_at_differences():
-    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 99, 11, 12],
-                        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 99, 11, 13]])
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 99, 11, 12], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 99, 11, 13]])
     full = torch.ones_like(ids)
     assert shared_prefix_length(ids, full, marker_id=99, limit=100) == 9  # left neighbour goes with the marker
     assert shared_prefix_length(ids, full, marker_id=77, limit=100) == 12  # no marker: up to the first difference
@@ -260,11 +268,20 @@ def test_save_then_load_gives_identical_logits(tmp_path, wide_dir, tiny_tokenize
 def _reference_sidecar(tokenizer, d_model=D, char=MARKER, role="actor"):
     spec = make_token_spec(tokenizer, MARKER)
     return {
-        "kind": "nla_model", "schema_version": 1, "role": role, "stage": "rl", "base_checkpoint": "some/hub-model",
-        "d_model": d_model, "extraction": {"injection_scale": 150.0, "mse_scale": 8.0},
-        "tokens": {"injection_char": char, "injection_token_id": spec.injection_token_id,
-                   "injection_left_neighbor_id": spec.injection_left_neighbor_id,
-                   "injection_right_neighbor_id": spec.injection_right_neighbor_id, "critic_suffix_ids": [1, 2]},
+        "kind": "nla_model",
+        "schema_version": 1,
+        "role": role,
+        "stage": "rl",
+        "base_checkpoint": "some/hub-model",
+        "d_model": d_model,
+        "extraction": {"injection_scale": 150.0, "mse_scale": 8.0},
+        "tokens": {
+            "injection_char": char,
+            "injection_token_id": spec.injection_token_id,
+            "injection_left_neighbor_id": spec.injection_left_neighbor_id,
+            "injection_right_neighbor_id": spec.injection_right_neighbor_id,
+            "critic_suffix_ids": [1, 2],
+        },
         "prompt_templates": {"actor": templates.AV_TEMPLATE, "critic": templates.AR_TEMPLATE},
     }
 
@@ -289,14 +306,17 @@ def test_reference_format_av_loads(tmp_path, wide_dir, tiny_tokenizer):
     assert len(out) == 2 and av.hook.injected == 2
 
 
-@pytest.mark.parametrize("breakage, message", [
-    ("no_sidecar", "nla_meta.yaml"),
-    ("d_model", "hidden_size"),
-    ("marker", "exactly one"),
-    ("role", "role"),
-    ("scale", "injection_scale"),
-    ("missing", "not found"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("no_sidecar", "nla_meta.yaml"),
+        ("d_model", "hidden_size"),
+        ("marker", "exactly one"),
+        ("role", "role"),
+        ("scale", "injection_scale"),
+        ("missing", "not found"),
+    ],
+)
 def test_bad_checkpoints_fail_with_one_line(tmp_path, wide_dir, tiny_tokenizer, breakage, message):
     sidecar = _reference_sidecar(tiny_tokenizer)
     if breakage == "d_model":
@@ -307,8 +327,11 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path, wide_dir, tiny_tokenizer, 
         sidecar["role"] = "critic"
     elif breakage == "scale":
         del sidecar["extraction"]["injection_scale"]
-    path = tmp_path / "nowhere" if breakage == "missing" else _release_dir(
-        tmp_path / "bad", wide_dir, None if breakage == "no_sidecar" else sidecar)
+    path = (
+        tmp_path / "nowhere"
+        if breakage == "missing"
+        else _release_dir(tmp_path / "bad", wide_dir, None if breakage == "no_sidecar" else sidecar)
+    )
     with pytest.raises(SidecarError) as err:
         load_av(path, device="cpu")
     assert message in str(err.value) and "\n" not in str(err.value)

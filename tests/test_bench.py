@@ -14,9 +14,20 @@ from pathlib import Path
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "run.py"
-NUMBERS = ["injection_overhead_ratio", "extraction_tokens_per_s", "ar_samples_per_s", "av_sft_tokens_per_s",
-           "rl_step_s", "rl_overhead_ratio", "peak_rss_mb", "generate_new_tokens_per_s",
-           "rl_part_rollout_s", "rl_part_av_forward_backward_s", "rl_part_ar_forward_backward_s", "rl_part_av_ref_forward_s"]
+NUMBERS = [
+    "injection_overhead_ratio",
+    "extraction_tokens_per_s",
+    "ar_samples_per_s",
+    "av_sft_tokens_per_s",
+    "rl_step_s",
+    "rl_overhead_ratio",
+    "peak_rss_mb",
+    "generate_new_tokens_per_s",
+    "rl_part_rollout_s",
+    "rl_part_av_forward_backward_s",
+    "rl_part_ar_forward_backward_s",
+    "rl_part_av_ref_forward_s",
+]
 
 
 def _bench():

@@ -22,7 +22,7 @@ CONTEXTS = [
 
 
 def teacher_text(context: str) -> str:
-    return FMT.write(context[-FMT.context_chars:], 16)
+    return FMT.write(context[-FMT.context_chars :], 16)
 
 
 def test_the_teachers_own_explanations_are_true_and_well_formed():
@@ -45,16 +45,19 @@ def test_every_teacher_answer_on_the_builtin_corpus_parses():
         assert claims.mark(FMT, text, context)["claims"][0]["verdict"] == "true", (text, context[-40:])
 
 
-@pytest.mark.parametrize("text", [
-    'ends with "class"; class"; about class',  # RL's stutter: the token repeated outside the quote
-    'ends with "methods"; methods"; about methods',
-    'ends with "x"; about string; about string',  # a claim twice
-    'about string; ends with "x"',  # out of order
-    'ends with "x"; about',  # an empty topic
-    'about string',  # no quote claim
-    'ends with "x"; the next token is y',  # a claim the format does not define
-    'ends with ""; about string',  # an empty quote: RL's safe guess, never a teacher's answer
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        'ends with "class"; class"; about class',  # RL's stutter: the token repeated outside the quote
+        'ends with "methods"; methods"; about methods',
+        'ends with "x"; about string; about string',  # a claim twice
+        'about string; ends with "x"',  # out of order
+        'ends with "x"; about',  # an empty topic
+        "about string",  # no quote claim
+        'ends with "x"; the next token is y',  # a claim the format does not define
+        'ends with ""; about string',  # an empty quote: RL's safe guess, never a teacher's answer
+    ],
+)
 def test_broken_formats_are_rejected(text):
     parsed = FMT.parse(text)
     assert not parsed.ok
@@ -85,17 +88,24 @@ def test_topic_checks_known_answers():
     assert FMT.check(FMT.claim("about value"), ctx) == {"rule": 0.0, "in_context": 1.0}  # a stop word for the rule
     assert FMT.check(FMT.claim("about callback"), ctx) == {"rule": 0.0, "in_context": 0.0}
     assert FMT.check(FMT.claim("about string"), "x " * 200 + "string")["rule"] == 1.0
-    assert FMT.check(FMT.claim("about string"), "string " + "x " * 200)["in_context"] == 0.0  # beyond the teacher's tail
+    # beyond the teacher's tail
+    assert FMT.check(FMT.claim("about string"), "string " + "x " * 200)["in_context"] == 0.0
 
 
 def test_chance_level_is_the_checks_against_the_deranged_contexts():
     # two endings and two topics, so some deranged pairs agree and the chance level is neither 0 nor 1
-    contexts = ["the loop ends here with a colon:", "the value of the string is a colon:",
-                "a class body holds a class method", "the string method returns a class method"] * 3
+    contexts = [
+        "the loop ends here with a colon:",
+        "the value of the string is a colon:",
+        "a class body holds a class method",
+        "the string method returns a class method",
+    ] * 3
     texts = [teacher_text(c) for c in contexts]
     others = derangement(len(contexts), 5).tolist()
     s = claims.summarize(FMT, texts, contexts, others)
-    assert s["types"]["quote"]["accuracy"] == 1.0 and s["types"]["topic"]["accuracy"] == 1.0 and s["mean_accuracy"] == 1.0
+    assert (
+        s["types"]["quote"]["accuracy"] == 1.0 and s["types"]["topic"]["accuracy"] == 1.0 and s["mean_accuracy"] == 1.0
+    )
     for kind, check in (("quote", "exact"), ("topic", "rule"), ("topic", "in_context")):
         claim = [FMT.parse(t).claims[["quote", "topic"].index(kind)] for t in texts]
         by_hand = sum(FMT.check(c, contexts[j])[check] for c, j in zip(claim, others)) / len(texts)
@@ -117,9 +127,12 @@ def test_collapse_is_flagged_and_the_teachers_own_concentration_excuses_it():
     assert not claims.collapse_warnings(claims.summarize(FMT, varied, contexts))
     same = claims.summarize(FMT, ['ends with "x"'] * 10, ["x"] * 10)
     assert same["repeated_verbatim"] == 1.0 and any("word for word" in w for w in claims.collapse_warnings(same))
-    stutter = claims.summarize(FMT, ['ends with "class"; class"; about class'] * 3 + ['ends with "x"'], ["class"] * 3 + ["x"])
-    assert stutter["format_break_rate"] == 0.75 and any("break the extractive format" in w
-                                                        for w in claims.collapse_warnings(stutter))
+    stutter = claims.summarize(
+        FMT, ['ends with "class"; class"; about class'] * 3 + ['ends with "x"'], ["class"] * 3 + ["x"]
+    )
+    assert stutter["format_break_rate"] == 0.75 and any(
+        "break the extractive format" in w for w in claims.collapse_warnings(stutter)
+    )
 
 
 def test_unchecked_claims_are_never_reported_true():
@@ -137,9 +150,17 @@ def test_flat_keys():
     contexts = CONTEXTS
     s = claims.summarize(FMT, [teacher_text(c) for c in contexts], contexts, derangement(4, 0).tolist())
     flat = claims.flat(s, "eval/claims/")
-    for key in ("eval/claims/quote/accuracy", "eval/claims/quote/chance", "eval/claims/quote/exact",
-                "eval/claims/quote/char_share_chance", "eval/claims/topic/in_context", "eval/claims/topic/top_share",
-                "eval/claims/mean_accuracy", "eval/claims/format_break_rate", "eval/claims/repeated_verbatim"):
+    for key in (
+        "eval/claims/quote/accuracy",
+        "eval/claims/quote/chance",
+        "eval/claims/quote/exact",
+        "eval/claims/quote/char_share_chance",
+        "eval/claims/topic/in_context",
+        "eval/claims/topic/top_share",
+        "eval/claims/mean_accuracy",
+        "eval/claims/format_break_rate",
+        "eval/claims/repeated_verbatim",
+    ):
         assert key in flat, key
 
 
@@ -160,7 +181,7 @@ def test_lookup_reaches_fve_one_when_vectors_depend_only_on_the_last_token():
         return torch.stack([directions[r[-1]] * (1 + torch.rand((), generator=g) * 5) for r in rows])
 
     train_v, test_v = vectors(train), vectors(test)
-    scale = d ** 0.5
+    scale = d**0.5
     for order in (1, 2):
         pred, used = lookup_predict(train, train_v, test, order, scale)
         assert fve_nrm(pred, test_v, scale, target_variance(test_v, scale)) == pytest.approx(1.0, abs=1e-5)
@@ -173,7 +194,7 @@ def test_lookup_is_the_constant_floor_when_vectors_do_not_depend_on_the_token():
     train, test = _rows(4000, vocab, g), _rows(400, vocab, g)
     mean = torch.randn(d, generator=g) * 2  # activations share a direction: the floor is what predicting it scores
     train_v, test_v = mean + torch.randn(len(train), d, generator=g), mean + torch.randn(len(test), d, generator=g)
-    scale, var = d ** 0.5, target_variance(test_v, d ** 0.5)
+    scale, var = d**0.5, target_variance(test_v, d**0.5)
     floor = fve_nrm(normalize(train_v, scale).mean(0, keepdim=True).expand_as(test_v), test_v, scale, var)
     pred, _ = lookup_predict(train, train_v, test, 1, scale)
     assert fve_nrm(pred, test_v, scale, var) == pytest.approx(floor, abs=0.02)
@@ -197,8 +218,11 @@ def test_lookup_backs_off_to_fewer_tokens_then_to_the_mean():
 def test_read_answer_fails_broken_formats_and_keeps_the_text():
     tagged = lambda e: f"<explanation>\n{e}\n</explanation>"  # noqa: E731
     assert claims.read_answer(FMT, tagged('ends with "class"; about class')) == ('ends with "class"; about class', True)
+    # RL's stutter: a failure, its text kept for the report
     assert claims.read_answer(FMT, tagged('ends with "class"; class"; about class')) == (
-        'ends with "class"; class"; about class', False)  # RL's stutter: a failure, its text kept for the report
+        'ends with "class"; class"; about class',
+        False,
+    )
     assert claims.read_answer(FMT, 'ends with "x"') == (None, False)  # no tags
     free = claims.FreeFormat()
     assert claims.read_answer(free, tagged('ends with "class"; class"; about class'))[1]  # free text: the tags only
@@ -263,14 +287,18 @@ def test_the_next_token_claim_is_checked_against_the_rows_recorded_prediction():
     assert not fmt.parse('predicts " is"; ends with "x"').ok
     assert not fmt.parse('ends with "x"; predicts " is"; predicts " is"').ok
     assert not claims.ExtractiveFormat(claim_types=("quote",)).parse(text).ok  # a format without it rejects it
-    assert fmt.with_facts("ends with \"x\"", row.context) == 'ends with "x"'  # no recorded fact: no claim
+    assert fmt.with_facts('ends with "x"', row.context) == 'ends with "x"'  # no recorded fact: no claim
 
 
 def test_next_token_accuracy_and_chance_use_each_rows_own_prediction():
     fmt = claims.ExtractiveFormat(claim_types=("quote", "next"))
     rows = [claims.Row("a b", " c"), claims.Row("d e", " f"), claims.Row("g h", " i"), claims.Row("j k", None)]
-    said = ['ends with "b"; predicts " c"', 'ends with "e"; predicts " f"', 'ends with "h"; predicts " x"',
-            'ends with "k"; predicts " c"']
+    said = [
+        'ends with "b"; predicts " c"',
+        'ends with "e"; predicts " f"',
+        'ends with "h"; predicts " x"',
+        'ends with "k"; predicts " c"',
+    ]
     s = claims.summarize(fmt, said, rows, [1, 2, 0, 0])
     nxt = s["types"]["next"]
     assert nxt["n"] == 4 and nxt["accuracy"] == pytest.approx(2 / 3)  # the unrecorded row is left out

@@ -6,7 +6,7 @@ from nla.core.config import ConfigError, NLAConfig, from_flat_dict, load_yaml, p
 
 def test_yaml_then_cli_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("ar_lr: 0.001\nlayer: 3\noutput_dir: %s\n" % tmp_path)
+    path.write_text(f"ar_lr: 0.001\nlayer: 3\noutput_dir: {tmp_path}\n")
     cfg, _ = parse_config(["--config", str(path), "--layer", "5", "--report_to", "none"])
     assert cfg.ar.ar_lr == 0.001  # from YAML
     assert cfg.model.layer == 5  # CLI wins over YAML
@@ -67,8 +67,18 @@ def test_keys_unique_across_sections():
     assert len(keys) == len(set(keys))
 
 
-@pytest.mark.parametrize("flag", ["--ar_save_every", "--ar_eval_every", "--av_eval_every", "--av_save_every",
-                                  "--rl_save_every", "--log_every", "--ar_grad_accum"])
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--ar_save_every",
+        "--ar_eval_every",
+        "--av_eval_every",
+        "--av_save_every",
+        "--rl_save_every",
+        "--log_every",
+        "--ar_grad_accum",
+    ],
+)
 def test_zero_intervals_are_config_errors(flag):
     with pytest.raises(ConfigError, match=f"{flag[2:]}=0: must be >= 1"):
         parse_config(["--config", "configs/smoke.yaml", flag, "0"])
@@ -78,8 +88,19 @@ def test_api_key_pasted_as_variable_name_is_refused_without_echo(tmp_path, capsy
     from nla.cli import main
 
     secret = "sk-proj-abc123DEF456"
-    code = main(["datagen", "--config", "configs/smoke.yaml", "--output_dir", str(tmp_path), "--teacher", "openai",
-                 "--teacher_api_key_env", secret])
+    code = main(
+        [
+            "datagen",
+            "--config",
+            "configs/smoke.yaml",
+            "--output_dir",
+            str(tmp_path),
+            "--teacher",
+            "openai",
+            "--teacher_api_key_env",
+            secret,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "NAME of an environment variable" in err and secret not in err
     assert not list(tmp_path.rglob("config.yaml"))  # nothing written that could hold it

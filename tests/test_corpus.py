@@ -54,14 +54,18 @@ def test_pack_paragraphs_packs_to_size():
 def test_stdlib_docstrings_are_read_without_importing_and_ids_are_stable():
     from nla.data.corpus import BUILTIN_ALL, BUILTIN_STDLIB, module_docstrings
 
-    source = ('"""A module docstring long enough to be kept as prose here."""\n'
-              'def f():\n    """Short."""\n'
-              'class C:\n    """A class that does several things, described in enough words."""\n'
-              '    def m(self):\n        """A method docstring with more than eight words in it."""\n'
-              'raise SystemExit("never run: the file is parsed, not imported")\n')
-    assert module_docstrings(source) == ["A module docstring long enough to be kept as prose here.",
-                                         "A class that does several things, described in enough words.",
-                                         "A method docstring with more than eight words in it."]
+    source = (
+        '"""A module docstring long enough to be kept as prose here."""\n'
+        'def f():\n    """Short."""\n'
+        'class C:\n    """A class that does several things, described in enough words."""\n'
+        '    def m(self):\n        """A method docstring with more than eight words in it."""\n'
+        'raise SystemExit("never run: the file is parsed, not imported")\n'
+    )
+    assert module_docstrings(source) == [
+        "A module docstring long enough to be kept as prose here.",
+        "A class that does several things, described in enough words.",
+        "A method docstring with more than eight words in it.",
+    ]
     assert module_docstrings("def broken(:\n") == []
     first = [d.doc_id for d in iter_documents(BUILTIN_STDLIB, max_docs=30)]
     assert first == [d.doc_id for d in iter_documents(BUILTIN_STDLIB, max_docs=30)]

@@ -23,7 +23,17 @@ def test_missing_or_broken_split_is_one_line_error(tmp_path, tiny_model_dir):
     from nla.cli import main
 
     for stage in ("train-ar", "train-av"):
-        rc = main([stage, "--config", "configs/smoke.yaml", "--model", str(tiny_model_dir), "--output_dir", str(tmp_path / stage)])
+        rc = main(
+            [
+                stage,
+                "--config",
+                "configs/smoke.yaml",
+                "--model",
+                str(tiny_model_dir),
+                "--output_dir",
+                str(tmp_path / stage),
+            ]
+        )
         assert rc == 2
     with pytest.raises(ConfigError, match="not found: run `nla datagen`"):
         load_split(tmp_path / "nope.parquet")
@@ -44,7 +54,9 @@ def test_nonfinite_rows_are_left_out_on_load_and_said(tmp_path, tiny_tokenizer, 
     meta = Meta("nla_dataset", make_token_spec(tiny_tokenizer, "㈠"), d_model=4, layer_index=1, base_model="tiny")
     vectors = np.ones((5, 4), np.float32)
     vectors[1, 2], vectors[3, 0] = np.nan, np.inf
-    path = write_split(tmp_path / "av_sft.parquet", vectors, {"doc_id": list("abcde"), "explanation": list("vwxyz")}, meta)
+    path = write_split(
+        tmp_path / "av_sft.parquet", vectors, {"doc_id": list("abcde"), "explanation": list("vwxyz")}, meta
+    )
     split = load_split(path)
     assert len(split) == 3 and split.dropped_nonfinite == 2 and split.column("explanation") == ["v", "x", "z"]
     assert "left out 2 of 5 rows" in capsys.readouterr().err

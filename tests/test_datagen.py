@@ -21,8 +21,9 @@ SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
 
 
 def smoke_cfg(model_dir, out, *extra):
-    cfg, _ = parse_config(["--config", SMOKE, "--model", str(model_dir), "--output_dir", str(out),
-                           "--teacher", "extractive", *extra])
+    cfg, _ = parse_config(
+        ["--config", SMOKE, "--model", str(model_dir), "--output_dir", str(out), "--teacher", "extractive", *extra]
+    )
     return cfg
 
 
@@ -47,7 +48,7 @@ def test_extraction_equals_hidden_states(smoke_run, tiny_model, tiny_tokenizer):
     rows = all_rows(cfg.data_dir)
     assert len(rows) == sum(out["rows"].values()) > 20
     for _, doc_id, pos, vec in rows[::5]:
-        ids = tiny_tokenizer(texts[doc_id])["input_ids"][:cfg.data.max_doc_tokens]
+        ids = tiny_tokenizer(texts[doc_id])["input_ids"][: cfg.data.max_doc_tokens]
         with torch.no_grad():  # unbatched, unpadded, full document: the reference
             ref = tiny_model(torch.tensor([ids]), output_hidden_states=True).hidden_states[cfg.model.layer + 1][0, pos]
         assert torch.allclose(vec, ref, atol=1e-5), (doc_id, pos)
@@ -84,7 +85,7 @@ def test_splits_disjoint_by_document_and_stable(smoke_run):
         assert split_of(cfg.run.seed, doc_id, cfg.data.split_weights) == name
     names = list(docs)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert not docs[a] & docs[b], (a, b)
     counts = {n: 0 for n in SPLITS}
     for i in range(4000):
@@ -97,8 +98,13 @@ def test_columns_and_sidecar_round_trip(smoke_run, tiny_tokenizer):
     av, ar, rl = (load_split(split_path(cfg.data_dir, n)) for n in ("av_sft", "ar_sft", "rl"))
     marker = out["marker"]
     assert all(marker in p and "<concept>" in p for p in av.column("prompt"))
-    assert all(r.startswith("<explanation>\n") and e in r for r, e in zip(av.column("response"), av.column("explanation")))
-    assert all(p.startswith("Summary of the following text: <text>") and e in p for p, e in zip(ar.column("prompt"), ar.column("explanation")))
+    assert all(
+        r.startswith("<explanation>\n") and e in r for r, e in zip(av.column("response"), av.column("explanation"))
+    )
+    assert all(
+        p.startswith("Summary of the following text: <text>") and e in p
+        for p, e in zip(ar.column("prompt"), ar.column("explanation"))
+    )
     assert set(rl.column("explanation")) == {None} and "response" not in rl.columns
     assert all(n == p + 1 for n, p in zip(av.column("n_raw_tokens"), av.column("position")))
     meta = read_meta(dataset_meta_path(split_path(cfg.data_dir, "av_sft")))
@@ -125,8 +131,12 @@ def test_marker_avoids_corpus_characters(tiny_tokenizer, tiny_model_dir, tmp_pat
     assert fallback.injection_char == "<|endoftext|>"
     docs = [{"text": f"Paragraph {i} mentions ㈠ once and then goes on about tuples and lists. " * 3} for i in range(6)]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in docs))
-    out = run(smoke_cfg(tiny_model_dir, tmp_path / "run", "--corpus", str(tmp_path / "c.jsonl"),
-                        "--split_fractions", "1,0,0,0,0"))  # six documents reach too few splits
+    # six documents reach too few splits
+    out = run(
+        smoke_cfg(
+            tiny_model_dir, tmp_path / "run", "--corpus", str(tmp_path / "c.jsonl"), "--split_fractions", "1,0,0,0,0"
+        )
+    )
     assert out["marker"] in "㈡㈢" and sum(out["rows"].values()) > 0
 
 
@@ -202,8 +212,24 @@ def test_bad_inputs_give_one_line_fixes(tiny_model_dir, tmp_path):
 def test_main_prints_counts_norms_and_samples(tiny_model_dir, tmp_path, capsys):
     from nla.cli import main
 
-    assert main(["datagen", "--config", SMOKE, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path),
-                 "--teacher", "extractive", "--max_docs", "100000"]) == 0
+    assert (
+        main(
+            [
+                "datagen",
+                "--config",
+                SMOKE,
+                "--model",
+                str(tiny_model_dir),
+                "--output_dir",
+                str(tmp_path),
+                "--teacher",
+                "extractive",
+                "--max_docs",
+                "100000",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     out = captured.out
     assert "av_sft" in out and "p75" in out and "suggested injection_scale" in out and out.count("->") >= 4
@@ -219,10 +245,27 @@ def test_two_processes_shard_chunks_and_match_one_process(tiny_model_dir, tmp_pa
     import sys
 
     args = ["--config", SMOKE, "--model", str(tiny_model_dir), "--teacher", "extractive", "--max_docs", "150"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/cpu_2proc.yaml",
-           "-m", "nla.cli", "datagen", *args, "--output_dir", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          cwd=Path(__file__).resolve().parents[1])
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "launch/accelerate/cpu_2proc.yaml",
+        "-m",
+        "nla.cli",
+        "datagen",
+        *args,
+        "--output_dir",
+        str(tmp_path / "two"),
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count(" rows in ") == 1, proc.stdout  # only the main process reports
     two = tmp_path / "two" / "data"
@@ -253,8 +296,18 @@ def test_base_model_needs_a_chat_template_and_takes_one_from_a_file(tmp_path):
         run(smoke_cfg(base, tmp_path / "a"))
     assert "\n" not in str(err.value) and not (tmp_path / "a" / "data" / ".work").exists()
     (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
-    cfg = smoke_cfg(base, tmp_path / "b", "--chat_template", str(tmp_path / "chat.jinja"), "--av_steps", "1",
-                    "--av_eval_every", "1", "--av_save_every", "1")
+    cfg = smoke_cfg(
+        base,
+        tmp_path / "b",
+        "--chat_template",
+        str(tmp_path / "chat.jinja"),
+        "--av_steps",
+        "1",
+        "--av_eval_every",
+        "1",
+        "--av_save_every",
+        "1",
+    )
     run(cfg)
     out = train_av(cfg)
     av = load_av(out["checkpoint"], device="cpu")  # no --chat_template needed any more
@@ -271,14 +324,33 @@ def test_the_next_token_claim_records_the_models_own_top1(tiny_model_dir, tmp_pa
     from nla.core.claims import quote
     from nla.data.splits import load_split
 
-    assert main(["datagen", "--config", "configs/smoke.yaml", "--model", str(tiny_model_dir), "--output_dir",
-                 str(tmp_path), "--teacher", "extractive", "--teacher_claims", "quote,next", "--report_to", "none"]) == 0
+    assert (
+        main(
+            [
+                "datagen",
+                "--config",
+                "configs/smoke.yaml",
+                "--model",
+                str(tiny_model_dir),
+                "--output_dir",
+                str(tmp_path),
+                "--teacher",
+                "extractive",
+                "--teacher_claims",
+                "quote,next",
+                "--report_to",
+                "none",
+            ]
+        )
+        == 0
+    )
     split = load_split(tmp_path / "data" / "av_sft.parquet")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     checked = 0
-    for context, nxt, explanation in zip(split.columns["detokenized_text_truncated"], split.columns["model_next_token"],
-                                         split.columns["explanation"]):
+    for context, nxt, explanation in zip(
+        split.columns["detokenized_text_truncated"], split.columns["model_next_token"], split.columns["explanation"]
+    ):
         ids = tok(context, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             top = int(model(ids).logits[0, -1].argmax())

@@ -6,9 +6,29 @@ from nla.cli import main
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path, tiny_model_dir, capsys):
-    argv = ["demo", "--config", "configs/smoke.yaml", "--model", str(tiny_model_dir), "--output_dir", str(tmp_path),
-            "--teacher", "extractive", "--eval_max_rows", "8", "--rl_steps", "2", "--max_new_tokens", "8",
-            "--max_response_tokens", "8", "--ar_oracle_steps", "3", "--ar_val_rows", "4"]
+    argv = [
+        "demo",
+        "--config",
+        "configs/smoke.yaml",
+        "--model",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(tmp_path),
+        "--teacher",
+        "extractive",
+        "--eval_max_rows",
+        "8",
+        "--rl_steps",
+        "2",
+        "--max_new_tokens",
+        "8",
+        "--max_response_tokens",
+        "8",
+        "--ar_oracle_steps",
+        "3",
+        "--ar_val_rows",
+        "4",
+    ]
     rc = main(argv)
     assert rc == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -26,7 +46,11 @@ def test_demo_runs_the_whole_pipeline(tmp_path, tiny_model_dir, capsys):
     assert {"reward_mean", "fve_nrm"} <= set(summary["rl_training"]["val_start"]) & set(summary["rl_training"]["val"])
     # The ceilings: the context-oracle AR (trained in the demo, never the pair's AR) and the teacher's text.
     assert summary["ar_oracle"]["ar_text"] == "context" and "ar_oracle" in summary["ar_oracle"]["checkpoint"]
-    assert (summary["ar_oracle"]["steps"], summary["ar_sft"]["steps"]) == (3, 6)  # --ar_oracle_steps: the oracle's own budget
+    # --ar_oracle_steps: the oracle's own budget
+    assert (summary["ar_oracle"]["steps"], summary["ar_sft"]["steps"]) == (
+        3,
+        6,
+    )
     assert summary["ar_oracle"]["val_rows"] == summary["ar_sft"]["val_rows"] == 4  # --ar_val_rows caps the AR's val
     for report in (summary["sft"], summary["rl"]):
         assert report["oracle"]["path"] == summary["ar_oracle"]["checkpoint"] and "fve_floor" in report
@@ -46,7 +70,8 @@ def test_demo_runs_the_whole_pipeline(tmp_path, tiny_model_dir, capsys):
         assert report["claims"]["teacher"]["types"]["quote"]["accuracy"] == 1.0  # the teacher's own quotes, checked
         assert report["baselines"]["token_lookup"]["fve_nrm"] is not None and "bigram_lookup" in report["baselines"]
     assert summary["lookup_margin"]["rl"] == summary["rl"]["fve_nrm"] - max(
-        summary["rl"]["baselines"][k]["fve_nrm"] for k in ("token_lookup", "bigram_lookup"))
+        summary["rl"]["baselines"][k]["fve_nrm"] for k in ("token_lookup", "bigram_lookup")
+    )
     assert "control: token_lookup" in out and "claims: quote true, chance" in out and "claims: format breaks" in out
 
     # A second run (every stage resumes) with the user's own oracle AR: the demo trains none.

@@ -69,10 +69,35 @@ def toy(tmp_path_factory, tiny_tokenizer):
 
 def av_args(toy: Path, out: Path, batch: int, *extra: str) -> list[str]:
     # grad_accum 2: accumulation and sharding together; av_sft responses differ in token count per rank.
-    return ["--config", "configs/smoke.yaml", "--model", str(toy / "model"), "--data_dir", str(toy / "data"),
-            "--output_dir", str(out), "--resume", "auto", "--av_steps", "4", "--av_batch_size", str(batch),
-            "--av_grad_accum", "2", "--av_save_every", "2", "--av_eval_every", "4", "--av_lora_r", "4",
-            "--av_lr", "3e-3", "--max_new_tokens", "8", *extra]
+    return [
+        "--config",
+        "configs/smoke.yaml",
+        "--model",
+        str(toy / "model"),
+        "--data_dir",
+        str(toy / "data"),
+        "--output_dir",
+        str(out),
+        "--resume",
+        "auto",
+        "--av_steps",
+        "4",
+        "--av_batch_size",
+        str(batch),
+        "--av_grad_accum",
+        "2",
+        "--av_save_every",
+        "2",
+        "--av_eval_every",
+        "4",
+        "--av_lora_r",
+        "4",
+        "--av_lr",
+        "3e-3",
+        "--max_new_tokens",
+        "8",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -139,20 +164,62 @@ def warm(toy):
 
 
 def rl_args(warm: Path, out: Path, batch: int, temperature: float) -> list[str]:
-    return ["--config", "configs/smoke.yaml", "--model", str(warm / "model"), "--data_dir", str(warm / "data"),
-            "--av_checkpoint", str(warm / "av" / "final"), "--ar_checkpoint", str(warm / "ar" / "final"),
-            "--output_dir", str(out), "--resume", "never", "--layer", "1", "--rl_steps", "2",
-            "--rl_batch_size", str(batch), "--group_size", "4", "--max_response_tokens", "28", "--rl_av_lr", "5e-3",
-            "--rl_ar_lr", "1e-3", "--kl_coef", "0.1", "--rl_save_every", "2", "--rl_table_every", "0",
-            "--temperature", str(temperature)]
+    return [
+        "--config",
+        "configs/smoke.yaml",
+        "--model",
+        str(warm / "model"),
+        "--data_dir",
+        str(warm / "data"),
+        "--av_checkpoint",
+        str(warm / "av" / "final"),
+        "--ar_checkpoint",
+        str(warm / "ar" / "final"),
+        "--output_dir",
+        str(out),
+        "--resume",
+        "never",
+        "--layer",
+        "1",
+        "--rl_steps",
+        "2",
+        "--rl_batch_size",
+        str(batch),
+        "--group_size",
+        "4",
+        "--max_response_tokens",
+        "28",
+        "--rl_av_lr",
+        "5e-3",
+        "--rl_ar_lr",
+        "1e-3",
+        "--kl_coef",
+        "0.1",
+        "--rl_save_every",
+        "2",
+        "--rl_table_every",
+        "0",
+        "--temperature",
+        str(temperature),
+    ]
 
 
 @pytest.fixture(scope="module")
 def rl_two(warm, tmp_path_factory):
     """Two RL runs in one 2-process launch: sampled (T=1) and greedy (T=0), batch 2 per process."""
     root = tmp_path_factory.mktemp("rl-two")
-    launch(TORCHRUN + [WORKER, str(root / "dump"), "rl", *rl_args(warm, root / "sampled", 2, 1.0),
-                       "::", "rl", *rl_args(warm, root / "greedy", 2, 0.0)])
+    launch(
+        TORCHRUN
+        + [
+            WORKER,
+            str(root / "dump"),
+            "rl",
+            *rl_args(warm, root / "sampled", 2, 1.0),
+            "::",
+            "rl",
+            *rl_args(warm, root / "greedy", 2, 0.0),
+        ]
+    )
     return root
 
 
@@ -180,8 +247,11 @@ def test_rl_two_processes_equal_one_process_double_batch(rl_two, warm, tmp_path)
     half, _ = parse_config(rl_args(warm, tmp_path / "half", 2, 0.0))
     rl.run(half)  # control: 1 process x B sees half the rows and must land elsewhere
     two, one, other = (p / "rl" / "final" for p in (rl_two / "greedy", tmp_path / "one", tmp_path / "half"))
-    for sub, name in (("ar", "adapter_model.safetensors"), ("ar", "value_head.safetensors"),
-                      ("av", "adapter_model.safetensors")):
+    for sub, name in (
+        ("ar", "adapter_model.safetensors"),
+        ("ar", "value_head.safetensors"),
+        ("av", "adapter_model.safetensors"),
+    ):
         assert max_diff(adapter(two / sub, name), adapter(one / sub, name)) < 1e-4, (sub, name)
     assert max_diff(adapter(two / "ar"), adapter(other / "ar")) > 1e-3
     sft_ar = adapter(warm / "ar" / "final" / "ar")
@@ -195,8 +265,24 @@ def test_sigkill_mid_training_resumes_to_the_same_weights(toy, tmp_path):
     """2-process train-ar killed (SIGKILL, whole process group) after checkpoint 4, rerun with the
     same command (`--resume auto`): ends where an uninterrupted run ends."""
     out = tmp_path / "run"
-    args = ["--config", "configs/smoke.yaml", "--model", str(toy / "model"), "--data_dir", str(toy / "data"),
-            "--ar_steps", "30", "--ar_save_every", "2", "--ar_eval_every", "1000", "--ar_lr", "5e-3", "--ar_lora_r", "4"]
+    args = [
+        "--config",
+        "configs/smoke.yaml",
+        "--model",
+        str(toy / "model"),
+        "--data_dir",
+        str(toy / "data"),
+        "--ar_steps",
+        "30",
+        "--ar_save_every",
+        "2",
+        "--ar_eval_every",
+        "1000",
+        "--ar_lr",
+        "5e-3",
+        "--ar_lora_r",
+        "4",
+    ]
     cmd = TORCHRUN + ["-m", "nla.cli", "train-ar", *args, "--ar_batch_size", "4", "--output_dir", str(out)]
     log = open(tmp_path / "killed.log", "w")  # a file, not a pipe: a full pipe would stall the run
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
@@ -217,11 +303,25 @@ def test_sigkill_mid_training_resumes_to_the_same_weights(toy, tmp_path):
     launch(cmd)
     state = (out / "ar" / "final" / "trainer_state.json").read_text()
     assert '"step": 30' in state
-    cfg, _ = parse_config(args + ["--ar_batch_size", "8", "--output_dir", str(tmp_path / "straight"), "--resume", "never",
-                                  "--ar_save_every", "1000"])
+    cfg, _ = parse_config(
+        args
+        + [
+            "--ar_batch_size",
+            "8",
+            "--output_dir",
+            str(tmp_path / "straight"),
+            "--resume",
+            "never",
+            "--ar_save_every",
+            "1000",
+        ]
+    )
     train_ar.run(cfg)  # uninterrupted, 1 process x 2B (== 2 x B, see the train-av test)
     for name in ("adapter_model.safetensors", "value_head.safetensors"):
-        resumed, straight = adapter(out / "ar" / "final" / "ar", name), adapter(tmp_path / "straight" / "ar" / "final" / "ar", name)
+        resumed, straight = (
+            adapter(out / "ar" / "final" / "ar", name),
+            adapter(tmp_path / "straight" / "ar" / "final" / "ar", name),
+        )
         assert max_diff(resumed, straight) < 1e-4, name
     # Control: where the killed run stopped is far (>> tolerance) from where training ends.
     assert max_diff(adapter(out / "ar" / "final" / "ar"), at_kill) > 1e-2

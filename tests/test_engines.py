@@ -67,7 +67,7 @@ def test_prompt_embeddings_are_what_the_blocks_get(arch, tmp_path):
     assert torch.allclose(embeds[:, col], rescale(vectors, 4.0), atol=1e-6)  # the marker row: the rescaled vector
     plain = v.model.get_input_embeddings().weight[ids[0]]
     if arch == "gemma3":  # every other row: the token embedding with Gemma's x sqrt(d)
-        plain = plain * torch.tensor(v.meta.d_model ** 0.5, dtype=plain.dtype)
+        plain = plain * torch.tensor(v.meta.d_model**0.5, dtype=plain.dtype)
     others = [j for j in range(ids.shape[1]) if j != col]
     assert torch.allclose(embeds[0, others], plain[others], atol=1e-5)
 
@@ -95,7 +95,7 @@ def _ranks(v: Verbalizer, ro, vectors: torch.Tensor, k: int) -> torch.Tensor:
         logits = v.model(input_ids=ro.sequences, attention_mask=ro.attention_mask).logits
     t = ro.prompt_len
     chosen = ro.sequences[:, t:]
-    before = logits[:, t - 1:-1]  # the logits that chose each response token
+    before = logits[:, t - 1 : -1]  # the logits that chose each response token
     ranks = (before > before.gather(-1, chosen.unsqueeze(-1))).sum(-1)
     return ranks[ro.response_mask[:, t:].bool()]
 
@@ -155,6 +155,7 @@ def _logprobs_now(v, vectors):
             return response_logprobs(v.model, ro.sequences, ro.attention_mask, ro.response_mask, vectors, v.hook)
         finally:
             v.model.load_state_dict(current)
+
     return score
 
 
@@ -168,21 +169,23 @@ def _greedy_pair(engine, vectors, max_new: int = 10):
 def test_greedy_parity_across_weight_updates(engine):
     v = engine.verbalizer
     vectors = torch.randn(6, v.meta.d_model, generator=torch.Generator().manual_seed(1)) * 3
-    texts = []
+    texts, previous = [], None
     for version in range(3):  # the AV as loaded, then after two updates
         if version:
             _perturb(v.model, seed=10 + version)
         engine.sync(v.model, "default", version)
         ours, theirs = _greedy_pair(engine, vectors)
         assert theirs.texts == ours.texts, version
-        assert torch.equal(theirs.sequences, ours.sequences[:, :theirs.sequences.shape[1]])
+        assert torch.equal(theirs.sequences, ours.sequences[:, : theirs.sequences.shape[1]])
         # The engine's log-probs are the trainer's to float rounding: vLLM's CPU kernels drifted up to
         # 5e-3 from the trainer's on one fresh clone (1e-3 elsewhere), while the same tokens under the
         # other version's weights differ by far more (checked below).
         t = ours.prompt_len
         lp = response_logprobs(v.model, theirs.sequences, theirs.attention_mask, theirs.response_mask, vectors, v.hook)
         assert torch.allclose(theirs.engine_logprobs[:, t:], lp[:, t:], atol=1e-2)
-        if version:  # the tolerance still tells the weights apart: the previous version's log-probs are far off
+        if (
+            previous is not None
+        ):  # the tolerance still tells the weights apart: the previous version's log-probs are far off
             assert (theirs.engine_logprobs[:, t:] - previous(theirs)[:, t:]).abs().max() > 0.1
         previous = _logprobs_now(v, vectors)
         texts.append(ours.texts)
@@ -226,8 +229,22 @@ def test_rl_step_at_temperature_zero_is_the_same_with_either_engine(vllm_python,
     sft_av, sft_ar = out / "av" / "final" / "av", out / "ar" / "final" / "ar"
     texts = {}
     for name in ("hf", "vllm"):
-        cfg = _cfg(out / name, model_dir, "--temperature", "0", "--rollout_engine", name, "--vllm_python", vllm_python,
-                   "--rl_val_rows", "0", "--rl_batch_size", "4", "--group_size", "2")
+        cfg = _cfg(
+            out / name,
+            model_dir,
+            "--temperature",
+            "0",
+            "--rollout_engine",
+            name,
+            "--vllm_python",
+            vllm_python,
+            "--rl_val_rows",
+            "0",
+            "--rl_batch_size",
+            "4",
+            "--group_size",
+            "2",
+        )
         torch.manual_seed(0)
         trainer, *_ = rl.build_trainer(cfg, data, sft_av, sft_ar, None, make_accelerator("cpu"))
         try:
@@ -239,7 +256,9 @@ def test_rl_step_at_temperature_zero_is_the_same_with_either_engine(vllm_python,
             trainer.engine.close()
         texts[name] = [[s[1] for s in step.samples] for step in steps]
         if name == "vllm":
-            assert all(abs(step.metrics["rl/engine_k3"]) < 1e-3 for step in steps), [s.metrics["rl/engine_k3"] for s in steps]
+            assert all(abs(step.metrics["rl/engine_k3"]) < 1e-3 for step in steps), [
+                s.metrics["rl/engine_k3"] for s in steps
+            ]
     assert texts["vllm"] == texts["hf"]
 
 

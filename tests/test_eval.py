@@ -54,27 +54,51 @@ def build_toy(root):
     save_tiny_model(root / "model", d_model=D, seed=0, initializer_range=0.2)
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(len(WORDS), D, generator=g) * 3
-    meta = Meta("nla_dataset", make_token_spec(tok, MARKER), d_model=D, layer_index=LAYER, base_model=str(root / "model"),
-                extra={"suggested_injection_scale": 8.0})
+    meta = Meta(
+        "nla_dataset",
+        make_token_spec(tok, MARKER),
+        d_model=D,
+        layer_index=LAYER,
+        base_model=str(root / "model"),
+        extra={"suggested_injection_scale": 8.0},
+    )
     for name, n in (("av_sft", 256), ("ar_sft", 128), ("val", 32), ("test", 16)):
         label = torch.randint(0, len(WORDS), (n,), generator=g)
         expl = [WORDS[i] for i in label]
-        prompts = [templates.ar_prompt(e) for e in expl] if name == "ar_sft" else [templates.av_user_message(MARKER)] * n
-        cols = {"prompt": prompts, "response": [templates.av_response(e) for e in expl], "explanation": expl,
-                # the label is not the last token, so a lookup of the last tokens cannot read it (the NLA can)
-                "detokenized_text_truncated": [f"{e} is what this text is about" for e in expl],
-                "doc_id": [f"{name}-{i}" for i in range(n)], "position": list(range(n))}
+        prompts = (
+            [templates.ar_prompt(e) for e in expl] if name == "ar_sft" else [templates.av_user_message(MARKER)] * n
+        )
+        cols = {
+            "prompt": prompts,
+            "response": [templates.av_response(e) for e in expl],
+            "explanation": expl,
+            # the label is not the last token, so a lookup of the last tokens cannot read it (the NLA can)
+            "detokenized_text_truncated": [f"{e} is what this text is about" for e in expl],
+            "doc_id": [f"{name}-{i}" for i in range(n)],
+            "position": list(range(n)),
+        }
         write_split(root / "data" / f"{name}.parquet", centres[label] + torch.randn(n, D, generator=g), cols, meta)
     base = config(root, root / "run")
     train_av.run(base.replace(av_steps=80, av_batch_size=16, av_lr=1e-2, av_eval_every=1000, av_save_every=1000))
-    train_ar.run(base.replace(ar_steps=40, ar_batch_size=8, ar_lr=5e-3, ar_lora_r=8, ar_eval_every=1000, ar_save_every=1000))
+    train_ar.run(
+        base.replace(ar_steps=40, ar_batch_size=8, ar_lr=5e-3, ar_lora_r=8, ar_eval_every=1000, ar_save_every=1000)
+    )
     (root / "ready").write_text("ok")
     return root
 
 
 def config(root, out, **over):
-    values = {**load_yaml(SMOKE), "model": str(root / "model"), "data_dir": str(root / "data"), "output_dir": str(out),
-              "resume": "never", "av_lora_r": 8, "max_new_tokens": 24, "teacher": "extractive", **over}
+    values = {
+        **load_yaml(SMOKE),
+        "model": str(root / "model"),
+        "data_dir": str(root / "data"),
+        "output_dir": str(out),
+        "resume": "never",
+        "av_lora_r": 8,
+        "max_new_tokens": 24,
+        "teacher": "extractive",
+        **over,
+    }
     return from_flat_dict(values)
 
 
@@ -92,7 +116,9 @@ def test_scorer_known_answers():
     scorer = Scorer(scale=8.0, var=target_variance(targets, 8.0), n_candidates=16)
     perfect = scorer.headline(3.0 * targets, targets)  # the norm does not matter, only the direction
     assert perfect["fve_nrm"] == pytest.approx(1.0, abs=1e-5) and perfect["top1_retrieval"] == 1.0
-    assert perfect["cos_mean"] == pytest.approx(1.0, abs=1e-5) and perfect["fve_centered"] == pytest.approx(1.0, abs=1e-4)
+    assert perfect["cos_mean"] == pytest.approx(1.0, abs=1e-5) and perfect["fve_centered"] == pytest.approx(
+        1.0, abs=1e-4
+    )
     constant = scorer.headline(normalize(targets, 8.0).mean(0, keepdim=True).expand_as(targets), targets)
     assert constant["fve_nrm"] <= 0.0 and constant["fve_vs_mean_pred"] == pytest.approx(0.0, abs=1e-5)
     # the floor: one constant prediction, the raw targets' mean direction, whatever the model predicted
@@ -101,7 +127,9 @@ def test_scorer_known_answers():
     assert constant["cos_mean"] > 0.5  # raw cosine flatters the mean direction; the FVE does not
     shifted = scorer.headline(targets.roll(1, dims=0), targets)  # every row predicts its neighbour's vector
     assert shifted["top1_retrieval"] == 0.0 and shifted["fve_nrm"] < 0.0
-    assert float(scorer.row_fve(targets.roll(1, 0), targets).mean()) == pytest.approx(scorer.fve(targets.roll(1, 0), targets), abs=1e-5)
+    assert float(scorer.row_fve(targets.roll(1, 0), targets).mean()) == pytest.approx(
+        scorer.fve(targets.roll(1, 0), targets), abs=1e-5
+    )
 
 
 def word_pipeline(noise=0.0):
@@ -112,8 +140,10 @@ def word_pipeline(noise=0.0):
     vectors = centres[label] + noise * torch.randn(16, D, generator=g)
 
     def explain(v):
-        return [WORDS[int(i)] if n > 0 else None for i, n in
-                zip((normalize(v, 1.0) @ normalize(centres, 1.0).T).argmax(1), v.norm(dim=1))]
+        return [
+            WORDS[int(i)] if n > 0 else None
+            for i, n in zip((normalize(v, 1.0) @ normalize(centres, 1.0).T).argmax(1), v.norm(dim=1))
+        ]
 
     def predict(texts):  # "" / None / unknown words carry nothing: a constant guess
         return torch.stack([centres[WORDS.index(t)] if t in WORDS else torch.ones(D) for t in texts])
@@ -150,21 +180,43 @@ def test_greedy_controls_reuse_the_real_explanations():
     reused = control_fves(counting, predict, vectors, texts, scorer, deterministic=True)
     assert calls == [len(vectors) + 2, 2]
     assert reused == regenerated
-    given = control_fves(counting, predict, vectors, texts, scorer, deterministic=True,
-                         uninformative_texts=explain(uninformative_vectors(vectors)))
+    given = control_fves(
+        counting,
+        predict,
+        vectors,
+        texts,
+        scorer,
+        deterministic=True,
+        uninformative_texts=explain(uninformative_vectors(vectors)),
+    )
     assert calls == [len(vectors) + 2, 2] and given == regenerated  # written in the rows' call: no call of its own
 
 
 def test_length_curve_is_monotone_when_cutting_removes_words(tiny_tokenizer):
     """AR stand-in: sum of the vectors of the whole words it reads; targets = all 8 words' sum."""
     g = torch.Generator().manual_seed(2)
-    vocab = ["apple", "river", "music", "stone", "cloud", "engine", "violin", "castle", "purple", "garden", "forest", "silver"]
+    vocab = [
+        "apple",
+        "river",
+        "music",
+        "stone",
+        "cloud",
+        "engine",
+        "violin",
+        "castle",
+        "purple",
+        "garden",
+        "forest",
+        "silver",
+    ]
     emb = {w: torch.randn(D, generator=g) for w in vocab}
     texts = [" ".join(vocab[(i + j) % len(vocab)] for j in range(8)) for i in range(10)]
     targets = torch.stack([sum(emb[w] for w in t.split()) for t in texts])
 
     def predict(batch):
-        return torch.stack([sum((emb[w] for w in (t or "").split() if w in emb), torch.full((D,), 1e-3)) for t in batch])
+        return torch.stack(
+            [sum((emb[w] for w in (t or "").split() if w in emb), torch.full((D,), 1e-3)) for t in batch]
+        )
 
     assert truncate_tokens(["apple river", None], tiny_tokenizer, 100) == ["apple river", None]
     scorer = Scorer(8.0, target_variance(targets, 8.0))
@@ -183,7 +235,10 @@ def test_paraphrase_scores_and_model_free_paraphrase(tiny_tokenizer):
     assert same["fve_retained"] == pytest.approx(1.0) and same["fail_rate"] == 0.0 and same["n"] == 16
     broken = paraphrase_scores([None] * 4 + ["gibberish"] * 12, texts, predict(texts), predict, vectors, scorer)
     assert broken["n"] == 12 and broken["fail_rate"] == pytest.approx(0.25) and broken["fve_retained"] < 0.5
-    assert reverse_claims("a loop; a list ;a dict") == "a dict; a list; a loop" and reverse_claims("one claim") == "one claim"
+    assert (
+        reverse_claims("a loop; a list ;a dict") == "a dict; a list; a loop"
+        and reverse_claims("one claim") == "one claim"
+    )
     from nla.data.teacher import LocalTeacher
 
     para = LocalParaphraser.wrap(LocalTeacher(None, tiny_tokenizer, "m"))
@@ -196,15 +251,23 @@ def test_flags_name_the_failure_modes():
     from nla.stages.report import flags
 
     controls = {k: {"fve_nrm": -0.5} for k in ("shuffled_vector", "zero_vector", "mean_vector", "random_text")}
-    good = {"fve_nrm": 0.6, "controls": {**controls, "empty_text": {"fve_nrm": 0.0}}, "top1_retrieval": 0.8,
-            "top1_chance": 1 / 16, "extraction_fail_rate": 0.0, "non_latin_rate": 0.0}
+    good = {
+        "fve_nrm": 0.6,
+        "controls": {**controls, "empty_text": {"fve_nrm": 0.0}},
+        "top1_retrieval": 0.8,
+        "top1_chance": 1 / 16,
+        "extraction_fail_rate": 0.0,
+        "non_latin_rate": 0.0,
+    }
     assert flags(good) == []
     blind = {**good, "controls": {**controls, "empty_text": {"fve_nrm": 0.58}}}
     assert any("content-blind" in f for f in flags(blind))
     collapsed = {**good, "top1_retrieval": 0.07}
     assert any("template collapse" in f for f in flags(collapsed))
     failed = {**blind, "extraction_fail_rate": 1.0, "non_latin_rate": 0.5}
-    assert len(flags(failed)) == 2 and "non-Latin" in flags(failed)[0] and "every explanation failed" in flags(failed)[1]
+    assert (
+        len(flags(failed)) == 2 and "non-Latin" in flags(failed)[0] and "every explanation failed" in flags(failed)[1]
+    )
 
 
 def test_stage_options_do_not_shadow_config_keys():
@@ -242,11 +305,17 @@ def test_eval_on_trained_toy(toy, tmp_path):
     for f in ("report.md", "controls.png", "fve_by_length.png", "fve_hist.png", "rows.jsonl"):
         assert (tmp_path / "out" / f).stat().st_size > 100, f
     base = report["baselines"]
-    assert base["train_rows"] == 256 + 128 and base["splits"] == ["av_sft", "ar_sft"]  # the rows the AV and AR trained on
+    assert base["train_rows"] == 256 + 128 and base["splits"] == [
+        "av_sft",
+        "ar_sft",
+    ]  # the rows the AV and AR trained on
     assert base["token_lookup"]["matched"] == 1.0 and base["token_lookup"]["fve_nrm"] < 0.1  # every row ends in "about"
-    assert report["lookup_margin"] == pytest.approx(report["fve_nrm"] - max(base["token_lookup"]["fve_nrm"],
-                                                                            base["bigram_lookup"]["fve_nrm"]))
-    assert report["claims"]["format"] == "free" and report["claims"]["unchecked"] == ["phrase"]  # no rule checks free text
+    assert report["lookup_margin"] == pytest.approx(
+        report["fve_nrm"] - max(base["token_lookup"]["fve_nrm"], base["bigram_lookup"]["fve_nrm"])
+    )
+    assert report["claims"]["format"] == "free" and report["claims"]["unchecked"] == [
+        "phrase"
+    ]  # no rule checks free text
     assert report["claims"]["types"]["phrase"]["distinct"] == 4
     md = (tmp_path / "out" / "report.md").read_text()
     assert "shuffled_vector" in md and "strict" in md and "none: the real score clears every control" in md
@@ -257,15 +326,23 @@ def test_eval_on_trained_toy(toy, tmp_path):
     assert all(("response" in r) == r["failed"] for r in rows)  # a failed answer's raw text is kept for reading
     logged = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["eval/fve_nrm"] == report["fve_nrm"] and "eval/control/empty_text" in logged[-1]
-    assert logged[-1]["eval/control/token_lookup"] == base["token_lookup"]["fve_nrm"] and "eval/lookup_margin" in logged[-1]
+    assert (
+        logged[-1]["eval/control/token_lookup"] == base["token_lookup"]["fve_nrm"]
+        and "eval/lookup_margin" in logged[-1]
+    )
 
 
 def test_eval_from_texts_with_local_paraphraser(toy, tmp_path, tiny_tokenizer):
     """--texts: datagen's position rule, activations = the base model's hidden_states[K+1]; local teacher runs."""
     from transformers import AutoModelForCausalLM
 
-    texts = ["def add(a, b):\n    return a + b  # numbers in, their sum out, nothing else", "x = [i * i for i in range(10)] and more"]
-    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t, "doc_id": f"d{i}"}) + "\n" for i, t in enumerate(texts)))
+    texts = [
+        "def add(a, b):\n    return a + b  # numbers in, their sum out, nothing else",
+        "x = [i * i for i in range(10)] and more",
+    ]
+    (tmp_path / "t.jsonl").write_text(
+        "".join(json.dumps({"text": t, "doc_id": f"d{i}"}) + "\n" for i, t in enumerate(texts))
+    )
     cfg = config(toy, tmp_path / "out", teacher="local", min_position=4, positions_per_doc=3)
     report = run(cfg, eval_args(checkpoint=str(toy / "run"), texts=str(tmp_path / "t.jsonl")))
     rows = [json.loads(x) for x in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
@@ -306,31 +383,62 @@ def to_reference_format(toy, dest, ar_layer_field: str = "critic"):
     tok.save_pretrained(dest / "ar")
     save_file({"weight": ar.head.weight.detach().contiguous()}, str(dest / "ar" / "value_head.safetensors"))
     tokens = json.loads(json.dumps(make_token_spec(tok, MARKER).__dict__))
-    common = {"kind": "nla_model", "schema_version": 1, "stage": "rl", "base_checkpoint": "org/tiny-base", "d_model": D,
-              "extraction": {"injection_scale": 8.0, "mse_scale": 8.0}, "tokens": tokens,
-              "prompt_templates": {"actor": templates.AV_TEMPLATE, "critic": templates.AR_TEMPLATE}}
-    layer = {"critic": {"extraction_layer_index": LAYER}} if ar_layer_field == "critic" else {"ar": {"num_hidden_layers": LAYER}}
+    common = {
+        "kind": "nla_model",
+        "schema_version": 1,
+        "stage": "rl",
+        "base_checkpoint": "org/tiny-base",
+        "d_model": D,
+        "extraction": {"injection_scale": 8.0, "mse_scale": 8.0},
+        "tokens": tokens,
+        "prompt_templates": {"actor": templates.AV_TEMPLATE, "critic": templates.AR_TEMPLATE},
+    }
+    layer = (
+        {"critic": {"extraction_layer_index": LAYER}}
+        if ar_layer_field == "critic"
+        else {"ar": {"num_hidden_layers": LAYER}}
+    )
     (dest / "av" / "nla_meta.yaml").write_text(yaml.safe_dump({**common, "role": "actor"}, allow_unicode=True))
-    (dest / "ar" / "nla_meta.yaml").write_text(yaml.safe_dump({**common, "role": "critic", **layer}, allow_unicode=True))
+    (dest / "ar" / "nla_meta.yaml").write_text(
+        yaml.safe_dump({**common, "role": "critic", **layer}, allow_unicode=True)
+    )
 
 
 @pytest.mark.parametrize("ar_layer_field", ["critic", "ar"])
 def test_reference_release_pair_scores_like_ours(toy, tmp_path, ar_layer_field):
     to_reference_format(toy, tmp_path / "release", ar_layer_field)
     data = str(toy / "data" / "test.parquet")
-    ours = run(config(toy, tmp_path / "ours"), eval_args(checkpoint=str(toy / "run"), data=data, paraphrase_control=False))
-    ref = run(config(toy, tmp_path / "ref"), eval_args(av=str(tmp_path / "release" / "av"), ar=str(tmp_path / "release" / "ar"),
-                                                       data=data, paraphrase_control=False))
+    ours = run(
+        config(toy, tmp_path / "ours"), eval_args(checkpoint=str(toy / "run"), data=data, paraphrase_control=False)
+    )
+    ref = run(
+        config(toy, tmp_path / "ref"),
+        eval_args(
+            av=str(tmp_path / "release" / "av"),
+            ar=str(tmp_path / "release" / "ar"),
+            data=data,
+            paraphrase_control=False,
+        ),
+    )
     assert ref["var_source"].startswith("these_vectors")  # the release sidecar records no training Var
-    assert ref["mse_mean"] == pytest.approx(ours["mse_mean"], abs=1e-4) and ref["cos_mean"] == pytest.approx(ours["cos_mean"], abs=1e-5)
+    assert ref["mse_mean"] == pytest.approx(ours["mse_mean"], abs=1e-4) and ref["cos_mean"] == pytest.approx(
+        ours["cos_mean"], abs=1e-5
+    )
     assert "paraphrase" not in ref
     # verbalizing text needs the layer: the released AV takes its AR's; alone, it says what is missing
     from nla.core.sidecar import SidecarError
     from nla.stages.verbalize import explain_text
 
     release = tmp_path / "release"
-    rows = explain_text("def add(a, b): return a + b", positions=[3, 6], av=str(release / "av"), ar=str(release / "ar"),
-                        target_model=str(toy / "model"), device="cpu", max_new_tokens=6)
+    rows = explain_text(
+        "def add(a, b): return a + b",
+        positions=[3, 6],
+        av=str(release / "av"),
+        ar=str(release / "ar"),
+        target_model=str(toy / "model"),
+        device="cpu",
+        max_new_tokens=6,
+    )
     assert len(rows) == 2 and all("mse_nrm" in r for r in rows)
     with pytest.raises(SidecarError, match="names no layer"):
         explain_text("def f(): pass", av=str(release / "av"), target_model=str(toy / "model"), device="cpu")
@@ -372,16 +480,32 @@ def _broken_copy(toy, tmp_path, kind):
     return ckpt
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("no_sidecar", "nla_meta.yaml"),
-    ("d_model", "d_model is 128"),
-    ("marker", "encodes to"),
-    ("layer", "explains layer 2 but the AR reconstructs layer 1"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("no_sidecar", "nla_meta.yaml"),
+        ("d_model", "d_model is 128"),
+        ("marker", "encodes to"),
+        ("layer", "explains layer 2 but the AR reconstructs layer 1"),
+    ],
+)
 def test_bad_checkpoint_is_a_one_line_cli_error(toy, tmp_path, capsys, kind, message):
     ckpt = _broken_copy(toy, tmp_path, kind)
-    code = cli(["eval", "--config", SMOKE, "--checkpoint", str(ckpt), "--data", str(toy / "data" / "test.parquet"),
-                "--output_dir", str(tmp_path / "out"), "--max_new_tokens", "24"])
+    code = cli(
+        [
+            "eval",
+            "--config",
+            SMOKE,
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            str(toy / "data" / "test.parquet"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_new_tokens",
+            "24",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()  # (transformers' load bars may come first)
     assert code == 2 and err[-1].startswith("nla eval: error:") and message in err[-1], err
     assert sum(line.startswith("nla eval") for line in err) == 1
@@ -406,11 +530,13 @@ def test_rl_curve_reads_held_out_series_and_plots(tmp_path):
 
     from nla.stages.plots import plot_rl_curve, rl_curve_points
 
-    rows = [{"stage": "rl", "step": 0, "rl/val_fve_nrm": 0.1, "rl/val_fve_nrm_sft_ar": 0.1},
-            {"stage": "rl", "step": 5, "rl/loss": 1.0},
-            {"stage": "rl", "step": 10, "rl/val_fve_nrm": 0.3, "rl/val_fve_nrm_sft_ar": float("nan")},
-            {"stage": "rl", "step": 10, "rl/val_fve_nrm": 0.35},  # a resumed run logs a step again: the last wins
-            {"stage": "train-ar", "step": 10, "rl/val_fve_nrm": 9.0}]
+    rows = [
+        {"stage": "rl", "step": 0, "rl/val_fve_nrm": 0.1, "rl/val_fve_nrm_sft_ar": 0.1},
+        {"stage": "rl", "step": 5, "rl/loss": 1.0},
+        {"stage": "rl", "step": 10, "rl/val_fve_nrm": 0.3, "rl/val_fve_nrm_sft_ar": float("nan")},
+        {"stage": "rl", "step": 10, "rl/val_fve_nrm": 0.35},  # a resumed run logs a step again: the last wins
+        {"stage": "train-ar", "step": 10, "rl/val_fve_nrm": 9.0},
+    ]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(_json.dumps(r) + "\n" for r in rows) + '{"torn')
     curve = rl_curve_points(path)
@@ -436,7 +562,11 @@ def test_claims_split_outside_quotes_and_reorder():
     text = 'ends with "a; b. c \\" d; e"; about queue'
     assert split_claims(text) == ['ends with "a; b. c \\" d; e"', "about queue"]
     assert split_claims("Reads code. Expects a colon! Next: a body; topic python") == [
-        "Reads code.", "Expects a colon!", "Next: a body", "topic python"]
+        "Reads code.",
+        "Expects a colon!",
+        "Next: a body",
+        "topic python",
+    ]
     assert shuffle_claims(text, 0) == 'about queue; ends with "a; b. c \\" d; e"'
     assert shuffle_claims("one phrase only", 0) is None
     many = "a; b; c; d; e"
@@ -477,16 +607,36 @@ def test_reinjection_of_the_true_vector_recovers_everything(tiny_tokenizer, tmp_
     from nla.testing import save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "model", initializer_range=0.2)  # output that depends on the input
-    assert cli(["datagen", "--config", "configs/smoke.yaml", "--model", str(model_dir), "--output_dir", str(tmp_path),
-                "--teacher", "extractive", "--report_to", "none"]) == 0
+    assert (
+        cli(
+            [
+                "datagen",
+                "--config",
+                "configs/smoke.yaml",
+                "--model",
+                str(model_dir),
+                "--output_dir",
+                str(tmp_path),
+                "--teacher",
+                "extractive",
+                "--report_to",
+                "none",
+            ]
+        )
+        == 0
+    )
     split = load_split(tmp_path / "data" / "val.parquet", max_rows=8)
     model, tok = load_causal_lm(str(model_dir)).eval(), tiny_tokenizer
     contexts, positions = split.column("detokenized_text_truncated"), split.column("position")
     own, per_row = reinjection_scores(model, tok, contexts, positions, split.vectors, split.vectors, LAYER)
-    assert own["n"] == len(split) and own["kl"] == pytest.approx(0.0, abs=1e-5) and own["recovered"] == pytest.approx(1.0)
+    assert (
+        own["n"] == len(split) and own["kl"] == pytest.approx(0.0, abs=1e-5) and own["recovered"] == pytest.approx(1.0)
+    )
     assert own["kl_mean_baseline"] > 1e-3 and own["kl_zero_baseline"] > 1e-3 and own["top1_agree"] == 1.0
     mean = split.vectors.mean(dim=0).expand_as(split.vectors)
-    assert reinjection_scores(model, tok, contexts, positions, split.vectors, mean, LAYER)[0]["recovered"] == pytest.approx(0.0, abs=1e-5)
+    assert reinjection_scores(model, tok, contexts, positions, split.vectors, mean, LAYER)[0][
+        "recovered"
+    ] == pytest.approx(0.0, abs=1e-5)
     shifted = [p + 1 for p in positions]  # the wrong place: never patched
     left, rows = reinjection_scores(model, tok, contexts, shifted, split.vectors, split.vectors, LAYER)
     assert left["n"] == 0 and left["kl"] is None and rows == [None] * len(split)
@@ -495,8 +645,10 @@ def test_reinjection_of_the_true_vector_recovers_everything(tiny_tokenizer, tmp_
 @pytest.fixture(scope="module")
 def html_report(toy, tmp_path_factory):
     out = tmp_path_factory.mktemp("html")
-    run(config(toy, out), eval_args(checkpoint=str(toy / "run"), data=str(toy / "data" / "test.parquet"),
-                                    paraphrase_control=False))
+    run(
+        config(toy, out),
+        eval_args(checkpoint=str(toy / "run"), data=str(toy / "data" / "test.parquet"), paraphrase_control=False),
+    )
     return out / "report.html"
 
 
@@ -540,8 +692,11 @@ def test_report_html_in_a_headless_browser(html_report, tmp_path):
     assert found["asc"] == sorted(found["asc"]) and found["desc"] == sorted(found["desc"], reverse=True)
     assert found["total"] >= 16 and 1 <= found["visible"] < found["total"]
     shot = tmp_path / "report.png"
-    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1280,1600", html_report.as_uri()],
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [*flags, f"--screenshot={shot}", "--window-size=1280,1600", html_report.as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
     assert shot.is_file() and shot.stat().st_size > 10_000
 
 
@@ -567,6 +722,7 @@ def test_reinjection_patch_touches_only_the_last_position_at_layer_k(tiny_tokeni
             if patch is not None:
                 hidden[torch.arange(len(texts)), last] = patch
             return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
         handle = decoder_layers(model)[LAYER].register_forward_hook(hook)
         try:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -586,8 +742,16 @@ def test_reinjection_patch_touches_only_the_last_position_at_layer_k(tiny_tokeni
 
     contexts = ["a text about a river", "a stone and a river", "music about stone"]
     with torch.no_grad():
-        vectors = torch.stack([next_token_logprobs(model, *(lambda b: (b["input_ids"], b["attention_mask"]))(
-            tiny_tokenizer([c], return_tensors="pt")), LAYER)[1][0] for c in contexts])
+        vectors = torch.stack(
+            [
+                next_token_logprobs(
+                    model,
+                    *(lambda b: (b["input_ids"], b["attention_mask"]))(tiny_tokenizer([c], return_tensors="pt")),
+                    LAYER,
+                )[1][0]
+                for c in contexts
+            ]
+        )
     mean = vectors.mean(dim=0).expand_as(vectors)
     scores, _ = reinjection_scores(model, tiny_tokenizer, contexts, [None] * 3, vectors, mean, LAYER)
     assert scores["n"] == 3 and scores["kl"] == pytest.approx(scores["kl_mean_baseline"], rel=1e-6)
@@ -602,19 +766,26 @@ def rule_judge(body: dict) -> dict:
     prompt = body["messages"][0]["content"]
     text = prompt.split("<text>", 1)[1].split("</text>", 1)[0]
     description = prompt.split("<description>", 1)[1].split("</description>", 1)[0]
-    lines = [f"{'SUPPORTED' if c.split()[-1] in text.split() else 'CONTRADICTED'} | {c.strip()}"
-             for c in description.split(";") if c.strip()]
-    return {"choices": [{"message": {"role": "assistant", "content": "<verdicts>\n" + "\n".join(lines) + "\n</verdicts>"}}],
-            "usage": {"completion_tokens": 5 * len(lines)}}
+    lines = [
+        f"{'SUPPORTED' if c.split()[-1] in text.split() else 'CONTRADICTED'} | {c.strip()}"
+        for c in description.split(";")
+        if c.strip()
+    ]
+    return {
+        "choices": [{"message": {"role": "assistant", "content": "<verdicts>\n" + "\n".join(lines) + "\n</verdicts>"}}],
+        "usage": {"completion_tokens": 5 * len(lines)},
+    }
 
 
 def test_parse_verdicts():
     from nla.data.judge import parse_verdicts
 
     answer = "Sure.\n<verdicts>\n1. SUPPORTED | ends with a colon\n- contradicted: about lists\nUNCHECKABLE - next a body\n</verdicts>"
-    assert parse_verdicts(answer) == [{"claim": "ends with a colon", "verdict": "supported"},
-                                      {"claim": "about lists", "verdict": "contradicted"},
-                                      {"claim": "next a body", "verdict": "uncheckable"}]
+    assert parse_verdicts(answer) == [
+        {"claim": "ends with a colon", "verdict": "supported"},
+        {"claim": "about lists", "verdict": "contradicted"},
+        {"claim": "next a body", "verdict": "uncheckable"},
+    ]
     assert parse_verdicts("<verdicts>\nno verdict here\n</verdicts>") is None
     assert parse_verdicts("SUPPORTED | no tags") is None
 
@@ -625,8 +796,14 @@ def test_eval_with_an_llm_judge_on_a_real_server(toy, tmp_path, capsys, monkeypa
     srv = TestChatServer(rule_judge, api_key="judge-key")
     monkeypatch.setenv("NLA_TEST_JUDGE_KEY", "judge-key")
     try:
-        opts = dict(judge="openai", judge_base_url=srv.url, judge_model="rule", judge_api_key_env="NLA_TEST_JUDGE_KEY",
-                    paraphrase_control=False, reinjection_rows=0)
+        opts = dict(
+            judge="openai",
+            judge_base_url=srv.url,
+            judge_model="rule",
+            judge_api_key_env="NLA_TEST_JUDGE_KEY",
+            paraphrase_control=False,
+            reinjection_rows=0,
+        )
         args = eval_args(checkpoint=str(toy / "run"), data=str(toy / "data" / "test.parquet"))
         cfg = config(toy, tmp_path / "out", **{k: v for k, v in opts.items() if k != "paraphrase_control"})
         args.paraphrase_control = False
@@ -636,12 +813,38 @@ def test_eval_with_an_llm_judge_on_a_real_server(toy, tmp_path, capsys, monkeypa
         assert judged["accuracy"] > 0.7 and judged["chance"] < 0.5 and judged["malformed_answers"] == 0, judged
         rows = [json.loads(x) for x in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
         assert all(r["judged"][0]["verdict"] in ("supported", "contradicted") for r in rows if r["explanation"])
-        assert "judge supported" in (tmp_path / "out" / "report.md").read_text().replace("(LLM judge) | supported", "judge supported")
+        assert "judge supported" in (tmp_path / "out" / "report.md").read_text().replace(
+            "(LLM judge) | supported", "judge supported"
+        )
         again = run(cfg, args)["claims"]["judged"]  # the cache answers everything: no request sent
-        assert again["requests_sent"] == 0 and srv.requests == judged["requests_sent"] and again == {**judged, "requests_sent": 0}
-        base = ["eval", "--config", SMOKE, "--model", str(toy / "model"), "--data_dir", str(toy / "data"),
-                "--checkpoint", str(toy / "run"), "--output_dir", str(tmp_path / "cli"), "--judge", "openai",
-                "--judge_model", "rule", "--paraphrase_control", "false", "--reinjection_rows", "0", "--max_new_tokens", "24"]
+        assert (
+            again["requests_sent"] == 0
+            and srv.requests == judged["requests_sent"]
+            and again == {**judged, "requests_sent": 0}
+        )
+        base = [
+            "eval",
+            "--config",
+            SMOKE,
+            "--model",
+            str(toy / "model"),
+            "--data_dir",
+            str(toy / "data"),
+            "--checkpoint",
+            str(toy / "run"),
+            "--output_dir",
+            str(tmp_path / "cli"),
+            "--judge",
+            "openai",
+            "--judge_model",
+            "rule",
+            "--paraphrase_control",
+            "false",
+            "--reinjection_rows",
+            "0",
+            "--max_new_tokens",
+            "24",
+        ]
         monkeypatch.setenv("NLA_TEST_JUDGE_KEY", "wrong")
         assert cli(base + ["--judge_base_url", srv.url, "--judge_api_key_env", "NLA_TEST_JUDGE_KEY"]) == 2
         with socket.socket() as s:  # bound then closed: nothing listens there
@@ -659,8 +862,13 @@ def test_eval_with_an_llm_judge_on_a_real_server(toy, tmp_path, capsys, monkeypa
 def test_the_report_says_what_rl_was_rewarded_for():
     from nla.stages.report import _reward_line
 
-    grounded = {"reward": "neg_mse", "claim_reward": 0.5, "contrastive_coef": 0.0, "length_penalty": 0.0,
-                "advantage_norm": "batch"}
+    grounded = {
+        "reward": "neg_mse",
+        "claim_reward": 0.5,
+        "contrastive_coef": 0.0,
+        "length_penalty": 0.0,
+        "advantage_norm": "batch",
+    }
     line = _reward_line(grounded)[0]
     assert "+ 0.5 x the share of claims checked true" in line and "saw the contexts" in line and "per batch" in line
     plain = _reward_line({**grounded, "claim_reward": 0.0, "advantage_norm": "group"})[0]

@@ -20,9 +20,17 @@ D = 32
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=300, hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=PAD,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=300,
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=2,
         # HF's default init (std 0.02) makes attention near-uniform and greedy tokens barely
         # depend on the prompt; a wider init makes 'the vector changes the generation' testable.
         initializer_range=0.2,
@@ -64,12 +72,14 @@ def test_rescale_norm_direction_and_zero():
 
 
 def test_find_positions_needs_both_neighbours():
-    ids = torch.tensor([
-        [MARKER, 9, LEFT, MARKER, RIGHT, MARKER, RIGHT],   # col 0 edge; col 5 has wrong left
-        [LEFT, MARKER, 9, LEFT, MARKER, RIGHT, LEFT],      # col 1 has wrong right
-        [9, 9, 9, 9, 9, 9, LEFT],                          # no marker at all
-        [LEFT, MARKER, RIGHT, 9, 9, 9, MARKER],            # col 6 edge
-    ])
+    ids = torch.tensor(
+        [
+            [MARKER, 9, LEFT, MARKER, RIGHT, MARKER, RIGHT],  # col 0 edge; col 5 has wrong left
+            [LEFT, MARKER, 9, LEFT, MARKER, RIGHT, LEFT],  # col 1 has wrong right
+            [9, 9, 9, 9, 9, 9, LEFT],  # no marker at all
+            [LEFT, MARKER, RIGHT, 9, 9, 9, MARKER],  # col 6 edge
+        ]
+    )
     pos = find_marker_positions(ids, MARKER, LEFT, RIGHT)
     assert pos.dtype == torch.long
     assert pos.tolist() == [[0, 3], [1, 4], [3, 1]]
@@ -124,8 +134,15 @@ def test_hook_matches_hand_built_and_detaches(rows):
 
 def _generate(model, ids, mask, **kw):
     return model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=PAD,
-        eos_token_id=None, output_logits=True, return_dict_in_generate=True, **kw,
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=5,
+        do_sample=False,
+        pad_token_id=PAD,
+        eos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kw,
     )
 
 
@@ -206,15 +223,24 @@ def test_scaled_embedding_model_gets_exact_vector():
     """Gemma multiplies by sqrt(d) inside its embedding module; the hook writes after that, so the
     vector reaching layer 0 has norm exactly `scale` (no double scaling)."""
     torch.manual_seed(0)
-    cfg = GemmaConfig(vocab_size=300, hidden_size=D, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=4, head_dim=8, pad_token_id=PAD)
+    cfg = GemmaConfig(
+        vocab_size=300,
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=8,
+        pad_token_id=PAD,
+    )
     model = GemmaForCausalLM(cfg).eval()
     ids, mask = left_pad(ROWS)
     vecs = torch.randn(2, D)
     seen = []
     layer0 = model.model.layers[0]
-    h = layer0.register_forward_hook(lambda m, args, kwargs, out: seen.append(args[0] if args else kwargs["hidden_states"]),
-                                     with_kwargs=True)
+    h = layer0.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+    )
     try:
         with torch.no_grad(), hook_for(model, vecs):
             got = model(input_ids=ids, attention_mask=mask).logits

@@ -16,8 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -34,8 +34,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE"
 TRIES = 6
 
 
-def kill_during_write(cmd: list[str], torn: Callable[[], list[Path]], ready: Callable[[], bool], log: Path,
-                      timeout: float = 240) -> bool | None:
+def kill_during_write(
+    cmd: list[str], torn: Callable[[], list[Path]], ready: Callable[[], bool], log: Path, timeout: float = 240
+) -> bool | None:
     """Run `cmd`; SIGKILL its process group as soon as `ready()` and `torn()` is non-empty.
     Returns True when a torn entry was still on disk after the kill, False when the write had
     finished first, None when the run ended before any kill."""
@@ -74,7 +75,11 @@ def kill_then_finish(cmd: list[str], torn: Callable[[], list[Path]], ready: Call
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return {f"{f.parent.name}/{f.name}:{k}": v for f in sorted(folder.rglob("*.safetensors")) for k, v in load_file(f).items()}
+    return {
+        f"{f.parent.name}/{f.name}:{k}": v
+        for f in sorted(folder.rglob("*.safetensors"))
+        for k, v in load_file(f).items()
+    }
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -93,7 +98,9 @@ def toy(tmp_path_factory, toy_model_dir, tiny_tokenizer):
     """The RL toy's data and a 2-step SFT pair (the starting point of the RL kill test)."""
     root = tmp_path_factory.mktemp("kill-toy")
     _toy_splits(root / "data", toy_model_dir, tiny_tokenizer)
-    cfg = _cfg(root, toy_model_dir, "--ar_steps", "2", "--av_steps", "2", "--ar_save_every", "2", "--av_save_every", "2")
+    cfg = _cfg(
+        root, toy_model_dir, "--ar_steps", "2", "--av_steps", "2", "--ar_save_every", "2", "--av_save_every", "2"
+    )
     train_ar.run(cfg)
     train_av.run(cfg)
     return root
@@ -107,19 +114,57 @@ def toy_model_dir(tmp_path_factory):
 
 
 def stage_args(toy: Path, model_dir: Path, out: Path, *extra: str) -> list[str]:
-    return ["--config", "configs/smoke.yaml", "--model", str(model_dir), "--data_dir", str(toy / "data"),
-            "--output_dir", str(out), "--layer", "1", "--report_to", "none", *extra]
+    return [
+        "--config",
+        "configs/smoke.yaml",
+        "--model",
+        str(model_dir),
+        "--data_dir",
+        str(toy / "data"),
+        "--output_dir",
+        str(out),
+        "--layer",
+        "1",
+        "--report_to",
+        "none",
+        *extra,
+    ]
 
 
 # stage -> (its checkpoint folder, its save-interval key, its arguments; {av}/{ar} = the toy's SFT pair)
 STAGES = {
-    "train-ar": ("ar", "ar_save_every", ["--ar_steps", "12", "--ar_eval_every", "1000", "--ar_batch_size", "4",
-                                         "--ar_lr", "5e-3", "--ar_lora_r", "4"]),
-    "train-av": ("av", "av_save_every", ["--av_steps", "12", "--av_eval_every", "1000", "--av_batch_size", "4",
-                                         "--av_lr", "3e-3", "--av_lora_r", "4"]),
-    "rl": ("rl", "rl_save_every", ["--av_checkpoint", "{av}", "--ar_checkpoint", "{ar}", "--rl_steps", "8",
-                                   "--rl_batch_size", "2", "--group_size", "2", "--max_response_tokens", "8",
-                                   "--rl_val_rows", "0", "--temperature", "1.0"]),
+    "train-ar": (
+        "ar",
+        "ar_save_every",
+        ["--ar_steps", "12", "--ar_eval_every", "1000", "--ar_batch_size", "4", "--ar_lr", "5e-3", "--ar_lora_r", "4"],
+    ),
+    "train-av": (
+        "av",
+        "av_save_every",
+        ["--av_steps", "12", "--av_eval_every", "1000", "--av_batch_size", "4", "--av_lr", "3e-3", "--av_lora_r", "4"],
+    ),
+    "rl": (
+        "rl",
+        "rl_save_every",
+        [
+            "--av_checkpoint",
+            "{av}",
+            "--ar_checkpoint",
+            "{ar}",
+            "--rl_steps",
+            "8",
+            "--rl_batch_size",
+            "2",
+            "--group_size",
+            "2",
+            "--max_response_tokens",
+            "8",
+            "--rl_val_rows",
+            "0",
+            "--temperature",
+            "1.0",
+        ],
+    ),
 }
 
 
@@ -128,8 +173,13 @@ def test_stage_killed_mid_checkpoint_resumes_to_the_same_weights(stage, toy, toy
     folder, save_key, args = STAGES[stage]
     extra = [a.format(av=toy / "av" / "final", ar=toy / "ar" / "final") for a in args]
     root = tmp_path / "killed" / folder
-    cmd = [sys.executable, "-m", "nla.cli", stage,
-           *stage_args(toy, toy_model_dir, tmp_path / "killed", *extra, f"--{save_key}", "1")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nla.cli",
+        stage,
+        *stage_args(toy, toy_model_dir, tmp_path / "killed", *extra, f"--{save_key}", "1"),
+    ]
     kill_then_finish(cmd, lambda: list(root.glob(".checkpoint-*.tmp")), lambda: complete(root, 2), tmp_path / "log")
     cfg, _ = parse_config(stage_args(toy, toy_model_dir, tmp_path / "straight", *extra, f"--{save_key}", "1000"))
     {"train-ar": train_ar.run, "train-av": train_av.run, "rl": rl.run}[stage](cfg)
@@ -144,13 +194,31 @@ def test_datagen_killed_mid_chunk_resumes_to_the_same_data(tmp_path):
     model_dir = save_tiny_model(tmp_path / "model", d_model=512)
 
     def args(out: Path) -> list[str]:
-        return ["--config", SMOKE, "--model", str(model_dir), "--output_dir", str(out), "--teacher", "extractive",
-                "--corpus", "builtin:python-docs", "--max_docs", "300", "--positions_per_doc", "8"]
+        return [
+            "--config",
+            SMOKE,
+            "--model",
+            str(model_dir),
+            "--output_dir",
+            str(out),
+            "--teacher",
+            "extractive",
+            "--corpus",
+            "builtin:python-docs",
+            "--max_docs",
+            "300",
+            "--positions_per_doc",
+            "8",
+        ]
 
     work = tmp_path / "killed" / "data" / ".work"
     cmd = [sys.executable, "-m", "nla.cli", "datagen", *args(tmp_path / "killed")]
-    kill_then_finish(cmd, lambda: list(work.glob(".*.tmp")) if work.is_dir() else [],
-                     lambda: work.is_dir() and any(work.glob("extract-*.parquet")), tmp_path / "log")
+    kill_then_finish(
+        cmd,
+        lambda: list(work.glob(".*.tmp")) if work.is_dir() else [],
+        lambda: work.is_dir() and any(work.glob("extract-*.parquet")),
+        tmp_path / "log",
+    )
     cfg, _ = parse_config(args(tmp_path / "straight"))
     datagen_run(cfg)
     killed, straight = all_rows(tmp_path / "killed" / "data"), all_rows(tmp_path / "straight" / "data")

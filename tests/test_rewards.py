@@ -64,8 +64,9 @@ def test_compute_rewards_combines_and_fails_exactly():
     mse = torch.tensor([0.5, 1.0, float("nan"), 0.25])
     failed = torch.tensor([False, False, True, False])
     n_tok = torch.tensor([10, 20, 150, 0])
-    out = R.compute_rewards(mse, failed, n_tok, pred=t, targets=t, kind="neg_mse",
-                            length_coef=0.01, contrastive_coef=0.5)
+    out = R.compute_rewards(
+        mse, failed, n_tok, pred=t, targets=t, kind="neg_mse", length_coef=0.01, contrastive_coef=0.5
+    )
     # Row 0: -0.5 - 0.1 + 0.5 * 2 = 0.4 ; row 1: -1 - 0.2 + 1 = -0.2 ; row 3: -0.25 + 1 = 0.75.
     assert out.total.tolist() == pytest.approx([0.4, -0.2, -2.0, 0.75])
     assert out.total[2].item() == R.FAIL_REWARD
@@ -153,8 +154,9 @@ def test_clipped_policy_loss_by_hand():
 
 def test_clipped_policy_loss_single_clipped_token_has_zero_grad_and_mask():
     logp = torch.tensor([[math.log(1.5), math.log(3.0)]], requires_grad=True)
-    loss, frac = R.clipped_policy_loss(logp, torch.zeros(1, 2), torch.tensor([1.0]),
-                                       torch.tensor([[1, 0]]), clip_eps=0.2)
+    loss, frac = R.clipped_policy_loss(
+        logp, torch.zeros(1, 2), torch.tensor([1.0]), torch.tensor([[1, 0]]), clip_eps=0.2
+    )
     assert loss.item() == pytest.approx(-1.2)  # masked second token ignored
     assert frac.item() == 1.0
     loss.backward()

@@ -29,8 +29,14 @@ LAYER = 1
 def _toy_splits(data_dir, model_dir, tokenizer, d: int = 64, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(len(WORDS), d, generator=g) * 4.0
-    meta = Meta("nla_dataset", make_token_spec(tokenizer, "㈠"), d_model=d, layer_index=LAYER, base_model=str(model_dir),
-                extra={"suggested_injection_scale": float(centres.norm(dim=1).mean())})
+    meta = Meta(
+        "nla_dataset",
+        make_token_spec(tokenizer, "㈠"),
+        d_model=d,
+        layer_index=LAYER,
+        base_model=str(model_dir),
+        extra={"suggested_injection_scale": float(centres.norm(dim=1).mean())},
+    )
     for split, n in [("av_sft", 128), ("ar_sft", 128), ("rl", 128), ("val", 64), ("test", 32)]:
         k = torch.randint(0, len(WORDS), (n,), generator=g)
         vectors = centres[k] + 0.05 * torch.randn(n, d, generator=g)
@@ -40,7 +46,9 @@ def _toy_splits(data_dir, model_dir, tokenizer, d: int = 64, seed: int = 0) -> N
             k = torch.where(noise, torch.randint(0, len(WORDS), (n,), generator=g), k)
             words = [WORDS[i] for i in k]
         columns = {
-            "doc_id": [f"{split}-{i}" for i in range(n)], "explanation": words, "detokenized_text_truncated": words,
+            "doc_id": [f"{split}-{i}" for i in range(n)],
+            "explanation": words,
+            "detokenized_text_truncated": words,
             "prompt": [templates.ar_prompt(w) if split == "ar_sft" else templates.av_user_message("㈠") for w in words],
             "response": [templates.av_response(w) for w in words],
         }
@@ -48,13 +56,61 @@ def _toy_splits(data_dir, model_dir, tokenizer, d: int = 64, seed: int = 0) -> N
 
 
 def _cfg(out, model_dir, *extra):
-    cfg, _ = parse_config(["--config", "configs/smoke.yaml", "--model", str(model_dir), "--output_dir", str(out),
-                           "--layer", str(LAYER), "--av_steps", "100", "--av_lr", "1e-2", "--av_batch_size", "16", "--av_lora_r", "8",
-                           "--ar_steps", "60", "--ar_lr", "5e-3", "--ar_batch_size", "8", "--max_new_tokens", "28",
-                           "--rl_steps", "8", "--rl_batch_size", "8", "--group_size", "4", "--rl_av_lr", "2e-3",
-                           "--rl_ar_lr", "1e-6", "--kl_coef", "0.0", "--max_response_tokens", "28", "--rl_save_every", "4",
-                           "--temperature", "1.0", "--ar_eval_every", "60", "--av_eval_every", "60", "--ar_save_every", "60",
-                           "--av_save_every", "60", *map(str, extra)])
+    cfg, _ = parse_config(
+        [
+            "--config",
+            "configs/smoke.yaml",
+            "--model",
+            str(model_dir),
+            "--output_dir",
+            str(out),
+            "--layer",
+            str(LAYER),
+            "--av_steps",
+            "100",
+            "--av_lr",
+            "1e-2",
+            "--av_batch_size",
+            "16",
+            "--av_lora_r",
+            "8",
+            "--ar_steps",
+            "60",
+            "--ar_lr",
+            "5e-3",
+            "--ar_batch_size",
+            "8",
+            "--max_new_tokens",
+            "28",
+            "--rl_steps",
+            "8",
+            "--rl_batch_size",
+            "8",
+            "--group_size",
+            "4",
+            "--rl_av_lr",
+            "2e-3",
+            "--rl_ar_lr",
+            "1e-6",
+            "--kl_coef",
+            "0.0",
+            "--max_response_tokens",
+            "28",
+            "--rl_save_every",
+            "4",
+            "--temperature",
+            "1.0",
+            "--ar_eval_every",
+            "60",
+            "--av_eval_every",
+            "60",
+            "--ar_save_every",
+            "60",
+            "--av_save_every",
+            "60",
+            *map(str, extra),
+        ]
+    )
     return cfg
 
 
@@ -81,8 +137,17 @@ def _run_rl(warm_start, model_dir, out, *extra):
     """RL from the shared warm start into its own folder (the SFT checkpoints are read, not written)."""
     from nla.stages import rl
 
-    cfg = _cfg(out, model_dir, "--av_checkpoint", warm_start / "av" / "final", "--ar_checkpoint", warm_start / "ar" / "final",
-               "--data_dir", warm_start / "data", *extra)
+    cfg = _cfg(
+        out,
+        model_dir,
+        "--av_checkpoint",
+        warm_start / "av" / "final",
+        "--ar_checkpoint",
+        warm_start / "ar" / "final",
+        "--data_dir",
+        warm_start / "data",
+        *extra,
+    )
     return rl.run(cfg)
 
 
@@ -96,8 +161,14 @@ class _SayRed:
         said = torch.tensor([float((e or "").strip() == "red") for e in ro.explanations])
         self.rates.append(float(said.mean()))
         zero = torch.zeros_like(said)
-        return rewards.Rewards(total=rewards.apply_failures(said, ro.failed), reconstruction=said, length=zero,
-                               contrastive=zero, claims=zero, failed=ro.failed)
+        return rewards.Rewards(
+            total=rewards.apply_failures(said, ro.failed),
+            reconstruction=said,
+            length=zero,
+            contrastive=zero,
+            claims=zero,
+            failed=ro.failed,
+        )
 
 
 def test_grpo_moves_the_policy_towards_rewarded_answers(warm_start, toy_model_dir, tmp_path, monkeypatch):
@@ -116,7 +187,18 @@ def test_joint_rl_raises_held_out_reward_above_its_start_and_the_shuffled_contro
     (seeds 0-2): -0.72 -> -0.35 / -0.69 -> -0.47 / -0.72 -> -0.42; the shuffled control stays near -1.6.
     With the marker last in the AV prompt the 60-step warm start of this 4-layer random model started
     at -1.49 (format failures) and only reached -1.02; 100 warm-start steps: -0.75 -> -0.42, control -1.51."""
-    longer = ["--rl_steps", "60", "--rl_batch_size", "16", "--rl_av_lr", "1e-3", "--rl_save_every", "60", "--rl_val_rows", "64"]
+    longer = [
+        "--rl_steps",
+        "60",
+        "--rl_batch_size",
+        "16",
+        "--rl_av_lr",
+        "1e-3",
+        "--rl_save_every",
+        "60",
+        "--rl_val_rows",
+        "64",
+    ]
     real = _run_rl(warm_start, toy_model_dir, tmp_path / "real", *longer)
     control = _run_rl(warm_start, toy_model_dir, tmp_path / "control", *longer, "--rl_shuffle_control", "true")
     start, end = real["val_start"]["reward_mean"], real["val"]["reward_mean"]
@@ -127,8 +209,19 @@ def test_joint_rl_raises_held_out_reward_above_its_start_and_the_shuffled_contro
     first = json.loads((tmp_path / "real" / "metrics.jsonl").read_text().splitlines()[0])
     assert {"rl/val_reward_mean", "rl/val_fve_nrm", "rl/val_extraction_fail_rate"} <= set(first)  # logged before step 1
     logged = set().union(*(json.loads(line) for line in (tmp_path / "real" / "metrics.jsonl").read_text().splitlines()))
-    assert {"rl/reward_mean", "rl/fve_nrm", "rl/kl", "rl/top1_in_batch", "rl/response_len", "rl/extraction_fail_rate",
-            "rl/non_latin_rate", "ar/loss", "rl/time_rollout_s", "rl/time_rewards_s", "rl/time_update_av_s"} <= logged
+    assert {
+        "rl/reward_mean",
+        "rl/fve_nrm",
+        "rl/kl",
+        "rl/top1_in_batch",
+        "rl/response_len",
+        "rl/extraction_fail_rate",
+        "rl/non_latin_rate",
+        "ar/loss",
+        "rl/time_rollout_s",
+        "rl/time_rewards_s",
+        "rl/time_update_av_s",
+    } <= logged
 
 
 def json_rewards(run_dir) -> float:
@@ -140,14 +233,23 @@ def json_rewards(run_dir) -> float:
 def _adapters(checkpoint) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return {f"{part}/{k}": v for part in ("av", "ar") for k, v in load_file(str(checkpoint / part / "adapter_model.safetensors")).items()} | {
-        "head": load_file(str(checkpoint / "ar" / "value_head.safetensors"))["weight"]}
+    return {
+        f"{part}/{k}": v
+        for part in ("av", "ar")
+        for k, v in load_file(str(checkpoint / part / "adapter_model.safetensors")).items()
+    } | {"head": load_file(str(checkpoint / "ar" / "value_head.safetensors"))["weight"]}
 
 
 def test_resume_is_exact(warm_start, toy_model_dir, tmp_path):
-    _run_rl(warm_start, toy_model_dir, tmp_path / "straight", "--rl_steps", "4", "--rl_save_every", "2", "--kl_coef", "0.01")
-    _run_rl(warm_start, toy_model_dir, tmp_path / "split", "--rl_steps", "2", "--rl_save_every", "2", "--kl_coef", "0.01")
-    _run_rl(warm_start, toy_model_dir, tmp_path / "split", "--rl_steps", "4", "--rl_save_every", "2", "--kl_coef", "0.01")
+    _run_rl(
+        warm_start, toy_model_dir, tmp_path / "straight", "--rl_steps", "4", "--rl_save_every", "2", "--kl_coef", "0.01"
+    )
+    _run_rl(
+        warm_start, toy_model_dir, tmp_path / "split", "--rl_steps", "2", "--rl_save_every", "2", "--kl_coef", "0.01"
+    )
+    _run_rl(
+        warm_start, toy_model_dir, tmp_path / "split", "--rl_steps", "4", "--rl_save_every", "2", "--kl_coef", "0.01"
+    )
     a, b = _adapters(tmp_path / "straight" / "rl" / "final"), _adapters(tmp_path / "split" / "rl" / "final")
     sft = _adapters_sft(warm_start)
     assert a.keys() == b.keys()
@@ -169,8 +271,19 @@ def test_the_grounded_term_refuses_a_format_no_rule_checks(warm_start, toy_model
 
 def test_held_out_check_leaves_training_unchanged(warm_start, toy_model_dir, tmp_path):
     """rl/val_* samples under a forked RNG: a run with it trains exactly as a run without it."""
-    with_val = _run_rl(warm_start, toy_model_dir, tmp_path / "val", "--rl_steps", "2", "--rl_val_rows", "16", "--rl_val_every", "1",
-                       "--rl_table_every", "1")
+    with_val = _run_rl(
+        warm_start,
+        toy_model_dir,
+        tmp_path / "val",
+        "--rl_steps",
+        "2",
+        "--rl_val_rows",
+        "16",
+        "--rl_val_every",
+        "1",
+        "--rl_table_every",
+        "1",
+    )
     without = _run_rl(warm_start, toy_model_dir, tmp_path / "noval", "--rl_steps", "2", "--rl_val_rows", "0")
     assert "val" in with_val and "val" not in without
     # every held-out check carries the collapse signals (the toy's one-word answers: free text, unchecked claims)
@@ -198,11 +311,24 @@ def _joint(warm_start, toy_model_dir, tmp_path):
     """The SFT pair loaded as RL loads it, in a JointTrainer with plain AdamW -> (trainer, {adapter: params})."""
     from nla.stages import rl
 
-    cfg = _cfg(tmp_path, toy_model_dir, "--av_checkpoint", warm_start / "av" / "final", "--ar_checkpoint",
-               warm_start / "ar" / "final", "--kl_coef", "0.01")
-    model, tok, verbalizer, ar, _, sft_ar = rl.load_joint(cfg, warm_start / "av" / "final" / "av",
-                                                          warm_start / "ar" / "final" / "ar", None, torch.device("cpu"),
-                                                          ModelSource.of(cfg.model))
+    cfg = _cfg(
+        tmp_path,
+        toy_model_dir,
+        "--av_checkpoint",
+        warm_start / "av" / "final",
+        "--ar_checkpoint",
+        warm_start / "ar" / "final",
+        "--kl_coef",
+        "0.01",
+    )
+    model, tok, verbalizer, ar, _, sft_ar = rl.load_joint(
+        cfg,
+        warm_start / "av" / "final" / "av",
+        warm_start / "ar" / "final" / "ar",
+        None,
+        torch.device("cpu"),
+        ModelSource.of(cfg.model),
+    )
     params = {a: grpo.adapter_parameters(model, a) for a in (grpo.AV, grpo.AV_REF, grpo.AR, grpo.AR_REF)}
     av_opt = torch.optim.AdamW(params[grpo.AV], lr=1e-2)
     ar_opt = torch.optim.AdamW(params[grpo.AR] + [ar.head.weight], lr=1e-2)
@@ -241,8 +367,10 @@ def test_a_non_finite_gradient_skips_that_update_in_both_phases(warm_start, toy_
     vectors = load_split(warm_start / "data" / "rl.parquet").vectors[:4]
     ro = trainer.rollout(vectors)
     adv = torch.linspace(-1, 1, len(ro.explanations))
-    for adapter, update, stepper in ((grpo.AR, lambda: trainer.update_ar(trainer.score(ro)), trainer.ar_step),
-                                     (grpo.AV, lambda: trainer.update_av(ro, adv), trainer.av_step)):
+    for adapter, update, stepper in (
+        (grpo.AR, lambda: trainer.update_ar(trainer.score(ro)), trainer.ar_step),
+        (grpo.AV, lambda: trainer.update_av(ro, adv), trainer.av_step),
+    ):
         nan_gradients_once(stepper, params[adapter])
         before = [p.detach().clone() for p in params[adapter]]
         update()
@@ -293,11 +421,13 @@ def test_the_grounded_claim_term_pays_each_rollout_for_its_own_rows_claims(warm_
     trainer.engine.rollout = lambda *a, **k: _quoted(engine_rollout(*a, **k))
     torch.manual_seed(0)
     first = trainer.rollout(vectors, ["", ""])
-    word = first.explanations[0][len('ends with "'):-1]
+    word = first.explanations[0][len('ends with "') : -1]
     contexts = [f"some text ending in {word}", "some text ending elsewhere"]
     torch.manual_seed(0)
     ro = trainer.rollout(vectors, contexts)
-    expected = [claims.truth_share(trainer.verbalizer.format, e, contexts[i // g]) for i, e in enumerate(ro.explanations)]
+    expected = [
+        claims.truth_share(trainer.verbalizer.format, e, contexts[i // g]) for i, e in enumerate(ro.explanations)
+    ]
     assert ro.truth.tolist() == expected and ro.truth[0] == 1.0
     sc = trainer.score(ro, train=False)
     rw = trainer.reward_terms(ro, sc)

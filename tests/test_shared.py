@@ -25,7 +25,9 @@ def test_block_output_equals_hidden_states(tiny_model, tiny_tokenizer, layer):
 
 def test_block_output_skips_later_blocks(tiny_model, tiny_tokenizer):
     calls = []
-    handles = [blk.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, blk in enumerate(tiny_model.model.layers)]
+    handles = [
+        blk.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, blk in enumerate(tiny_model.model.layers)
+    ]
     try:
         block_output(tiny_model, tiny_tokenizer("hi there", return_tensors="pt")["input_ids"], None, 1)
     finally:
@@ -46,7 +48,9 @@ def test_last_token_index_any_padding_side():
 def test_split_round_trip(tmp_path, tiny_tokenizer):
     meta = Meta("nla_dataset", make_token_spec(tiny_tokenizer, "㈠"), d_model=4, layer_index=1, base_model="tiny")
     vecs = np.arange(12, dtype=np.float32).reshape(3, 4)
-    path = write_split(tmp_path / "val.parquet", vecs, {"doc_id": ["a", "a", "b"], "explanation": ["x", None, "z"]}, meta)
+    path = write_split(
+        tmp_path / "val.parquet", vecs, {"doc_id": ["a", "a", "b"], "explanation": ["x", None, "z"]}, meta
+    )
     split = load_split(path)
     assert torch.equal(split.vectors, torch.from_numpy(vecs)) and len(split) == 3
     assert split.column("explanation") == ["x", None, "z"] and split.meta.extra["row_count"] == 3
@@ -83,7 +87,9 @@ def test_checkpoint_atomic_resume_and_rotation(tmp_path):
 
     with pytest.raises(RuntimeError):
         save_checkpoint(tmp_path, 5, boom, {})
-    assert not (tmp_path / "checkpoint-000005").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not (tmp_path / "checkpoint-000005").exists() and not [
+        p for p in tmp_path.iterdir() if p.name.startswith(".")
+    ]
 
 
 def test_atomic_folders_follow_the_umask(tmp_path):

@@ -23,8 +23,14 @@ def test_multi_token_marker_rejected(tiny_tokenizer):
 
 
 def test_round_trip_and_wrong_tokenizer_fails(tmp_path, tiny_tokenizer, embedded_tokenizer):
-    meta = Meta("nla_dataset", make_token_spec(tiny_tokenizer, "㈠"), d_model=64, layer_index=2, base_model="tiny",
-                extra={"row_count": 3, "extraction": {"positions_per_doc": 2}})
+    meta = Meta(
+        "nla_dataset",
+        make_token_spec(tiny_tokenizer, "㈠"),
+        d_model=64,
+        layer_index=2,
+        base_model="tiny",
+        extra={"row_count": 3, "extraction": {"positions_per_doc": 2}},
+    )
     path = write_meta(tmp_path / "x.parquet.nla_meta.yaml", meta)
     back = read_meta(path)
     assert back.tokens == meta.tokens and back.d_model == 64 and back.layer_index == 2
@@ -43,8 +49,14 @@ def test_model_sidecars_name_the_layer_by_role(tmp_path, tiny_tokenizer):
     spec = make_token_spec(tiny_tokenizer, "㈠")
     raw = {}
     for role in ("av", "ar"):
-        meta = Meta("nla_model", spec, d_model=64, layer_index=3, base_model="tiny",
-                    extra={"role": role, "extraction": {"injection_scale": 2.0}})
+        meta = Meta(
+            "nla_model",
+            spec,
+            d_model=64,
+            layer_index=3,
+            base_model="tiny",
+            extra={"role": role, "extraction": {"injection_scale": 2.0}},
+        )
         path = write_meta(tmp_path / f"{role}.yaml", meta)
         raw[role] = yaml.safe_load(path.read_text())
         assert read_meta(path).layer_index == 3
@@ -54,8 +66,14 @@ def test_model_sidecars_name_the_layer_by_role(tmp_path, tiny_tokenizer):
 
 def test_reference_field_names_accepted(tiny_tokenizer):
     spec = make_token_spec(tiny_tokenizer, "㈠")
-    old = {"kind": "nla_model", "role": "critic", "d_model": 64, "critic": {"extraction_layer_index": 2},
-           "tokens": {**spec.__dict__}, "prompt_templates": {"actor": templates.AV_TEMPLATE, "critic": templates.AR_TEMPLATE}}
+    old = {
+        "kind": "nla_model",
+        "role": "critic",
+        "d_model": 64,
+        "critic": {"extraction_layer_index": 2},
+        "tokens": {**spec.__dict__},
+        "prompt_templates": {"actor": templates.AV_TEMPLATE, "critic": templates.AR_TEMPLATE},
+    }
     meta = Meta.from_dict(old)
     assert meta.layer_index == 2 and meta.ar_template == templates.AR_TEMPLATE
     verify_tokens(meta.tokens, tiny_tokenizer)

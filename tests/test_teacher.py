@@ -1,9 +1,7 @@
 """Teachers: local batched generation, a REAL local OpenAI-compatible server (retries, errors), the cache."""
 
-import json
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -35,15 +33,20 @@ def model_answer(model, tokenizer):
     lock = threading.Lock()
 
     def answer(body: dict) -> dict:
-        ids = tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)
+        ids = tokenizer.apply_chat_template(
+            body["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         with lock, torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=body.get("max_tokens", 8), do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        new = out[0, ids["input_ids"].shape[1]:]
+            out = model.generate(
+                **ids, max_new_tokens=body.get("max_tokens", 8), do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        new = out[0, ids["input_ids"].shape[1] :]
         text = tokenizer.decode(new, skip_special_tokens=True).replace("<", "")
-        return {"choices": [{"message": {"role": "assistant", "content": f"<explanation>{text} words</explanation>"}}],
-                "usage": {"completion_tokens": len(new)}}
+        return {
+            "choices": [{"message": {"role": "assistant", "content": f"<explanation>{text} words</explanation>"}}],
+            "usage": {"completion_tokens": len(new)},
+        }
+
     return answer
 
 
@@ -89,8 +92,20 @@ def test_openai_teacher_retries_after_a_500(tiny_model, tiny_tokenizer):
 def test_openai_teacher_key_from_env_and_refusal(tiny_model, tiny_tokenizer, monkeypatch):
     srv = model_server(tiny_model, tiny_tokenizer, api_key="s3cret")
     try:
-        cfg, _ = parse_config(["--config", SMOKE, "--teacher", "openai", "--teacher_base_url", srv.url,
-                               "--teacher_model", "tiny", "--teacher_api_key_env", "NLA_TEST_TEACHER_KEY"])
+        cfg, _ = parse_config(
+            [
+                "--config",
+                SMOKE,
+                "--teacher",
+                "openai",
+                "--teacher_base_url",
+                srv.url,
+                "--teacher_model",
+                "tiny",
+                "--teacher_api_key_env",
+                "NLA_TEST_TEACHER_KEY",
+            ]
+        )
         with pytest.raises(TeacherError, match="HTTP 401.*API key"):  # not retried: a wrong key stays wrong
             make_teacher(cfg).complete(CONTEXTS[:1])
         assert srv.requests == 1
@@ -103,12 +118,28 @@ def test_openai_teacher_key_from_env_and_refusal(tiny_model, tiny_tokenizer, mon
 def test_unreachable_endpoint_one_line_error(tiny_model_dir, tmp_path):
     url = free_port_url()
     teacher = OpenAITeacher(url, "tiny", retries=1, backoff_s=0.01)
-    with pytest.raises(TeacherError, match=r"teacher endpoint .* unreachable: .*start the server or use --teacher local"):
+    with pytest.raises(
+        TeacherError, match=r"teacher endpoint .* unreachable: .*start the server or use --teacher local"
+    ):
         teacher.check()
     with pytest.raises(TeacherError, match="unreachable"):
         teacher.complete(CONTEXTS[:1])
-    cfg, _ = parse_config(["--config", SMOKE, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path),
-                           "--teacher", "openai", "--teacher_base_url", url, "--teacher_model", "tiny"])
+    cfg, _ = parse_config(
+        [
+            "--config",
+            SMOKE,
+            "--model",
+            str(tiny_model_dir),
+            "--output_dir",
+            str(tmp_path),
+            "--teacher",
+            "openai",
+            "--teacher_base_url",
+            url,
+            "--teacher_model",
+            "tiny",
+        ]
+    )
     with pytest.raises(TeacherError, match="unreachable") as err:
         run(cfg)
     assert "\n" not in str(err.value)
@@ -116,9 +147,28 @@ def test_unreachable_endpoint_one_line_error(tiny_model_dir, tmp_path):
 
 
 def test_datagen_with_the_openai_teacher(server, tiny_model_dir, tmp_path):
-    cfg, _ = parse_config(["--config", SMOKE, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path),
-                           "--teacher", "openai", "--teacher_base_url", server.url, "--teacher_model", "tiny",
-                           "--teacher_max_new_tokens", "4", "--max_docs", "8", "--split_fractions", "1,1,0,0,0"])
+    cfg, _ = parse_config(
+        [
+            "--config",
+            SMOKE,
+            "--model",
+            str(tiny_model_dir),
+            "--output_dir",
+            str(tmp_path),
+            "--teacher",
+            "openai",
+            "--teacher_base_url",
+            server.url,
+            "--teacher_model",
+            "tiny",
+            "--teacher_max_new_tokens",
+            "4",
+            "--max_docs",
+            "8",
+            "--split_fractions",
+            "1,1,0,0,0",
+        ]
+    )
     out = run(cfg)
     assert out["rows"]["av_sft"] + out["rows"]["ar_sft"] == 16 and out["rows"]["rl"] == 0
     assert server.requests == 16 and out["teacher_tokens_per_s"] > 0
@@ -143,21 +193,44 @@ def prose_server(model, tokenizer, prose_when=lambda prompt: True) -> TestChatSe
             content = f"Sure! This text is about {inner}."
         else:
             content = f"{templates.EXPLANATION_OPEN}{inner}{templates.EXPLANATION_CLOSE}"
-        return {"choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-                "usage": {"completion_tokens": 3}}
+        return {
+            "choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"completion_tokens": 3},
+        }
+
     return TestChatServer(answer)
 
 
 def _datagen_cfg(tmp_path, tiny_model_dir, url, *extra):
-    cfg, _ = parse_config(["--config", SMOKE, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path),
-                           "--teacher", "openai", "--teacher_base_url", url, "--teacher_model", "tiny",
-                           "--teacher_max_new_tokens", "4", "--max_docs", "8", "--split_fractions", "1,1,0,0,0",
-                           *extra])
+    cfg, _ = parse_config(
+        [
+            "--config",
+            SMOKE,
+            "--model",
+            str(tiny_model_dir),
+            "--output_dir",
+            str(tmp_path),
+            "--teacher",
+            "openai",
+            "--teacher_base_url",
+            url,
+            "--teacher_model",
+            "tiny",
+            "--teacher_max_new_tokens",
+            "4",
+            "--max_docs",
+            "8",
+            "--split_fractions",
+            "1,1,0,0,0",
+            *extra,
+        ]
+    )
     return cfg
 
 
-def test_datagen_refuses_unusable_answers_and_the_prefill_fixes_them(tiny_model, tiny_tokenizer, tiny_model_dir,
-                                                                      tmp_path):
+def test_datagen_refuses_unusable_answers_and_the_prefill_fixes_them(
+    tiny_model, tiny_tokenizer, tiny_model_dir, tmp_path
+):
     """Every answer prose: datagen fails with one line (teacher, count, a sample) and writes no split;
     the answers stay cached. With --teacher_prefill the same server answers inside the format; a
     third run asks nothing."""
@@ -165,8 +238,11 @@ def test_datagen_refuses_unusable_answers_and_the_prefill_fixes_them(tiny_model,
 
     srv = prose_server(tiny_model, tiny_tokenizer)
     try:
-        with pytest.raises(DatagenError, match=r"teacher 'tiny': every answer for split\(s\) ar_sft, av_sft was "
-                                               r"malformed \(16 of 16 answers\), e.g. 'Sure! .*--teacher_prefill true") as err:
+        with pytest.raises(
+            DatagenError,
+            match=r"teacher 'tiny': every answer for split\(s\) ar_sft, av_sft was "
+            r"malformed \(16 of 16 answers\), e.g. 'Sure! .*--teacher_prefill true",
+        ) as err:
             run(_datagen_cfg(tmp_path, tiny_model_dir, srv.url))
         assert "\n" not in str(err.value) and srv.requests == 16
         assert not list(tmp_path.glob("data/*.parquet"))  # nothing written
@@ -180,8 +256,9 @@ def test_datagen_refuses_unusable_answers_and_the_prefill_fixes_them(tiny_model,
         srv.close()
 
 
-def test_datagen_warns_above_the_malformed_share_and_drops_those_rows(tiny_model, tiny_tokenizer, tiny_model_dir,
-                                                                       tmp_path, capsys):
+def test_datagen_warns_above_the_malformed_share_and_drops_those_rows(
+    tiny_model, tiny_tokenizer, tiny_model_dir, tmp_path, capsys
+):
     srv = prose_server(tiny_model, tiny_tokenizer, prose_when=lambda prompt: "class" in prompt.lower())
     try:
         out = run(_datagen_cfg(tmp_path, tiny_model_dir, srv.url, "--teacher_malformed_warn", "0"))
@@ -195,13 +272,31 @@ def test_datagen_warns_above_the_malformed_share_and_drops_those_rows(tiny_model
 
 
 def test_datagen_refuses_a_split_too_few_documents_reach(tiny_model_dir, tmp_path, server):
-    cfg, _ = parse_config(["--config", SMOKE, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path),
-                           "--teacher", "openai", "--teacher_base_url", server.url, "--teacher_model", "tiny",
-                           "--max_docs", "3"])
+    cfg, _ = parse_config(
+        [
+            "--config",
+            SMOKE,
+            "--model",
+            str(tiny_model_dir),
+            "--output_dir",
+            str(tmp_path),
+            "--teacher",
+            "openai",
+            "--teacher_base_url",
+            server.url,
+            "--teacher_model",
+            "tiny",
+            "--max_docs",
+            "3",
+        ]
+    )
     from nla.stages.datagen import DatagenError
 
-    with pytest.raises(DatagenError, match=r"split '(val|test|av_sft|ar_sft|rl)' got none of the 3 documents "
-                                           r"\(its share 0\.\d\d of --split_fractions\): use --max_docs \d+") as err:
+    with pytest.raises(
+        DatagenError,
+        match=r"split '(val|test|av_sft|ar_sft|rl)' got none of the 3 documents "
+        r"\(its share 0\.\d\d of --split_fractions\): use --max_docs \d+",
+    ) as err:
         run(cfg)
     assert "\n" not in str(err.value) and server.requests == 0  # refused before any teacher call
 
@@ -212,10 +307,23 @@ def test_the_judge_prefills_its_own_tag(tiny_model, tiny_tokenizer):
     def answer(body):
         seen.append(body)
         return {"choices": [{"message": {"content": "1. supported"}, "finish_reason": "stop"}]}
+
     srv = TestChatServer(answer)
     try:
-        cfg, _ = parse_config(["--config", SMOKE, "--judge", "openai", "--judge_base_url", srv.url,
-                               "--judge_model", "j", "--judge_prefill", "true"])
+        cfg, _ = parse_config(
+            [
+                "--config",
+                SMOKE,
+                "--judge",
+                "openai",
+                "--judge_base_url",
+                srv.url,
+                "--judge_model",
+                "j",
+                "--judge_prefill",
+                "true",
+            ]
+        )
         from nla.data.judge import make_judge
 
         judge = make_judge(cfg)
@@ -264,17 +372,22 @@ def test_cache_survives_torn_lines_and_skips_cached_contexts(tmp_path):
     Counting.calls.clear()
     again = explain(teacher, CONTEXTS, reloaded, show_progress=False)
     assert Counting.calls == [] and again.explanations == first.explanations[:3]
-    assert TeacherCache.key("a", "ctx") != TeacherCache.key("b", "ctx") != TeacherCache.key("a", "ctx", "other {context}")
+    assert (
+        TeacherCache.key("a", "ctx") != TeacherCache.key("b", "ctx") != TeacherCache.key("a", "ctx", "other {context}")
+    )
 
 
-@pytest.mark.parametrize("text, ended, expected", [
-    ("a; b; c</explanation> more", False, "a; b; c</explanation>"),
-    ("\n\nThe text is about loops. It goes on", False, "The text is about loops.</explanation>"),
-    ("Python 3.5 adds await. Then", False, "Python 3.5 adds await.</explanation>"),
-    ("first line\nsecond", False, "first line</explanation>"),
-    ("cut at the cap mid-senten", False, "cut at the cap mid-senten"),  # malformed: dropped
-    ("stopped by eos without a period", True, "stopped by eos without a period</explanation>"),
-])
+@pytest.mark.parametrize(
+    "text, ended, expected",
+    [
+        ("a; b; c</explanation> more", False, "a; b; c</explanation>"),
+        ("\n\nThe text is about loops. It goes on", False, "The text is about loops.</explanation>"),
+        ("Python 3.5 adds await. Then", False, "Python 3.5 adds await.</explanation>"),
+        ("first line\nsecond", False, "first line</explanation>"),
+        ("cut at the cap mid-senten", False, "cut at the cap mid-senten"),  # malformed: dropped
+        ("stopped by eos without a period", True, "stopped by eos without a period</explanation>"),
+    ],
+)
 def test_local_answers_end_at_tag_sentence_or_line(text, ended, expected):
     from nla.data.teacher import finish_answer
 
@@ -282,17 +395,24 @@ def test_local_answers_end_at_tag_sentence_or_line(text, ended, expected):
     assert (templates.extract_explanation("<explanation>" + finish_answer(text, ended)) is None) == (expected == text)
 
 
-@pytest.mark.parametrize("context, expected", [
-    # the position's token is often punctuation, a symbol or a line break: quoted exactly as written
-    ("A descriptor defines __get__(). The descriptor is invoked when\n",
-     'ends with "The descriptor is invoked when\n"; about descriptor'),  # "get__()." was cut
-    ("x = [1, 2,", 'ends with "x = [1, 2,"'),  # no word of 5+ letters: no topic claim
-    ('Strings: she said "hi"\tthen left', 'ends with "Strings: she said \\"hi\\"\tthen left"; about strings'),
-    # a cut inside a word moves to the next word boundary
-    ("Iterators iterate over iterables; then iterators protocol requires __next__",  # 40 chars: "hen iterators..."
-     'ends with "iterators protocol requires __next__"; about iterators'),
-    ("", "an empty text"),
-])
+@pytest.mark.parametrize(
+    "context, expected",
+    [
+        # the position's token is often punctuation, a symbol or a line break: quoted exactly as written
+        (
+            "A descriptor defines __get__(). The descriptor is invoked when\n",
+            'ends with "The descriptor is invoked when\n"; about descriptor',
+        ),  # "get__()." was cut
+        ("x = [1, 2,", 'ends with "x = [1, 2,"'),  # no word of 5+ letters: no topic claim
+        ('Strings: she said "hi"\tthen left', 'ends with "Strings: she said \\"hi\\"\tthen left"; about strings'),
+        # a cut inside a word moves to the next word boundary
+        (
+            "Iterators iterate over iterables; then iterators protocol requires __next__",  # 40 chars: "hen iterators..."
+            'ends with "iterators protocol requires __next__"; about iterators',
+        ),
+        ("", "an empty text"),
+    ],
+)
 def test_extractive_teacher_topic_and_exact_tail(context, expected):
     teacher = ExtractiveTeacher(tail_chars=40)
     answer = teacher.complete([context])[0]

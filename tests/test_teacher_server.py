@@ -37,9 +37,25 @@ def teacher_server(vllm_python, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    cmd = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name", "smol",
-           "--host", "127.0.0.1", "--port", str(port), "--gpu-memory-utilization", "0.25", "--max-model-len", "2048",
-           "--dtype", "float32"]
+    cmd = [
+        vllm_python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--served-model-name",
+        "smol",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--gpu-memory-utilization",
+        "0.25",
+        "--max-model-len",
+        "2048",
+        "--dtype",
+        "float32",
+    ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
@@ -66,10 +82,32 @@ def teacher_server(vllm_python, tmp_path_factory):
 
 
 def _datagen(url: str, out: Path, *extra: str) -> int:
-    return main(["datagen", "--config", "configs/embedded.yaml", "--output_dir", str(out), "--max_docs", "3",
-                 "--positions_per_doc", "4", "--split_fractions", "1,0,0,0,0", "--teacher", "openai",
-                 "--teacher_base_url", url, "--teacher_model", "smol", "--teacher_max_new_tokens", "40",
-                 "--report_to", "none", *extra])
+    return main(
+        [
+            "datagen",
+            "--config",
+            "configs/embedded.yaml",
+            "--output_dir",
+            str(out),
+            "--max_docs",
+            "3",
+            "--positions_per_doc",
+            "4",
+            "--split_fractions",
+            "1,0,0,0,0",
+            "--teacher",
+            "openai",
+            "--teacher_base_url",
+            url,
+            "--teacher_model",
+            "smol",
+            "--teacher_max_new_tokens",
+            "40",
+            "--report_to",
+            "none",
+            *extra,
+        ]
+    )
 
 
 def test_datagen_against_vllms_server_with_and_without_the_prefill(teacher_server, tmp_path, capsys):
@@ -78,16 +116,19 @@ def test_datagen_against_vllms_server_with_and_without_the_prefill(teacher_serve
     # Asked plainly, the small chat model answers in prose: no split can be written, and datagen says so.
     assert _datagen(url, out) != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert any("every answer for split(s)" in line and "'smol'" in line and "--teacher_prefill true" in line
-               for line in err), err[-3:]
+    assert any(
+        "every answer for split(s)" in line and "'smol'" in line and "--teacher_prefill true" in line for line in err
+    ), err[-3:]
     assert not list((out / "data").glob("*.parquet"))
     # With the opening tag prefilled, the same server answers inside the format.
     assert _datagen(url, out, "--teacher_prefill", "true") == 0
     summary = json.loads((out / "data" / "datagen_summary.json").read_text())
     assert summary["rows"]["av_sft"] > 0, summary["rows"]
     assert summary["teacher_calls"] == summary["teacher_requested"] > 0
-    print(f"[teacher server] {summary['teacher_calls']} answers in {summary['teacher_s']} s, "
-          f"{summary['teacher_tokens_per_s']} tokens/s, malformed {summary['teacher_malformed']}")
+    print(
+        f"[teacher server] {summary['teacher_calls']} answers in {summary['teacher_s']} s, "
+        f"{summary['teacher_tokens_per_s']} tokens/s, malformed {summary['teacher_malformed']}"
+    )
     # A rerun finds every answer in the cache and sends nothing.
     assert _datagen(url, out, "--teacher_prefill", "true") == 0
     again = json.loads((out / "data" / "datagen_summary.json").read_text())

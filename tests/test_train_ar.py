@@ -27,20 +27,41 @@ def write_task(data_dir, tok, model_dir, n_train=96, n_val=24, seed=0):
     """Explanation = one of 6 words; its target = the word's fixed random vector + small noise."""
     g = torch.Generator().manual_seed(seed)
     protos = 3 * torch.randn(len(WORDS), 64, generator=g) + torch.randn(64, generator=g)  # shared offset: anisotropy
-    meta = Meta("nla_dataset", make_token_spec(tok, "㈠"), d_model=64, layer_index=1, base_model=str(model_dir),
-                extra={"suggested_injection_scale": 3.0, "dataset_id": "words6"})
+    meta = Meta(
+        "nla_dataset",
+        make_token_spec(tok, "㈠"),
+        d_model=64,
+        layer_index=1,
+        base_model=str(model_dir),
+        extra={"suggested_injection_scale": 3.0, "dataset_id": "words6"},
+    )
     for name, n, offset in (("ar_sft", n_train, 0), ("val", n_val, 1)):
         which = [(i + offset) % len(WORDS) for i in range(n)]
         vectors = protos[which] + 0.3 * torch.randn(n, 64, generator=g)
         texts = [f"{WORDS[w]}" for w in which]
-        cols = {"explanation": texts, "prompt": [ar_prompt(t) for t in texts], "doc_id": [f"{name}-{i}" for i in range(n)]}
+        cols = {
+            "explanation": texts,
+            "prompt": [ar_prompt(t) for t in texts],
+            "doc_id": [f"{name}-{i}" for i in range(n)],
+        }
         write_split(data_dir / f"{name}.parquet", vectors, cols, meta)
 
 
 def make_cfg(tmp_path, model_dir, **over):
     flat = yaml.safe_load(open(SMOKE))
-    flat.update(model=str(model_dir), output_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), resume="never",
-                ar_steps=60, ar_lr=5e-3, ar_batch_size=8, ar_lora_r=8, ar_eval_every=30, ar_save_every=30, log_every=5)
+    flat.update(
+        model=str(model_dir),
+        output_dir=str(tmp_path / "run"),
+        data_dir=str(tmp_path / "data"),
+        resume="never",
+        ar_steps=60,
+        ar_lr=5e-3,
+        ar_batch_size=8,
+        ar_lora_r=8,
+        ar_eval_every=30,
+        ar_save_every=30,
+        log_every=5,
+    )
     flat.update(over)
     return from_flat_dict(flat)
 
@@ -65,8 +86,11 @@ def test_learns_and_controls_stay_at_chance(task, tiny_model_dir, tmp_path):
     assert real["controls"]["empty_text"] <= 0.02 and real["controls"]["random_text"] < 0.1
     assert real["controls"]["word_salad"] < 0.3 and control["val_fve_nrm"] <= 0.1, (real, control)
     assert real["val_fve_vs_mean_pred"] >= real["val_fve_nrm"]
-    losses = [r["ar/loss"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl"))
-              if r["stage"] == "train-ar" and "ar/loss" in r]
+    losses = [
+        r["ar/loss"]
+        for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl"))
+        if r["stage"] == "train-ar" and "ar/loss" in r
+    ]
     assert losses[-1] < 0.5 * losses[0]
     # The published checkpoint carries the training Var and scale; reloaded, it scores the same.
     ar, tok = load_ar(real["checkpoint"])
@@ -87,8 +111,16 @@ def load_split_rows(path):
 
 
 def test_resume_is_exact(task, tiny_model_dir, tmp_path):
-    cfg = make_cfg(task, tiny_model_dir, output_dir=str(tmp_path / "run"), ar_steps=8, ar_save_every=4, ar_eval_every=100,
-                   ar_grad_accum=2, resume="auto")
+    cfg = make_cfg(
+        task,
+        tiny_model_dir,
+        output_dir=str(tmp_path / "run"),
+        ar_steps=8,
+        ar_save_every=4,
+        ar_eval_every=100,
+        ar_grad_accum=2,
+        resume="auto",
+    )
     straight = run(cfg)
     root = tmp_path / "run" / "ar"
     shutil.copytree(root / "final", tmp_path / "straight")
@@ -110,15 +142,25 @@ def test_resume_is_exact(task, tiny_model_dir, tmp_path):
         run(cfg.replace(ar_lr=0.5))  # finished run, changed lr: refused, not silently kept
     assert run(cfg.replace(ar_steps=10))["steps"] == 10  # run length may change: continues from step 8
     fresh = run(cfg.replace(resume="restart", ar_steps=4))  # moves the old run aside, starts over
-    assert fresh["steps"] == 4 and sorted(p.name for p in root.glob("superseded-*/checkpoint-*"))[-1] == "checkpoint-000010"
+    assert (
+        fresh["steps"] == 4
+        and sorted(p.name for p in root.glob("superseded-*/checkpoint-*"))[-1] == "checkpoint-000010"
+    )
     assert json.loads((root / "final" / "trainer_state.json").read_text())["step"] == 4
 
 
 def test_resume_falls_back_past_a_cut_checkpoint_and_clears_dead_temps(task, tiny_model_dir, tmp_path, capsys):
     from nla.train.checkpoint import list_checkpoints
 
-    cfg = make_cfg(task, tiny_model_dir, output_dir=str(tmp_path / "run"), ar_steps=8, ar_save_every=4, ar_eval_every=100,
-                   resume="auto")
+    cfg = make_cfg(
+        task,
+        tiny_model_dir,
+        output_dir=str(tmp_path / "run"),
+        ar_steps=8,
+        ar_save_every=4,
+        ar_eval_every=100,
+        resume="auto",
+    )
     run(cfg)
     root = tmp_path / "run" / "ar"
     state = root / "checkpoint-000008" / "training_state.pt"
@@ -140,8 +182,22 @@ def test_non_finite_steps_are_skipped(tiny_model_dir, tiny_tokenizer, tmp_path):
     acc = Accelerator(cpu=True)
     opt = torch.optim.AdamW(ar.trainable_parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    trainer = ARTrainer(cfg.ar, cfg.run.seed, ar, ar, tiny_tokenizer, rows, rows, acc, Tracker(cfg, "t", True), tmp_path / "ar",
-                        lambda *a: None, opt, sched, {})
+    trainer = ARTrainer(
+        cfg.ar,
+        cfg.run.seed,
+        ar,
+        ar,
+        tiny_tokenizer,
+        rows,
+        rows,
+        acc,
+        Tracker(cfg, "t", True),
+        tmp_path / "ar",
+        lambda *a: None,
+        opt,
+        sched,
+        {},
+    )
     nan_gradients_once(trainer.stepper, ar.trainable_parameters())
     head0 = ar.head.weight.detach().clone()
     trainer.train_step()
@@ -151,8 +207,20 @@ def test_non_finite_steps_are_skipped(tiny_model_dir, tiny_tokenizer, tmp_path):
 
 
 def test_main_prints_the_table(task, tiny_model_dir, tmp_path, capsys):
-    argv = ["--config", SMOKE, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path / "run"),
-            "--data_dir", str(task / "data"), "--ar_steps", "2", "--shuffled_control", "true"]
+    argv = [
+        "--config",
+        SMOKE,
+        "--model",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--data_dir",
+        str(task / "data"),
+        "--ar_steps",
+        "2",
+        "--shuffled_control",
+        "true",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     for row in ("real explanations", "empty text", "other rows' explanations", "word salad", "shuffled-target control"):
@@ -167,10 +235,36 @@ def test_two_process_ddp_on_cpu(task, tiny_model_dir, tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/cpu_2proc.yaml",
-           "-m", "nla.cli", "train-ar", "--config", SMOKE, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path / "run"),
-           "--data_dir", str(task / "data"), "--ar_steps", "60", "--ar_lr", "5e-3", "--ar_batch_size", "4",
-           "--ar_lora_r", "8", "--ar_eval_every", "30", "--ar_save_every", "30"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "launch/accelerate/cpu_2proc.yaml",
+        "-m",
+        "nla.cli",
+        "train-ar",
+        "--config",
+        SMOKE,
+        "--model",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--data_dir",
+        str(task / "data"),
+        "--ar_steps",
+        "60",
+        "--ar_lr",
+        "5e-3",
+        "--ar_batch_size",
+        "4",
+        "--ar_lora_r",
+        "8",
+        "--ar_eval_every",
+        "30",
+        "--ar_save_every",
+        "30",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     fve = float(proc.stdout.split("real explanations")[1].split()[0])
@@ -190,8 +284,12 @@ def test_oracle_ar_reads_the_raw_context_tail(tiny_model_dir, tiny_tokenizer, tm
     for name in ("ar_sft", "val"):  # move the word from the explanation into the context
         split = load_split(tmp_path / "data" / f"{name}.parquet")
         words = split.column("explanation")
-        cols = {**split.columns, "explanation": ["a text"] * len(words), "prompt": [ar_prompt("a text")] * len(words),
-                "detokenized_text_truncated": [f"Some text, and then the word {w}\n" for w in words]}
+        cols = {
+            **split.columns,
+            "explanation": ["a text"] * len(words),
+            "prompt": [ar_prompt("a text")] * len(words),
+            "detokenized_text_truncated": [f"Some text, and then the word {w}\n" for w in words],
+        }
         write_split(split.path, split.vectors, cols, split.meta)
     split = load_split(tmp_path / "data" / "val.parquet")
     tails = ar_texts(split, "context")

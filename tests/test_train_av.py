@@ -34,23 +34,38 @@ def toy(tmp_path_factory, tiny_tokenizer):
     for name, n in (("av_sft", 256), ("val", 32)):
         label = torch.randint(0, len(WORDS), (n,), generator=g)
         vectors = centres[label] + torch.randn(n, D, generator=g)
-        columns = {"prompt": [templates.av_user_message(MARKER)] * n,
-                   "response": [templates.av_response(WORDS[i]) for i in label],
-                   "explanation": [WORDS[i] for i in label],
-                   "detokenized_text_truncated": [f"text about {WORDS[i]}" for i in label]}
+        columns = {
+            "prompt": [templates.av_user_message(MARKER)] * n,
+            "response": [templates.av_response(WORDS[i]) for i in label],
+            "explanation": [WORDS[i] for i in label],
+            "detokenized_text_truncated": [f"text about {WORDS[i]}" for i in label],
+        }
         write_split(root / "data" / f"{name}.parquet", vectors, columns, meta(tok))
     return root
 
 
 def meta(tok, d_model=D, scale=8.0):
     extra = {"suggested_injection_scale": scale} if scale else {}
-    return Meta(kind="nla_dataset", tokens=make_token_spec(tok, MARKER), d_model=d_model, layer_index=1,
-                base_model="tiny", extra=extra)
+    return Meta(
+        kind="nla_dataset",
+        tokens=make_token_spec(tok, MARKER),
+        d_model=d_model,
+        layer_index=1,
+        base_model="tiny",
+        extra=extra,
+    )
 
 
 def config(toy, out, **overrides):
-    values = {**load_yaml("configs/smoke.yaml"), "model": str(toy / "model"), "data_dir": str(toy / "data"),
-              "output_dir": str(out), "av_lora_r": 8, "max_new_tokens": 24, **overrides}
+    values = {
+        **load_yaml("configs/smoke.yaml"),
+        "model": str(toy / "model"),
+        "data_dir": str(toy / "data"),
+        "output_dir": str(out),
+        "av_lora_r": 8,
+        "max_new_tokens": 24,
+        **overrides,
+    }
     return from_flat_dict(values)
 
 
@@ -71,17 +86,46 @@ def test_learns_a_task_that_needs_the_vector(toy, tmp_path):
     assert right >= 0.75 * len(val), list(zip(said, val.column("explanation")))
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     keys = set().union(*lines)
-    assert {"av/loss", "av/lr", "av/tokens_per_s", "av/val_loss", "av/val_loss_shuffled", "av/shuffle_gap",
-            "av/non_latin_rate", "av/extraction_fail_rate"} <= keys
+    assert {
+        "av/loss",
+        "av/lr",
+        "av/tokens_per_s",
+        "av/val_loss",
+        "av/val_loss_shuffled",
+        "av/shuffle_gap",
+        "av/non_latin_rate",
+        "av/extraction_fail_rate",
+    } <= keys
     tables = (tmp_path / "run" / "tables.jsonl").read_text()
     assert '"av/samples"' in tables and "context_tail" in tables
 
 
 def test_resume_continues_exactly(toy, tmp_path, capsys):
     """4 steps straight == 2 steps, resume from that checkpoint, 2 more (grad accumulation on)."""
-    args = ["--config", "configs/smoke.yaml", "--model", str(toy / "model"), "--data_dir", str(toy / "data"),
-            "--output_dir", str(tmp_path / "run"), "--av_steps", "4", "--av_save_every", "2", "--av_eval_every", "4",
-            "--av_batch_size", "4", "--av_grad_accum", "2", "--av_lr", "3e-3", "--av_lora_r", "4"]
+    args = [
+        "--config",
+        "configs/smoke.yaml",
+        "--model",
+        str(toy / "model"),
+        "--data_dir",
+        str(toy / "data"),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--av_steps",
+        "4",
+        "--av_save_every",
+        "2",
+        "--av_eval_every",
+        "4",
+        "--av_batch_size",
+        "4",
+        "--av_grad_accum",
+        "2",
+        "--av_lr",
+        "3e-3",
+        "--av_lora_r",
+        "4",
+    ]
     assert train_av.main(args) == 0
     printed = capsys.readouterr().out
     assert "val loss real" in printed and "shuffled" in printed and printed.count("teacher:") == 3
@@ -100,8 +144,19 @@ def test_resume_continues_exactly(toy, tmp_path, capsys):
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], atol=1e-5, rtol=1e-4)
     # Control: a run from scratch with another seed ends elsewhere, so the comparison can fail.
-    other = train_av.run(config(toy, tmp_path / "other", av_steps=4, av_batch_size=4, av_grad_accum=2, av_lr=3e-3,
-                                av_lora_r=4, seed=1, av_eval_at_start=False))
+    other = train_av.run(
+        config(
+            toy,
+            tmp_path / "other",
+            av_steps=4,
+            av_batch_size=4,
+            av_grad_accum=2,
+            av_lr=3e-3,
+            av_lora_r=4,
+            seed=1,
+            av_eval_at_start=False,
+        )
+    )
     diff = load_file(f"{other['checkpoint']}/av/adapter_model.safetensors")
     assert max((diff[k] - straight[k]).abs().max() for k in straight) > 1e-3
     logged = [json.loads(line) for line in (tmp_path / "other" / "metrics.jsonl").read_text().splitlines()]
@@ -129,8 +184,20 @@ def test_a_non_finite_gradient_skips_that_update(toy, tmp_path, tiny_tokenizer):
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     scheduler = schedule(optimizer, 4)
     model, optimizer = acc.prepare(model, optimizer)
-    trainer = train_av.AVTrainer(cfg.av, 0, acc, model, tiny_tokenizer, av_meta, data, optimizer, scheduler,
-                                 Tracker(cfg, "t", True), tmp_path / "av", cfg.save)
+    trainer = train_av.AVTrainer(
+        cfg.av,
+        0,
+        acc,
+        model,
+        tiny_tokenizer,
+        av_meta,
+        data,
+        optimizer,
+        scheduler,
+        Tracker(cfg, "t", True),
+        tmp_path / "av",
+        cfg.save,
+    )
     nan_gradients_once(trainer.stepper, params)
     before = [p.detach().clone() for p in params]
     trainer.train_step(0)
@@ -152,16 +219,23 @@ def _broken(toy, tmp_path, tok, **kw):
     columns = dict(split.columns)
     if kw.get("prompt"):
         columns["prompt"] = [kw["prompt"]] * len(split)
-    write_split(data / "av_sft.parquet", split.vectors[:, : kw.get("d", D)], columns,
-                meta(tok, d_model=kw.get("d", D), scale=kw.get("scale", 8.0)))
+    write_split(
+        data / "av_sft.parquet",
+        split.vectors[:, : kw.get("d", D)],
+        columns,
+        meta(tok, d_model=kw.get("d", D), scale=kw.get("scale", 8.0)),
+    )
     return data
 
 
-@pytest.mark.parametrize("kind, error, message", [
-    ("no_scale", ConfigError, "injection scale"),
-    ("d_model", SidecarError, "hidden_size"),
-    ("template", SidecarError, "template drift"),  # the one error type the CLI prints as one line
-])
+@pytest.mark.parametrize(
+    "kind, error, message",
+    [
+        ("no_scale", ConfigError, "injection scale"),
+        ("d_model", SidecarError, "hidden_size"),
+        ("template", SidecarError, "template drift"),  # the one error type the CLI prints as one line
+    ],
+)
 def test_bad_data_fails_with_one_line(toy, tmp_path, tiny_tokenizer, kind, error, message):
     kw = {"no_scale": {"scale": None}, "d_model": {"d": 32}, "template": {"prompt": "Describe ㈠ please."}}[kind]
     data = _broken(toy, tmp_path, tiny_tokenizer, **kw)

@@ -62,7 +62,9 @@ def test_api_text_and_vectors_agree(nla, tiny_tokenizer):
     picked = explain_text(TEXT, nla=nla, positions=[3, 7], temperature=0.0, max_new_tokens=24)
     assert [r["position"] for r in picked] == [3, 7]
     assert [r["explanation"] for r in picked] == [rows[3]["explanation"], rows[7]["explanation"]]
-    assert all(r["selection"] == "greedy" and "fve_nrm" in r and r["var_source"].startswith("ar_sidecar") for r in picked)
+    assert all(
+        r["selection"] == "greedy" and "fve_nrm" in r and r["var_source"].startswith("ar_sidecar") for r in picked
+    )
     var = float(nla.ar.meta.extra["ar_target_variance"])
     assert picked[0]["fve_nrm"] == pytest.approx(1 - picked[0]["mse_nrm"] / var)
 
@@ -100,16 +102,39 @@ def test_batch_size_is_rows_per_generate_call(toy, nla):
 
 def test_cli_text_with_rerank(toy, tmp_path, capsys):
     out = tmp_path / "e.jsonl"
-    code = cli(["verbalize", "--config", SMOKE, "--checkpoint", str(toy / "run"), "--text", TEXT, "--positions", "3,7,9",
-                "--num_samples", "4", "--rerank_with_ar", "--verbalize_temperature", "1.0", "--max_new_tokens", "24",
-                "--output_dir", str(tmp_path / "run"), "--out", str(out)])
+    code = cli(
+        [
+            "verbalize",
+            "--config",
+            SMOKE,
+            "--checkpoint",
+            str(toy / "run"),
+            "--text",
+            TEXT,
+            "--positions",
+            "3,7,9",
+            "--num_samples",
+            "4",
+            "--rerank_with_ar",
+            "--verbalize_temperature",
+            "1.0",
+            "--max_new_tokens",
+            "24",
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "token" in printed and "explanation" in printed and "best_of_4_by_AR" in printed
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["position"] for r in rows] == [3, 7, 9]
     page = out.with_suffix(".html").read_text()  # the browsable table of the same rows
-    assert page.count("<mark>") == 3 and all(r["explanation"] is None or html.escape(r["explanation"][:10]) in page for r in rows)
+    assert page.count("<mark>") == 3 and all(
+        r["explanation"] is None or html.escape(r["explanation"][:10]) in page for r in rows
+    )
     for r in rows:
         assert r["selection"] == "best_of_4_by_AR" and len(r["candidates"]) == 4
         ok = [c["mse_nrm"] for c in r["candidates"] if not c["failed"]] or [c["mse_nrm"] for c in r["candidates"]]

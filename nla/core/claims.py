@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import collections
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 from nla.core import templates
 
@@ -47,8 +48,8 @@ def split_claims(text: str) -> list[str]:
             continue
         if ch == '"':
             quoted = True
-        elif ch == ";" or (ch in ".!?" and text[i + 1:i + 2].isspace()):
-            claims.append(text[start:i + (ch != ";")])
+        elif ch == ";" or (ch in ".!?" and text[i + 1 : i + 2].isspace()):
+            claims.append(text[start : i + (ch != ";")])
             start = i + 1
     claims.append(text[start:])
     return [c.strip() for c in claims if c.strip()]
@@ -56,9 +57,11 @@ def split_claims(text: str) -> list[str]:
 
 # ---------------------------------------------------------------- the extractive format's rules
 
-STOP_WORDS = frozenset("""about above after again against because before being below between could doing during
+STOP_WORDS = frozenset(
+    """about above after again against because before being below between could doing during
 every further having other should their there these those through under until where which while would itself
-value values given""".split())
+value values given""".split()
+)
 
 
 def quote(text: str) -> str:
@@ -85,7 +88,7 @@ def text_tail(context: str, n_chars: int) -> str:
     if _word_char(context[-n_chars - 1]) and _word_char(tail[0]):  # the cut fell inside a word: drop its end
         space = re.search(r"\s", tail)
         if space is not None and space.start() < n_chars // 2:
-            tail = tail[space.start() + 1:]
+            tail = tail[space.start() + 1 :]
     return tail
 
 
@@ -136,11 +139,11 @@ class Row:
     next_token: str | None = None
 
 
-def as_row(context: "str | Row") -> Row:
+def as_row(context: str | Row) -> Row:
     return context if isinstance(context, Row) else Row(context or "")
 
 
-def context_text(context: "str | Row") -> str:
+def context_text(context: str | Row) -> str:
     return as_row(context).context
 
 
@@ -165,7 +168,7 @@ class ExplanationFormat(Protocol):
 
     def parse(self, explanation: str) -> Parsed: ...
 
-    def check(self, claim: Claim, context: "str | Row") -> dict[str, float]: ...  # check -> score in [0, 1]
+    def check(self, claim: Claim, context: str | Row) -> dict[str, float]: ...  # check -> score in [0, 1]
 
 
 _QUOTE = re.compile(r'ends with "(.*)"', re.S)
@@ -197,8 +200,10 @@ class ExtractiveFormat:
         unknown = [c for c in self.claim_types if c not in EXTRACTIVE_CLAIMS]
         repeated = len(set(self.claim_types)) < len(self.claim_types)
         if not self.claim_types or self.claim_types[0] != "quote" or unknown or repeated:
-            raise ValueError(f"extractive claims {list(self.claim_types)}: 'quote' first, then any of "
-                             f"{list(EXTRACTIVE_CLAIMS[1:])}, each once.")
+            raise ValueError(
+                f"extractive claims {list(self.claim_types)}: 'quote' first, then any of "
+                f"{list(EXTRACTIVE_CLAIMS[1:])}, each once."
+            )
 
     @property
     def checked_types(self) -> tuple[str, ...]:
@@ -212,7 +217,7 @@ class ExtractiveFormat:
         topic = topic_word(context) if "topic" in self.claim_types else None
         return "; ".join(claims + ([f"about {topic}"] if topic else []))
 
-    def with_facts(self, explanation: str, row: "str | Row") -> str:
+    def with_facts(self, explanation: str, row: str | Row) -> str:
         """`explanation` with the claims this format makes from the row's facts (`predicts "X"`, the
         model's own next token), where the row records them."""
         row = as_row(row)
@@ -241,9 +246,9 @@ class ExtractiveFormat:
         in_order = kinds == [k for k in self.claim_types if k in kinds]  # known kinds, in the format's order
         return Parsed(claims, kinds[:1] == ["quote"] and in_order and len(set(kinds)) == len(kinds))
 
-    def check(self, claim: Claim, context: "str | Row") -> dict[str, float]:
+    def check(self, claim: Claim, context: str | Row) -> dict[str, float]:
         row = as_row(context)
-        context = row.context[-self.context_chars:]
+        context = row.context[-self.context_chars :]
         if claim.kind == "next":  # the model's own top-1 next token: unchecked where the row does not record it
             if row.next_token is None:
                 return {}
@@ -256,17 +261,22 @@ class ExtractiveFormat:
                 if not claim.value:
                     exact = blank = float(not context.strip())
                 else:
-                    exact = float(context.endswith(claim.value)
-                                  or line_breaks(context).endswith(line_breaks(claim.value)))
+                    exact = float(
+                        context.endswith(claim.value) or line_breaks(context).endswith(line_breaks(claim.value))
+                    )
                     blank = float(context[-1:].isspace())
                 return {"exact": exact, "words": blank, "last_token": blank, "char_share": blank}
             last = last_lexeme(said)
-            exact = (context.rstrip().endswith(claim.value.rstrip())  # a literal copy (the teacher's) is exact
-                     or line_breaks(context).rstrip().endswith(line_breaks(claim.value).rstrip()))
-            return {"exact": float(exact),
-                    "words": float(real.endswith(said)),
-                    "last_token": float(last is not None and last == last_lexeme(real)),
-                    "char_share": common_suffix(said, real) / len(said)}
+            exact = (
+                context.rstrip().endswith(claim.value.rstrip())  # a literal copy (the teacher's) is exact
+                or line_breaks(context).rstrip().endswith(line_breaks(claim.value).rstrip())
+            )
+            return {
+                "exact": float(exact),
+                "words": float(real.endswith(said)),
+                "last_token": float(last is not None and last == last_lexeme(real)),
+                "char_share": common_suffix(said, real) / len(said),
+            }
         if claim.kind == "topic":
             word = claim.value.lower()
             return {"rule": float(word == topic_word(context)), "in_context": float(word in set(words(context)))}
@@ -285,7 +295,7 @@ class FreeFormat:
     def parse(self, explanation: str) -> Parsed:
         return Parsed([Claim("phrase", c, c) for c in split_claims(explanation)], True)
 
-    def check(self, claim: Claim, context: "str | Row") -> dict[str, float]:
+    def check(self, claim: Claim, context: str | Row) -> dict[str, float]:
         return {}
 
 
@@ -293,8 +303,11 @@ def format_record(dataset_extra: dict[str, Any]) -> dict[str, Any]:
     """What a model sidecar keeps of its dataset's format (`training.explanation_format`), so an AV
     explaining new text (`--texts`) still has its claims checked: {"provider", "claims", "context_chars"}."""
     teacher = dataset_extra.get("teacher") or {}
-    return {"provider": teacher.get("provider"), "claims": teacher.get("claims"),
-            "context_chars": (dataset_extra.get("provenance") or {}).get("teacher_context_chars")}
+    return {
+        "provider": teacher.get("provider"),
+        "claims": teacher.get("claims"),
+        "context_chars": (dataset_extra.get("provenance") or {}).get("teacher_context_chars"),
+    }
 
 
 def format_for(record: dict[str, Any] | None) -> ExplanationFormat:
@@ -324,7 +337,7 @@ def read_answer(fmt: ExplanationFormat, text: str) -> tuple[str | None, bool]:
 # ---------------------------------------------------------------- marks and summaries
 
 
-def mark(fmt: ExplanationFormat, explanation: str | None, context: "str | Row") -> dict[str, Any]:
+def mark(fmt: ExplanationFormat, explanation: str | None, context: str | Row) -> dict[str, Any]:
     """One row's claims with their checks: {"format_ok", "claims": [{type, value, text, checks,
     verdict}]}; verdict is "true" / "false" (the type's primary check), "unchecked" or "malformed"."""
     if explanation is None:
@@ -343,7 +356,7 @@ def mark(fmt: ExplanationFormat, explanation: str | None, context: "str | Row") 
     return {"format_ok": parsed.ok, "claims": out}
 
 
-def truth_share(fmt: ExplanationFormat, explanation: str | None, context: "str | Row") -> float:
+def truth_share(fmt: ExplanationFormat, explanation: str | None, context: str | Row) -> float:
     """The share of an explanation's claims that its format's checks find true of `context` (a
     malformed or unchecked claim counts as not true); 0 for no explanation or no claims. RL's
     grounded claim term (`--claim_reward`) pays this."""
@@ -365,8 +378,12 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(fmt: ExplanationFormat, explanations: list[str | None], contexts: "list[str | Row]",
-              others: Iterable[int] | None = None) -> dict[str, Any]:
+def summarize(
+    fmt: ExplanationFormat,
+    explanations: list[str | None],
+    contexts: list[str | Row],
+    others: Iterable[int] | None = None,
+) -> dict[str, Any]:
     """Claim accuracy per claim type and check (with chance: the same claims checked against
     `contexts[others[i]]`, a derangement; None skips it), and the collapse signals: per type the
     distinct values and the most common one's share; the share of explanations repeated
@@ -377,28 +394,41 @@ def summarize(fmt: ExplanationFormat, explanations: list[str | None], contexts: 
     claims = [c for p in parsed if p is not None for c in p.claims]
     counts = collections.Counter(said)
     out: dict[str, Any] = {
-        "format": fmt.name, "n": len(explanations), "n_explained": len(said), "n_claims": len(claims),
+        "format": fmt.name,
+        "n": len(explanations),
+        "n_explained": len(said),
+        "n_claims": len(claims),
         "format_break_rate": _mean([float(not p.ok) for p in parsed if p is not None]),
         "malformed_rate": _mean([float(c.kind == MALFORMED) for c in claims]),
         "repeated_verbatim": _mean([float(counts[e] > 1) for e in said]),
-        "types": {}}
+        "types": {},
+    }
     for kind in fmt.claim_types:
         of_kind = [(i, c) for i, p in enumerate(parsed) if p is not None for c in p.claims if c.kind == kind]
         values = collections.Counter(squash(c.value).lower() for _, c in of_kind)
         top = values.most_common(1)[0] if values else (None, 0)
-        entry: dict[str, Any] = {"n": len(of_kind), "present": _mean([float(any(c.kind == kind for c in p.claims))
-                                                                        for p in parsed if p is not None]),
-                                 "distinct": len(values), "top_value": top[0],
-                                 "top_share": top[1] / len(of_kind) if of_kind else None,
-                                 "checked": kind in fmt.checked_types, "accuracy": None, "chance": None}
+        entry: dict[str, Any] = {
+            "n": len(of_kind),
+            "present": _mean([float(any(c.kind == kind for c in p.claims)) for p in parsed if p is not None]),
+            "distinct": len(values),
+            "top_value": top[0],
+            "top_share": top[1] / len(of_kind) if of_kind else None,
+            "checked": kind in fmt.checked_types,
+            "accuracy": None,
+            "chance": None,
+        }
         # a claim its row has no fact for (a prediction on new text) is unchecked: left out of both means
         real = [(i, c, fmt.check(c, contexts[i])) for i, c in of_kind] if entry["checked"] else []
         real = [(i, c, r) for i, c, r in real if r]
         if real:
             chance = [fmt.check(c, contexts[others[i]]) for i, c, _ in real] if others is not None else None
-            entry["checks"] = {name: {"accuracy": _mean([r[name] for _, _, r in real]),
-                                      "chance": _mean([r[name] for r in chance if r]) if chance is not None else None}
-                               for name in real[0][2]}
+            entry["checks"] = {
+                name: {
+                    "accuracy": _mean([r[name] for _, _, r in real]),
+                    "chance": _mean([r[name] for r in chance if r]) if chance is not None else None,
+                }
+                for name in real[0][2]
+            }
             first = entry["checks"][fmt.primary[kind]]
             entry["accuracy"], entry["chance"] = first["accuracy"], first["chance"]
         out["types"][kind] = entry
@@ -411,8 +441,11 @@ def summarize(fmt: ExplanationFormat, explanations: list[str | None], contexts: 
 def flat(summary: dict[str, Any], prefix: str) -> dict[str, float]:
     """Numeric metrics under `prefix` (e.g. "eval/claims/"): <type>/accuracy, <type>/chance,
     <type>/<check>[_chance], <type>/distinct, <type>/top_share, and the run-wide ones."""
-    out = {f"{prefix}{k}": float(summary[k]) for k in ("mean_accuracy", "format_break_rate", "malformed_rate",
-                                                       "repeated_verbatim") if summary.get(k) is not None}
+    out = {
+        f"{prefix}{k}": float(summary[k])
+        for k in ("mean_accuracy", "format_break_rate", "malformed_rate", "repeated_verbatim")
+        if summary.get(k) is not None
+    }
     for kind, t in summary["types"].items():
         for key in ("accuracy", "chance", "distinct", "top_share", "present"):
             if t.get(key) is not None:
@@ -424,8 +457,9 @@ def flat(summary: dict[str, Any], prefix: str) -> dict[str, float]:
     return out
 
 
-def collapse_warnings(summary: dict[str, Any], reference: dict[str, Any] | None = None,
-                      max_share: float = 0.4) -> list[str]:
+def collapse_warnings(
+    summary: dict[str, Any], reference: dict[str, Any] | None = None, max_share: float = 0.4
+) -> list[str]:
     """Plain-language collapse flags: a claim type whose most common value covers more than
     `max_share` of its claims (unless `reference`, e.g. the teacher's own labels on the same rows,
     is that concentrated too), explanations repeated verbatim on most rows (the same proviso), broken format."""
@@ -434,14 +468,21 @@ def collapse_warnings(summary: dict[str, Any], reference: dict[str, Any] | None 
         share = t.get("top_share")
         ref = ((reference or {}).get("types", {}).get(kind) or {}).get("top_share")
         if share is not None and t["n"] >= 5 and share > max_share and (ref is None or share > ref + 0.1):
-            out.append(f"{share:.0%} of {kind} claims say {t['top_value']!r}"
-                       + (f" (the teacher's labels: {ref:.0%})" if ref is not None else "")
-                       + ": the claim has collapsed to one value.")
+            out.append(
+                f"{share:.0%} of {kind} claims say {t['top_value']!r}"
+                + (f" (the teacher's labels: {ref:.0%})" if ref is not None else "")
+                + ": the claim has collapsed to one value."
+            )
     repeated, ref = summary.get("repeated_verbatim") or 0, (reference or {}).get("repeated_verbatim")
     if repeated > 0.5 and (ref is None or repeated > ref + 0.1):
-        out.append(f"{repeated:.0%} of explanations repeat another row's word for word"
-                   + (f" (the teacher's: {ref:.0%})" if ref is not None else "") + ".")
+        out.append(
+            f"{repeated:.0%} of explanations repeat another row's word for word"
+            + (f" (the teacher's: {ref:.0%})" if ref is not None else "")
+            + "."
+        )
     if (summary.get("format_break_rate") or 0) > 0.02:
-        out.append(f"{summary['format_break_rate']:.0%} of explanations break the {summary['format']} format "
-                   f"({summary['malformed_rate']:.0%} of claims malformed).")
+        out.append(
+            f"{summary['format_break_rate']:.0%} of explanations break the {summary['format']} format "
+            f"({summary['malformed_rate']:.0%} of claims malformed)."
+        )
     return out

@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -41,11 +42,15 @@ def _positive(section: Any, *names: str) -> None:
 
 @dataclass
 class RunConfig:
-    output_dir: str = _help("Where this run writes data, checkpoints, metrics and the resolved config.", default="runs/default")
+    output_dir: str = _help(
+        "Where this run writes data, checkpoints, metrics and the resolved config.", default="runs/default"
+    )
     seed: int = _help("Seed for every RNG (positions, splits, sampling, init).", default=0)
-    resume: str = _help("'auto': continue from the newest readable checkpoint (its config must match); 'never': start fresh "
-                        "(refused where checkpoints exist); 'restart': move existing checkpoints aside, start fresh; or a checkpoint path.",
-                        default="auto")
+    resume: str = _help(
+        "'auto': continue from the newest readable checkpoint (its config must match); 'never': start fresh "
+        "(refused where checkpoints exist); 'restart': move existing checkpoints aside, start fresh; or a checkpoint path.",
+        default="auto",
+    )
     device: str = _help("'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.", default="auto")
 
     def __post_init__(self) -> None:
@@ -55,19 +60,34 @@ class RunConfig:
             import torch
 
             if not torch.cuda.is_available():  # Accelerate would otherwise run on the CPU without a word
-                raise ConfigError("device=cuda but no CUDA GPU is visible (torch.cuda.is_available() is False); "
-                                  "use --device cpu or auto, or check CUDA_VISIBLE_DEVICES and the torch build.")
+                raise ConfigError(
+                    "device=cuda but no CUDA GPU is visible (torch.cuda.is_available() is False); "
+                    "use --device cpu or auto, or check CUDA_VISIBLE_DEVICES and the torch build."
+                )
 
 
 @dataclass
 class ModelConfig:
-    model: str = _help(f"Target LM: '{EMBEDDED_MODEL}' (shipped via PyPI), a local HF folder, or a hub id (needs allow_hub).", default=EMBEDDED_MODEL)
-    layer: int | None = _help("Block K whose residual output is explained (= hidden_states[K+1]). Default: round(2/3 * n_layers).", default=None)
+    model: str = _help(
+        f"Target LM: '{EMBEDDED_MODEL}' (shipped via PyPI), a local HF folder, or a hub id (needs allow_hub).",
+        default=EMBEDDED_MODEL,
+    )
+    layer: int | None = _help(
+        "Block K whose residual output is explained (= hidden_states[K+1]). Default: round(2/3 * n_layers).",
+        default=None,
+    )
     dtype: str = _help("Compute dtype: float32 or bfloat16.", default="float32")
-    allow_hub: bool = _help("Let a hub id reach transformers (downloaded, or read from a pre-filled cache when you set HF_HUB_OFFLINE=1; your HF_* variables are never changed). Off: only local folders and embedded models.", default=False)
+    allow_hub: bool = _help(
+        "Let a hub id reach transformers (downloaded, or read from a pre-filled cache when you set HF_HUB_OFFLINE=1; your HF_* variables are never changed). Off: only local folders and embedded models.",
+        default=False,
+    )
     trust_remote_code: bool = _help("Pass trust_remote_code to transformers. Only for models you trust.", default=False)
-    cache_dir: str | None = _help("Cache for converted models and fetched wheels. Default: $NLA_CACHE or ~/.cache/nla.", default=None)
-    chat_template: str | None = _help("A Jinja chat template file for a model without one (base models); saved with the AV.", default=None)
+    cache_dir: str | None = _help(
+        "Cache for converted models and fetched wheels. Default: $NLA_CACHE or ~/.cache/nla.", default=None
+    )
+    chat_template: str | None = _help(
+        "A Jinja chat template file for a model without one (base models); saved with the AV.", default=None
+    )
 
     def __post_init__(self) -> None:
         if self.chat_template is not None and not Path(self.chat_template).expanduser().is_file():
@@ -80,20 +100,27 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = _help("'builtin:python-docs', a .txt/.jsonl/.parquet file or folder, or 'hf:NAME[:CONFIG]:SPLIT' (needs allow_hub).", default="builtin:python-docs")
+    corpus: str = _help(
+        "'builtin:python-docs', a .txt/.jsonl/.parquet file or folder, or 'hf:NAME[:CONFIG]:SPLIT' (needs allow_hub).",
+        default="builtin:python-docs",
+    )
     text_field: str = _help("Column/key holding the text in .jsonl/.parquet/HF corpora.", default="text")
     max_docs: int | None = _help("Use at most this many documents (None = all).", default=None)
     max_doc_tokens: int = _help("Documents are truncated to this many tokens before extraction.", default=256)
     positions_per_doc: int = _help("Activation positions sampled per document.", default=4)
     min_position: int = _help("Only positions with token index >= this (early positions have huge norms).", default=50)
-    split_fractions: str = _help("Document split av_sft,ar_sft,rl,val,test (normalised to sum 1).", default="0.25,0.25,0.4,0.05,0.05")
+    split_fractions: str = _help(
+        "Document split av_sft,ar_sft,rl,val,test (normalised to sum 1).", default="0.25,0.25,0.4,0.05,0.05"
+    )
     extract_batch_size: int = _help("Documents per extraction forward pass.", default=8)
     data_dir: str | None = _help("Datasets folder (default: <output_dir>/data).", default=None)
 
     def __post_init__(self) -> None:
         parts = self.split_weights
         if len(parts) != 5 or any(p < 0 for p in parts) or sum(parts) <= 0:
-            raise ConfigError(f"split_fractions={self.split_fractions!r}: give 5 non-negative numbers av_sft,ar_sft,rl,val,test.")
+            raise ConfigError(
+                f"split_fractions={self.split_fractions!r}: give 5 non-negative numbers av_sft,ar_sft,rl,val,test."
+            )
         if self.positions_per_doc < 1:
             raise ConfigError("positions_per_doc must be >= 1.")
         if self.min_position >= self.max_doc_tokens:
@@ -106,39 +133,62 @@ class DataConfig:
         try:
             parts = [float(x) for x in str(self.split_fractions).split(",")]
         except ValueError:
-            raise ConfigError(f"split_fractions={self.split_fractions!r}: not a comma-separated list of numbers.") from None
+            raise ConfigError(
+                f"split_fractions={self.split_fractions!r}: not a comma-separated list of numbers."
+            ) from None
         total = sum(parts) or 1.0
         return [p / total for p in parts]
 
 
 @dataclass
 class TeacherConfig:
-    teacher: str = _help("'local' (an HF causal LM), 'openai' (any OpenAI-compatible chat endpoint) or 'extractive' (model-free: the context's last characters quoted exactly + its topic word; the embedded configs' teacher).", default="local")
+    teacher: str = _help(
+        "'local' (an HF causal LM), 'openai' (any OpenAI-compatible chat endpoint) or 'extractive' (model-free: the context's last characters quoted exactly + its topic word; the embedded configs' teacher).",
+        default="local",
+    )
     teacher_model: str = _help("Local model spec or the endpoint's model name. Default: the target model.", default="")
-    teacher_base_url: str = _help("Base URL of the OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.", default="")
-    teacher_api_key_env: str = _help("Name of the environment variable holding the endpoint's API key (empty: no key is "
-                                     "sent). Nothing is sent unless you name one, e.g. OPENAI_API_KEY.", default="")
+    teacher_base_url: str = _help(
+        "Base URL of the OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.", default=""
+    )
+    teacher_api_key_env: str = _help(
+        "Name of the environment variable holding the endpoint's API key (empty: no key is "
+        "sent). Nothing is sent unless you name one, e.g. OPENAI_API_KEY.",
+        default="",
+    )
     teacher_max_new_tokens: int = _help("Token cap for one teacher answer.", default=64)
     teacher_temperature: float = _help("Teacher sampling temperature (0 = greedy).", default=0.0)
     teacher_batch_size: int = _help("Prompts per local generate call.", default=16)
     teacher_concurrency: int = _help("Parallel HTTP requests for the 'openai' teacher.", default=8)
     teacher_timeout_s: float = _help("Per-request timeout for the 'openai' teacher.", default=60.0)
     teacher_retries: int = _help("Retries with exponential backoff per request.", default=4)
-    teacher_prefill: bool = _help("'openai' teacher: send the opening tag as the start of the assistant's answer "
-                                  "(`continue_final_message`, an extension vLLM's server and compatible ones accept; "
-                                  "OpenAI's own API refuses it), so the model answers inside the format.", default=False)
-    teacher_malformed_warn: float = _help("datagen warns when more than this share of teacher answers is malformed (their "
-                                          "rows are dropped); a split whose every answer is malformed is an error.",
-                                          default=0.2)
-    teacher_context_chars: int = _help("The teacher sees at most this many characters of context before the position.", default=600)
-    teacher_quote_chars: int = _help("The extractive teacher quotes the context's last this many characters (fewer where "
-                                     "the cut falls inside a word). On the embedded model 16 gave a far better AV+AR pair "
-                                     "than 40 (docs/benchmarks.md).", default=16)
-    teacher_claims: str = _help("What the extractive teacher says, in order: 'quote' (the exact ending, always first), then "
-                                "any of 'topic' (the context's most frequent long word) and 'next' (the model's own most "
-                                "likely next token there: datagen runs the whole model to record it), comma-separated. "
-                                "The topic is off by default: measured, the AV got it right at about chance and it "
-                                "lowered the pair.", default="quote")
+    teacher_prefill: bool = _help(
+        "'openai' teacher: send the opening tag as the start of the assistant's answer "
+        "(`continue_final_message`, an extension vLLM's server and compatible ones accept; "
+        "OpenAI's own API refuses it), so the model answers inside the format.",
+        default=False,
+    )
+    teacher_malformed_warn: float = _help(
+        "datagen warns when more than this share of teacher answers is malformed (their "
+        "rows are dropped); a split whose every answer is malformed is an error.",
+        default=0.2,
+    )
+    teacher_context_chars: int = _help(
+        "The teacher sees at most this many characters of context before the position.", default=600
+    )
+    teacher_quote_chars: int = _help(
+        "The extractive teacher quotes the context's last this many characters (fewer where "
+        "the cut falls inside a word). On the embedded model 16 gave a far better AV+AR pair "
+        "than 40 (docs/benchmarks.md).",
+        default=16,
+    )
+    teacher_claims: str = _help(
+        "What the extractive teacher says, in order: 'quote' (the exact ending, always first), then "
+        "any of 'topic' (the context's most frequent long word) and 'next' (the model's own most "
+        "likely next token there: datagen runs the whole model to record it), comma-separated. "
+        "The topic is off by default: measured, the AV got it right at about chance and it "
+        "lowered the pair.",
+        default="quote",
+    )
 
     def __post_init__(self) -> None:
         if self.teacher not in ("local", "openai", "extractive"):
@@ -159,29 +209,40 @@ def _env_name(section: Any, name: str) -> None:
     likely a key pasted in place of a variable's name."""
     if getattr(section, name) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", getattr(section, name)):
         setattr(section, name, "")
-        raise ConfigError(f"{name} must be the NAME of an environment variable (e.g. OPENAI_API_KEY), "
-                          "not the key itself; export the key and pass its variable's name.")
+        raise ConfigError(
+            f"{name} must be the NAME of an environment variable (e.g. OPENAI_API_KEY), "
+            "not the key itself; export the key and pass its variable's name."
+        )
 
 
 @dataclass
 class JudgeConfig:
-    judge: str = _help("'none', or 'openai': `nla eval` asks an OpenAI-compatible chat endpoint to list each explanation's "
-                       "claims and mark each supported / contradicted / uncheckable against the context (free-form "
-                       "explanations have no rule that checks them). Off by default: nothing is sent anywhere unasked.",
-                       default="none")
+    judge: str = _help(
+        "'none', or 'openai': `nla eval` asks an OpenAI-compatible chat endpoint to list each explanation's "
+        "claims and mark each supported / contradicted / uncheckable against the context (free-form "
+        "explanations have no rule that checks them). Off by default: nothing is sent anywhere unasked.",
+        default="none",
+    )
     judge_model: str = _help("The model name the judge's endpoint serves.", default="")
-    judge_base_url: str = _help("Base URL of the judge's OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.", default="")
-    judge_api_key_env: str = _help("Name of the environment variable holding the judge endpoint's API key (empty: no key "
-                                   "is sent).", default="")
+    judge_base_url: str = _help(
+        "Base URL of the judge's OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.", default=""
+    )
+    judge_api_key_env: str = _help(
+        "Name of the environment variable holding the judge endpoint's API key (empty: no key is sent).", default=""
+    )
     judge_max_new_tokens: int = _help("Token cap for one judge answer.", default=256)
     judge_temperature: float = _help("Judge sampling temperature (0 = greedy).", default=0.0)
     judge_concurrency: int = _help("Parallel HTTP requests to the judge.", default=8)
     judge_timeout_s: float = _help("Per-request timeout for the judge.", default=60.0)
     judge_retries: int = _help("Retries with exponential backoff per judge request.", default=4)
-    judge_prefill: bool = _help("Send the verdicts' opening tag as the start of the judge's answer (`continue_final_message`, "
-                                "as --teacher_prefill).", default=False)
-    judge_context_chars: int = _help("The judge reads at most this many characters of context before the position.",
-                                     default=600)
+    judge_prefill: bool = _help(
+        "Send the verdicts' opening tag as the start of the judge's answer (`continue_final_message`, "
+        "as --teacher_prefill).",
+        default=False,
+    )
+    judge_context_chars: int = _help(
+        "The judge reads at most this many characters of context before the position.", default=600
+    )
 
     def __post_init__(self) -> None:
         if self.judge not in ("none", "openai"):
@@ -192,22 +253,31 @@ class JudgeConfig:
 
 @dataclass
 class ARConfig:
-    ar_lr: float = _help("AR SFT learning rate (LoRA AR; measured on the embedded model: 1e-4 learns only the mean in 200 "
-                         "steps, 2e-3 learns the text. Full-size published configs set their own).", default=2e-3)
+    ar_lr: float = _help(
+        "AR SFT learning rate (LoRA AR; measured on the embedded model: 1e-4 learns only the mean in 200 "
+        "steps, 2e-3 learns the text. Full-size published configs set their own).",
+        default=2e-3,
+    )
     ar_steps: int = _help("AR SFT optimizer steps.", default=200)
     ar_batch_size: int = _help("AR SFT rows per micro-batch (per process).", default=16)
     ar_grad_accum: int = _help("Micro-batches per optimizer step.", default=1)
     ar_lora_r: int = _help("LoRA rank for the AR blocks (0 = full fine-tuning).", default=16)
     ar_eval_every: int = _help("Validate every N steps.", default=50)
-    ar_val_rows: int = _help("Val rows for that check, drawn across documents (each read four ways: its text and three "
-                             "controls).", default=256)
+    ar_val_rows: int = _help(
+        "Val rows for that check, drawn across documents (each read four ways: its text and three controls).",
+        default=256,
+    )
     ar_save_every: int = _help("Checkpoint every N steps.", default=100)
     ar_shuffle_targets: bool = _help("Control run: train on targets permuted across rows.", default=False)
-    ar_text: str = _help("What the AR reads: 'explanation' (the NLA's AR), or 'context': the raw context's last characters "
-                         "instead (the context-oracle AR, the ceiling for `nla eval --oracle_ar`; saved under <output_dir>/ar_oracle).",
-                         default="explanation")
+    ar_text: str = _help(
+        "What the AR reads: 'explanation' (the NLA's AR), or 'context': the raw context's last characters "
+        "instead (the context-oracle AR, the ceiling for `nla eval --oracle_ar`; saved under <output_dir>/ar_oracle).",
+        default="explanation",
+    )
     ar_oracle_steps: int = _help("Steps of the context-oracle AR that `nla demo` trains (0 = ar_steps).", default=0)
-    mse_scale: float | None = _help("Vectors are normalised to this norm before MSE (default sqrt(d_model)).", default=None)
+    mse_scale: float | None = _help(
+        "Vectors are normalised to this norm before MSE (default sqrt(d_model)).", default=None
+    )
     ar_checkpoint: str | None = _help("AR checkpoint to load (default: <output_dir>/ar/final).", default=None)
 
     def __post_init__(self) -> None:
@@ -215,7 +285,9 @@ class ARConfig:
             raise ConfigError("ar_lr must be > 0, ar_steps >= 0, ar_oracle_steps >= 0, ar_batch_size >= 1.")
         _positive(self, "ar_eval_every", "ar_val_rows", "ar_save_every", "ar_grad_accum")
         if self.ar_text not in ("explanation", "context"):
-            raise ConfigError(f"ar_text={self.ar_text!r}: use 'explanation' (the NLA's AR) or 'context' (the oracle AR).")
+            raise ConfigError(
+                f"ar_text={self.ar_text!r}: use 'explanation' (the NLA's AR) or 'context' (the oracle AR)."
+            )
 
 
 @dataclass
@@ -226,12 +298,16 @@ class AVConfig:
     av_grad_accum: int = _help("Micro-batches per optimizer step.", default=1)
     av_lora_r: int = _help("LoRA rank for the AV (0 = full fine-tuning).", default=16)
     av_eval_every: int = _help("Validate (real and shuffled vectors) every N steps.", default=50)
-    av_val_rows: int = _help("Val rows for that check, drawn across documents (each is read twice: real and shuffled vector).",
-                             default=64)
-    av_eval_at_start: bool = _help("Also run that check before the first step (the untrained AV's gap, the baseline).",
-                                   default=True)
+    av_val_rows: int = _help(
+        "Val rows for that check, drawn across documents (each is read twice: real and shuffled vector).", default=64
+    )
+    av_eval_at_start: bool = _help(
+        "Also run that check before the first step (the untrained AV's gap, the baseline).", default=True
+    )
     av_save_every: int = _help("Checkpoint every N steps.", default=100)
-    injection_scale: float | None = _help("Norm the injected vector is rescaled to (default: the dataset's suggested p75 norm).", default=None)
+    injection_scale: float | None = _help(
+        "Norm the injected vector is rescaled to (default: the dataset's suggested p75 norm).", default=None
+    )
     max_new_tokens: int = _help("Explanation length cap when generating.", default=64)
     av_checkpoint: str | None = _help("AV checkpoint to load (default: <output_dir>/av/final).", default=None)
 
@@ -251,31 +327,53 @@ class RLConfig:
     rl_av_lr: float = _help("AV learning rate during RL.", default=1e-5)
     rl_ar_lr: float = _help("AR learning rate during RL.", default=5e-5)
     temperature: float = _help("Rollout sampling temperature.", default=1.0)
-    top_k: int = _help("Rollouts sample from the k likeliest tokens (0: all); 50 is what transformers' generate used unasked.", default=50)
+    top_k: int = _help(
+        "Rollouts sample from the k likeliest tokens (0: all); 50 is what transformers' generate used unasked.",
+        default=50,
+    )
     kl_coef: float = _help("Weight of the k3 KL to the frozen SFT AV (0 skips reference log-probs).", default=0.01)
     clip_eps: float = _help("PPO ratio clip.", default=0.2)
     reward: str = _help("'neg_mse' (-MSE_nrm) or 'neg_log_mse'.", default="neg_mse")
-    contrastive_coef: float = _help("Weight of the contrastive term (own vector vs others in batch) against template collapse.", default=0.0)
+    contrastive_coef: float = _help(
+        "Weight of the contrastive term (own vector vs others in batch) against template collapse.", default=0.0
+    )
     length_penalty: float = _help("Reward penalty per explanation token.", default=0.0)
-    claim_reward: float = _help("Weight of the grounded claim term: the reward adds weight x the share of the explanation's "
-                                "claims its format's checks find true of the row's context. Off (0) by default: the "
-                                "paper's RL never sees the context; a run with it on says so in its checkpoints and "
-                                "eval report.", default=0.0)
-    advantage_norm: str = _help("Divide each group's centred rewards by the group's std ('group', GRPO) or by one std "
-                                "over the batch ('batch').", default="group")
+    claim_reward: float = _help(
+        "Weight of the grounded claim term: the reward adds weight x the share of the explanation's "
+        "claims its format's checks find true of the row's context. Off (0) by default: the "
+        "paper's RL never sees the context; a run with it on says so in its checkpoints and "
+        "eval report.",
+        default=0.0,
+    )
+    advantage_norm: str = _help(
+        "Divide each group's centred rewards by the group's std ('group', GRPO) or by one std "
+        "over the batch ('batch').",
+        default="group",
+    )
     max_response_tokens: int = _help("Rollout length cap; hitting it gives the failure reward.", default=150)
     rl_save_every: int = _help("Checkpoint every N RL steps.", default=25)
-    rl_shuffle_control: bool = _help("Control run: the AV sees another row's vector while the AR must reconstruct the row's own.", default=False)
+    rl_shuffle_control: bool = _help(
+        "Control run: the AV sees another row's vector while the AR must reconstruct the row's own.", default=False
+    )
     rl_table_every: int = _help("Log a W&B table of samples every N steps.", default=10)
-    rl_val_rows: int = _help("Held-out (val split) vectors for rl/val_* (same sampling and reward as training, no update); "
-                             "measured before the first step and at the end. 0 turns it off.", default=32)
+    rl_val_rows: int = _help(
+        "Held-out (val split) vectors for rl/val_* (same sampling and reward as training, no update); "
+        "measured before the first step and at the end. 0 turns it off.",
+        default=32,
+    )
     rl_val_every: int = _help("Also measure rl/val_* every N steps (0: only at the start and the end).", default=0)
-    rollout_engine: str = _help("Who samples the rollouts: 'hf' (transformers generate + the injection hook, the reference) "
-                                "or 'vllm' (a vLLM engine in its own environment, `make vllm`; fed prompt embeddings, "
-                                "merged AV weights pushed after every update).", default="hf")
-    vllm_python: str | None = _help("The Python of the vLLM environment (default: $NLA_VLLM_PYTHON, else .venv-vllm/bin/python).",
-                                    default=None)
-    vllm_memory_gb: float = _help("The vLLM engine's KV cache in GiB (it shares the device with the trainer).", default=2.0)
+    rollout_engine: str = _help(
+        "Who samples the rollouts: 'hf' (transformers generate + the injection hook, the reference) "
+        "or 'vllm' (a vLLM engine in its own environment, `make vllm`; fed prompt embeddings, "
+        "merged AV weights pushed after every update).",
+        default="hf",
+    )
+    vllm_python: str | None = _help(
+        "The Python of the vLLM environment (default: $NLA_VLLM_PYTHON, else .venv-vllm/bin/python).", default=None
+    )
+    vllm_memory_gb: float = _help(
+        "The vLLM engine's KV cache in GiB (it shares the device with the trainer).", default=2.0
+    )
 
     def __post_init__(self) -> None:
         if self.rollout_engine not in ("hf", "vllm"):
@@ -289,26 +387,39 @@ class RLConfig:
         if self.group_size < 2:
             raise ConfigError("group_size must be >= 2 (GRPO normalises rewards within a group).")
         if self.temperature < 0 or self.top_k < 0:
-            raise ConfigError(f"temperature={self.temperature}, top_k={self.top_k}: both must be >= 0 (0 = greedy / all tokens).")
+            raise ConfigError(
+                f"temperature={self.temperature}, top_k={self.top_k}: both must be >= 0 (0 = greedy / all tokens)."
+            )
         _positive(self, "rl_save_every", "rl_batch_size", "max_response_tokens")
 
 
 @dataclass
 class EvalConfig:
     eval_max_rows: int = _help("Evaluate at most this many rows.", default=64)
-    eval_batch_size: int = _help("AV rows per generate call in eval (one call for 96 rows took 23 s on 2 CPU cores, "
-                                 "three calls of 32 took 37 s).", default=64)
+    eval_batch_size: int = _help(
+        "AV rows per generate call in eval (one call for 96 rows took 23 s on 2 CPU cores, "
+        "three calls of 32 took 37 s).",
+        default=64,
+    )
     retrieval_candidates: int = _help("Candidates for top-1 retrieval (own vector + distractors).", default=16)
     independent_ar: str | None = _help("A second AR checkpoint for an independent score.", default=None)
-    oracle_ar: str | None = _help("A context-oracle AR (`nla train-ar --ar_text context`): eval reports its FVE on the rows' "
-                                  "raw context as the ceiling, and the share of it the NLA reaches.", default=None)
-    reinjection_rows: int = _help("Rows whose reconstruction is patched back into the target model at layer K (next-token KL "
-                                  "vs the mean/shuffled/zero baselines); 0 = off. One forward of the context per row, then "
-                                  "five runs of its last token.", default=32)
+    oracle_ar: str | None = _help(
+        "A context-oracle AR (`nla train-ar --ar_text context`): eval reports its FVE on the rows' "
+        "raw context as the ceiling, and the share of it the NLA reaches.",
+        default=None,
+    )
+    reinjection_rows: int = _help(
+        "Rows whose reconstruction is patched back into the target model at layer K (next-token KL "
+        "vs the mean/shuffled/zero baselines); 0 = off. One forward of the context per row, then "
+        "five runs of its last token.",
+        default=32,
+    )
 
     def __post_init__(self) -> None:
         if self.eval_max_rows < 2:
-            raise ConfigError(f"eval_max_rows={self.eval_max_rows}: eval needs at least 2 rows (controls permute rows).")
+            raise ConfigError(
+                f"eval_max_rows={self.eval_max_rows}: eval needs at least 2 rows (controls permute rows)."
+            )
         if self.reinjection_rows < 0 or self.retrieval_candidates < 2 or self.eval_batch_size < 1:
             raise ConfigError("reinjection_rows must be >= 0, retrieval_candidates >= 2 and eval_batch_size >= 1.")
 
@@ -316,8 +427,12 @@ class EvalConfig:
 @dataclass
 class LoggingConfig:
     report_to: str = _help("'wandb' or 'none'. Metrics always also go to <output_dir>/metrics.jsonl.", default="wandb")
-    wandb_mode: str | None = _help("online/offline/disabled. Default: $WANDB_MODE, else offline (online only when you ask).", default=None)
-    wandb_tables: bool = _help("Log sample tables (corpus text next to explanations) to W&B; always kept in tables.jsonl.", default=True)
+    wandb_mode: str | None = _help(
+        "online/offline/disabled. Default: $WANDB_MODE, else offline (online only when you ask).", default=None
+    )
+    wandb_tables: bool = _help(
+        "Log sample tables (corpus text next to explanations) to W&B; always kept in tables.jsonl.", default=True
+    )
     wandb_project: str = _help("W&B project.", default="nla")
     run_name: str | None = _help("W&B run name (default: output_dir's name + stage).", default=None)
     log_every: int = _help("Log metrics every N steps.", default=5)
@@ -385,7 +500,7 @@ class NLAConfig:
         atomic_write_text(path, yaml.safe_dump(self.to_flat_dict(), sort_keys=False))
         return path
 
-    def replace(self, **flat_overrides: Any) -> "NLAConfig":
+    def replace(self, **flat_overrides: Any) -> NLAConfig:
         """A copy with some flat fields changed (validated again)."""
         return from_flat_dict({**self.to_flat_dict(), **flat_overrides})
 
@@ -400,9 +515,7 @@ def check_keys(keys: Iterable[str], source: str, also_valid: Iterable[str] = ())
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"Unknown config key {key!r} in {source}.{hint} Valid keys: {', '.join(sorted(valid))}"
-            )
+            raise ConfigError(f"Unknown config key {key!r} in {source}.{hint} Valid keys: {', '.join(sorted(valid))}")
 
 
 def from_flat_dict(values: dict[str, Any]) -> NLAConfig:

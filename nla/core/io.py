@@ -8,8 +8,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -61,8 +61,12 @@ def write_errors(folder: str | Path) -> Iterator[None]:
         if code or _nearly_full(folder):
             number = int(code.group(1)) if code else errno.ENOSPC
             raise OSError(number, f"{os.strerror(number)} (while writing)", str(folder)) from err
-        raise OSError(errno.EIO, "a write did not complete (a full disk or a file size limit?): free space or point "
-                      "--output_dir elsewhere (complete checkpoints are kept)", str(folder)) from err
+        raise OSError(
+            errno.EIO,
+            "a write did not complete (a full disk or a file size limit?): free space or point "
+            "--output_dir elsewhere (complete checkpoints are kept)",
+            str(folder),
+        ) from err
 
 
 def _nearly_full(path: str | Path) -> bool:

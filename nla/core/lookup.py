@@ -15,8 +15,9 @@ from nla.core import metrics
 LOOKUPS = {"token_lookup": 1, "bigram_lookup": 2}  # the baselines eval reports: name -> how many last tokens
 
 
-def lookup_predict(train_ids: list[list[int]], train_vectors: torch.Tensor, eval_ids: list[list[int]], order: int,
-                   scale: float) -> tuple[torch.Tensor, list[int]]:
+def lookup_predict(
+    train_ids: list[list[int]], train_vectors: torch.Tensor, eval_ids: list[list[int]], order: int, scale: float
+) -> tuple[torch.Tensor, list[int]]:
     """train_ids / eval_ids: each row's token ids (at least its last `order`); train_vectors [N, d] raw.
     -> (predictions [n, d] at norm `scale`, the key length used per eval row: `order` .. 1, or 0 for
     the overall mean)."""

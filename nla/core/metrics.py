@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -77,8 +77,7 @@ def fve_from_mse(mse, var: float):
     return 1.0 - mse / max(float(var), EPS)
 
 
-def fve_nrm(pred: torch.Tensor, target: torch.Tensor, scale: float | None = None,
-            var: float | None = None) -> float:
+def fve_nrm(pred: torch.Tensor, target: torch.Tensor, scale: float | None = None, var: float | None = None) -> float:
     """Strict fraction of variance explained: 1 - mean MSE_nrm / Var. `[n, d] x2 -> float`.
 
     Pass `var` (e.g. from the training set) to compare runs on the same footing; by default it
@@ -90,8 +89,9 @@ def fve_nrm(pred: torch.Tensor, target: torch.Tensor, scale: float | None = None
     return fve_from_mse(float(mse_nrm(pred, target, s).mean()), var)
 
 
-def fve_vs_mean_pred(pred: torch.Tensor, target: torch.Tensor, scale: float | None = None,
-                     mean: torch.Tensor | None = None) -> float:
+def fve_vs_mean_pred(
+    pred: torch.Tensor, target: torch.Tensor, scale: float | None = None, mean: torch.Tensor | None = None
+) -> float:
     """Lenient FVE: 1 - MSE(pred) / MSE(normalize(mean) rescaled to scale, target). -> float.
 
     `mean` ([d]) defaults to target_mean(target). The raw mean is the MSE-optimal constant (its
@@ -110,8 +110,9 @@ def _centered(v: torch.Tensor, mean: torch.Tensor, scale: float) -> torch.Tensor
     return normalize(normalize(v, scale) - mean.float(), scale)
 
 
-def centered_cosine(pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor | None = None,
-                    scale: float | None = None) -> torch.Tensor:
+def centered_cosine(
+    pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
     """Per-row cosine after subtracting the target mean from both. `[n, d] x2 -> [n]`.
 
     `mean` ([d]) lives in normalised space: pass target_mean(targets, scale) with the same
@@ -125,8 +126,9 @@ def centered_cosine(pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor
     return cosine(normalize(pred, s) - mean.float(), normalize(target, s) - mean.float())
 
 
-def fve_centered(pred: torch.Tensor, target: torch.Tensor, scale: float | None = None,
-                 mean: torch.Tensor | None = None) -> float:
+def fve_centered(
+    pred: torch.Tensor, target: torch.Tensor, scale: float | None = None, mean: torch.Tensor | None = None
+) -> float:
     """Strict FVE on mean-centred, re-normalised vectors. `[n, d] x2 -> float`.
 
     Why re-normalise: a plain subtraction cancels in (pred - target), which would make this
@@ -149,8 +151,13 @@ def _sample_others(n: int, rows: torch.Tensor, k: int, generator: torch.Generato
     return keys.topk(k, dim=1, largest=False).indices
 
 
-def top1_retrieval(pred: torch.Tensor, targets: torch.Tensor, n_candidates: int = 16,
-                   generator: torch.Generator | None = None, scale: float | None = None) -> float:
+def top1_retrieval(
+    pred: torch.Tensor,
+    targets: torch.Tensor,
+    n_candidates: int = 16,
+    generator: torch.Generator | None = None,
+    scale: float | None = None,
+) -> float:
     """Fraction of rows whose own target is the nearest (by MSE_nrm) of its candidates.
 
     pred, targets: `[n, d]`. Each row i is scored against targets[i] plus n_candidates - 1 other
@@ -198,8 +205,13 @@ def non_latin_rate(texts: Iterable[str]) -> float:
     return sum(any(_is_non_latin_letter(c) for c in t) for t in texts) / len(texts)
 
 
-def summarize(pred: torch.Tensor, target: torch.Tensor, scale: float | None = None,
-              var: float | None = None, mean: torch.Tensor | None = None) -> dict[str, float]:
+def summarize(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    scale: float | None = None,
+    var: float | None = None,
+    mean: torch.Tensor | None = None,
+) -> dict[str, float]:
     """All headline numbers for one eval set. `[n, d] x2 -> dict` of floats.
 
     Keys: mse (mean MSE_nrm), fve_nrm (strict), fve_vs_mean_pred (lenient), cos (mean cosine),

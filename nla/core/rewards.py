@@ -65,8 +65,9 @@ def length_penalty(n_tokens: torch.Tensor, coef: float) -> torch.Tensor:
     return -float(coef) * n_tokens.float()
 
 
-def contrastive_term(pred: torch.Tensor, targets: torch.Tensor, scale: float | None = None,
-                     group_size: int = 1) -> torch.Tensor:
+def contrastive_term(
+    pred: torch.Tensor, targets: torch.Tensor, scale: float | None = None, group_size: int = 1
+) -> torch.Tensor:
     """How much closer each reconstruction is to its own vector than to the others. -> [N].
 
     pred, targets: `[N, d]`, N = n * group_size (rows of one group share a target). For row i:
@@ -112,8 +113,10 @@ class Rewards:
     def log_dict(self, prefix: str = "reward/") -> dict[str, float]:
         """Batch means for logging; component means are over non-failed rows only."""
         ok = ~self.failed
+
         def over_ok(x: torch.Tensor) -> float:
             return float(x[ok].mean()) if bool(ok.any()) else float("nan")
+
         return {
             f"{prefix}total": float(self.total.mean()),
             f"{prefix}reconstruction": over_ok(self.reconstruction),
@@ -127,8 +130,13 @@ class Rewards:
 def reward_record(rc) -> dict[str, Any]:
     """What an RL run's reward was made of (`rc`: its RLConfig), kept in every RL checkpoint and its
     summary, so eval can say it beside the numbers: a grounded claim term saw the contexts."""
-    return {"reward": rc.reward, "claim_reward": rc.claim_reward, "contrastive_coef": rc.contrastive_coef,
-            "length_penalty": rc.length_penalty, "advantage_norm": rc.advantage_norm}
+    return {
+        "reward": rc.reward,
+        "claim_reward": rc.claim_reward,
+        "contrastive_coef": rc.contrastive_coef,
+        "length_penalty": rc.length_penalty,
+        "advantage_norm": rc.advantage_norm,
+    }
 
 
 def describe_reward(record: dict[str, Any] | None) -> str | None:
@@ -138,19 +146,31 @@ def describe_reward(record: dict[str, Any] | None) -> str | None:
         return None
     parts = [f"{'-MSE_nrm' if record.get('reward') == 'neg_mse' else '-log MSE_nrm'} from the live AR"]
     if record.get("claim_reward"):
-        parts.append(f"+ {record['claim_reward']} x the share of claims checked true of the row's context (the grounded "
-                     "term: this RL saw the contexts, which the paper's reward never does)")
+        parts.append(
+            f"+ {record['claim_reward']} x the share of claims checked true of the row's context (the grounded "
+            "term: this RL saw the contexts, which the paper's reward never does)"
+        )
     parts += [f"+ contrastive x {record['contrastive_coef']}"] if record.get("contrastive_coef") else []
     parts += [f"- {record['length_penalty']} per token"] if record.get("length_penalty") else []
     return f"{' '.join(parts)}; advantages normalised per {record.get('advantage_norm', 'group')}"
 
 
 @torch.no_grad()
-def compute_rewards(mse: torch.Tensor, failed: torch.Tensor, n_tokens: torch.Tensor | None = None,
-                    pred: torch.Tensor | None = None, targets: torch.Tensor | None = None, *,
-                    kind: str = "neg_mse", length_coef: float = 0.0, contrastive_coef: float = 0.0,
-                    scale: float | None = None, group_size: int = 1, claim_truth: torch.Tensor | None = None,
-                    claim_coef: float = 0.0) -> Rewards:
+def compute_rewards(
+    mse: torch.Tensor,
+    failed: torch.Tensor,
+    n_tokens: torch.Tensor | None = None,
+    pred: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    *,
+    kind: str = "neg_mse",
+    length_coef: float = 0.0,
+    contrastive_coef: float = 0.0,
+    scale: float | None = None,
+    group_size: int = 1,
+    claim_truth: torch.Tensor | None = None,
+    claim_coef: float = 0.0,
+) -> Rewards:
     """Combine the reward terms. mse, failed, n_tokens, claim_truth: `[N]`; pred, targets: `[N, d]`.
 
     pred/targets are needed only when contrastive_coef != 0, claim_truth (each row's share of
@@ -174,8 +194,9 @@ def compute_rewards(mse: torch.Tensor, failed: torch.Tensor, n_tokens: torch.Ten
     else:
         grounded = zeros
     total = apply_failures(recon + length + contrast + grounded, failed)
-    return Rewards(total=total, reconstruction=recon, length=length, contrastive=contrast, claims=grounded,
-                   failed=failed)
+    return Rewards(
+        total=total, reconstruction=recon, length=length, contrastive=contrast, claims=grounded, failed=failed
+    )
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, scale: str = "group") -> torch.Tensor:
@@ -199,7 +220,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, 
     else:
         std = centred.pow(2).mean().sqrt().expand_as(centred)
     adv = centred / (std + eps)
-    flat = (r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values)
+    flat = r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values
     return torch.where(flat, torch.zeros_like(adv), adv).reshape(rewards.shape)
 
 
@@ -218,8 +239,9 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> tor
     return masked_mean(k3_kl_per_token(logp, ref_logp), mask)
 
 
-def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                        mask: torch.Tensor, clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate. logp, old_logp, mask: `[N, T]`; advantages: `[N]` (one per row).
 
     Per token: ratio = exp(logp - old_logp), loss = -min(ratio A, clip(ratio, 1-eps, 1+eps) A),

@@ -37,7 +37,7 @@ class TokenSpec:
     av_prompt_ids: list[int] = field(default_factory=list)  # the whole AV prompt (ours; empty in the release format)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TokenSpec":
+    def from_dict(cls, d: dict[str, Any]) -> TokenSpec:
         try:
             return cls(
                 injection_char=str(d["injection_char"]),
@@ -56,12 +56,15 @@ class TokenSpec:
         return self.injection_token_id, self.injection_left_neighbor_id, self.injection_right_neighbor_id
 
 
-def make_token_spec(tokenizer, injection_char: str, av_template: str = templates.AV_TEMPLATE,
-                    ar_template: str = templates.AR_TEMPLATE) -> TokenSpec:
+def make_token_spec(
+    tokenizer, injection_char: str, av_template: str = templates.AV_TEMPLATE, ar_template: str = templates.AR_TEMPLATE
+) -> TokenSpec:
     """Record the marker id and its neighbours in the canonical AV prompt; raise if not usable."""
     marker = tokenizer.encode(injection_char, add_special_tokens=False)
     if len(marker) != 1:
-        raise SidecarError(f"marker {injection_char!r} encodes to {len(marker)} tokens {marker}; it must be exactly one.")
+        raise SidecarError(
+            f"marker {injection_char!r} encodes to {len(marker)} tokens {marker}; it must be exactly one."
+        )
     try:
         ids = templates.av_prompt_ids(tokenizer, injection_char, av_template)
     except templates.NoChatTemplate as err:
@@ -90,10 +93,14 @@ def verify_tokens(spec: TokenSpec, tokenizer, av_template: str = templates.AV_TE
                 "the data/checkpoint was made with a different tokenizer or template. Use the matching model."
             )
     if spec.av_prompt_ids and live.av_prompt_ids != spec.av_prompt_ids:
-        diff = next((i for i, (a, b) in enumerate(zip(spec.av_prompt_ids, live.av_prompt_ids)) if a != b),
-                    min(len(spec.av_prompt_ids), len(live.av_prompt_ids)))
-        raise SidecarError(f"{where}: the AV prompt tokenizes differently now than when this was made (first difference at "
-                           f"token {diff}); the chat template changed. Use the model/--chat_template it was made with.")
+        diff = next(
+            (i for i, (a, b) in enumerate(zip(spec.av_prompt_ids, live.av_prompt_ids)) if a != b),
+            min(len(spec.av_prompt_ids), len(live.av_prompt_ids)),
+        )
+        raise SidecarError(
+            f"{where}: the AV prompt tokenizes differently now than when this was made (first difference at "
+            f"token {diff}); the chat template changed. Use the model/--chat_template it was made with."
+        )
 
 
 @dataclass
@@ -117,7 +124,12 @@ class Meta:
             "prompt_templates": {"av": self.av_template, "ar": self.ar_template},
         }
         if self.kind == "nla_dataset":
-            d["extraction"] = {"base_model": self.base_model, "d_model": self.d_model, "layer_index": self.layer_index, "norm": "none"}
+            d["extraction"] = {
+                "base_model": self.base_model,
+                "d_model": self.d_model,
+                "layer_index": self.layer_index,
+                "norm": "none",
+            }
         else:
             d["base_checkpoint"] = self.base_model
             d["d_model"] = self.d_model
@@ -129,7 +141,7 @@ class Meta:
         return _merge(d, self.extra)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "sidecar") -> "Meta":
+    def from_dict(cls, d: dict[str, Any], source: str = "sidecar") -> Meta:
         if not isinstance(d, dict) or d.get("kind") not in ("nla_dataset", "nla_model"):
             raise SidecarError(f"{source}: not an NLA sidecar (kind must be nla_dataset or nla_model).")
         if "tokens" not in d:
@@ -140,7 +152,9 @@ class Meta:
         if layer is None:  # AR sidecars: ar.num_hidden_layers, or the older critic.extraction_layer_index
             layer = (d.get("ar") or {}).get("num_hidden_layers", (d.get("critic") or {}).get("extraction_layer_index"))
         if layer is None and d["kind"] == "nla_dataset":
-            raise SidecarError(f"{source}: a dataset sidecar needs extraction.layer_index (the block its vectors come from).")
+            raise SidecarError(
+                f"{source}: a dataset sidecar needs extraction.layer_index (the block its vectors come from)."
+            )
         known = {"kind", "schema_version", "tokens", "prompt_templates", "d_model", "base_checkpoint", "ar", "critic"}
         return cls(
             kind=d["kind"],
@@ -150,15 +164,24 @@ class Meta:
             d_model=int(extraction.get("d_model", d.get("d_model", 0)) or 0),
             layer_index=None if layer is None else int(layer),
             base_model=str(extraction.get("base_model", d.get("base_checkpoint", ""))),
-            extra={k: v for k, v in d.items() if k not in known and not (k == "extraction")} | (
-                {"extraction": {k: v for k, v in extraction.items() if k not in ("base_model", "d_model", "layer_index", "norm")}}
-                if extraction else {}),
+            extra={k: v for k, v in d.items() if k not in known and not (k == "extraction")}
+            | (
+                {
+                    "extraction": {
+                        k: v for k, v in extraction.items() if k not in ("base_model", "d_model", "layer_index", "norm")
+                    }
+                }
+                if extraction
+                else {}
+            ),
         )
 
     def verify(self, tokenizer, d_model: int | None = None, where: str = "sidecar") -> None:
         verify_tokens(self.tokens, tokenizer, self.av_template, where)
         if d_model is not None and self.d_model and self.d_model != d_model:
-            raise SidecarError(f"{where}: d_model is {self.d_model} but the model's hidden_size is {d_model}; wrong model for this data/checkpoint.")
+            raise SidecarError(
+                f"{where}: d_model is {self.d_model} but the model's hidden_size is {d_model}; wrong model for this data/checkpoint."
+            )
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -174,7 +197,9 @@ def dataset_meta_path(parquet: str | Path) -> Path:
 
 def write_meta(path: str | Path, meta: Meta) -> Path:
     d = meta.to_dict()
-    d.setdefault("provenance", {})["written_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    d.setdefault("provenance", {})["written_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"
+    )
     return atomic_write_text(path, yaml.safe_dump(d, sort_keys=False, allow_unicode=True))
 
 

@@ -74,16 +74,19 @@ class NoChatTemplate(ValueError):
 def require_chat_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or "this model"
-        raise NoChatTemplate(f"the tokenizer of {name} has no chat template (a base model?); "
-                             "pass --chat_template FILE with a Jinja chat template")
+        raise NoChatTemplate(
+            f"the tokenizer of {name} has no chat template (a base model?); "
+            "pass --chat_template FILE with a Jinja chat template"
+        )
 
 
 def av_prompt_ids(tokenizer, injection_char: str, template: str = AV_TEMPLATE) -> list[int]:
     """Token ids of the canonical AV prompt (chat template + generation prompt, one tokenization)."""
     require_chat_template(tokenizer)
     messages = [{"role": "user", "content": av_user_message(injection_char, template)}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
-                                        date_string=CHAT_TEMPLATE_DATE)
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False, date_string=CHAT_TEMPLATE_DATE
+    )
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(ids)

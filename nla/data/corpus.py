@@ -19,17 +19,29 @@ import ast
 import hashlib
 import json
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 BUILTIN = "builtin:python-docs"
 BUILTIN_STDLIB = "builtin:python-stdlib"
 BUILTIN_ALL = "builtin:python"
 BUILTINS = (BUILTIN, BUILTIN_STDLIB, BUILTIN_ALL)
 # parts of the standard library that are tests, vendored code or tooling, not library prose
-STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "ensurepip", "turtledemo",
-               "__pycache__", "pydoc_data", "venv", "config-3"}
+STDLIB_SKIP = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "site-packages",
+    "dist-packages",
+    "ensurepip",
+    "turtledemo",
+    "__pycache__",
+    "pydoc_data",
+    "venv",
+    "config-3",
+}
 CHUNK_CHARS = 1500  # builtin/.txt documents are paragraphs packed up to about this many characters
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -44,8 +56,9 @@ class Document:
     text: str
 
 
-def iter_documents(spec: str, text_field: str = "text", max_docs: int | None = None,
-                   allow_hub: bool = False) -> Iterator[Document]:
+def iter_documents(
+    spec: str, text_field: str = "text", max_docs: int | None = None, allow_hub: bool = False
+) -> Iterator[Document]:
     """Stream documents (empty texts skipped) from `spec`, at most `max_docs`."""
     count = 0
     for doc in _source(spec, text_field, allow_hub):
@@ -82,7 +95,9 @@ def _source(spec: str, text_field: str, allow_hub: bool) -> Iterator[Document]:
             yield from _file(f, text_field, prefix=str(f.relative_to(path)))
         return
     if not path.exists():
-        raise CorpusError(f"corpus {spec!r} not found: use {BUILTIN!r}, a .txt/.jsonl/.parquet file or folder, or hf:NAME:SPLIT.")
+        raise CorpusError(
+            f"corpus {spec!r} not found: use {BUILTIN!r}, a .txt/.jsonl/.parquet file or folder, or hf:NAME:SPLIT."
+        )
     yield from _file(path, text_field, prefix=path.name)
 
 
@@ -93,7 +108,9 @@ def _file(path: Path, text_field: str, prefix: str) -> Iterator[Document]:
                 for i, chunk in enumerate(pack_paragraphs(fh)):
                     yield Document(f"{prefix}:{i}", chunk)
         except UnicodeDecodeError as err:
-            raise CorpusError(f"{path}: not UTF-8 text (byte {err.start}); convert it to UTF-8 or leave it out.") from None
+            raise CorpusError(
+                f"{path}: not UTF-8 text (byte {err.start}); convert it to UTF-8 or leave it out."
+            ) from None
     elif path.suffix == ".jsonl":
         with open(path, "rb") as fh:
             for line_no, raw in enumerate(fh):
@@ -106,10 +123,14 @@ def _file(path: Path, text_field: str, prefix: str) -> Iterator[Document]:
                 except json.JSONDecodeError as err:
                     raise CorpusError(f"{path}:{line_no + 1}: not valid JSON ({err.msg}).") from None
                 if not isinstance(row, dict):
-                    raise CorpusError(f"{path}:{line_no + 1}: a JSON {type(row).__name__}, not an object "
-                                      f'{{"{text_field}": ...}}; write one object per line.')
+                    raise CorpusError(
+                        f"{path}:{line_no + 1}: a JSON {type(row).__name__}, not an object "
+                        f'{{"{text_field}": ...}}; write one object per line.'
+                    )
                 if text_field not in row:
-                    raise CorpusError(f"{path}:{line_no + 1}: no {text_field!r} key; set --text_field to the key holding the text.")
+                    raise CorpusError(
+                        f"{path}:{line_no + 1}: no {text_field!r} key; set --text_field to the key holding the text."
+                    )
                 yield Document(str(row.get("id", row.get("doc_id", f"{prefix}:{line_no}"))), str(row[text_field]))
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -187,8 +208,11 @@ def module_docstrings(source: str) -> list[str]:
 
 def _builtin_stdlib_docstrings() -> Iterator[Document]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1])
-                   and not p.name.startswith("test_"))
+    files = sorted(
+        p
+        for p in root.rglob("*.py")
+        if not STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1]) and not p.name.startswith("test_")
+    )
     for path in files:
         try:
             source = path.read_text(encoding="utf-8")

@@ -20,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -75,13 +76,14 @@ def tokenize_document(tokenizer, text: str, max_doc_tokens: int) -> list[int]:
 
 def document_tokens(tokenizer, text: str, max_doc_tokens: int) -> tuple[list[int], bool]:
     """`tokenize_document`'s ids, and whether the text had more than max_doc_tokens tokens (cut)."""
-    prefix = text[:max_doc_tokens * CHARS_PER_TOKEN_BOUND]
+    prefix = text[: max_doc_tokens * CHARS_PER_TOKEN_BOUND]
     ids = tokenizer(prefix, add_special_tokens=True)["input_ids"]
     return list(ids[:max_doc_tokens]), len(ids) > max_doc_tokens or len(prefix) < len(text)
 
 
-def choose_positions(ids: list[int], special_ids: set[int], k: int, min_position: int, seed: int,
-                     doc_id: str) -> list[int]:
+def choose_positions(
+    ids: list[int], special_ids: set[int], k: int, min_position: int, seed: int, doc_id: str
+) -> list[int]:
     """Up to k distinct sorted indices >= min_position, not on special tokens; [] if none qualify."""
     eligible = [i for i in range(min_position, len(ids)) if ids[i] not in special_ids]
     if not eligible:
@@ -144,7 +146,7 @@ class Rows:
     vectors: list[np.ndarray] = field(default_factory=list)  # one [rows_in_chunk, d] array per chunk
     next_token: list[str | None] = field(default_factory=list)  # the model's top-1 next token (predict_next), else None
 
-    def extend(self, other: "Rows") -> None:
+    def extend(self, other: Rows) -> None:
         for name in ("doc_id", "position", "n_raw_tokens", "context", "vectors", "next_token"):
             getattr(self, name).extend(getattr(other, name))
 
@@ -157,8 +159,9 @@ class Rows:
 
 
 @torch.inference_mode()
-def extract_vectors(model, docs: list[DocRecord], layer: int, batch_size: int, pad_id: int,
-                    predict_next: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+def extract_vectors(
+    model, docs: list[DocRecord], layer: int, batch_size: int, pad_id: int, predict_next: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
     """-> ([sum of len(d.positions), d_model] float32: block-`layer` outputs at each doc's positions, in
     doc order; with `predict_next`, the model's most likely next token id at each of them, else None).
     The prediction needs the whole forward (the vectors alone stop at block `layer`)."""
@@ -168,13 +171,13 @@ def extract_vectors(model, docs: list[DocRecord], layer: int, batch_size: int, p
     per_doc: dict[int, np.ndarray] = {}
     per_doc_next: dict[int, np.ndarray] = {}
     for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
+        batch = order[start : start + batch_size]
         width = max(need[i] for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, i in enumerate(batch):  # right padding keeps position ids = token index
-            ids[row, :need[i]] = torch.tensor(docs[i].ids[:need[i]])
-            mask[row, :need[i]] = 1
+            ids[row, : need[i]] = torch.tensor(docs[i].ids[: need[i]])
+            mask[row, : need[i]] = 1
         if predict_next:
             hidden, logits = block_output_and_logits(model, ids.to(device), mask.to(device), layer)
         else:
@@ -225,23 +228,48 @@ class ChunkStore:
         col = table.column("activation_vector").combine_chunks()
         vecs = np.asarray(col.flatten(), dtype=np.float32).reshape(len(col), -1)
         nexts = table.column("next_token").to_pylist() if "next_token" in table.column_names else [None] * len(col)
-        return Rows(table.column("doc_id").to_pylist(), table.column("position").to_pylist(),
-                    table.column("n_raw_tokens").to_pylist(), table.column("context").to_pylist(), [vecs], nexts)
+        return Rows(
+            table.column("doc_id").to_pylist(),
+            table.column("position").to_pylist(),
+            table.column("n_raw_tokens").to_pylist(),
+            table.column("context").to_pylist(),
+            [vecs],
+            nexts,
+        )
 
     def save(self, path: Path, rows: Rows) -> None:
         vecs = rows.matrix()
         flat = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), type=pa.float32()), vecs.shape[1])
-        table = pa.table({"doc_id": rows.doc_id, "position": rows.position, "n_raw_tokens": rows.n_raw_tokens,
-                          "context": rows.context, "activation_vector": flat,
-                          "next_token": pa.array(rows.next_token, type=pa.string())})
+        table = pa.table(
+            {
+                "doc_id": rows.doc_id,
+                "position": rows.position,
+                "n_raw_tokens": rows.n_raw_tokens,
+                "context": rows.context,
+                "activation_vector": flat,
+                "next_token": pa.array(rows.next_token, type=pa.string()),
+            }
+        )
         with atomic_file(path) as tmp:  # a crash or full disk leaves no partial chunk behind
             pq.write_table(table, tmp)
 
 
-def scan_and_extract(documents: Iterable, tokenizer, model, layer: int, store: ChunkStore, *,
-                     max_doc_tokens: int, positions_per_doc: int, min_position: int, seed: int,
-                     batch_size: int, total: int | None = None, show_progress: bool = True,
-                     shard: tuple[int, int] = (0, 1)) -> ScanResult:
+def scan_and_extract(
+    documents: Iterable,
+    tokenizer,
+    model,
+    layer: int,
+    store: ChunkStore,
+    *,
+    max_doc_tokens: int,
+    positions_per_doc: int,
+    min_position: int,
+    seed: int,
+    batch_size: int,
+    total: int | None = None,
+    show_progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+) -> ScanResult:
     """Stream documents, choose positions, extract chunk by chunk (reusing finished chunks).
 
     `shard=(rank, world)`: this process computes only chunks with index % world == rank (other
@@ -279,8 +307,9 @@ def scan_and_extract(documents: Iterable, tokenizer, model, layer: int, store: C
     return result
 
 
-def _run_chunk(docs: list[DocRecord], tokenizer, model, layer: int, store: ChunkStore, batch_size: int,
-               result: ScanResult) -> Rows:
+def _run_chunk(
+    docs: list[DocRecord], tokenizer, model, layer: int, store: ChunkStore, batch_size: int, result: ScanResult
+) -> Rows:
     path = store.path(docs)
     if path.is_file():
         result.n_chunks_reused += 1
@@ -293,9 +322,10 @@ def _run_chunk(docs: list[DocRecord], tokenizer, model, layer: int, store: Chunk
             rows.doc_id.append(d.doc_id)
             rows.position.append(p)
             rows.n_raw_tokens.append(p + 1)
-            rows.context.append(tokenizer.decode(d.ids[:p + 1], skip_special_tokens=True))
-    rows.next_token = ([tokenizer.decode([int(t)]) for t in next_ids] if next_ids is not None
-                       else [None] * len(rows.doc_id))
+            rows.context.append(tokenizer.decode(d.ids[: p + 1], skip_special_tokens=True))
+    rows.next_token = (
+        [tokenizer.decode([int(t)]) for t in next_ids] if next_ids is not None else [None] * len(rows.doc_id)
+    )
     store.save(path, rows)
     result.extract_seconds += time.perf_counter() - start
     result.rows_new += len(rows)

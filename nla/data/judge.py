@@ -29,7 +29,7 @@ def parse_verdicts(answer: str) -> list[dict[str, str]] | None:
     if start < 0 or end < start:
         return None
     out = []
-    for line in answer[start + len(templates.VERDICTS_OPEN):end].splitlines():
+    for line in answer[start + len(templates.VERDICTS_OPEN) : end].splitlines():
         match = _LINE.match(line.strip())
         if match:
             verdict = match.group(1).lower().replace("not checkable", "uncheckable")
@@ -42,27 +42,45 @@ def make_judge(cfg) -> OpenAITeacher | None:
     j = cfg.judge
     if j.judge == "none":
         return None
-    return OpenAITeacher.from_options(j, "judge", j.judge_concurrency * 4, open_tag=templates.VERDICTS_OPEN,
-                                      finish=close_verdicts, prompt=lambda item: item)
+    return OpenAITeacher.from_options(
+        j,
+        "judge",
+        j.judge_concurrency * 4,
+        open_tag=templates.VERDICTS_OPEN,
+        finish=close_verdicts,
+        prompt=lambda item: item,
+    )
 
 
 def close_verdicts(text: str, ended: bool) -> str:
     """A prefilled judge answer's continuation: up to its closing tag, closed if the judge stopped without it."""
     close = templates.VERDICTS_CLOSE
     if close in text:
-        return text[:text.index(close) + len(close)]
+        return text[: text.index(close) + len(close)]
     return text + close if ended else text
 
 
 def _rates(rows: list[list[dict[str, str]] | None]) -> dict[str, float | None]:
     claims = [c["verdict"] for r in rows if r for c in r]
     share = {v: (claims.count(v) / len(claims) if claims else None) for v in VERDICTS}
-    return {"accuracy": share["supported"], "contradicted": share["contradicted"], "uncheckable": share["uncheckable"],
-            "n_claims": len(claims), "claims_per_explanation": len(claims) / max(1, sum(r is not None for r in rows))}
+    return {
+        "accuracy": share["supported"],
+        "contradicted": share["contradicted"],
+        "uncheckable": share["uncheckable"],
+        "n_claims": len(claims),
+        "claims_per_explanation": len(claims) / max(1, sum(r is not None for r in rows)),
+    }
 
 
-def judge_claims(judge: OpenAITeacher, explanations: list[str | None], contexts: list[str], others: list[int],
-                 cache_path: str | Path, context_chars: int, show_progress: bool = True) -> tuple[dict[str, Any], list]:
+def judge_claims(
+    judge: OpenAITeacher,
+    explanations: list[str | None],
+    contexts: list[str],
+    others: list[int],
+    cache_path: str | Path,
+    context_chars: int,
+    show_progress: bool = True,
+) -> tuple[dict[str, Any], list]:
     """Judge every explanation against its own context and, for the chance level, against
     `contexts[others[i]]` -> (summary {accuracy, chance, contradicted, ..., malformed_answers},
     per-row verdict lists, None where the explanation failed or the judge's answer was malformed).
@@ -71,14 +89,27 @@ def judge_claims(judge: OpenAITeacher, explanations: list[str | None], contexts:
     todo = [i for i, e in enumerate(explanations) if e is not None]
     prompts = [templates.judge_prompt(contexts[i][-context_chars:], explanations[i]) for i in todo]
     prompts += [templates.judge_prompt(contexts[others[i]][-context_chars:], explanations[i]) for i in todo]
-    done = explain(judge, prompts, TeacherCache(cache_path), show_progress, template=templates.JUDGE_TEMPLATE,
-                   parse=parse_verdicts, desc="eval: judge")
-    real, chance = done.explanations[:len(todo)], done.explanations[len(todo):]
+    done = explain(
+        judge,
+        prompts,
+        TeacherCache(cache_path),
+        show_progress,
+        template=templates.JUDGE_TEMPLATE,
+        parse=parse_verdicts,
+        desc="eval: judge",
+    )
+    real, chance = done.explanations[: len(todo)], done.explanations[len(todo) :]
     rows: list = [None] * len(explanations)
     for i, verdicts in zip(todo, real):
         rows[i] = verdicts
     at_chance = _rates(chance)
-    summary = {**_rates(real), "chance": at_chance["accuracy"], "chance_contradicted": at_chance["contradicted"],
-               "n_judged": len(todo), "malformed_answers": done.n_malformed, "requests_sent": done.n_calls,
-               "judge": judge.identity}
+    summary = {
+        **_rates(real),
+        "chance": at_chance["accuracy"],
+        "chance_contradicted": at_chance["contradicted"],
+        "n_judged": len(todo),
+        "malformed_answers": done.n_malformed,
+        "requests_sent": done.n_calls,
+        "judge": judge.identity,
+    }
     return summary, rows

@@ -54,10 +54,14 @@ def split_path(data_dir: str | Path, name: str) -> Path:
     return Path(data_dir) / f"{name}.parquet"
 
 
-def write_split(path: str | Path, vectors: np.ndarray | torch.Tensor, columns: dict[str, list[Any]], meta: Meta) -> Path:
+def write_split(
+    path: str | Path, vectors: np.ndarray | torch.Tensor, columns: dict[str, list[Any]], meta: Meta
+) -> Path:
     """Write parquet then sidecar, each atomically; `meta.extra['row_count']` is set here."""
     path = Path(path)
-    vecs = vectors.detach().cpu().float().numpy() if isinstance(vectors, torch.Tensor) else np.asarray(vectors, np.float32)
+    vecs = (
+        vectors.detach().cpu().float().numpy() if isinstance(vectors, torch.Tensor) else np.asarray(vectors, np.float32)
+    )
     n, d = vecs.shape if vecs.size else (0, meta.d_model)
     for name, values in columns.items():
         if len(values) != n:
@@ -99,8 +103,9 @@ def load_split(path: str | Path, max_rows: int | None = None, seed: int = 0) -> 
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as err:
-        raise ConfigError(f"{path} is not a readable parquet file ({str(err).splitlines()[0]}); "
-                          "rerun `nla datagen` to rewrite it.") from None
+        raise ConfigError(
+            f"{path} is not a readable parquet file ({str(err).splitlines()[0]}); rerun `nla datagen` to rewrite it."
+        ) from None
     if max_rows is not None and table.num_rows > max_rows:
         doc_ids = table.column("doc_id").to_pylist() if "doc_id" in table.column_names else list(range(table.num_rows))
         table = table.take(spread_rows(doc_ids, max_rows, seed))
@@ -109,13 +114,17 @@ def load_split(path: str | Path, max_rows: int | None = None, seed: int = 0) -> 
     values = np.asarray(col.flatten() if hasattr(col, "flatten") else col.values, dtype=np.float32)
     vectors = torch.from_numpy(values.reshape(len(col), d if not len(col) else -1).copy())  # an empty split is [0, d]
     if len(col) and vectors.shape[1] != d:
-        raise ConfigError(f"{path}: vectors have width {vectors.shape[1]} but its sidecar says d_model={d}; the two files do "
-                          "not belong together: rerun `nla datagen`.")
+        raise ConfigError(
+            f"{path}: vectors have width {vectors.shape[1]} but its sidecar says d_model={d}; the two files do "
+            "not belong together: rerun `nla datagen`."
+        )
     columns = {name: table.column(name).to_pylist() for name in table.column_names if name != "activation_vector"}
     finite = torch.isfinite(vectors).all(dim=1)
     dropped = int((~finite).sum())
     if dropped:  # every stage reads splits here, so NaN/inf rows are dropped (and said) the same way everywhere
-        print(f"[data] {path}: left out {dropped} of {len(finite)} rows whose activation holds NaN/inf", file=sys.stderr)
+        print(
+            f"[data] {path}: left out {dropped} of {len(finite)} rows whose activation holds NaN/inf", file=sys.stderr
+        )
         keep = finite.nonzero().squeeze(1).tolist()
         vectors = vectors[finite]
         columns = {name: [values[i] for i in keep] for name, values in columns.items()}

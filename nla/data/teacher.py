@@ -35,10 +35,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from transformers import StoppingCriteria
@@ -72,10 +73,20 @@ class Teacher(Protocol):
 class LocalTeacher:
     """An HF causal LM with a chat template; batched greedy (or sampled) generation."""
 
-    def __init__(self, model, tokenizer, name: str, max_new_tokens: int = 64, temperature: float = 0.0,
-                 batch_size: int = 16, prefill: str = templates.EXPLANATION_OPEN):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        batch_size: int = 16,
+        prefill: str = templates.EXPLANATION_OPEN,
+    ):
         if not getattr(tokenizer, "chat_template", None):
-            raise TeacherError(f"teacher model {name!r} has no chat template; pass an instruct model via --teacher_model.")
+            raise TeacherError(
+                f"teacher model {name!r} has no chat template; pass an instruct model via --teacher_model."
+            )
         self.model, self.tokenizer, self.prefill, self.name = model, tokenizer, prefill, name
         self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
         self.identity = f"local:{name}:max{max_new_tokens}:T{temperature}:prefill={prefill}"
@@ -94,13 +105,24 @@ class LocalTeacher:
 
         tok = self.tokenizer
         # the chat template already wrote any BOS into the text: add no second one
-        enc = tok([self.prompt_text(c) for c in contexts], add_special_tokens=False, padding=True,
-                  padding_side="left", return_tensors="pt").to(next(self.model.parameters()).device)
+        enc = tok(
+            [self.prompt_text(c) for c in contexts],
+            add_special_tokens=False,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+        ).to(next(self.model.parameters()).device)
         prompt_len = enc["input_ids"].shape[1]
         eos = self.model.generation_config.eos_token_id or tok.eos_token_id
-        gen_cfg = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
-                                   temperature=self.temperature if self.temperature > 0 else None, top_p=None,
-                                   top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos)
+        gen_cfg = GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.temperature > 0,
+            temperature=self.temperature if self.temperature > 0 else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=eos,
+        )
         stop = StoppingCriteriaList([_AnswerComplete(tok, prompt_len)])
         out = self.model.generate(**enc, generation_config=gen_cfg, stopping_criteria=stop)
         stops = set(eos if isinstance(eos, list) else [eos]) | {tok.pad_token_id}
@@ -123,7 +145,7 @@ def finish_answer(text: str, ended: bool = False) -> str:
     """
     close = templates.EXPLANATION_CLOSE
     if close in text:
-        return text[:text.index(close) + len(close)]
+        return text[: text.index(close) + len(close)]
     match = _SENTENCE_END.search(text)
     if match:
         return match.group(0).strip() + close
@@ -139,7 +161,7 @@ class _AnswerComplete(StoppingCriteria):
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
         done = [templates.EXPLANATION_CLOSE in t or _SENTENCE_END.search(t) is not None for t in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -147,11 +169,23 @@ class _AnswerComplete(StoppingCriteria):
 class OpenAITeacher:
     """An OpenAI-compatible `/chat/completions` endpoint, called concurrently with retries."""
 
-    def __init__(self, base_url: str, model: str, api_key: str = "", max_new_tokens: int = 64,
-                 temperature: float = 0.0, timeout_s: float = 60.0, retries: int = 4, concurrency: int = 8,
-                 batch_size: int = 16, backoff_s: float = 0.5, role: str = "teacher",
-                 prompt: Callable[[str], str] = templates.teacher_prompt, prefill: str = "",
-                 finish: Callable[[str, bool], str] | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str = "",
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        timeout_s: float = 60.0,
+        retries: int = 4,
+        concurrency: int = 8,
+        batch_size: int = 16,
+        backoff_s: float = 0.5,
+        role: str = "teacher",
+        prompt: Callable[[str], str] = templates.teacher_prompt,
+        prefill: str = "",
+        finish: Callable[[str, bool], str] | None = None,
+    ):
         """`role` names the options in error messages (`--teacher_*`, `--judge_*`); `prompt` turns one
         item of `complete` into the user message (the teacher: a context; the judge: a ready prompt).
         `prefill`: the answer's opening tag, sent as the start of the assistant's message for the
@@ -165,27 +199,44 @@ class OpenAITeacher:
         self.url = base_url.rstrip("/") + "/chat/completions"
         host = urllib.parse.urlsplit(base_url).hostname or ""
         if api_key and base_url.startswith("http://") and host not in ("localhost", "127.0.0.1", "::1"):
-            warnings.warn(f"--{role}_base_url {base_url} is plain http to another host: the API key and the corpus text "
-                          "travel unencrypted; use https.", stacklevel=2)
+            warnings.warn(
+                f"--{role}_base_url {base_url} is plain http to another host: the API key and the corpus text "
+                "travel unencrypted; use https.",
+                stacklevel=2,
+            )
         self.role, self.prompt, self.prefill, self.finish = role, prompt, prefill, finish or finish_answer
         self.model, self.name, self.api_key = model, model, api_key
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.timeout_s, self.retries, self.concurrency, self.backoff_s = timeout_s, retries, concurrency, backoff_s
         self.batch_size = max(batch_size, concurrency)
+        # answers asked with a prefill are cached apart
         self.identity = f"openai:{base_url.rstrip('/')}:{model}:max{max_new_tokens}:T{temperature}" + (
-            f":prefill={prefill}" if prefill else "")  # answers asked with a prefill are cached apart
+            f":prefill={prefill}" if prefill else ""
+        )
 
     @classmethod
-    def from_options(cls, section, role: str, batch_size: int, open_tag: str = templates.EXPLANATION_OPEN,
-                     **kw) -> "OpenAITeacher":
+    def from_options(
+        cls, section, role: str, batch_size: int, open_tag: str = templates.EXPLANATION_OPEN, **kw
+    ) -> OpenAITeacher:
         """The endpoint named by a config section's `<role>_*` options (`--teacher_*`, `--judge_*`); the
         API key is read from the environment variable `<role>_api_key_env` names (none: no key is sent);
         `open_tag`: the answer's opening tag, which `<role>_prefill` sends."""
         opt = lambda name: getattr(section, f"{role}_{name}")  # noqa: E731
         key = os.environ.get(opt("api_key_env"), "") if opt("api_key_env") else ""
-        return cls(opt("base_url"), opt("model"), key, opt("max_new_tokens"), opt("temperature"), opt("timeout_s"),
-                   opt("retries"), opt("concurrency"), batch_size, role=role,
-                   prefill=open_tag if opt("prefill") else "", **kw)
+        return cls(
+            opt("base_url"),
+            opt("model"),
+            key,
+            opt("max_new_tokens"),
+            opt("temperature"),
+            opt("timeout_s"),
+            opt("retries"),
+            opt("concurrency"),
+            batch_size,
+            role=role,
+            prefill=open_tag if opt("prefill") else "",
+            **kw,
+        )
 
     def check(self) -> None:
         """Open a TCP connection to the endpoint's host, so a missing server fails before extraction."""
@@ -207,8 +258,12 @@ class OpenAITeacher:
             return list(pool.map(self._request, contexts))
 
     def _request(self, context: str) -> Answer:
-        body = {"model": self.model, "messages": [{"role": "user", "content": self.prompt(context)}],
-                "max_tokens": self.max_new_tokens, "temperature": self.temperature}
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": self.prompt(context)}],
+            "max_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+        }
         if self.prefill:  # the server continues the assistant's message instead of starting a new one
             body["messages"].append({"role": "assistant", "content": self.prefill})
             body |= {"continue_final_message": True, "add_generation_prompt": False}
@@ -226,25 +281,34 @@ class OpenAITeacher:
             except urllib.error.HTTPError as err:
                 if err.code not in (408, 409, 425, 429) and err.code < 500:  # our request is wrong: retrying won't help
                     detail = err.read().decode("utf-8", "replace")[:200]
-                    prefill = (f"; or the server does not continue a prefilled answer: turn --{self.role}_prefill off"
-                               if self.prefill and err.code in (400, 422) else "")
-                    raise TeacherError(f"{self.role} endpoint {self.url} answered HTTP {err.code}: {detail!r}; "
-                                       f"check --{self.role}_model and the API key (--{self.role}_api_key_env)"
-                                       f"{prefill}.") from None
+                    prefill = (
+                        f"; or the server does not continue a prefilled answer: turn --{self.role}_prefill off"
+                        if self.prefill and err.code in (400, 422)
+                        else ""
+                    )
+                    raise TeacherError(
+                        f"{self.role} endpoint {self.url} answered HTTP {err.code}: {detail!r}; "
+                        f"check --{self.role}_model and the API key (--{self.role}_api_key_env)"
+                        f"{prefill}."
+                    ) from None
                 last = err
-            except (urllib.error.URLError, TimeoutError, ConnectionError, socket.timeout) as err:
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
                 last = err
         if isinstance(last, urllib.error.HTTPError):
-            raise TeacherError(f"{self.role} endpoint {self.url} kept failing (HTTP {last.code}, {self.retries + 1} tries); "
-                               f"check the server's log, or raise --{self.role}_retries.")
+            raise TeacherError(
+                f"{self.role} endpoint {self.url} kept failing (HTTP {last.code}, {self.retries + 1} tries); "
+                f"check the server's log, or raise --{self.role}_retries."
+            )
         raise self._unreachable(last)
 
     def _parse(self, data: dict) -> Answer:
         try:
             text = data["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
-            raise TeacherError(f"{self.role} endpoint {self.url} did not answer in the OpenAI chat format "
-                               f"(got {str(data)[:120]!r}); check --{self.role}_base_url.") from None
+            raise TeacherError(
+                f"{self.role} endpoint {self.url} did not answer in the OpenAI chat format "
+                f"(got {str(data)[:120]!r}); check --{self.role}_base_url."
+            ) from None
         n_tokens = (data.get("usage") or {}).get("completion_tokens") or len(text.split())
         if self.prefill:  # the continuation of the prefilled answer (a server may echo the prefill: kept once)
             text = text.lstrip().removeprefix(self.prefill) if text.lstrip().startswith(self.prefill) else text
@@ -273,8 +337,9 @@ class ExtractiveTeacher:
         self.format = ExtractiveFormat(claim_types=claims)
         self.claims = self.format.claim_types
         # the default keeps the identity (and so the cached answers) it had before claims were a choice
-        self.identity = f"extractive:v4:tail{tail_chars}" + ("" if self.claims == LEGACY_CLAIMS else
-                                                            f":claims={','.join(self.claims)}")
+        self.identity = f"extractive:v4:tail{tail_chars}" + (
+            "" if self.claims == LEGACY_CLAIMS else f":claims={','.join(self.claims)}"
+        )
 
     def check(self) -> None:
         pass
@@ -303,10 +368,22 @@ def make_teacher(cfg, target_model=None, target_tokenizer=None) -> Teacher:
         source = ModelSource.of(cfg.model)
         path = source.resolve(t.teacher_model)
         model = source.causal_lm(path, cfg.model.dtype).to(pick_device(cfg.run.device)).eval()
-        return LocalTeacher(model, source.tokenizer(path), t.teacher_model,
-                            t.teacher_max_new_tokens, t.teacher_temperature, t.teacher_batch_size)
-    return LocalTeacher(target_model, target_tokenizer, cfg.model.model, t.teacher_max_new_tokens,
-                        t.teacher_temperature, t.teacher_batch_size)
+        return LocalTeacher(
+            model,
+            source.tokenizer(path),
+            t.teacher_model,
+            t.teacher_max_new_tokens,
+            t.teacher_temperature,
+            t.teacher_batch_size,
+        )
+    return LocalTeacher(
+        target_model,
+        target_tokenizer,
+        cfg.model.model,
+        t.teacher_max_new_tokens,
+        t.teacher_temperature,
+        t.teacher_batch_size,
+    )
 
 
 class TeacherCache:
@@ -362,9 +439,15 @@ class Explained:
         return self.new_tokens / self.seconds if self.seconds > 0 and self.new_tokens else None
 
 
-def explain(teacher: Teacher, contexts: list[str], cache: TeacherCache, show_progress: bool = True,
-            template: str = templates.TEACHER_TEMPLATE, parse: Callable[[str], Any] = templates.extract_explanation,
-            desc: str = "datagen: teacher") -> Explained:
+def explain(
+    teacher: Teacher,
+    contexts: list[str],
+    cache: TeacherCache,
+    show_progress: bool = True,
+    template: str = templates.TEACHER_TEMPLATE,
+    parse: Callable[[str], Any] = templates.extract_explanation,
+    desc: str = "datagen: teacher",
+) -> Explained:
     """Explanations for `contexts` (duplicates asked once), asking the teacher only for uncached ones.
     The LLM judge of `nla eval` goes through here too: its items are ready prompts, keyed under its
     own `template`, and `parse` reads its verdicts (None: a malformed answer)."""
@@ -374,7 +457,7 @@ def explain(teacher: Teacher, contexts: list[str], cache: TeacherCache, show_pro
     result = Explained(explanations=[], n_requested=len(contexts))
     bar = progress(total=len(missing), enabled=show_progress and bool(missing), desc=desc, unit="ctx")
     for start in range(0, len(missing), teacher.batch_size):
-        batch = missing[start:start + teacher.batch_size]
+        batch = missing[start : start + teacher.batch_size]
         t0 = time.perf_counter()
         answers = teacher.complete([c for _, c in batch])
         result.seconds += time.perf_counter() - t0

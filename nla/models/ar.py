@@ -17,7 +17,6 @@ tensor `weight` [d, d]), the tokenizer, and the model sidecar `nla_meta.yaml` (r
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,16 @@ from torch import nn
 
 from nla.core import templates
 from nla.core.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
-from nla.models.backbone import block_output, decoder_layers, last_token_index, layer_problem, text_config
-from nla.models.sources import ModelError, ModelSource, damaged, load_adapter, torch_dtype, unreadable_weights
+from nla.models.backbone import block_output, decoder_layers, last_token_index, text_config
+from nla.models.sources import (
+    ModelError,
+    ModelSource,
+    damaged,
+    load_adapter,
+    load_truncated_backbone,
+    lora_config,
+    unreadable_weights,
+)
 
 # Longer AR prompts are flagged (`over_length`): SFT drops them, RL gives them the failure reward.
 AR_MAX_TOKENS = 256
@@ -71,8 +78,15 @@ class ARModel(nn.Module):
     is a direction, where bf16 rounding in the last matmul is pure noise.
     """
 
-    def __init__(self, backbone: nn.Module, layer: int, head: nn.Linear, template: str = templates.AR_TEMPLATE,
-                 max_length: int = AR_MAX_TOKENS, meta: Meta | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        layer: int,
+        head: nn.Linear,
+        template: str = templates.AR_TEMPLATE,
+        max_length: int = AR_MAX_TOKENS,
+        meta: Meta | None = None,
+    ):
         super().__init__()
         self.backbone, self.layer, self.head = backbone, layer, head.float()
         self.template, self.max_length, self.meta = template, max_length, meta
@@ -120,7 +134,7 @@ class ARModel(nn.Module):
         out = torch.zeros(len(texts), self.d_model)
         try:
             for start in range(0, len(texts), batch_size):
-                rows = order[start:start + batch_size]
+                rows = order[start : start + batch_size]
                 batch = self.pad_ids([ids[i] for i in rows], tokenizer)
                 out[rows] = self(batch.input_ids, batch.attention_mask).float().cpu()
         finally:
@@ -131,60 +145,15 @@ class ARModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """The load report lists every dropped block K+1.. as UNEXPECTED (we check missing keys
-    ourselves), and a base model without LM head triggers a harmless tensor-parallel warning."""
-    from transformers.utils import logging as hf_logging
-
-    loggers = [hf_logging.get_logger(n) for n in ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(hf_logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def load_truncated_backbone(path: str, layer: int | None, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
-    """Blocks 0..layer of the model at `path` (layer None: keep the folder's own layer count).
-
-    The config is truncated before loading so later blocks are never allocated; the final norm
-    is replaced by the identity (early exit never reaches it, and the saved model then matches
-    the reference release format).
-    """
-    from transformers import AutoConfig, AutoModel
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    text = text_config(config)  # multimodal models: truncate the language model, keep the rest as is
-    n_layers = text.num_hidden_layers
-    if layer is not None:
-        problem = layer_problem(layer, n_layers)
-        if problem:
-            raise ModelError(f"AR for {path}: {problem}.")
-        text.num_hidden_layers = layer + 1
-        if isinstance(getattr(text, "layer_types", None), list):  # per-block attention types (sliding/full)
-            text.layer_types = text.layer_types[: layer + 1]
-    try:
-        with _quiet_transformers():
-            backbone, info = AutoModel.from_pretrained(path, config=config, dtype=torch_dtype(dtype),
-                                                       trust_remote_code=trust_remote_code, output_loading_info=True)
-    except OSError as err:
-        raise ModelError(f"Could not load the AR backbone from {path!r}: {err}") from None
-    # saved ARs have no final norm (`norm.*`, or `language_model.norm.*` inside a multimodal model)
-    missing = [k for k in info.get("missing_keys", []) if not k.startswith(("norm.", "language_model.norm."))]
-    if missing:
-        raise ModelError(f"{path}: weights missing for the AR backbone ({missing[:3]} ...); is this the right model folder?")
-    for owner in (backbone, getattr(backbone, "language_model", None)):
-        if owner is not None and isinstance(getattr(owner, "norm", None), nn.Module):
-            owner.norm = nn.Identity()
-    return backbone
-
-
-def build_ar(model_path: str, layer: int, lora_r: int, dtype: str = "float32", device: str | torch.device = "cpu",
-             template: str = templates.AR_TEMPLATE, trust_remote_code: bool = False) -> ARModel:
+def build_ar(
+    model_path: str,
+    layer: int,
+    lora_r: int,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    template: str = templates.AR_TEMPLATE,
+    trust_remote_code: bool = False,
+) -> ARModel:
     """A fresh AR on blocks 0..layer of `model_path`: LoRA on every block (r > 0) or full fine-tuning.
 
     LoRA covers blocks 0..K, which here are all the blocks (the truncated backbone has no others),
@@ -222,11 +191,24 @@ def model_meta(ar: ARModel, base: Meta, base_checkpoint: str, mse_scale: float, 
     lora = getattr(getattr(ar.backbone, "peft_config", {}).get("default"), "r", 0)
     injection = base.extra.get("suggested_injection_scale")
     return Meta(
-        kind="nla_model", tokens=base.tokens, av_template=base.av_template, ar_template=ar.template,
-        d_model=ar.d_model, layer_index=ar.layer, base_model=base_checkpoint,
-        extra={"role": "ar", "stage": "sl", "ar_max_tokens": ar.max_length, "lora": {"r": int(lora)},
-               "extraction": {"mse_scale": float(mse_scale), "injection_scale": None if injection is None else float(injection)},
-               **extra},
+        kind="nla_model",
+        tokens=base.tokens,
+        av_template=base.av_template,
+        ar_template=ar.template,
+        d_model=ar.d_model,
+        layer_index=ar.layer,
+        base_model=base_checkpoint,
+        extra={
+            "role": "ar",
+            "stage": "sl",
+            "ar_max_tokens": ar.max_length,
+            "lora": {"r": int(lora)},
+            "extraction": {
+                "mse_scale": float(mse_scale),
+                "injection_scale": None if injection is None else float(injection),
+            },
+            **extra,
+        },
     )
 
 
@@ -243,14 +225,24 @@ def read_ar_meta(directory: Path) -> Meta:
         raise SidecarError(f"{where}: kind is {meta.kind!r}, not nla_model; point at an AR checkpoint, not a dataset.")
     role = meta.extra.get("role", "ar")
     if role not in ("ar", "critic"):
-        raise SidecarError(f"{where}: role is {role!r}; this is not an AR checkpoint (pass the AR folder, e.g. <run>/ar/final).")
+        raise SidecarError(
+            f"{where}: role is {role!r}; this is not an AR checkpoint (pass the AR folder, e.g. <run>/ar/final)."
+        )
     if "num_hidden_layers" not in (raw.get("ar") or {}) and "extraction_layer_index" not in (raw.get("critic") or {}):
-        raise SidecarError(f"{where}: no layer index (ar.num_hidden_layers or critic.extraction_layer_index); add the block index K.")
+        raise SidecarError(
+            f"{where}: no layer index (ar.num_hidden_layers or critic.extraction_layer_index); add the block index K."
+        )
     return meta
 
 
-def load_ar(path: str | Path, device: str | torch.device = "cpu", dtype: str = "float32", trainable: bool = False,
-            base_model: str | None = None, source: ModelSource = ModelSource()) -> tuple[ARModel, Any]:
+def load_ar(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    trainable: bool = False,
+    base_model: str | None = None,
+    source: ModelSource = ModelSource(),
+) -> tuple[ARModel, Any]:
     """Load an AR checkpoint (ours or the reference release format) -> (ARModel, tokenizer).
 
     `path`: a checkpoint folder holding `ar/`, or the AR folder itself. LoRA folders need the base
@@ -272,11 +264,15 @@ def load_ar(path: str | Path, device: str | torch.device = "cpu", dtype: str = "
     elif (directory / "config.json").is_file():
         backbone = load_truncated_backbone(str(directory), None, dtype, source.trust_remote_code)
     else:
-        raise ModelError(f"{directory} holds neither a LoRA adapter (adapter_config.json) nor model weights (config.json).")
+        raise ModelError(
+            f"{directory} holds neither a LoRA adapter (adapter_config.json) nor model weights (config.json)."
+        )
     n_blocks = len(decoder_layers(backbone))
     if n_blocks != layer + 1:
-        raise SidecarError(f"{directory}: the model has {n_blocks} blocks but the sidecar says layer K={layer} (needs K+1 = {layer + 1}); "
-                           "the sidecar and weights do not belong together.")
+        raise SidecarError(
+            f"{directory}: the model has {n_blocks} blocks but the sidecar says layer K={layer} (needs K+1 = {layer + 1}); "
+            "the sidecar and weights do not belong together."
+        )
     has_tokenizer = (directory / "tokenizer_config.json").is_file()
     tokenizer = source.tokenizer(str(directory) if has_tokenizer else base_model or meta.base_model)
     d_model = text_config(backbone.config).hidden_size
@@ -294,22 +290,27 @@ def load_ar(path: str | Path, device: str | torch.device = "cpu", dtype: str = "
 
 def _load_head(directory: Path, d_model: int, load_file) -> nn.Linear:
     if not (directory / HEAD_FILE).is_file():
-        raise ModelError(f"{directory} has no {HEAD_FILE}; an AR checkpoint needs its value head (tensor 'weight' [d, d]).")
+        raise ModelError(
+            f"{directory} has no {HEAD_FILE}; an AR checkpoint needs its value head (tensor 'weight' [d, d])."
+        )
     try:
         weight = load_file(str(directory / HEAD_FILE)).get("weight")
     except unreadable_weights() as err:
         raise damaged(directory / HEAD_FILE, err) from None
     if weight is None or tuple(weight.shape) != (d_model, d_model):
         shape = None if weight is None else tuple(weight.shape)
-        raise ModelError(f"{directory / HEAD_FILE}: expected tensor 'weight' of shape [{d_model}, {d_model}], got {shape}.")
+        raise ModelError(
+            f"{directory / HEAD_FILE}: expected tensor 'weight' of shape [{d_model}, {d_model}], got {shape}."
+        )
     head = identity_head(d_model)
     with torch.no_grad():
         head.weight.copy_(weight.float())
     return head
 
 
-def attach_to_shared_base(model: nn.Module, path: str | Path, tokenizer, adapter_name: str = "ar",
-                          trainable: bool = True) -> ARModel:
+def attach_to_shared_base(
+    model: nn.Module, path: str | Path, tokenizer, adapter_name: str = "ar", trainable: bool = True
+) -> ARModel:
     """Run a saved LoRA AR on a full causal LM shared with the AV (joint RL keeps one base in memory).
 
     `model`: the full causal LM, plain or already a PeftModel (e.g. holding the AV adapter). Adds
@@ -317,30 +318,42 @@ def attach_to_shared_base(model: nn.Module, path: str | Path, tokenizer, adapter
     backbone's `layers.N` is the causal LM's `<prefix>.layers.N`), and returns an ARModel reading
     block K by early exit. The caller activates the adapter (`set_adapter`) before AR forwards.
     """
-    from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from peft import PeftModel, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     directory = resolve_ar_dir(Path(path))
     meta = read_ar_meta(directory)
     if not (directory / "adapter_config.json").is_file():
-        raise ModelError(f"{directory} is a full-weight AR; only LoRA ARs can share a base model (use load_ar instead).")
+        raise ModelError(
+            f"{directory} is a full-weight AR; only LoRA ARs can share a base model (use load_ar instead)."
+        )
     meta.verify(tokenizer, d_model=text_config(model.config).hidden_size, where=str(directory / MODEL_META))
-    config = LoraConfig.from_pretrained(str(directory))
+    config = lora_config(directory)
     config.layers_to_transform, config.inference_mode = list(range(meta.layer_index + 1)), not trainable
     if isinstance(model, PeftModel):
         model.add_adapter(adapter_name, config)
     else:
         model = get_peft_model(model, config, adapter_name=adapter_name)
     inner = model.get_base_model()
-    prefix = f"base_model.model.{inner.base_model_prefix}." if hasattr(inner, inner.base_model_prefix) else "base_model.model."
-    state = {prefix + k.removeprefix("base_model.model."): v for k, v in load_file(str(directory / ADAPTER_FILE)).items()}
+    prefix = (
+        f"base_model.model.{inner.base_model_prefix}."
+        if hasattr(inner, inner.base_model_prefix)
+        else "base_model.model."
+    )
+    state = {
+        prefix + k.removeprefix("base_model.model."): v for k, v in load_file(str(directory / ADAPTER_FILE)).items()
+    }
     result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     lost = [k for k in result.missing_keys if f".{adapter_name}." in k]
     if result.unexpected_keys or lost:
-        raise ModelError(f"{directory}: adapter does not fit this base model ({(result.unexpected_keys or lost)[:2]} ...).")
+        raise ModelError(
+            f"{directory}: adapter does not fit this base model ({(result.unexpected_keys or lost)[:2]} ...)."
+        )
     head = _load_head(directory, text_config(model.config).hidden_size, load_file)
     head.weight.requires_grad_(trainable)
-    ar = ARModel(model, meta.layer_index, head, meta.ar_template, int(meta.extra.get("ar_max_tokens", AR_MAX_TOKENS)), meta)
+    ar = ARModel(
+        model, meta.layer_index, head, meta.ar_template, int(meta.extra.get("ar_max_tokens", AR_MAX_TOKENS)), meta
+    )
     return ar.to(next(model.parameters()).device)
 
 
@@ -350,8 +363,9 @@ def mse_scale_of(ar: ARModel) -> float:
     return float(scale) if scale else math.sqrt(ar.d_model)
 
 
-def save_shared_ar(model: nn.Module, ar: ARModel, directory: str | Path, meta: Meta, adapter_name: str = "ar",
-                   tokenizer=None) -> Path:
+def save_shared_ar(
+    model: nn.Module, ar: ARModel, directory: str | Path, meta: Meta, adapter_name: str = "ar", tokenizer=None
+) -> Path:
     """Inverse of `attach_to_shared_base`: write the AR adapter in the truncated-backbone layout.
 
     The saved folder is the same as `save_ar` writes after SFT, so `load_ar` and a later
@@ -363,7 +377,11 @@ def save_shared_ar(model: nn.Module, ar: ARModel, directory: str | Path, meta: M
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     inner = model.get_base_model()
-    prefix = f"base_model.model.{inner.base_model_prefix}." if hasattr(inner, inner.base_model_prefix) else "base_model.model."
+    prefix = (
+        f"base_model.model.{inner.base_model_prefix}."
+        if hasattr(inner, inner.base_model_prefix)
+        else "base_model.model."
+    )
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
     state = {"base_model.model." + k.removeprefix(prefix): v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(state, str(directory / ADAPTER_FILE))

@@ -32,7 +32,9 @@ from nla.models.injection import InjectionHook, repeat_for_samples
 from nla.models.sources import ModelSource, load_adapter, pick_device
 
 IGNORE = -100  # label value that the loss skips
-TOP_K = 50  # sampling keeps the 50 likeliest tokens: transformers' generate default, explicit so every engine matches it
+TOP_K = (
+    50  # sampling keeps the 50 likeliest tokens: transformers' generate default, explicit so every engine matches it
+)
 AV_SUBDIR = "av"  # a training checkpoint holds the AV under <ckpt>/av/
 AV_ROLES = ("av", "actor")  # 'actor' is what older reference sidecars say
 
@@ -55,8 +57,10 @@ def check_prompts(prompts: list[Any], meta: Meta, where: str = "dataset") -> Non
     for i, p in enumerate(prompts):
         text = p[-1]["content"] if isinstance(p, list) and p and isinstance(p[-1], dict) else p
         if text != expected:
-            raise SidecarError(f"{where}: row {i}'s prompt differs from the sidecar's AV template filled with "
-                             f"{meta.tokens.injection_char!r} (template drift); regenerate the data with `nla datagen`.")
+            raise SidecarError(
+                f"{where}: row {i}'s prompt differs from the sidecar's AV template filled with "
+                f"{meta.tokens.injection_char!r} (template drift); regenerate the data with `nla datagen`."
+            )
 
 
 def pad(rows: list[list[int]], pad_id: int, side: str, fill: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,8 +127,9 @@ def cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
-def shared_prefix(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, marker_id: int,
-                  limit: int, rows: int) -> tuple[int, dict[str, Any]]:
+def shared_prefix(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, marker_id: int, limit: int, rows: int
+) -> tuple[int, dict[str, Any]]:
     """(p, forward kwargs): the KV cache of the first p columns (`shared_prefix_length`), computed
     once on row 0 and repeated for `rows` rows, under the keyword the model's forward takes; (0, {})
     when there is nothing to share or the model's cache cannot be repeated. Gradients flow back
@@ -133,8 +138,13 @@ def shared_prefix(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     if not p:
         return 0, {}
     inner = getattr(model, "module", model)  # one DDP forward per backward: the prefix goes unwrapped
-    out = inner(input_ids=input_ids[:1, :p], attention_mask=torch.ones_like(input_ids[:1, :p]),
-                position_ids=position_ids(attention_mask)[:1, :p], use_cache=True, logits_to_keep=1)
+    out = inner(
+        input_ids=input_ids[:1, :p],
+        attention_mask=torch.ones_like(input_ids[:1, :p]),
+        position_ids=position_ids(attention_mask)[:1, :p],
+        use_cache=True,
+        logits_to_keep=1,
+    )
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return 0, {}
@@ -142,9 +152,15 @@ def shared_prefix(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return p, {cache_keyword(model): cache}
 
 
-def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      response_mask: torch.Tensor, vectors: torch.Tensor, hook: InjectionHook,
-                      share_prefix: bool = True) -> torch.Tensor:
+def response_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    vectors: torch.Tensor,
+    hook: InjectionHook,
+    share_prefix: bool = True,
+) -> torch.Tensor:
     """log p(input_ids[:, j] | input_ids[:, :j]) with `vectors` [b, d] injected -> [b, t] (0 off the response).
 
     Only the logits from the first response column on are computed (`logits_to_keep`): the full
@@ -164,14 +180,24 @@ def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     if attached_here:
         hook.attach()
     try:
-        p, extra = shared_prefix(model, input_ids, attention_mask, hook.marker_id, first - 1, b) if share_prefix else (0, {})
-        out = model(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=positions[:, p:],
-                    logits_to_keep=t - first + 1, use_cache=False, **extra)
+        p, extra = (
+            shared_prefix(model, input_ids, attention_mask, hook.marker_id, first - 1, b) if share_prefix else (0, {})
+        )
+        out = model(
+            input_ids=input_ids[:, p:],
+            attention_mask=attention_mask,
+            position_ids=positions[:, p:],
+            logits_to_keep=t - first + 1,
+            use_cache=False,
+            **extra,
+        )
     finally:
         if attached_here:
             hook.remove()
     if hook.injected != vectors.shape[0]:
-        raise RuntimeError(f"injection wrote {hook.injected} vectors, expected {vectors.shape[0]}: the prompt lost its marker.")
+        raise RuntimeError(
+            f"injection wrote {hook.injected} vectors, expected {vectors.shape[0]}: the prompt lost its marker."
+        )
     logits = out.logits[:, :-1].float()  # [b, t-first, vocab], predicts tokens first..t-1
     targets = input_ids[:, first:]
     token_lp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -189,8 +215,14 @@ def generated_mask(new_tokens: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
     return (before == 0).long()
 
 
-def assemble_rollout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, new_tokens: torch.Tensor, eos_ids: set[int],
-                     tokenizer, new_logprobs: torch.Tensor | None = None) -> "Rollout":
+def assemble_rollout(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    new_tokens: torch.Tensor,
+    eos_ids: set[int],
+    tokenizer,
+    new_logprobs: torch.Tensor | None = None,
+) -> Rollout:
     """Prompt [b, t] + sampled tokens [b, w] (padded after EOS) -> the `Rollout` every engine returns:
     the response mask up to and including EOS, texts without EOS, `hit_cap` where no EOS came, and
     the engine's log-probs [b, w] (if given) placed on the response columns."""
@@ -204,11 +236,19 @@ def assemble_rollout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, new_to
         texts.append(tokenizer.decode(keep, skip_special_tokens=False))
     logprobs = None
     if new_logprobs is not None:
-        logprobs = torch.cat([torch.zeros(prompt_ids.shape, dtype=new_logprobs.dtype, device=new_logprobs.device),
-                              new_logprobs * resp], dim=1)
-    return Rollout(torch.cat([prompt_ids, new_tokens], dim=1), torch.cat([prompt_mask, resp], dim=1),
-                   torch.cat([torch.zeros_like(prompt_mask), resp], dim=1), prompt_ids.shape[1], texts, hit_cap,
-                   engine_logprobs=logprobs)
+        logprobs = torch.cat(
+            [torch.zeros(prompt_ids.shape, dtype=new_logprobs.dtype, device=new_logprobs.device), new_logprobs * resp],
+            dim=1,
+        )
+    return Rollout(
+        torch.cat([prompt_ids, new_tokens], dim=1),
+        torch.cat([prompt_mask, resp], dim=1),
+        torch.cat([torch.zeros_like(prompt_mask), resp], dim=1),
+        prompt_ids.shape[1],
+        texts,
+        hit_cap,
+        engine_logprobs=logprobs,
+    )
 
 
 # ---------------------------------------------------------------- the Verbalizer
@@ -238,23 +278,38 @@ class Rollout:
 class Verbalizer:
     """Generates explanations from activation vectors with a loaded AV."""
 
-    def __init__(self, model: nn.Module, tokenizer, meta: Meta, injection_scale: float,
-                 max_new_tokens: int = 64, batch_size: int = 32):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        meta: Meta,
+        injection_scale: float,
+        max_new_tokens: int = 64,
+        batch_size: int = 32,
+    ):
         self.model, self.tokenizer, self.meta = model, tokenizer, meta
         self.injection_scale = float(injection_scale)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.hook = InjectionHook(model, *meta.tokens.ids, self.injection_scale)
         self.format = claims.trained_format(meta.extra)  # what a usable answer looks like (`claims.read_answer`)
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        self.eos_ids = {tokenizer.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.eos_ids = {tokenizer.eos_token_id} | set(
+            gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
+        )
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def rollout(self, vectors: torch.Tensor, num_samples: int = 1, temperature: float = 1.0,
-                max_new_tokens: int | None = None, top_k: int = TOP_K) -> Rollout:
+    def rollout(
+        self,
+        vectors: torch.Tensor,
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        max_new_tokens: int | None = None,
+        top_k: int = TOP_K,
+    ) -> Rollout:
         """One generate call for vectors [n, d] (no chunking); greedy when temperature == 0, else
         sampled from the `top_k` likeliest tokens (0: all)."""
         from transformers import GenerationConfig
@@ -266,11 +321,16 @@ class Verbalizer:
         k_gen = k if sampling else 1
         ids, mask = build_generation_batch(self.tokenizer, n, self.meta)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        gen = GenerationConfig(max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=sampling,
-                               temperature=temperature if sampling else None, top_p=None,
-                               top_k=top_k if sampling else None,  # None would mean transformers' default, 50
-                               num_return_sequences=k_gen, pad_token_id=self.tokenizer.pad_token_id,
-                               eos_token_id=sorted(self.eos_ids))
+        gen = GenerationConfig(
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            do_sample=sampling,
+            temperature=temperature if sampling else None,
+            top_p=None,
+            top_k=top_k if sampling else None,  # None would mean transformers' default, 50
+            num_return_sequences=k_gen,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=sorted(self.eos_ids),
+        )
         # The prompt before the marker is the same for every row: its KV cache is computed once and
         # repeated for the n * k_gen rows generate will run (it takes a cache as given).
         _, extra = shared_prefix(self.model, ids, mask, self.hook.marker_id, ids.shape[1] - 1, n * k_gen)
@@ -283,8 +343,14 @@ class Verbalizer:
         t = ids.shape[1]
         return assemble_rollout(out[:, :t], mask.repeat_interleave(k, 0), out[:, t:], self.eos_ids, self.tokenizer)
 
-    def verbalize(self, vectors: torch.Tensor, num_samples: int = 1, temperature: float = 1.0,
-                  max_new_tokens: int | None = None, batch_size: int | None = None) -> list[list[Sample]]:
+    def verbalize(
+        self,
+        vectors: torch.Tensor,
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        max_new_tokens: int | None = None,
+        batch_size: int | None = None,
+    ) -> list[list[Sample]]:
         """vectors [n, d] raw -> n lists of `num_samples` Samples (left-padded, vector injected), at most
         `batch_size` (default: the Verbalizer's) sequences per generate call."""
         if vectors.dim() != 2:
@@ -292,27 +358,44 @@ class Verbalizer:
         rows_per_call = max(1, (batch_size or self.batch_size) // num_samples)
         results: list[list[Sample]] = []
         for start in range(0, vectors.shape[0], rows_per_call):
-            ro = self.rollout(vectors[start:start + rows_per_call], num_samples, temperature, max_new_tokens)
+            ro = self.rollout(vectors[start : start + rows_per_call], num_samples, temperature, max_new_tokens)
             n_tokens = ro.response_mask.sum(-1).tolist()
             samples = []
             for text, cap, nt in zip(ro.texts, ro.hit_cap.tolist(), n_tokens):
                 explanation, usable = claims.read_answer(self.format, text)
                 samples.append(Sample(text, explanation, not usable or cap, int(nt)))
-            results += [samples[i:i + num_samples] for i in range(0, len(samples), num_samples)]
+            results += [samples[i : i + num_samples] for i in range(0, len(samples), num_samples)]
         return results
 
 
 # ---------------------------------------------------------------- save / load
 
 
-def make_av_meta(data_meta: Meta, d_model: int, base_model: str, injection_scale: float, lora_r: int,
-                 provenance: dict[str, Any] | None = None) -> Meta:
+def make_av_meta(
+    data_meta: Meta,
+    d_model: int,
+    base_model: str,
+    injection_scale: float,
+    lora_r: int,
+    provenance: dict[str, Any] | None = None,
+) -> Meta:
     """The model sidecar of an SFT AV, carrying the dataset's tokens and templates."""
-    return Meta(kind="nla_model", tokens=data_meta.tokens, av_template=data_meta.av_template,
-                ar_template=data_meta.ar_template, d_model=d_model, layer_index=data_meta.layer_index,
-                base_model=base_model,
-                extra={"role": "av", "stage": "sl", "extraction": {"injection_scale": float(injection_scale), "mse_scale": None},
-                       "lora": {"r": int(lora_r)}, "training": provenance or {}})
+    return Meta(
+        kind="nla_model",
+        tokens=data_meta.tokens,
+        av_template=data_meta.av_template,
+        ar_template=data_meta.ar_template,
+        d_model=d_model,
+        layer_index=data_meta.layer_index,
+        base_model=base_model,
+        extra={
+            "role": "av",
+            "stage": "sl",
+            "extraction": {"injection_scale": float(injection_scale), "mse_scale": None},
+            "lora": {"r": int(lora_r)},
+            "training": provenance or {},
+        },
+    )
 
 
 def save_av(model: nn.Module, tokenizer, meta: Meta, out_dir: str | Path) -> Path:
@@ -337,7 +420,9 @@ def resolve_av_dir(path: str | Path) -> Path:
 def injection_scale_of(meta: Meta, where: str) -> float:
     scale = (meta.extra.get("extraction") or {}).get("injection_scale")
     if scale is None or float(scale) <= 0:
-        raise SidecarError(f"{where}: the sidecar has no positive extraction.injection_scale; add it (the norm vectors are injected at).")
+        raise SidecarError(
+            f"{where}: the sidecar has no positive extraction.injection_scale; add it (the norm vectors are injected at)."
+        )
     return float(scale)
 
 
@@ -345,12 +430,20 @@ def read_av_meta(av_dir: Path) -> Meta:
     meta = read_meta(av_dir / MODEL_META)
     role = meta.extra.get("role")
     if meta.kind != "nla_model" or (role is not None and role not in AV_ROLES):
-        raise SidecarError(f"{av_dir}: the sidecar describes kind={meta.kind}, role={role}; an AV needs kind nla_model, role av.")
+        raise SidecarError(
+            f"{av_dir}: the sidecar describes kind={meta.kind}, role={role}; an AV needs kind nla_model, role av."
+        )
     return meta
 
 
-def load_av_model(av_dir: Path, meta: Meta, dtype: str = "float32", is_trainable: bool = False,
-                  source: ModelSource = ModelSource(), adapter_name: str = "default") -> nn.Module:
+def load_av_model(
+    av_dir: Path,
+    meta: Meta,
+    dtype: str = "float32",
+    is_trainable: bool = False,
+    source: ModelSource = ModelSource(),
+    adapter_name: str = "default",
+) -> nn.Module:
     """A PEFT adapter on its base model (the sidecar's base_checkpoint), or a plain HF folder: the one
     way an AV's weights are loaded (nla verbalize/eval, resuming train-av, joint RL)."""
     if (av_dir / "adapter_config.json").is_file():
@@ -359,12 +452,19 @@ def load_av_model(av_dir: Path, meta: Meta, dtype: str = "float32", is_trainable
         base = source.causal_lm(meta.base_model, dtype)
         return load_adapter(base, av_dir, is_trainable=is_trainable, adapter_name=adapter_name)
     if not (av_dir / "config.json").is_file():
-        raise SidecarError(f"{av_dir}: neither a LoRA adapter (adapter_config.json) nor an HF model folder (config.json).")
+        raise SidecarError(
+            f"{av_dir}: neither a LoRA adapter (adapter_config.json) nor an HF model folder (config.json)."
+        )
     return source.causal_lm(str(av_dir), dtype)
 
 
-def load_av(path: str | Path, device: str = "auto", dtype: str = "float32", max_new_tokens: int = 64,
-            source: ModelSource = ModelSource()) -> Verbalizer:
+def load_av(
+    path: str | Path,
+    device: str = "auto",
+    dtype: str = "float32",
+    max_new_tokens: int = 64,
+    source: ModelSource = ModelSource(),
+) -> Verbalizer:
     """Load an AV (ours or the reference release format), verified against the live tokenizer."""
     av_dir = resolve_av_dir(path)
     meta = read_av_meta(av_dir)

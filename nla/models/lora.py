@@ -12,7 +12,17 @@ from torch import nn
 # Multimodal models (Gemma3ForConditionalGeneration): the vision tower reuses q_proj/k_proj/v_proj,
 # but only the language model runs in an NLA.
 NOT_LANGUAGE_MODEL = r".*(vision_tower|vision_model|multi_modal_projector).*"
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"]
+TARGET_MODULES = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "down_proj",
+]
 
 
 def untargeted_projections(model: nn.Module) -> list[str]:
@@ -20,8 +30,13 @@ def untargeted_projections(model: nn.Module) -> list[str]:
     from nla.models.backbone import decoder_layers
 
     block = decoder_layers(model)[0]
-    return sorted({name.rsplit(".", 1)[-1] for name, m in block.named_modules()
-                   if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in TARGET_MODULES})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in block.named_modules()
+            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in TARGET_MODULES
+        }
+    )
 
 
 def lora_config(r: int, layers: list[int] | None = None, exclude: str | None = None):
@@ -29,8 +44,15 @@ def lora_config(r: int, layers: list[int] | None = None, exclude: str | None = N
     and never on modules matching `exclude`."""
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGET_MODULES,
-                      exclude_modules=exclude, layers_to_transform=layers, bias="none")
+    return LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.0,
+        target_modules=TARGET_MODULES,
+        exclude_modules=exclude,
+        layers_to_transform=layers,
+        bias="none",
+    )
 
 
 def apply_lora(model: nn.Module, r: int) -> nn.Module:
@@ -43,8 +65,11 @@ def apply_lora(model: nn.Module, r: int) -> nn.Module:
 
     left_out = untargeted_projections(model)
     if left_out:
-        warnings.warn(f"LoRA leaves these projections of {type(model).__name__}'s blocks unadapted: {', '.join(left_out)} "
-                      f"(targets: {', '.join(TARGET_MODULES)}).", stacklevel=2)
+        warnings.warn(
+            f"LoRA leaves these projections of {type(model).__name__}'s blocks unadapted: {', '.join(left_out)} "
+            f"(targets: {', '.join(TARGET_MODULES)}).",
+            stacklevel=2,
+        )
     has_vision = any(re.fullmatch(NOT_LANGUAGE_MODEL, name) for name, _ in model.named_modules())
     return get_peft_model(model, lora_config(r, exclude=NOT_LANGUAGE_MODEL if has_vision else None))
 

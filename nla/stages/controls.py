@@ -7,9 +7,10 @@ tested on a pipeline whose answers are known; `paraphrase` is the one that loads
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -50,9 +51,15 @@ class Scorer:
         g = torch.Generator().manual_seed(self.seed)
         s = metrics.summarize(pred, targets, self.scale, self.var)
         floor = self.fve(targets.float().mean(dim=0, keepdim=True).expand_as(targets), targets)
-        return {"fve_nrm": s["fve_nrm"], "fve_centered": s["fve_centered"], "fve_vs_mean_pred": s["fve_vs_mean_pred"],
-                "fve_floor": floor, "cos_mean": s["cos"], "mse_mean": s["mse"],
-                "top1_retrieval": metrics.top1_retrieval(pred, targets, self.n_candidates, g, self.scale)}
+        return {
+            "fve_nrm": s["fve_nrm"],
+            "fve_centered": s["fve_centered"],
+            "fve_vs_mean_pred": s["fve_vs_mean_pred"],
+            "fve_floor": floor,
+            "cos_mean": s["cos"],
+            "mse_mean": s["mse"],
+            "top1_retrieval": metrics.top1_retrieval(pred, targets, self.n_candidates, g, self.scale),
+        }
 
 
 def uninformative_vectors(vectors: torch.Tensor) -> torch.Tensor:
@@ -60,9 +67,15 @@ def uninformative_vectors(vectors: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.zeros_like(vectors[0]), vectors.float().mean(dim=0)]).to(vectors.dtype)
 
 
-def control_fves(explain: Explain, predict: Predict, vectors: torch.Tensor, explanations: list,
-                 scorer: Scorer, deterministic: bool = False, uninformative_texts: list | None = None
-                 ) -> dict[str, dict[str, float]]:
+def control_fves(
+    explain: Explain,
+    predict: Predict,
+    vectors: torch.Tensor,
+    explanations: list,
+    scorer: Scorer,
+    deterministic: bool = False,
+    uninformative_texts: list | None = None,
+) -> dict[str, dict[str, float]]:
     """The five controls' FVE against the rows' own vectors [n, d] (n >= 2).
 
     AV side: shuffled_vector (another row's vector), zero_vector, mean_vector (one explanation
@@ -83,11 +96,17 @@ def control_fves(explain: Explain, predict: Predict, vectors: torch.Tensor, expl
     others = derangement(n, scorer.seed + seeds.CONTROL_PAIRING)
     ar_texts = av_texts + ["", *[explanations[i] for i in others.tolist()]]
     pred = predict(ar_texts)  # one batched AR pass: [n + 2 + 1 + n, d]
-    parts = {"shuffled_vector": pred[:n], "zero_vector": pred[n:n + 1].expand(n, -1),
-             "mean_vector": pred[n + 1:n + 2].expand(n, -1), "empty_text": pred[n + 2:n + 3].expand(n, -1),
-             "random_text": pred[n + 3:]}
-    return {name: {"fve_nrm": scorer.fve(p, vectors), "top1_retrieval": scorer.headline(p, vectors)["top1_retrieval"]}
-            for name, p in parts.items()}
+    parts = {
+        "shuffled_vector": pred[:n],
+        "zero_vector": pred[n : n + 1].expand(n, -1),
+        "mean_vector": pred[n + 1 : n + 2].expand(n, -1),
+        "empty_text": pred[n + 2 : n + 3].expand(n, -1),
+        "random_text": pred[n + 3 :],
+    }
+    return {
+        name: {"fve_nrm": scorer.fve(p, vectors), "top1_retrieval": scorer.headline(p, vectors)["top1_retrieval"]}
+        for name, p in parts.items()
+    }
 
 
 def truncate_tokens(texts: list, tokenizer, n_tokens: int) -> list:
@@ -102,8 +121,15 @@ def truncate_tokens(texts: list, tokenizer, n_tokens: int) -> list:
     return out
 
 
-def length_curve(predict: Predict, texts: list, full_pred: torch.Tensor, targets: torch.Tensor, tokenizer, scorer: Scorer,
-                 lengths: tuple[int, ...] = LENGTHS) -> dict[str, float]:
+def length_curve(
+    predict: Predict,
+    texts: list,
+    full_pred: torch.Tensor,
+    targets: torch.Tensor,
+    tokenizer,
+    scorer: Scorer,
+    lengths: tuple[int, ...] = LENGTHS,
+) -> dict[str, float]:
     """FVE with explanations cut to each length, plus 'full' (`full_pred`: the AR's reading of the
     uncut texts, already computed). Only the rows a cut shortens are read again, in one AR pass."""
     cuts = [truncate_tokens(texts, tokenizer, k) for k in lengths]
@@ -115,18 +141,33 @@ def length_curve(predict: Predict, texts: list, full_pred: torch.Tensor, targets
     return {str(k): scorer.fve(p, targets) for k, p in zip([*lengths, "full"], [*preds, full_pred])}
 
 
-def paraphrase_scores(paraphrased: list, originals: list, original_pred: torch.Tensor, predict: Predict,
-                      targets: torch.Tensor, scorer: Scorer) -> dict[str, Any]:
+def paraphrase_scores(
+    paraphrased: list,
+    originals: list,
+    original_pred: torch.Tensor,
+    predict: Predict,
+    targets: torch.Tensor,
+    scorer: Scorer,
+) -> dict[str, Any]:
     """FVE of paraphrases vs the originals (`original_pred`: the AR's reading of them, already
     computed) on the rows where both exist; retained = ratio (None if orig <= 0)."""
     keep = [i for i, (p, o) in enumerate(zip(paraphrased, originals)) if p is not None and o is not None]
     asked = sum(o is not None for o in originals)
-    return {"n": len(keep), "fail_rate": 1 - len(keep) / asked if asked else None,
-            **rewritten_scores(paraphrased, keep, original_pred, predict, targets, scorer)}
+    return {
+        "n": len(keep),
+        "fail_rate": 1 - len(keep) / asked if asked else None,
+        **rewritten_scores(paraphrased, keep, original_pred, predict, targets, scorer),
+    }
 
 
-def rewritten_scores(rewritten: list, keep: list[int], original_pred: torch.Tensor, predict: Predict,
-                     targets: torch.Tensor, scorer: Scorer) -> dict[str, Any]:
+def rewritten_scores(
+    rewritten: list,
+    keep: list[int],
+    original_pred: torch.Tensor,
+    predict: Predict,
+    targets: torch.Tensor,
+    scorer: Scorer,
+) -> dict[str, Any]:
     """FVE of rewritten explanations on rows `keep` next to the originals' (already predicted);
     retained = ratio, None while the original FVE is <= 0 (or fewer than 2 rows: all None)."""
     out: dict[str, Any] = {"fve_nrm": None, "fve_original": None, "fve_retained": None}
@@ -147,9 +188,16 @@ class LocalParaphraser(LocalTeacher):
     """The local teacher, asked to rewrite an explanation (PARAPHRASE_TEMPLATE) instead of writing one."""
 
     @classmethod
-    def wrap(cls, teacher: LocalTeacher) -> "LocalParaphraser":
-        p = cls(teacher.model, teacher.tokenizer, "", teacher.max_new_tokens, teacher.temperature, teacher.batch_size,
-                teacher.prefill)
+    def wrap(cls, teacher: LocalTeacher) -> LocalParaphraser:
+        p = cls(
+            teacher.model,
+            teacher.tokenizer,
+            "",
+            teacher.max_new_tokens,
+            teacher.temperature,
+            teacher.batch_size,
+            teacher.prefill,
+        )
         p.identity = f"paraphrase:{templates.PARAPHRASE_TEMPLATE!r}:{teacher.identity}"  # its own cache keys
         return p
 
@@ -173,27 +221,37 @@ def shuffle_claims(text: str, seed: int) -> str | None:
     return "; ".join(claims[i] for i in order)
 
 
-def order_shuffled_scores(explanations: list, original_pred: torch.Tensor, predict: Predict, targets: torch.Tensor,
-                          scorer: Scorer) -> dict[str, Any]:
+def order_shuffled_scores(
+    explanations: list, original_pred: torch.Tensor, predict: Predict, targets: torch.Tensor, scorer: Scorer
+) -> dict[str, Any]:
     """The order-shuffle control: each explanation's phrases reordered (seeded per row), re-scored
     by the same AR on the rows that have two or more phrases. FVE that holds up means the AR reads
     what the phrases say, not where they stand; retained = ratio (None if the original <= 0)."""
     shuffled = [shuffle_claims(e, scorer.seed + i) if e else None for i, e in enumerate(explanations)]
     keep = [i for i, s in enumerate(shuffled) if s is not None]
-    return {"n": len(keep), **rewritten_scores(shuffled, keep, original_pred, predict, targets, scorer),
-            "example": [explanations[keep[0]], shuffled[keep[0]]] if keep else None}
+    return {
+        "n": len(keep),
+        **rewritten_scores(shuffled, keep, original_pred, predict, targets, scorer),
+        "example": [explanations[keep[0]], shuffled[keep[0]]] if keep else None,
+    }
 
 
 def paraphrase(cfg: NLAConfig, nla: NLA, texts: list, cache_path: Path) -> tuple[list, str]:
     """-> (one paraphrase per text, None where the text or the teacher's answer is missing; the method used)."""
     todo = [t for t in texts if t is not None]
     if cfg.teacher.teacher == "extractive":
-        return [None if t is None else reverse_claims(t) for t in texts], "claims reversed (model-free; --teacher extractive)"
+        return [
+            None if t is None else reverse_claims(t) for t in texts
+        ], "claims reversed (model-free; --teacher extractive)"
     if cfg.teacher.teacher == "openai":
-        raise ConfigError("the paraphrase control runs with --teacher local or extractive (the endpoint teacher has a "
-                          "fixed prompt); pass one of those, or --paraphrase_control false.")
+        raise ConfigError(
+            "the paraphrase control runs with --teacher local or extractive (the endpoint teacher has a "
+            "fixed prompt); pass one of those, or --paraphrase_control false."
+        )
     with nla.target_model() as model:  # the target model (AV adapter off) is the default local teacher
         base = make_teacher(cfg, model, nla.tokenizer)
-        done = teacher_explain(LocalParaphraser.wrap(base), todo, TeacherCache(cache_path), show_progress=cfg.logging.progress)
+        done = teacher_explain(
+            LocalParaphraser.wrap(base), todo, TeacherCache(cache_path), show_progress=cfg.logging.progress
+        )
     answers = iter(done.explanations)
     return [None if t is None else next(answers) for t in texts], f"teacher {base.identity}"

@@ -25,8 +25,9 @@ import errno
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,16 @@ from nla.core.io import atomic_write_text, remove_temp_files
 from nla.core.sidecar import Meta, TokenSpec, dataset_meta_path
 from nla.core.tracking import Tracker
 from nla.data.corpus import iter_documents
-from nla.data.extract import ChunkStore, Rows, ScanResult, choose_marker, norm_stats, scan_and_extract, stable_int, stable_unit
+from nla.data.extract import (
+    ChunkStore,
+    Rows,
+    ScanResult,
+    choose_marker,
+    norm_stats,
+    scan_and_extract,
+    stable_int,
+    stable_unit,
+)
 from nla.data.splits import SPLITS, split_path, write_split
 from nla.data.teacher import Explained, Teacher, TeacherCache, explain, make_teacher
 from nla.models.backbone import default_layer, text_config
@@ -82,8 +92,10 @@ def disk_errors(work: Path) -> Iterator[None]:
     except OSError as err:
         if err.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             raise
-        raise DatagenError(f"disk full while writing {err.filename or 'the datasets'}: free space or pass --data_dir "
-                           f"on another disk, then rerun (finished chunks in {work} are kept).") from None
+        raise DatagenError(
+            f"disk full while writing {err.filename or 'the datasets'}: free space or pass --data_dir "
+            f"on another disk, then rerun (finished chunks in {work} are kept)."
+        ) from None
 
 
 def _prepare(cfg: NLAConfig, state, work: Path, teacher: Teacher | None):
@@ -92,7 +104,9 @@ def _prepare(cfg: NLAConfig, state, work: Path, teacher: Teacher | None):
     Also removes files torn by a killed run."""
     from nla.models.sources import load_model_and_tokenizer
 
-    model, tok, _ = load_model_and_tokenizer(cfg.model, cfg.run.device if state.num_processes == 1 else str(state.device))
+    model, tok, _ = load_model_and_tokenizer(
+        cfg.model, cfg.run.device if state.num_processes == 1 else str(state.device)
+    )
     layer = resolve_layer(cfg, text_config(model.config).num_hidden_layers)
     try:
         templates.require_chat_template(tok)
@@ -117,10 +131,19 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
     model, tok, layer, teacher = _prepare(cfg, state, work, teacher)
     fmt = getattr(teacher, "format", None)  # the extractive teacher's: its fact claims need the model's prediction
     predict_next = fmt is not None and "next" in fmt.claim_types
-    store = ChunkStore(work, {"model": cfg.model.model, "layer": layer, "dtype": cfg.model.dtype,
-                              "max_doc_tokens": cfg.data.max_doc_tokens, "min_position": cfg.data.min_position,
-                              "positions_per_doc": cfg.data.positions_per_doc, "seed": cfg.run.seed,
-                              **({"predict_next": True} if predict_next else {})})
+    store = ChunkStore(
+        work,
+        {
+            "model": cfg.model.model,
+            "layer": layer,
+            "dtype": cfg.model.dtype,
+            "max_doc_tokens": cfg.data.max_doc_tokens,
+            "min_position": cfg.data.min_position,
+            "positions_per_doc": cfg.data.positions_per_doc,
+            "seed": cfg.run.seed,
+            **({"predict_next": True} if predict_next else {}),
+        },
+    )
     with disk_errors(work):
         scan = _extract(cfg, tok, model, layer, store, state)
         if scan is None:  # a non-main process: its chunks are on disk, the main process does the rest
@@ -130,30 +153,46 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
         splits = [split_of(cfg.run.seed, d, cfg.data.split_weights) for d in rows.doc_id]
         check_split_documents(rows.doc_id, splits, cfg.data.split_weights)  # before any teacher call
         need = [i for i, s in enumerate(splits) if s in TEACHER_SPLITS]  # RL rows get no explanation
-        tails = [rows.context[i][-cfg.teacher.teacher_context_chars:] for i in need]
+        tails = [rows.context[i][-cfg.teacher.teacher_context_chars :] for i in need]
         explained = explain(teacher, tails, TeacherCache(work / "teacher_cache.jsonl"), cfg.logging.progress)
         explanation: list[str | None] = [None] * len(rows)
         for i, e in zip(need, explained.explanations):
-            explanation[i] = e if e is None or fmt is None else fmt.with_facts(e, Row(rows.context[i], rows.next_token[i]))
+            explanation[i] = (
+                e if e is None or fmt is None else fmt.with_facts(e, Row(rows.context[i], rows.next_token[i]))
+            )
         check_teacher_answers(teacher, explained, [splits[i] for i in need], cfg.teacher.teacher_malformed_warn)
         norms = norm_stats(vectors)
         extra = _meta_extra(cfg, store, teacher, explained, norms)
         counts = _write_splits(cfg.data_dir, rows, vectors, splits, explanation, spec, layer, cfg.model.model, extra)
     samples = [(rows.context[i][-TAIL_CHARS:], explanation[i]) for i in need if explanation[i] is not None][:3]
     result = {
-        "rows": counts, "norms": norms, "suggested_injection_scale": norms["p75"], "marker": spec.injection_char,
-        "samples": samples, "activations_per_s": scan.activations_per_s, "teacher_tokens_per_s": explained.tokens_per_s,
+        "rows": counts,
+        "norms": norms,
+        "suggested_injection_scale": norms["p75"],
+        "marker": spec.injection_char,
+        "samples": samples,
+        "activations_per_s": scan.activations_per_s,
+        "teacher_tokens_per_s": explained.tokens_per_s,
         "data_dir": str(cfg.data_dir),
     }
     summary = {
-        **result, "marker_token_id": spec.injection_token_id, "layer": layer, "docs": scan.n_docs,
-        "skipped_short_docs": scan.n_skipped_short, "chunks_new": scan.n_chunks_new,
-        "chunks_reused": scan.n_chunks_reused, "teacher_requested": explained.n_requested,
-        "teacher_malformed": explained.n_malformed, "teacher_calls": explained.n_calls,
-        "teacher_raw_samples": explained.samples, "extract_s": round(scan.extract_seconds, 2),
-        "teacher_s": round(explained.seconds, 2), "wall_s": round(time.perf_counter() - started, 2),
+        **result,
+        "marker_token_id": spec.injection_token_id,
+        "layer": layer,
+        "docs": scan.n_docs,
+        "skipped_short_docs": scan.n_skipped_short,
+        "chunks_new": scan.n_chunks_new,
+        "chunks_reused": scan.n_chunks_reused,
+        "teacher_requested": explained.n_requested,
+        "teacher_malformed": explained.n_malformed,
+        "teacher_calls": explained.n_calls,
+        "teacher_raw_samples": explained.samples,
+        "extract_s": round(scan.extract_seconds, 2),
+        "teacher_s": round(explained.seconds, 2),
+        "wall_s": round(time.perf_counter() - started, 2),
     }
-    atomic_write_text(cfg.data_dir / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False))  # last: marks completion
+    # last: marks completion
+    atomic_write_text(cfg.data_dir / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False))
     _log(cfg, summary)
     return {**result, "wall_s": summary["wall_s"], "summary_path": str(cfg.data_dir / SUMMARY)}
 
@@ -169,9 +208,11 @@ def check_split_documents(doc_ids: list[str], splits: list[str], weights: list[f
     for name, weight in zip(SPLITS, weights):
         if weight > 0 and not docs[name]:
             share = weight / total
-            raise DatagenError(f"split {name!r} got none of the {n_docs} documents (its share {share:.2f} of "
-                               f"--split_fractions): use --max_docs {max(n_docs + 1, int(np.ceil(3 / share)))} or more, "
-                               f"or a larger share for {name}; the extracted chunks are kept.")
+            raise DatagenError(
+                f"split {name!r} got none of the {n_docs} documents (its share {share:.2f} of "
+                f"--split_fractions): use --max_docs {max(n_docs + 1, int(np.ceil(3 / share)))} or more, "
+                f"or a larger share for {name}; the extracted chunks are kept."
+            )
 
 
 def check_teacher_answers(teacher: Teacher, explained: Explained, splits: list[str], warn_above: float) -> None:
@@ -184,16 +225,24 @@ def check_teacher_answers(teacher: Teacher, explained: Explained, splits: list[s
         return
     sample = (explained.malformed_samples or [""])[0][:160]
     empty = sorted(set(splits) - {s for s, e in zip(splits, explained.explanations) if e is not None})
-    hint = ("try --teacher_prefill true (a vLLM server continues the opening tag), "
-            if getattr(teacher, "role", None) == "teacher" and not getattr(teacher, "prefill", "") else "")
+    hint = (
+        "try --teacher_prefill true (a vLLM server continues the opening tag), "
+        if getattr(teacher, "role", None) == "teacher" and not getattr(teacher, "prefill", "")
+        else ""
+    )
     if empty:
-        raise DatagenError(f"teacher {teacher.name!r}: every answer for split(s) {', '.join(empty)} was malformed "
-                           f"({bad} of {n} answers), e.g. {sample!r}; {hint}use a stronger model or raise "
-                           "--teacher_max_new_tokens (the answers are cached: a rerun asks only for what changed).")
+        raise DatagenError(
+            f"teacher {teacher.name!r}: every answer for split(s) {', '.join(empty)} was malformed "
+            f"({bad} of {n} answers), e.g. {sample!r}; {hint}use a stronger model or raise "
+            "--teacher_max_new_tokens (the answers are cached: a rerun asks only for what changed)."
+        )
     if bad / n > warn_above:
         samples = "; ".join(repr(a[:100]) for a in explained.malformed_samples[:3])
-        print(f"[nla datagen] warning: {bad} of {n} teacher answers ({bad / n:.0%}) were malformed and their rows "
-              f"dropped (more than --teacher_malformed_warn {warn_above:.0%}), e.g. {samples}", file=sys.stderr)
+        print(
+            f"[nla datagen] warning: {bad} of {n} teacher answers ({bad / n:.0%}) were malformed and their rows "
+            f"dropped (more than --teacher_malformed_warn {warn_above:.0%}), e.g. {samples}",
+            file=sys.stderr,
+        )
 
 
 def _process_state(cfg: NLAConfig):
@@ -220,72 +269,127 @@ def _extract(cfg: NLAConfig, tok, model, layer: int, store: ChunkStore, state) -
 
 def _scan(cfg: NLAConfig, tok, model, layer: int, store: ChunkStore, shard: tuple[int, int], show: bool) -> ScanResult:
     documents = iter_documents(cfg.data.corpus, cfg.data.text_field, cfg.data.max_docs, cfg.model.allow_hub)
-    return scan_and_extract(documents, tok, model, layer, store, max_doc_tokens=cfg.data.max_doc_tokens,
-                            positions_per_doc=cfg.data.positions_per_doc, min_position=cfg.data.min_position,
-                            seed=cfg.run.seed, batch_size=cfg.data.extract_batch_size, total=cfg.data.max_docs,
-                            show_progress=show and cfg.logging.progress, shard=shard)
+    return scan_and_extract(
+        documents,
+        tok,
+        model,
+        layer,
+        store,
+        max_doc_tokens=cfg.data.max_doc_tokens,
+        positions_per_doc=cfg.data.positions_per_doc,
+        min_position=cfg.data.min_position,
+        seed=cfg.run.seed,
+        batch_size=cfg.data.extract_batch_size,
+        total=cfg.data.max_docs,
+        show_progress=show and cfg.logging.progress,
+        shard=shard,
+    )
 
 
 def _check_scan(cfg: NLAConfig, scan: ScanResult) -> None:
     if cfg.data.max_docs is not None and 0 < scan.n_docs < cfg.data.max_docs:
-        print(f"[nla datagen] note: --max_docs {cfg.data.max_docs} but corpus {cfg.data.corpus!r} has only "
-              f"{scan.n_docs} documents; using all of them (builtin:python has ~1,550).", file=sys.stderr)
+        print(
+            f"[nla datagen] note: --max_docs {cfg.data.max_docs} but corpus {cfg.data.corpus!r} has only "
+            f"{scan.n_docs} documents; using all of them (builtin:python has ~1,550).",
+            file=sys.stderr,
+        )
     if scan.n_docs == 0:
-        raise DatagenError(f"corpus {cfg.data.corpus!r} yielded no documents (all empty?); point --corpus at "
-                           "non-empty text, or check --text_field.")
+        raise DatagenError(
+            f"corpus {cfg.data.corpus!r} yielded no documents (all empty?); point --corpus at "
+            "non-empty text, or check --text_field."
+        )
     if len(scan.rows) == 0:
-        raise DatagenError(f"all {scan.n_docs} documents are too short: none has a non-special token at index >= "
-                           f"min_position={cfg.data.min_position} within max_doc_tokens={cfg.data.max_doc_tokens}; "
-                           "lower --min_position or raise --max_doc_tokens, or use longer documents.")
+        raise DatagenError(
+            f"all {scan.n_docs} documents are too short: none has a non-special token at index >= "
+            f"min_position={cfg.data.min_position} within max_doc_tokens={cfg.data.max_doc_tokens}; "
+            "lower --min_position or raise --max_doc_tokens, or use longer documents."
+        )
 
 
-def _meta_extra(cfg: NLAConfig, store: ChunkStore, teacher: Teacher, explained: Explained,
-                norms: dict[str, float]) -> dict[str, Any]:
+def _meta_extra(
+    cfg: NLAConfig, store: ChunkStore, teacher: Teacher, explained: Explained, norms: dict[str, float]
+) -> dict[str, Any]:
     model_name = Path(cfg.model.model).name.replace(":", "-")
     fingerprint = stable_int(store.identity, cfg.data.corpus, cfg.data.max_docs, teacher.identity)
     dataset_id = f"{model_name}-L{store.identity['layer']}-{fingerprint:016x}"
     return {
         "dataset_id": dataset_id,
-        "extraction": {"corpus": cfg.data.corpus, "positions_per_doc": cfg.data.positions_per_doc,
-                       "min_position": cfg.data.min_position, "max_doc_tokens": cfg.data.max_doc_tokens,
-                       "seed": cfg.run.seed, "dtype": cfg.model.dtype},
+        "extraction": {
+            "corpus": cfg.data.corpus,
+            "positions_per_doc": cfg.data.positions_per_doc,
+            "min_position": cfg.data.min_position,
+            "max_doc_tokens": cfg.data.max_doc_tokens,
+            "seed": cfg.run.seed,
+            "dtype": cfg.model.dtype,
+        },
         "activation_norms": norms,
         "suggested_injection_scale": norms["p75"],
-        "teacher": {"provider": teacher.identity.split(":", 1)[0], "model": getattr(teacher, "name", ""),
-                    "claims": list(getattr(teacher, "claims", None) or []) or None,
-                    "identity": teacher.identity, "n_requested": explained.n_requested,
-                    "n_malformed": explained.n_malformed},
-        "provenance": {"created_by": "nla datagen", "nla_version": __version__, "split_fractions": cfg.data.split_fractions,
-                       "teacher_context_chars": cfg.teacher.teacher_context_chars},
+        "teacher": {
+            "provider": teacher.identity.split(":", 1)[0],
+            "model": getattr(teacher, "name", ""),
+            "claims": list(getattr(teacher, "claims", None) or []) or None,
+            "identity": teacher.identity,
+            "n_requested": explained.n_requested,
+            "n_malformed": explained.n_malformed,
+        },
+        "provenance": {
+            "created_by": "nla datagen",
+            "nla_version": __version__,
+            "split_fractions": cfg.data.split_fractions,
+            "teacher_context_chars": cfg.teacher.teacher_context_chars,
+        },
     }
 
 
-def _write_splits(data_dir: Path, rows: Rows, vectors: np.ndarray, splits: list[str], explanation: list[str | None],
-                  spec: TokenSpec, layer: int, base_model: str, extra: dict[str, Any]) -> dict[str, int]:
+def _write_splits(
+    data_dir: Path,
+    rows: Rows,
+    vectors: np.ndarray,
+    splits: list[str],
+    explanation: list[str | None],
+    spec: TokenSpec,
+    layer: int,
+    base_model: str,
+    extra: dict[str, Any],
+) -> dict[str, int]:
     """One parquet + sidecar per split; rows of teacher splits whose answer was malformed are dropped."""
     # an interrupted write must leave no mix of old and new splits (the summary, written last, marks completion)
-    stale = [data_dir / SUMMARY] + [p for n in SPLITS for p in (split_path(data_dir, n), dataset_meta_path(split_path(data_dir, n)))]
+    stale = [data_dir / SUMMARY] + [
+        p for n in SPLITS for p in (split_path(data_dir, n), dataset_meta_path(split_path(data_dir, n)))
+    ]
     for path in stale:
         path.unlink(missing_ok=True)
     av_message = templates.av_user_message(spec.injection_char)
     counts = {}
     for name in SPLITS:
-        idx = [i for i, s in enumerate(splits) if s == name and (name not in TEACHER_SPLITS or explanation[i] is not None)]
+        idx = [
+            i for i, s in enumerate(splits) if s == name and (name not in TEACHER_SPLITS or explanation[i] is not None)
+        ]
         columns: dict[str, list[Any]] = {
             "doc_id": [rows.doc_id[i] for i in idx],
             "position": [rows.position[i] for i in idx],
             "n_raw_tokens": [rows.n_raw_tokens[i] for i in idx],
             "activation_layer": [layer] * len(idx),
             "detokenized_text_truncated": [rows.context[i] for i in idx],
-            **({"model_next_token": [rows.next_token[i] for i in idx]} if any(t is not None for t in rows.next_token)
-               else {}),
+            **(
+                {"model_next_token": [rows.next_token[i] for i in idx]}
+                if any(t is not None for t in rows.next_token)
+                else {}
+            ),
             "explanation": [explanation[i] for i in idx],
             "prompt": [templates.ar_prompt(explanation[i]) if name == "ar_sft" else av_message for i in idx],
         }
         if name in RESPONSE_SPLITS:
             columns["response"] = [templates.av_response(explanation[i]) for i in idx]
-        meta = Meta("nla_dataset", spec, d_model=vectors.shape[1], layer_index=layer, base_model=base_model,
-                    extra=json.loads(json.dumps({**extra, "stage": name})))  # a deep copy per split
+        # a deep copy per split
+        meta = Meta(
+            "nla_dataset",
+            spec,
+            d_model=vectors.shape[1],
+            layer_index=layer,
+            base_model=base_model,
+            extra=json.loads(json.dumps({**extra, "stage": name})),
+        )
         write_split(split_path(data_dir, name), vectors[idx], columns, meta)
         counts[name] = len(idx)
     return counts
@@ -295,8 +399,16 @@ def _log(cfg: NLAConfig, summary: dict[str, Any]) -> None:
     tracker = Tracker(cfg, "datagen")
     metrics = {f"data/rows_{k}": v for k, v in summary["rows"].items()}
     metrics.update({f"data/norm_{k}": v for k, v in summary["norms"].items()})
-    for key in ("suggested_injection_scale", "docs", "skipped_short_docs", "teacher_requested", "teacher_malformed",
-                "activations_per_s", "teacher_tokens_per_s", "wall_s"):
+    for key in (
+        "suggested_injection_scale",
+        "docs",
+        "skipped_short_docs",
+        "teacher_requested",
+        "teacher_malformed",
+        "activations_per_s",
+        "teacher_tokens_per_s",
+        "wall_s",
+    ):
         if summary[key] is not None:
             metrics[f"data/{key}"] = summary[key]
     tracker.log(metrics, step=0)
@@ -314,7 +426,8 @@ def describe(out: dict[str, Any]) -> str:
     n = out["norms"]
     lines = [
         f"datagen: {sum(out['rows'].values())} rows in {out['data_dir']} ("
-        + ", ".join(f"{k} {v}" for k, v in out["rows"].items()) + ")",
+        + ", ".join(f"{k} {v}" for k, v in out["rows"].items())
+        + ")",
         f"activation norms: p50 {n['p50']:.2f}  p75 {n['p75']:.2f}  p95 {n['p95']:.2f}  mean {n['mean']:.2f}"
         f"  -> suggested injection_scale {out['suggested_injection_scale']:.2f}",
         f"marker {out['marker']!r}; {_rate(out['activations_per_s'], 'activations/s')}; "

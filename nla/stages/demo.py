@@ -38,39 +38,62 @@ def _fmt(x: Any) -> str:
 
 def sft_vs_rl_table(sft: dict[str, Any], rl: dict[str, Any]) -> str:
     """Held-out metrics of both checkpoints next to their controls."""
-    rows = [("fve_nrm (strict)", "fve_nrm"), ("fve_centered", "fve_centered"), ("cos_mean", "cos_mean"),
-            ("top1_retrieval (of 16)", "top1_retrieval"), ("explanation_tokens_mean", "explanation_tokens_mean"),
-            ("non_latin_rate", "non_latin_rate")]
+    rows = [
+        ("fve_nrm (strict)", "fve_nrm"),
+        ("fve_centered", "fve_centered"),
+        ("cos_mean", "cos_mean"),
+        ("top1_retrieval (of 16)", "top1_retrieval"),
+        ("explanation_tokens_mean", "explanation_tokens_mean"),
+        ("non_latin_rate", "non_latin_rate"),
+    ]
     lines = [f"{'metric':<34}{'SFT':>10}{'RL':>10}"]
     lines += [f"{name:<34}{_fmt(sft.get(key)):>10}{_fmt(rl.get(key)):>10}" for name, key in rows]
-    lines.append(f"{'floor: best constant prediction':<34}{_fmt(sft.get('fve_floor')):>10}{_fmt(rl.get('fve_floor')):>10}")
+    lines.append(
+        f"{'floor: best constant prediction':<34}{_fmt(sft.get('fve_floor')):>10}{_fmt(rl.get('fve_floor')):>10}"
+    )
     teacher = [(r.get("teacher_explanations") or {}).get("fve_nrm") for r in (sft, rl)]
     if any(t is not None for t in teacher):  # each pair's own AR reading the teacher's text
         lines.append(f"{'ceiling: AR reading teacher text':<34}{_fmt(teacher[0]):>10}{_fmt(teacher[1]):>10}")
     if sft.get("oracle") or rl.get("oracle"):
         oracle = [(r.get("oracle") or {}).get("fve_nrm") for r in (sft, rl)]
         lines.append(f"{'ceiling: oracle AR, raw context':<34}{_fmt(oracle[0]):>10}{_fmt(oracle[1]):>10}")
-        lines.append(f"{'fraction of oracle (from floor)':<34}{_fmt(sft.get('fraction_of_oracle')):>10}"
-                     f"{_fmt(rl.get('fraction_of_oracle')):>10}")
+        lines.append(
+            f"{'fraction of oracle (from floor)':<34}{_fmt(sft.get('fraction_of_oracle')):>10}"
+            f"{_fmt(rl.get('fraction_of_oracle')):>10}"
+        )
     lines.append(f"{'fve_nrm minus best control':<34}{_fmt(control_margin(sft)):>10}{_fmt(control_margin(rl)):>10}")
     if rl.get("independent_ar"):  # the RL AV read by the SFT AR: the AV's own change, no co-trained AR flattering it
-        lines.append(f"{'fve_nrm, SFT AR reading the AV':<34}{_fmt(sft.get('fve_nrm')):>10}"
-                     f"{_fmt(rl['independent_ar']['fve_nrm']):>10}")
+        lines.append(
+            f"{'fve_nrm, SFT AR reading the AV':<34}{_fmt(sft.get('fve_nrm')):>10}"
+            f"{_fmt(rl['independent_ar']['fve_nrm']):>10}"
+        )
     for control in sorted(rl.get("controls", {})):
         name = f"control: {control} fve_nrm"
-        lines.append(f"{name:<34}{_fmt(sft['controls'][control]['fve_nrm']):>10}{_fmt(rl['controls'][control]['fve_nrm']):>10}")
+        lines.append(
+            f"{name:<34}{_fmt(sft['controls'][control]['fve_nrm']):>10}{_fmt(rl['controls'][control]['fve_nrm']):>10}"
+        )
     lines += lookup_rows(sft, rl) + claim_rows(sft, rl)
     if (rl.get("reinjection") or {}).get("kl") is not None:  # the reconstruction patched back into the model
-        for name, key in (("reinjection KL, reconstruction", "kl"), ("reinjection KL, mean activation", "kl_mean_baseline"),
-                          ("reinjection KL, another row's", "kl_shuffled_baseline"), ("reinjection recovered", "recovered"),
-                          ("reinjection top-1 agrees", "top1_agree")):
-            lines.append(f"{name:<34}{_fmt((sft.get('reinjection') or {}).get(key)):>10}{_fmt(rl['reinjection'].get(key)):>10}")
+        for name, key in (
+            ("reinjection KL, reconstruction", "kl"),
+            ("reinjection KL, mean activation", "kl_mean_baseline"),
+            ("reinjection KL, another row's", "kl_shuffled_baseline"),
+            ("reinjection recovered", "recovered"),
+            ("reinjection top-1 agrees", "top1_agree"),
+        ):
+            lines.append(
+                f"{name:<34}{_fmt((sft.get('reinjection') or {}).get(key)):>10}{_fmt(rl['reinjection'].get(key)):>10}"
+            )
     if (rl.get("order_shuffled") or {}).get("fve_nrm") is not None:  # the same phrases in another order
-        lines.append(f"{'phrases reordered fve_nrm':<34}{_fmt((sft.get('order_shuffled') or {}).get('fve_nrm')):>10}"
-                     f"{_fmt(rl['order_shuffled']['fve_nrm']):>10}")
+        lines.append(
+            f"{'phrases reordered fve_nrm':<34}{_fmt((sft.get('order_shuffled') or {}).get('fve_nrm')):>10}"
+            f"{_fmt(rl['order_shuffled']['fve_nrm']):>10}"
+        )
     if "paraphrase" in rl:  # fve_retained is a ratio, undefined while fve_nrm <= 0: show both FVEs
-        lines.append(f"{'paraphrased explanations fve_nrm':<34}{_fmt(sft['paraphrase'].get('fve_nrm')):>10}"
-                     f"{_fmt(rl['paraphrase'].get('fve_nrm')):>10}")
+        lines.append(
+            f"{'paraphrased explanations fve_nrm':<34}{_fmt(sft['paraphrase'].get('fve_nrm')):>10}"
+            f"{_fmt(rl['paraphrase'].get('fve_nrm')):>10}"
+        )
     return "\n".join(lines)
 
 
@@ -94,16 +117,25 @@ def claim_rows(sft: dict[str, Any], rl: dict[str, Any]) -> list[str]:
     for kind, t in c[1]["types"].items():
         s = c[0]["types"].get(kind, {})
         if t.get("checked"):
-            lines += [_row(f"claims: {kind} true", s.get("accuracy"), t.get("accuracy")),
-                      _row(f"claims: {kind} true, chance", s.get("chance"), t.get("chance"))]
-        lines += [_row(f"claims: {kind} distinct values", s.get("distinct"), t.get("distinct")),
-                  _row(f"claims: {kind} most common share", s.get("top_share"), t.get("top_share"))]
-    for name, key in (("claims: format breaks", "format_break_rate"), ("claims: repeated verbatim", "repeated_verbatim")):
+            lines += [
+                _row(f"claims: {kind} true", s.get("accuracy"), t.get("accuracy")),
+                _row(f"claims: {kind} true, chance", s.get("chance"), t.get("chance")),
+            ]
+        lines += [
+            _row(f"claims: {kind} distinct values", s.get("distinct"), t.get("distinct")),
+            _row(f"claims: {kind} most common share", s.get("top_share"), t.get("top_share")),
+        ]
+    for name, key in (
+        ("claims: format breaks", "format_break_rate"),
+        ("claims: repeated verbatim", "repeated_verbatim"),
+    ):
         lines.append(_row(name, c[0].get(key), c[1].get(key)))
     judged = [x.get("judged") or {} for x in c]
     if judged[1]:
-        lines += [_row("claims: judge supported", judged[0].get("accuracy"), judged[1].get("accuracy")),
-                  _row("claims: judge supported, chance", judged[0].get("chance"), judged[1].get("chance"))]
+        lines += [
+            _row("claims: judge supported", judged[0].get("accuracy"), judged[1].get("accuracy")),
+            _row("claims: judge supported, chance", judged[0].get("chance"), judged[1].get("chance")),
+        ]
     return lines
 
 
@@ -126,8 +158,10 @@ def report(cfg, summary: dict[str, Any]) -> None:
     if reward.get("claim_reward"):  # said next to the numbers: the paper's RL reward never sees the context
         print(f"(RL's reward: {describe_reward(reward)})")
     print(f"\n[demo] stage seconds: {summary['stage_seconds']}")
-    print(f"[demo] total {summary['wall_s']:.0f}s; reports: {cfg.output_dir / 'eval_sft' / 'report.md'}, "
-          f"{cfg.output_dir / 'eval_rl' / 'report.md'}")
+    print(
+        f"[demo] total {summary['wall_s']:.0f}s; reports: {cfg.output_dir / 'eval_sft' / 'report.md'}, "
+        f"{cfg.output_dir / 'eval_rl' / 'report.md'}"
+    )
     print(f"[demo] summary: {cfg.output_dir / 'summary.json'}")
     print(f"[demo] final checkpoint: {summary['checkpoint']}")
 
@@ -162,8 +196,12 @@ def main(argv: list[str]) -> int:
         oracle = None
         if not cfg.eval.oracle_ar:  # the user's own oracle AR stands in for the demo's
             _banner("2b/6 context-oracle AR (reads the raw context instead of explanations: the ceiling)")
-            oracle = timed("train_ar_oracle", train_ar.run,
-                           cfg.replace(ar_text="context", ar_steps=cfg.ar.ar_oracle_steps or cfg.ar.ar_steps), acc)
+            oracle = timed(
+                "train_ar_oracle",
+                train_ar.run,
+                cfg.replace(ar_text="context", ar_steps=cfg.ar.ar_oracle_steps or cfg.ar.ar_steps),
+                acc,
+            )
             print(train_ar.format_table(oracle))
 
         _banner("3/6 AV warm start (activation -> explanation), with the shuffled-vector control")
@@ -185,12 +223,22 @@ def main(argv: list[str]) -> int:
     finally:
         acc.end_training()
 
-    report(cfg, {"sft": sft_report, "rl": rl_report, "checkpoint": rl_out["checkpoint"], "wall_s": round(time.time() - began, 1),
-                 "stage_seconds": timings,
-                 "datagen": {k: data[k] for k in ("rows", "norms", "suggested_injection_scale") if k in data},
-                 "ar_sft": {k: v for k, v in ar.items() if k != "history"}, "ar_shuffled_control": control,
-                 "ar_oracle": oracle, "av_sft": {k: v for k, v in av.items() if k != "samples"}, "rl_training": rl_out,
-                 "control_margin": {"sft": control_margin(sft_report), "rl": control_margin(rl_report)},
-                 "lookup_margin": {"sft": lookup_margin(sft_report), "rl": lookup_margin(rl_report)}})
+    report(
+        cfg,
+        {
+            "sft": sft_report,
+            "rl": rl_report,
+            "checkpoint": rl_out["checkpoint"],
+            "wall_s": round(time.time() - began, 1),
+            "stage_seconds": timings,
+            "datagen": {k: data[k] for k in ("rows", "norms", "suggested_injection_scale") if k in data},
+            "ar_sft": {k: v for k, v in ar.items() if k != "history"},
+            "ar_shuffled_control": control,
+            "ar_oracle": oracle,
+            "av_sft": {k: v for k, v in av.items() if k != "samples"},
+            "rl_training": rl_out,
+            "control_margin": {"sft": control_margin(sft_report), "rl": control_margin(rl_report)},
+            "lookup_margin": {"sft": lookup_margin(sft_report), "rl": lookup_margin(rl_report)},
+        },
+    )
     return 0
-

@@ -77,8 +77,12 @@ FVE_DEFINITION = "strict: 1 − MSE/Var of normalised targets"
 
 @dataclass
 class EvalArgs(CheckpointArgs):
-    data: str | None = option("A dataset split (.parquet + sidecar) to evaluate; unset (and no --texts): <data_dir>/test.parquet.")
-    texts: str | None = option("Or a .jsonl of rows with 'text': positions drawn as in datagen (min_position, positions_per_doc).")
+    data: str | None = option(
+        "A dataset split (.parquet + sidecar) to evaluate; unset (and no --texts): <data_dir>/test.parquet."
+    )
+    texts: str | None = option(
+        "Or a .jsonl of rows with 'text': positions drawn as in datagen (min_position, positions_per_doc)."
+    )
     report_dir: str | None = option("Where report.json/report.md/plots go; unset: --output_dir.")
     eval_temperature: float = option("AV sampling temperature for eval (0 = greedy).", 0.0)
     paraphrase_control: bool = option("Run the paraphrase control (the teacher rewrites each explanation).", True)
@@ -93,7 +97,9 @@ class EvalData:
     info: list[dict[str, Any]]  # doc_id, position, context per row
     teacher: list | None  # the dataset's teacher explanations, when it has them
     source: str
-    path: Path | None = None  # the split read (None: --texts): its sidecar names the format, its folder the training splits
+    path: Path | None = (
+        None  # the split read (None: --texts): its sidecar names the format, its folder the training splits
+    )
 
 
 def load_eval_data(cfg: NLAConfig, args: EvalArgs, nla: NLA) -> EvalData:
@@ -107,45 +113,62 @@ def load_eval_data(cfg: NLAConfig, args: EvalArgs, nla: NLA) -> EvalData:
         def pick(ids: list[int], doc_id: str) -> list[int]:  # datagen's position rule
             return choose_positions(ids, special, d.positions_per_doc, d.min_position, cfg.run.seed, doc_id)
 
-        vectors, info = extract_text_rows(nla, read_texts(args.texts, d.text_field), d.max_doc_tokens,
-                                          d.extract_batch_size, pick)
+        vectors, info = extract_text_rows(
+            nla, read_texts(args.texts, d.text_field), d.max_doc_tokens, d.extract_batch_size, pick
+        )
         return EvalData(vectors[:limit], info[:limit], None, f"texts:{args.texts}")
     path = Path(args.data) if args.data else split_path(cfg.data_dir, "test")
     if not path.is_file():
         raise ConfigError(f"{path} not found: pass --data FILE.parquet or --texts FILE.jsonl (or run `nla datagen`).")
     split = load_split(path, max_rows=limit, seed=cfg.run.seed)
     if len(split) < 2:
-        raise ConfigError(f"{path} has {len(split)} rows; eval needs at least 2 (controls permute rows). "
-                          "Use more documents (--max_docs) or a larger test share (--split_fractions).")
+        raise ConfigError(
+            f"{path} has {len(split)} rows; eval needs at least 2 (controls permute rows). "
+            "Use more documents (--max_docs) or a larger test share (--split_fractions)."
+        )
     if split.meta.layer_index != nla.layer or split.vectors.shape[1] != nla.d_model:
-        raise SidecarError(f"{path}: layer {split.meta.layer_index}, width {split.vectors.shape[1]}, but the checkpoint "
-                           f"explains layer {nla.layer}, d_model {nla.d_model}; evaluate on data from the same model and layer.")
+        raise SidecarError(
+            f"{path}: layer {split.meta.layer_index}, width {split.vectors.shape[1]}, but the checkpoint "
+            f"explains layer {nla.layer}, d_model {nla.d_model}; evaluate on data from the same model and layer."
+        )
     cols = split.columns
     n = len(split)
     contexts = cols.get("detokenized_text_truncated") or [""] * n
-    last = [nla.tokenizer(c or "", add_special_tokens=False)["input_ids"][-1:] for c in contexts]  # the position's token
+    last = [
+        nla.tokenizer(c or "", add_special_tokens=False)["input_ids"][-1:] for c in contexts
+    ]  # the position's token
     nexts = cols.get("model_next_token") or [None] * n  # the model's own next token, where datagen recorded it
-    info = [{"doc_id": cols.get("doc_id", [None] * n)[i], "position": cols.get("position", [None] * n)[i],
-             "context": contexts[i] or "", "token": nla.tokenizer.decode(last[i]), "next_token": nexts[i]}
-            for i in range(n)]
+    info = [
+        {
+            "doc_id": cols.get("doc_id", [None] * n)[i],
+            "position": cols.get("position", [None] * n)[i],
+            "context": contexts[i] or "",
+            "token": nla.tokenizer.decode(last[i]),
+            "next_token": nexts[i],
+        }
+        for i in range(n)
+    ]
     return EvalData(split.vectors, info, cols.get("explanation"), f"data:{path}", path)
 
 
 # ---------------------------------------------------------------- the evaluation
 
 
-def _explainer(nla: NLA, temperature: float, max_new_tokens: int, enabled: bool, batch_size: int,
-               samples_out: list | None = None) -> Explain:
+def _explainer(
+    nla: NLA, temperature: float, max_new_tokens: int, enabled: bool, batch_size: int, samples_out: list | None = None
+) -> Explain:
     """vectors -> explanations (None where nothing was extracted), `batch_size` rows per generate call
     with a progress bar; the Samples go to `samples_out`."""
+
     def explain(vectors: torch.Tensor) -> list:
         texts, bs = [], batch_size
         for start in progress(range(0, len(vectors), bs), enabled=enabled, desc="eval: AV", unit="batch"):
-            for (s,) in nla.explain(vectors[start:start + bs], 1, temperature, max_new_tokens, batch_size=bs):
+            for (s,) in nla.explain(vectors[start : start + bs], 1, temperature, max_new_tokens, batch_size=bs):
                 texts.append(s.explanation)
                 if samples_out is not None:
                     samples_out.append(s)
         return texts
+
     return explain
 
 
@@ -154,8 +177,14 @@ def explain_rows(cfg: NLAConfig, args: EvalArgs, nla: NLA, vectors: torch.Tensor
     `uninformative_vectors` or None). Greedy, those two ride along in the rows' last generate call
     (two more rows there instead of a generate call of their own, ~4 s on the embedded model)."""
     n, greedy, samples = len(vectors), args.eval_temperature == 0, []
-    explain = _explainer(nla, args.eval_temperature, cfg.av.max_new_tokens, cfg.logging.progress,
-                         cfg.eval.eval_batch_size + 2 * greedy, samples)
+    explain = _explainer(
+        nla,
+        args.eval_temperature,
+        cfg.av.max_new_tokens,
+        cfg.logging.progress,
+        cfg.eval.eval_batch_size + 2 * greedy,
+        samples,
+    )
     if not greedy:
         return explain(vectors), samples, None
     texts = explain(torch.cat([vectors, uninformative_vectors(vectors)]))
@@ -169,8 +198,16 @@ def reinjection(cfg: NLAConfig, nla: NLA, data: EvalData, pred: torch.Tensor, ro
     try:
         with nla.target_model() as model:
             out, row_kl[:k] = reinjection_scores(
-                model, nla.tokenizer, [i.get("context") or "" for i in data.info[:k]], [i.get("position") for i in data.info[:k]],
-                data.vectors[:k], pred[:k], nla.layer, cfg.data.extract_batch_size, cfg.run.seed)
+                model,
+                nla.tokenizer,
+                [i.get("context") or "" for i in data.info[:k]],
+                [i.get("position") for i in data.info[:k]],
+                data.vectors[:k],
+                pred[:k],
+                nla.layer,
+                cfg.data.extract_batch_size,
+                cfg.run.seed,
+            )
         return out
     except (ConfigError, ModelError, SidecarError) as err:  # no target model here: the rest of the report stands
         print(f"[eval] reinjection skipped: {err}", file=sys.stderr)
@@ -183,7 +220,9 @@ def make_scorer(cfg: NLAConfig, nla: NLA, vectors: torch.Tensor) -> tuple[Scorer
     return Scorer(nla.mse_scale, var, cfg.eval.retrieval_candidates, cfg.run.seed), source
 
 
-def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir: Path) -> tuple[dict[str, Any], list[dict]]:
+def evaluate(
+    cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir: Path
+) -> tuple[dict[str, Any], list[dict]]:
     """All numbers of the report, plus one dict per row."""
     vectors, n = data.vectors, len(data.vectors)
     if n < 2:
@@ -196,34 +235,55 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
     explain_controls = _explainer(nla, args.eval_temperature, cfg.av.max_new_tokens, show, cfg.eval.eval_batch_size)
     timing["verbalize_s"] = time.time() - t0
     pred = nla.predict(explanations)
-    report: dict[str, Any] = {"n": n, "source": data.source, "checkpoint": {"av": str(nla.paths.av), "ar": str(nla.paths.ar)},
-                              "fve_definition": FVE_DEFINITION, "var": var, "var_source": var_source,
-                              "mse_scale": nla.mse_scale, "temperature": args.eval_temperature,
-                              "selection": "greedy" if greedy else "first_sample",
-                              "rl_reward": (nla.meta.extra.get("training") or {}).get("reward"),
-                              **scorer.headline(pred, vectors)}
+    report: dict[str, Any] = {
+        "n": n,
+        "source": data.source,
+        "checkpoint": {"av": str(nla.paths.av), "ar": str(nla.paths.ar)},
+        "fve_definition": FVE_DEFINITION,
+        "var": var,
+        "var_source": var_source,
+        "mse_scale": nla.mse_scale,
+        "temperature": args.eval_temperature,
+        "selection": "greedy" if greedy else "first_sample",
+        "rl_reward": (nla.meta.extra.get("training") or {}).get("reward"),
+        **scorer.headline(pred, vectors),
+    }
     report["top1_chance"] = 1 / min(cfg.eval.retrieval_candidates, n)
     t0 = time.time()
     contexts = [i.get("context") or "" for i in data.info]
     fmt = explanation_format(data.path, nla.meta.extra)
-    facts = [claims.Row(c, i.get("next_token")) for c, i in zip(contexts, data.info)]  # what each claim is checked against
+    facts = [
+        claims.Row(c, i.get("next_token")) for c, i in zip(contexts, data.info)
+    ]  # what each claim is checked against
     report["claims"], marks = claim_checks(cfg, fmt, explanations, facts, data.teacher, cache_dir)
     report["baselines"] = text_free_baselines(nla.tokenizer, data.path, vectors, contexts, nla.layer, scorer)
     report["lookup_margin"] = lookup_margin(report)
     timing["claims_s"] = time.time() - t0  # with --judge, mostly the judge's requests
     t0 = time.time()
-    report["controls"] = control_fves(explain_controls, nla.predict, vectors, explanations, scorer,
-                                      deterministic=greedy, uninformative_texts=uninformative_texts)
+    report["controls"] = control_fves(
+        explain_controls,
+        nla.predict,
+        vectors,
+        explanations,
+        scorer,
+        deterministic=greedy,
+        uninformative_texts=uninformative_texts,
+    )
     timing["controls_s"] = time.time() - t0
     if data.teacher is not None and any(t is not None for t in data.teacher):
         keep = [i for i, t in enumerate(data.teacher) if t is not None]
-        report["teacher_explanations"] = {"n": len(keep), "fve_nrm": scorer.fve(nla.predict([data.teacher[i] for i in keep]),
-                                                                               vectors[keep])}
+        report["teacher_explanations"] = {
+            "n": len(keep),
+            "fve_nrm": scorer.fve(nla.predict([data.teacher[i] for i in keep]), vectors[keep]),
+        }
     para = None
     if args.paraphrase_control:
         t0 = time.time()
         para, method = paraphrase(cfg, nla, explanations, cache_dir / "paraphrase_cache.jsonl")
-        report["paraphrase"] = {"method": method, **paraphrase_scores(para, explanations, pred, nla.predict, vectors, scorer)}
+        report["paraphrase"] = {
+            "method": method,
+            **paraphrase_scores(para, explanations, pred, nla.predict, vectors, scorer),
+        }
         timing["paraphrase_s"] = time.time() - t0
     report["order_shuffled"] = order_shuffled_scores(explanations, pred, nla.predict, vectors, scorer)
     reinjection_kl: list = [None] * n
@@ -237,23 +297,37 @@ def evaluate(cfg: NLAConfig, args: EvalArgs, nla: NLA, data: EvalData, cache_dir
     report["fve_by_length"] = length_curve(nla.predict, explanations, pred, vectors, nla.ar_tokenizer, scorer)
     report["non_latin_rate"] = metrics.non_latin_rate(s.text for s in samples)
     report["extraction_fail_rate"] = sum(s.failed for s in samples) / n
-    report["independent_ar"] = independent_ar(cfg, nla, explanations, vectors, scorer) if cfg.eval.independent_ar else None
+    report["independent_ar"] = (
+        independent_ar(cfg, nla, explanations, vectors, scorer) if cfg.eval.independent_ar else None
+    )
     if cfg.eval.oracle_ar:
         report["oracle"] = oracle_scores(cfg, nla, data, scorer)
-        report["fraction_of_oracle"] = fraction_of_oracle(report["fve_nrm"], report["oracle"]["fve_nrm"], report["fve_floor"])
+        report["fraction_of_oracle"] = fraction_of_oracle(
+            report["fve_nrm"], report["oracle"]["fve_nrm"], report["fve_floor"]
+        )
     report["timing"] = timing
     row_fve = scorer.row_fve(pred, vectors).tolist()
-    rows = [{**info, "context": (info.get("context") or "")[-200:], "explanation": e, "failed": s.failed, "fve_nrm": f,
-             "reinjection_kl": reinjection_kl[i], **marks[i],
-             **({"response": s.text[:300]} if s.failed else {}),  # what a failed answer said (cap hit, tags missing)
-             **({"teacher_explanation": data.teacher[i]} if data.teacher is not None else {}),
-             **({"paraphrase": para[i]} if para is not None else {})}
-            for i, (info, e, s, f) in enumerate(zip(data.info, explanations, samples, row_fve))]
+    rows = [
+        {
+            **info,
+            "context": (info.get("context") or "")[-200:],
+            "explanation": e,
+            "failed": s.failed,
+            "fve_nrm": f,
+            "reinjection_kl": reinjection_kl[i],
+            **marks[i],
+            **({"response": s.text[:300]} if s.failed else {}),  # what a failed answer said (cap hit, tags missing)
+            **({"teacher_explanation": data.teacher[i]} if data.teacher is not None else {}),
+            **({"paraphrase": para[i]} if para is not None else {}),
+        }
+        for i, (info, e, s, f) in enumerate(zip(data.info, explanations, samples, row_fve))
+    ]
     return report, rows
 
 
-def independent_ar(cfg: NLAConfig, nla: NLA, explanations: list, vectors: torch.Tensor, scorer: Scorer,
-                   path: str | None = None) -> dict[str, Any]:
+def independent_ar(
+    cfg: NLAConfig, nla: NLA, explanations: list, vectors: torch.Tensor, scorer: Scorer, path: str | None = None
+) -> dict[str, Any]:
     """Texts scored by a second AR (its own Var and scale when its sidecar has them): the same
     explanations by an independent AR, or (`path` = the oracle AR) the rows' raw contexts."""
     path = path or cfg.eval.independent_ar
@@ -262,8 +336,13 @@ def independent_ar(cfg: NLAConfig, nla: NLA, explanations: list, vectors: torch.
     var, source = other.variance(vectors)
     s = Scorer(other.mse_scale, var, scorer.n_candidates, scorer.seed)
     pred = other.predict(explanations + [""])
-    return {"path": path, "fve_nrm": s.fve(pred[:-1], vectors), "var": var, "var_source": source,
-            "empty_text_fve_nrm": s.fve(pred[-1:].expand_as(vectors), vectors)}
+    return {
+        "path": path,
+        "fve_nrm": s.fve(pred[:-1], vectors),
+        "var": var,
+        "var_source": source,
+        "empty_text_fve_nrm": s.fve(pred[-1:].expand_as(vectors), vectors),
+    }
 
 
 # The oracle's row depends only on the oracle AR and the rows, not on the NLA under test, so the
@@ -275,8 +354,18 @@ def oracle_scores(cfg: NLAConfig, nla: NLA, data: EvalData, scorer: Scorer) -> d
     """The context-oracle AR reading the rows' raw context tails (remembered per oracle weights + rows)."""
     contexts = [templates.context_tail(i.get("context") or "") for i in data.info]
     folder = model_folder(cfg.eval.oracle_ar, "ar")
-    key = hashlib.sha256(repr((str(folder.resolve()), sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()),
-                               contexts, scorer.n_candidates, scorer.seed)).encode() + data.vectors.detach().cpu().numpy().tobytes())
+    key = hashlib.sha256(
+        repr(
+            (
+                str(folder.resolve()),
+                sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()),
+                contexts,
+                scorer.n_candidates,
+                scorer.seed,
+            )
+        ).encode()
+        + data.vectors.detach().cpu().numpy().tobytes()
+    )
     digest = key.hexdigest()
     if digest not in _ORACLE_ROWS:
         _ORACLE_ROWS[digest] = independent_ar(cfg, nla, contexts, data.vectors, scorer, path=cfg.eval.oracle_ar)
@@ -300,21 +389,36 @@ def check_extra_ars(cfg: NLAConfig) -> None:
     if cfg.eval.oracle_ar:
         folder = model_folder(cfg.eval.oracle_ar, "ar")
         if read_ar_meta(folder).extra.get("ar_text") != "context":
-            raise ConfigError(f"--oracle_ar {cfg.eval.oracle_ar}: {folder} is not a context-oracle AR (its sidecar lacks "
-                              "ar_text: context); train one with `nla train-ar --ar_text context` (-> <output_dir>/ar_oracle/final).")
+            raise ConfigError(
+                f"--oracle_ar {cfg.eval.oracle_ar}: {folder} is not a context-oracle AR (its sidecar lacks "
+                "ar_text: context); train one with `nla train-ar --ar_text context` (-> <output_dir>/ar_oracle/final)."
+            )
 
 
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     """`eval/...` keys for metrics.jsonl / W&B (the README lists them)."""
-    out = {f"eval/{k}": report[k] for k in ("fve_nrm", "fve_centered", "cos_mean", "top1_retrieval", "non_latin_rate",
-                                             "extraction_fail_rate", "explanation_tokens_mean")}
+    out = {
+        f"eval/{k}": report[k]
+        for k in (
+            "fve_nrm",
+            "fve_centered",
+            "cos_mean",
+            "top1_retrieval",
+            "non_latin_rate",
+            "extraction_fail_rate",
+            "explanation_tokens_mean",
+        )
+    }
     out |= {f"eval/control/{k}": v["fve_nrm"] for k, v in report["controls"].items()}
     out |= {f"eval/fve_by_length/{k}": v for k, v in report["fve_by_length"].items()}
     para = report.get("paraphrase") or {}
     out |= {f"eval/paraphrase_{k}": para[k] for k in ("fve_nrm", "fve_retained") if para.get(k) is not None}
     re_ = report.get("reinjection") or {}
-    out |= {f"eval/reinjection/{k}": re_[k] for k in ("kl", "kl_mean_baseline", "kl_shuffled_baseline", "kl_zero_baseline",
-                                                      "recovered", "top1_agree") if re_.get(k) is not None}
+    out |= {
+        f"eval/reinjection/{k}": re_[k]
+        for k in ("kl", "kl_mean_baseline", "kl_shuffled_baseline", "kl_zero_baseline", "recovered", "top1_agree")
+        if re_.get(k) is not None
+    }
     order = report.get("order_shuffled") or {}
     if order.get("fve_nrm") is not None:
         out["eval/control/order_shuffled"] = order["fve_nrm"]
@@ -333,16 +437,20 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     if claim_report:
         out |= claims.flat(claim_report, "eval/claims/")
     judged = claim_report.get("judged") or {}
-    out |= {f"eval/claims/judged/{k}": judged[k] for k in ("accuracy", "chance", "contradicted", "uncheckable")
-            if judged.get(k) is not None}
+    out |= {
+        f"eval/claims/judged/{k}": judged[k]
+        for k in ("accuracy", "chance", "contradicted", "uncheckable")
+        if judged.get(k) is not None
+    }
     out |= {f"eval/control/{k}": v["fve_nrm"] for k, v in (report.get("baselines") or {}).items() if k in LOOKUPS}
     if report.get("lookup_margin") is not None:
         out["eval/lookup_margin"] = report["lookup_margin"]
     return out
 
 
-def run(cfg: NLAConfig, args: EvalArgs | None = None, nla: NLA | None = None,
-        report_dir: str | Path | None = None) -> dict[str, Any]:
+def run(
+    cfg: NLAConfig, args: EvalArgs | None = None, nla: NLA | None = None, report_dir: str | Path | None = None
+) -> dict[str, Any]:
     """Evaluate and write the report; returns the report dict (what report.json holds)."""
     args = args or EvalArgs()
     began = time.time()
@@ -366,8 +474,9 @@ def run(cfg: NLAConfig, args: EvalArgs | None = None, nla: NLA | None = None,
 
 
 def main(argv: list[str]) -> int:
-    cfg, (args,) = start_stage(argv, "eval", extra=[EvalArgs],
-                                 folder=lambda c, ex: Path(ex[0].report_dir or c.output_dir))
+    cfg, (args,) = start_stage(
+        argv, "eval", extra=[EvalArgs], folder=lambda c, ex: Path(ex[0].report_dir or c.output_dir)
+    )
     report = run(cfg, args)
     print(format_table(report))
     print(f"[eval] {report['n']} rows, {report['wall_s']}s -> {report['files']['report_md']}")

@@ -37,21 +37,31 @@ def explanation_format(data_path: Path | None, av_meta_extra: dict[str, Any]) ->
     return claims.trained_format(av_meta_extra)
 
 
-def claim_checks(cfg, fmt: claims.ExplanationFormat, explanations: list, contexts: list, teacher: list | None,
-                 cache_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def claim_checks(
+    cfg, fmt: claims.ExplanationFormat, explanations: list, contexts: list, teacher: list | None, cache_dir: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """contexts: one `claims.Row` (or context string) per row -> (report["claims"], one {format_ok,
     claims[, judged]} per row)."""
     n = len(explanations)
     others = derangement(n, cfg.run.seed + seeds.CLAIM_CHANCE).tolist()
     report = claims.summarize(fmt, explanations, contexts, others)
-    if teacher is not None and any(t is not None for t in teacher):  # the same rows' teacher text: ~100% by construction
+    if teacher is not None and any(
+        t is not None for t in teacher
+    ):  # the same rows' teacher text: ~100% by construction
         report["teacher"] = claims.summarize(fmt, teacher, contexts, others)
     rows = [claims.mark(fmt, e, c) for e, c in zip(explanations, contexts)]
     judge = make_judge(cfg)
     if judge is not None:
         texts = [claims.context_text(c) for c in contexts]
-        report["judged"], verdicts = judge_claims(judge, explanations, texts, others, cache_dir / "judge_cache.jsonl",
-                                                  cfg.judge.judge_context_chars, cfg.logging.progress)
+        report["judged"], verdicts = judge_claims(
+            judge,
+            explanations,
+            texts,
+            others,
+            cache_dir / "judge_cache.jsonl",
+            cfg.judge.judge_context_chars,
+            cfg.logging.progress,
+        )
         for row, v in zip(rows, verdicts):
             row["judged"] = v
     return report, rows
@@ -62,8 +72,9 @@ def last_ids(tokenizer, contexts: list[str], k: int = 2) -> list[list[int]]:
     return [ids[-k:] for ids in tokenizer(list(contexts), add_special_tokens=False)["input_ids"]] if contexts else []
 
 
-def text_free_baselines(tokenizer, data_path: Path | None, vectors: torch.Tensor, contexts: list[str], layer: int,
-                        scorer) -> dict[str, Any]:
+def text_free_baselines(
+    tokenizer, data_path: Path | None, vectors: torch.Tensor, contexts: list[str], layer: int, scorer
+) -> dict[str, Any]:
     """The token and bigram lookups scored on the eval rows, or {"skipped": why}."""
     if data_path is None:
         return {"skipped": "the rows came from --texts: no training split to build the lookup from"}
@@ -75,8 +86,10 @@ def text_free_baselines(tokenizer, data_path: Path | None, vectors: torch.Tensor
     for path in paths:
         split = load_split(path)
         if split.meta.layer_index != layer or split.vectors.shape[1] != vectors.shape[1]:
-            raise SidecarError(f"{path}: layer {split.meta.layer_index}, width {split.vectors.shape[1]}, but the eval rows "
-                               f"are layer {layer}, width {vectors.shape[1]}: the splits beside {data_path} do not belong together.")
+            raise SidecarError(
+                f"{path}: layer {split.meta.layer_index}, width {split.vectors.shape[1]}, but the eval rows "
+                f"are layer {layer}, width {vectors.shape[1]}: the splits beside {data_path} do not belong together."
+            )
         if len(split):
             ids += last_ids(tokenizer, split.column("detokenized_text_truncated"))
             vecs.append(split.vectors)
@@ -88,8 +101,11 @@ def text_free_baselines(tokenizer, data_path: Path | None, vectors: torch.Tensor
     out: dict[str, Any] = {"train_rows": len(train), "splits": used}
     for name, order in LOOKUPS.items():
         pred, level = lookup_predict(ids, train, eval_ids, order, scorer.scale)
-        out[name] = {"fve_nrm": scorer.fve(pred, vectors), "top1_retrieval": scorer.headline(pred, vectors)["top1_retrieval"],
-                     "matched": sum(k == order for k in level) / len(level)}
+        out[name] = {
+            "fve_nrm": scorer.fve(pred, vectors),
+            "top1_retrieval": scorer.headline(pred, vectors)["top1_retrieval"],
+            "matched": sum(k == order for k in level) / len(level),
+        }
     return out
 
 

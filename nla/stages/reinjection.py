@@ -32,8 +32,9 @@ from nla.models.backbone import decoder_layers, last_token_index
 MATCH_TOLERANCE = 1e-2  # relative error between the re-extracted and the stored activation
 
 
-def next_token_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, layer: int,
-                        patches: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def next_token_logprobs(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, layer: int, patches: Sequence[torch.Tensor] = ()
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """-> (log-probs [b, vocab] of the token after each row's last real token, block-`layer` output
     there [b, d], the log-probs with each of `patches` [b, d] replacing that output).
 
@@ -44,8 +45,13 @@ def next_token_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     positions = position_ids(mask)
     prefix: dict[str, Any] = {}
     if ids.shape[1] > 1:
-        out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                    use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=positions[:, :-1],
+            use_cache=True,
+            logits_to_keep=1,
+        )
         prefix = {cache_keyword(model): getattr(out, "cache", None) or out.past_key_values}
     seen: dict[str, torch.Tensor] = {}
 
@@ -62,8 +68,13 @@ def next_token_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
         handle = decoder_layers(model)[layer].register_forward_hook(hook)
         try:
             cache = {k: copy.deepcopy(v) for k, v in prefix.items()}  # each run appends its token to the cache
-            logits = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
-                           use_cache=bool(cache), **cache).logits
+            logits = model(
+                input_ids=ids[:, -1:],
+                attention_mask=mask,
+                position_ids=positions[:, -1:],
+                use_cache=bool(cache),
+                **cache,
+            ).logits
         finally:
             handle.remove()
         return F.log_softmax(logits[:, -1].float(), dim=-1)
@@ -90,15 +101,26 @@ def _rescaled(directions: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reinjection_scores(model: nn.Module, tokenizer, contexts: list[str], positions: list[int | None], vectors: torch.Tensor,
-                       reconstructions: torch.Tensor, layer: int, batch_size: int = 8, seed: int = 0) -> dict[str, Any]:
+def reinjection_scores(
+    model: nn.Module,
+    tokenizer,
+    contexts: list[str],
+    positions: list[int | None],
+    vectors: torch.Tensor,
+    reconstructions: torch.Tensor,
+    layer: int,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict[str, Any]:
     """The report's `reinjection` section and one KL per row (None where the row was left out).
 
     `vectors` [n, d] raw activations; `reconstructions` [n, d] the AR's predictions (any scale)."""
     device = next(model.parameters()).device
     n = len(contexts)
     token_ids = [tokenizer(c, add_special_tokens=True)["input_ids"] if c else [] for c in contexts]
-    usable = [i for i in range(n) if token_ids[i] and (positions[i] is None or len(token_ids[i]) - 1 == int(positions[i]))]
+    usable = [
+        i for i in range(n) if token_ids[i] and (positions[i] is None or len(token_ids[i]) - 1 == int(positions[i]))
+    ]
     vectors = vectors.float()
     mean = vectors.mean(dim=0)
     other = derangement(n, seed) if n > 1 else torch.zeros(1, dtype=torch.long)
@@ -107,15 +129,17 @@ def reinjection_scores(model: nn.Module, tokenizer, contexts: list[str], positio
     agree: dict[str, list[torch.Tensor]] = {k: [] for k in kls}
     mismatched = 0
     for start in range(0, len(usable), batch_size):
-        batch = usable[start:start + batch_size]
+        batch = usable[start : start + batch_size]
         ids, mask = pad_batch([token_ids[i] for i in batch], tokenizer.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         v = vectors[batch].to(device)
         norms = v.norm(dim=-1, keepdim=True)
-        patches = {"reconstruction": _rescaled(reconstructions[batch].float().to(device), norms),
-                   "mean": _rescaled(mean.to(device).expand_as(v), norms),
-                   "shuffled": _rescaled(vectors[other[batch]].to(device), norms),
-                   "zero": torch.zeros_like(v)}
+        patches = {
+            "reconstruction": _rescaled(reconstructions[batch].float().to(device), norms),
+            "mean": _rescaled(mean.to(device).expand_as(v), norms),
+            "shuffled": _rescaled(vectors[other[batch]].to(device), norms),
+            "zero": torch.zeros_like(v),
+        }
         original, h, patched_runs = next_token_logprobs(model, ids, mask, layer, list(patches.values()))
         match = ((h - v).norm(dim=-1) / v.norm(dim=-1).clamp_min(1e-12)) < MATCH_TOLERANCE
         mismatched += int((~match).sum())
@@ -131,9 +155,15 @@ def reinjection_scores(model: nn.Module, tokenizer, contexts: list[str], positio
     if used == 0:
         return {**out, "kl": None}, per_row
     mean_kl = {k: float(torch.cat(v).mean()) for k, v in kls.items()}
-    out.update({"kl": mean_kl["reconstruction"], "kl_mean_baseline": mean_kl["mean"],
-                "kl_shuffled_baseline": mean_kl["shuffled"], "kl_zero_baseline": mean_kl["zero"],
-                "recovered": 1.0 - mean_kl["reconstruction"] / mean_kl["mean"] if mean_kl["mean"] > 0 else None,
-                "top1_agree": float(torch.cat(agree["reconstruction"]).mean()),
-                "top1_agree_mean_baseline": float(torch.cat(agree["mean"]).mean())})
+    out.update(
+        {
+            "kl": mean_kl["reconstruction"],
+            "kl_mean_baseline": mean_kl["mean"],
+            "kl_shuffled_baseline": mean_kl["shuffled"],
+            "kl_zero_baseline": mean_kl["zero"],
+            "recovered": 1.0 - mean_kl["reconstruction"] / mean_kl["mean"] if mean_kl["mean"] > 0 else None,
+            "top1_agree": float(torch.cat(agree["reconstruction"]).mean()),
+            "top1_agree_mean_baseline": float(torch.cat(agree["mean"]).mean()),
+        }
+    )
     return out, per_row

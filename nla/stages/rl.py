@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from nla.core import seeds
-from nla.core.rewards import describe_reward, reward_record
 from nla.core.claims import Row
 from nla.core.config import ConfigError, NLAConfig
+from nla.core.rewards import describe_reward, reward_record
 from nla.core.sidecar import MODEL_META, write_meta
 from nla.core.tracking import Tracker
 from nla.data.splits import load_split, split_path
@@ -52,9 +52,13 @@ def sft_paths(cfg: NLAConfig) -> tuple[Path, Path]:
     given = {"av": cfg.av.av_checkpoint, "ar": cfg.ar.ar_checkpoint}
     for role, path in given.items():
         if path is None and not (cfg.output_dir / role / "final").is_dir():
-            raise ConfigError(f"no SFT {role.upper()} at {cfg.output_dir / role / 'final'}: run `nla train-{role}` first "
-                              f"or pass --{role}_checkpoint DIR.")
-    paths = resolve_paths(av=given["av"] or cfg.output_dir / "av" / "final", ar=given["ar"] or cfg.output_dir / "ar" / "final")
+            raise ConfigError(
+                f"no SFT {role.upper()} at {cfg.output_dir / role / 'final'}: run `nla train-{role}` first "
+                f"or pass --{role}_checkpoint DIR."
+            )
+    paths = resolve_paths(
+        av=given["av"] or cfg.output_dir / "av" / "final", ar=given["ar"] or cfg.output_dir / "ar" / "final"
+    )
     return paths.av, paths.ar
 
 
@@ -63,7 +67,9 @@ def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, 
     + AR head, and, when the held-out check is on, ar_ref (the frozen SFT AR + its head) to score it."""
     av_meta = read_av_meta(sft_av)
     if not (sft_av / "adapter_config.json").is_file():
-        raise ConfigError(f"{sft_av} is a full-weight AV; joint RL shares one base model and needs LoRA adapters (av_lora_r > 0).")
+        raise ConfigError(
+            f"{sft_av} is a full-weight AV; joint RL shares one base model and needs LoRA adapters (av_lora_r > 0)."
+        )
     tokenizer = source.tokenizer(av_meta.base_model)
     av_src = resume / "av" if resume else sft_av
     ar_src = resume / "ar" if resume else sft_ar
@@ -75,12 +81,15 @@ def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, 
         with torch.random.fork_rng(devices=[]):
             sft_ar_model = attach_to_shared_base(model, sft_ar, tokenizer, adapter_name=AR_REF, trainable=False)
     av_meta.verify(tokenizer, d_model=text_config(model.config).hidden_size, where=str(sft_av / MODEL_META))
-    check_pair(av_meta, ar, tokenizer, tokenizer, where=f"AV {sft_av} + AR {sft_ar}")  # the one pair check (nla verbalize/eval too)
+    # the one pair check (nla verbalize/eval too)
+    check_pair(av_meta, ar, tokenizer, tokenizer, where=f"AV {sft_av} + AR {sft_ar}")
     model.to(device)
     ar.to(device)
     if sft_ar_model is not None:
         sft_ar_model.to(device)
-    verbalizer = Verbalizer(model, tokenizer, av_meta, injection_scale_of(av_meta, str(sft_av)), cfg.rl.max_response_tokens)
+    verbalizer = Verbalizer(
+        model, tokenizer, av_meta, injection_scale_of(av_meta, str(sft_av)), cfg.rl.max_response_tokens
+    )
     return model, tokenizer, verbalizer, ar, av_meta, sft_ar_model
 
 
@@ -93,8 +102,10 @@ def held_out_rows(cfg: NLAConfig, acc) -> HeldOut | None:
     if len(val) == 0:
         return None
     if len(val) < acc.num_processes:
-        raise ConfigError(f"{path} has {len(val)} rows for {acc.num_processes} processes; pass --rl_val_rows 0 to skip "
-                          "the held-out reward.")
+        raise ConfigError(
+            f"{path} has {len(val)} rows for {acc.num_processes} processes; pass --rl_val_rows 0 to skip "
+            "the held-out reward."
+        )
     return HeldOut(rank_share(val.vectors, acc).to(acc.device), rank_share(claim_rows(val), acc))
 
 
@@ -115,13 +126,19 @@ def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path
     """The models (from the SFT pair, or `resume`), their optimizers and schedules, as a JointTrainer
     restored to `resume`'s state -> (trainer, state {step, cursor, ...}, av_meta, ar_meta)."""
     rc, source = cfg.rl, ModelSource.of(cfg.model)
-    model, tokenizer, verbalizer, ar, av_meta, sft_ar_model = load_joint(cfg, sft_av, sft_ar, resume, acc.device, source)
+    model, tokenizer, verbalizer, ar, av_meta, sft_ar_model = load_joint(
+        cfg, sft_av, sft_ar, resume, acc.device, source
+    )
     if rc.claim_reward and not verbalizer.format.checked_types:
-        raise ConfigError(f"--claim_reward {rc.claim_reward}: the AV writes the {verbalizer.format.name} format, whose "
-                          "claims no rule checks; the grounded term needs a checkable format (teacher extractive).")
+        raise ConfigError(
+            f"--claim_reward {rc.claim_reward}: the AV writes the {verbalizer.format.name} format, whose "
+            "claims no rule checks; the grounded term needs a checkable format (teacher extractive)."
+        )
     data.meta.verify(tokenizer, d_model=text_config(model.config).hidden_size, where=str(data.path))
     if data.meta.layer_index != av_meta.layer_index:
-        raise ConfigError(f"{data.path} holds layer {data.meta.layer_index} but the AV was trained on layer {av_meta.layer_index}.")
+        raise ConfigError(
+            f"{data.path} holds layer {data.meta.layer_index} but the AV was trained on layer {av_meta.layer_index}."
+        )
     ar_meta = read_ar_meta(sft_ar)
     scale = mse_scale_of(ar)
     var, _ = strict_variance(ar, data.vectors, scale)
@@ -131,11 +148,33 @@ def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path
     av_sched, ar_sched = schedule(av_opt, rc.rl_steps, "constant"), schedule(ar_opt, rc.rl_steps, "constant")
     engine_model = source.resolve(av_meta.base_model) if rc.rollout_engine == "vllm" else None  # the folder vllm loads
     longest = len(prompt_ids(tokenizer, av_meta)) + rc.max_response_tokens  # the engine's context length
-    engine = make_engine(rc.rollout_engine, verbalizer, engine_model, rc.vllm_python, cfg.model.dtype,
-                         cfg.run.seed + acc.process_index, max_model_len=longest, memory_gb=rc.vllm_memory_gb,
-                         log_path=cfg.output_dir / f"vllm_worker_{acc.process_index}.log")
-    trainer = JointTrainer(model, verbalizer, ar, tokenizer, rc, scale, var, av_opt, ar_opt, av_sched, ar_sched, acc,
-                           sft_ar=sft_ar_model, engine=engine)
+    engine = make_engine(
+        rc.rollout_engine,
+        verbalizer,
+        engine_model,
+        rc.vllm_python,
+        cfg.model.dtype,
+        cfg.run.seed + acc.process_index,
+        max_model_len=longest,
+        memory_gb=rc.vllm_memory_gb,
+        log_path=cfg.output_dir / f"vllm_worker_{acc.process_index}.log",
+    )
+    trainer = JointTrainer(
+        model,
+        verbalizer,
+        ar,
+        tokenizer,
+        rc,
+        scale,
+        var,
+        av_opt,
+        ar_opt,
+        av_sched,
+        ar_sched,
+        acc,
+        sft_ar=sft_ar_model,
+        engine=engine,
+    )
     state: dict[str, Any] = {"step": 0, "cursor": 0}
     if resume is not None:
         state = load_checkpoint_state(resume, trainer.saved_optimizers())
@@ -150,9 +189,17 @@ def checkpoint_writer(trainer: JointTrainer, root: Path, av_meta, ar_meta, state
 
     def write(tmp: Path, step: int) -> None:
         trained = av_meta.extra.get("training") or {}  # the SFT AV's: the format it writes stays on record
-        training = {"stage": "rl", "training": {"stage": "rl", "step": step, "sft_av": state["sft_av"], "sft_ar": state["sft_ar"],
-                                                "explanation_format": trained.get("explanation_format"),
-                                                "reward": reward_record(trainer.cfg)}}
+        training = {
+            "stage": "rl",
+            "training": {
+                "stage": "rl",
+                "step": step,
+                "sft_av": state["sft_av"],
+                "sft_ar": state["sft_ar"],
+                "explanation_format": trained.get("explanation_format"),
+                "reward": reward_record(trainer.cfg),
+            },
+        }
         model.save_pretrained(str(tmp), selected_adapters=[AV])  # -> tmp/av/adapter_*
         tokenizer.save_pretrained(tmp / "av")
         write_meta(tmp / "av" / MODEL_META, _with(av_meta, training))
@@ -163,6 +210,7 @@ def checkpoint_writer(trainer: JointTrainer, root: Path, av_meta, ar_meta, state
         if acc.is_main_process:
             save_checkpoint(root, step, lambda d: write(d, step), {**loop_state, **state}, trainer.saved_optimizers())
         acc.wait_for_everyone()
+
     return save
 
 
@@ -178,11 +226,19 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     root = output_root(cfg)
     data = load_split(split_path(cfg.data_dir, "rl"))
     if len(data) < acc.num_processes * rc.rl_batch_size:
-        raise ConfigError(f"{data.path} has {len(data)} rows, fewer than one step's {acc.num_processes * rc.rl_batch_size}: "
-                          "give the rl split a share of --split_fractions and enough documents, then rerun `nla datagen`.")
+        raise ConfigError(
+            f"{data.path} has {len(data)} rows, fewer than one step's {acc.num_processes * rc.rl_batch_size}: "
+            "give the rl split a share of --split_fractions and enough documents, then rerun `nla datagen`."
+        )
     sft_av, sft_ar = sft_paths(cfg)
-    fingerprint = training_fingerprint(cfg, "rl", processes=acc.num_processes, sft_av=str(sft_av), sft_ar=str(sft_ar),
-                                       dataset_id=data.meta.extra.get("dataset_id"))
+    fingerprint = training_fingerprint(
+        cfg,
+        "rl",
+        processes=acc.num_processes,
+        sft_av=str(sft_av),
+        sft_ar=str(sft_ar),
+        dataset_id=data.meta.extra.get("dataset_id"),
+    )
     resume = start_from(cfg.run.resume, root, fingerprint, acc.is_main_process)
     trainer, state, av_meta, ar_meta = build_trainer(cfg, data, sft_av, sft_ar, resume, acc)
     try:
@@ -191,8 +247,19 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
         trainer.engine.close()
 
 
-def _train(cfg: NLAConfig, acc, trainer: JointTrainer, state: dict[str, Any], av_meta, ar_meta, data, root: Path,
-           sft_av: Path, sft_ar: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+def _train(
+    cfg: NLAConfig,
+    acc,
+    trainer: JointTrainer,
+    state: dict[str, Any],
+    av_meta,
+    ar_meta,
+    data,
+    root: Path,
+    sft_av: Path,
+    sft_ar: Path,
+    fingerprint: dict[str, Any],
+) -> dict[str, Any]:
     rc = cfg.rl
     tracker = Tracker(cfg, root.name, is_main=acc.is_main_process)
     tracker.forget_after(int(state["step"]))  # steps after the checkpoint are trained (and logged) again
@@ -201,21 +268,41 @@ def _train(cfg: NLAConfig, acc, trainer: JointTrainer, state: dict[str, Any], av
     if val is not None and int(state["step"]) == 0:
         val_start = trainer.validate(val, cfg.run.seed + seeds.HELD_OUT_SAMPLING)
         tracker.log(val_start, 0)
-    save = checkpoint_writer(trainer, root, av_meta, ar_meta, {"sft_av": str(sft_av), "sft_ar": str(sft_ar),
-                                                               "val_start": val_start, "fingerprint": fingerprint}, acc)
+    save = checkpoint_writer(
+        trainer,
+        root,
+        av_meta,
+        ar_meta,
+        {"sft_av": str(sft_av), "sft_ar": str(sft_ar), "val_start": val_start, "fingerprint": fingerprint},
+        acc,
+    )
     began = time.time()
-    history = trainer.fit(data.vectors, claim_rows(data), cfg.run.seed, state, tracker, save, val, cfg.logging.log_every,
-                          cfg.logging.progress)
+    history = trainer.fit(
+        data.vectors,
+        claim_rows(data),
+        cfg.run.seed,
+        state,
+        tracker,
+        save,
+        val,
+        cfg.logging.log_every,
+        cfg.logging.progress,
+    )
     final = root / "final"
     last = resolve_resume("auto", root)
     if acc.is_main_process and last is not None:
         final = publish_final(last, root)
-    summary: dict[str, Any] = {"steps": rc.rl_steps, "checkpoint": str(final), "wall_s": round(time.time() - began, 1),
-                               "rollout_engine": trainer.engine.name, "reward": reward_record(rc)}
+    summary: dict[str, Any] = {
+        "steps": rc.rl_steps,
+        "checkpoint": str(final),
+        "wall_s": round(time.time() - began, 1),
+        "rollout_engine": trainer.engine.name,
+        "reward": reward_record(rc),
+    }
     if hasattr(trainer.engine, "start_s"):
         summary["engine_start_s"] = round(trainer.engine.start_s, 1)
     if history:
-        first, tail = history[0], history[-max(1, len(history) // 5):]
+        first, tail = history[0], history[-max(1, len(history) // 5) :]
         summary["reward_first"] = first["rl/reward_mean"]
         summary["reward_last"] = sum(h["rl/reward_mean"] for h in tail) / len(tail)
         summary["seconds_per_step"] = summary["wall_s"] / max(1, len(history))
@@ -241,12 +328,14 @@ def _with(meta, extra: dict[str, Any]):
 def describe(s: dict[str, Any]) -> str:
     nan = float("nan")
     start, end = s.get("val_start") or {}, s.get("val") or {}
-    return (f"[rl] {s['steps']} steps in {s['wall_s']}s; training reward {s.get('reward_first', nan):.3f} -> "
-            f"{s.get('reward_last', nan):.3f}; held-out reward {start.get('reward_mean', nan):.3f} -> "
-            f"{end.get('reward_mean', nan):.3f}, fve_nrm {start.get('fve_nrm', nan):.3f} -> {end.get('fve_nrm', nan):.3f} "
-            f"(live AR, sampled as in training; SFT AR: {start.get('fve_nrm_sft_ar', nan):.3f} -> "
-            f"{end.get('fve_nrm_sft_ar', nan):.3f}); checkpoint {s['checkpoint']}"
-            + (f"\n[rl] reward: {describe_reward(s['reward'])}" if (s.get("reward") or {}).get("claim_reward") else ""))
+    return (
+        f"[rl] {s['steps']} steps in {s['wall_s']}s; training reward {s.get('reward_first', nan):.3f} -> "
+        f"{s.get('reward_last', nan):.3f}; held-out reward {start.get('reward_mean', nan):.3f} -> "
+        f"{end.get('reward_mean', nan):.3f}, fve_nrm {start.get('fve_nrm', nan):.3f} -> {end.get('fve_nrm', nan):.3f} "
+        f"(live AR, sampled as in training; SFT AR: {start.get('fve_nrm_sft_ar', nan):.3f} -> "
+        f"{end.get('fve_nrm_sft_ar', nan):.3f}); checkpoint {s['checkpoint']}"
+        + (f"\n[rl] reward: {describe_reward(s['reward'])}" if (s.get("reward") or {}).get("claim_reward") else "")
+    )
 
 
 def main(argv: list[str]) -> int:

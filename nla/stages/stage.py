@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,8 +19,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_stage(argv: list[str], stage: str, extra: Iterable[type] = (),
-                folder: Callable[[NLAConfig, list[Any]], Path] | None = None) -> tuple[NLAConfig, list[Any]]:
+def start_stage(
+    argv: list[str],
+    stage: str,
+    extra: Iterable[type] = (),
+    folder: Callable[[NLAConfig, list[Any]], Path] | None = None,
+) -> tuple[NLAConfig, list[Any]]:
     """Parse argv, configure the process, and write the resolved `config.yaml` into the folder the
     stage writes its output to: `folder(cfg, extras)` (`<output_dir>/ar` for train-ar, ...), by
     default `<output_dir>/<stage>`."""

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -78,14 +79,20 @@ def load_data(cfg: NLAConfig, tokenizer, d_model: int) -> AVData:
         split.meta.verify(tokenizer, d_model=d_model, where=str(split.path))
         check_prompts(split.column("prompt"), train.meta, str(split.path))
     if len(train) == 0 or len(val) == 0:
-        raise ConfigError(f"{cfg.data_dir}: av_sft and val need at least one row each; run `nla datagen` with more documents.")
+        raise ConfigError(
+            f"{cfg.data_dir}: av_sft and val need at least one row each; run `nla datagen` with more documents."
+        )
     if cfg.model.layer is not None and cfg.model.layer != train.meta.layer_index:
-        raise ConfigError(f"layer={cfg.model.layer} but {train.path} was extracted at layer {train.meta.layer_index}; "
-                          "drop --layer or regenerate the data.")
+        raise ConfigError(
+            f"layer={cfg.model.layer} but {train.path} was extracted at layer {train.meta.layer_index}; "
+            "drop --layer or regenerate the data."
+        )
     scale = cfg.av.injection_scale or train.meta.extra.get("suggested_injection_scale")
     if not scale:
-        raise ConfigError(f"no injection scale: set injection_scale in the config, or regenerate {train.path} "
-                          "(its sidecar lacks suggested_injection_scale).")
+        raise ConfigError(
+            f"no injection scale: set injection_scale in the config, or regenerate {train.path} "
+            "(its sidecar lacks suggested_injection_scale)."
+        )
     return AVData(train, val, prompt_ids(tokenizer, train.meta), float(scale))
 
 
@@ -94,16 +101,32 @@ class AVTrainer:
     run's seed: `fit(start_step)`, `evaluate()`. Checkpoints go to `root`; `save_config(folder)` adds
     the run's config to each."""
 
-    def __init__(self, cfg: AVConfig, seed: int, accelerator, model, tokenizer, meta: Meta, data: AVData,
-                 optimizer, scheduler, tracker: Tracker, root: Path, save_config: Callable[[Path], None],
-                 start: dict[str, Any] | None = None, fingerprint: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        cfg: AVConfig,
+        seed: int,
+        accelerator,
+        model,
+        tokenizer,
+        meta: Meta,
+        data: AVData,
+        optimizer,
+        scheduler,
+        tracker: Tracker,
+        root: Path,
+        save_config: Callable[[Path], None],
+        start: dict[str, Any] | None = None,
+        fingerprint: dict[str, Any] | None = None,
+    ):
         self.cfg, self.seed, self.acc = cfg, seed, accelerator
         self.model, self.tok, self.meta, self.data = model, tokenizer, meta, data
         self.fingerprint = fingerprint or {}  # stored in every checkpoint; a resume must match it
         self.tracker, self.root, self.save_config = tracker, root, save_config
         self.unwrapped = accelerator.unwrap_model(model)
         params = trainable_parameters(self.unwrapped)
-        self.stepper = OptimizerStep("av", optimizer, scheduler, lambda: accelerator.clip_grad_norm_(params, MAX_GRAD_NORM))
+        self.stepper = OptimizerStep(
+            "av", optimizer, scheduler, lambda: accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
+        )
         restore_skips((start or {}).get("skipped"), self.stepper)
         self.hook = InjectionHook(self.unwrapped, *meta.tokens.ids, data.injection_scale)
         other = derangement(len(data.val), seed + seeds.SHUFFLED_VECTORS) if len(data.val) > 1 else slice(None)
@@ -121,7 +144,9 @@ class AVTrainer:
     def _nll(self, batch: dict[str, torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
         """Summed NLL over the response tokens of `batch`, `vectors` [b, d] injected."""
         mask = batch["labels"] != IGNORE
-        return -response_logprobs(self.model, batch["input_ids"], batch["attention_mask"], mask, vectors, self.hook).sum()
+        return -response_logprobs(
+            self.model, batch["input_ids"], batch["attention_mask"], mask, vectors, self.hook
+        ).sum()
 
     def rows_per_step(self) -> int:
         return self.cfg.av_batch_size * self.cfg.av_grad_accum * self.acc.num_processes
@@ -130,7 +155,7 @@ class AVTrainer:
         """This process's micro-batches for optimizer step `step` (shard of the global window)."""
         b, a, p = self.cfg.av_batch_size, self.cfg.av_grad_accum, self.acc.num_processes
         window = row_stream(len(self.data.train), self.seed, step * self.rows_per_step(), self.rows_per_step())
-        return [window[(i * p + self.acc.process_index) * b:][:b] for i in range(a)]
+        return [window[(i * p + self.acc.process_index) * b :][:b] for i in range(a)]
 
     def train_step(self, step: int) -> dict[str, float]:
         micro = self._step_rows(step)
@@ -151,9 +176,15 @@ class AVTrainer:
             loss_sum += float(nll.detach())
         grad_norm, skipped = self.stepper()
         seen = sum(int(b["attention_mask"].sum()) for b in batches)
-        stats = self.acc.reduce(torch.tensor([loss_sum, total, seen], device=self.acc.device, dtype=torch.float64), "sum")
-        return {"av/loss": float(stats[0] / stats[1]), "tokens": float(stats[2]), "av/grad_norm": grad_norm,
-                "av/skipped_step": float(skipped)}
+        stats = self.acc.reduce(
+            torch.tensor([loss_sum, total, seen], device=self.acc.device, dtype=torch.float64), "sum"
+        )
+        return {
+            "av/loss": float(stats[0] / stats[1]),
+            "tokens": float(stats[2]),
+            "av/grad_norm": grad_norm,
+            "av/skipped_step": float(skipped),
+        }
 
     @torch.no_grad()
     def val_loss(self, vectors: torch.Tensor) -> float:
@@ -162,7 +193,7 @@ class AVTrainer:
         mine = rank_share(list(range(n)), self.acc)
         nll, count = 0.0, 0
         for start in range(0, len(mine), b):
-            rows = mine[start:start + b]
+            rows = mine[start : start + b]
             batch = self._batch(rows, self.data.val)
             nll += float(self._nll(batch, vectors[rows]))
             count += int((batch["labels"] != IGNORE).sum())
@@ -176,8 +207,10 @@ class AVTrainer:
         verbalizer = Verbalizer(self.unwrapped, self.tok, self.meta, self.data.injection_scale, self.cfg.max_new_tokens)
         samples = [s[0] for s in verbalizer.verbalize(val.vectors[:n], temperature=0.0)]
         contexts = val.columns.get("detokenized_text_truncated") or [""] * n
-        rows = [["…" + str(contexts[i])[-CONTEXT_TAIL_CHARS:], str(val.column("explanation")[i]), s.explanation or s.text]
-                for i, s in enumerate(samples)]
+        rows = [
+            ["…" + str(contexts[i])[-CONTEXT_TAIL_CHARS:], str(val.column("explanation")[i]), s.explanation or s.text]
+            for i, s in enumerate(samples)
+        ]
         fail = sum(s.failed for s in samples) / max(n, 1)
         return rows, metrics.non_latin_rate(s.text for s in samples), fail
 
@@ -204,7 +237,11 @@ class AVTrainer:
                 save_av(self.unwrapped, self.tok, self.meta, tmp / "av")
                 self.save_config(tmp)
 
-            state = {"cursor": step * self.rows_per_step(), "skipped": skip_counts(self.stepper), "fingerprint": self.fingerprint}
+            state = {
+                "cursor": step * self.rows_per_step(),
+                "skipped": skip_counts(self.stepper),
+                "fingerprint": self.fingerprint,
+            }
             self.last_checkpoint = save_checkpoint(self.root, step, write, state, self.stepper.saved())
         self.acc.wait_for_everyone()
 
@@ -217,8 +254,13 @@ class AVTrainer:
         self.model.train()
         # Throughput counts training steps only (not evals or saves): (tokens, seconds).
         window_loss, window, total = [], [0.0, 0.0], [0.0, 0.0]
-        bar = progress(range(start_step, steps), enabled=show_progress and self.acc.is_main_process,
-                       desc="train-av", initial=start_step, total=steps)
+        bar = progress(
+            range(start_step, steps),
+            enabled=show_progress and self.acc.is_main_process,
+            desc="train-av",
+            initial=start_step,
+            total=steps,
+        )
         for step in bar:
             t0 = time.time()
             stats = self.train_step(step)
@@ -227,9 +269,16 @@ class AVTrainer:
             window_loss.append(stats["av/loss"])
             done = step + 1
             if done % log_every == 0 or done == steps:
-                self.tracker.log({"av/loss": sum(window_loss) / len(window_loss), "av/lr": self.stepper.lr,
-                                  "av/tokens_per_s": window[0] / max(window[1], 1e-9), "av/grad_norm": stats["av/grad_norm"],
-                                  "av/skipped_step": stats["av/skipped_step"]}, done)
+                self.tracker.log(
+                    {
+                        "av/loss": sum(window_loss) / len(window_loss),
+                        "av/lr": self.stepper.lr,
+                        "av/tokens_per_s": window[0] / max(window[1], 1e-9),
+                        "av/grad_norm": stats["av/grad_norm"],
+                        "av/skipped_step": stats["av/skipped_step"],
+                    },
+                    done,
+                )
                 bar.set_postfix(loss=f"{window_loss[-1]:.3f}")
                 window_loss, window = [], [0.0, 0.0]
             self.tokens_per_s, self.train_s = total[0] / max(total[1], 1e-9), total[1]
@@ -266,10 +315,17 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     model = build_model(cfg, base_path, resume_from)
     d_model = model.get_input_embeddings().weight.shape[-1]
     data = load_data(cfg, tokenizer, d_model)
-    provenance = {"dataset": str(data.train.path), "dataset_id": data.train.meta.extra.get("dataset_id"),
-                  "steps": cfg.av.av_steps, "lr": cfg.av.av_lr, "batch_size": cfg.av.av_batch_size,
-                  "grad_accum": cfg.av.av_grad_accum, "seed": cfg.run.seed, "dtype": cfg.model.dtype,
-                  "explanation_format": claims.format_record(data.train.meta.extra)}
+    provenance = {
+        "dataset": str(data.train.path),
+        "dataset_id": data.train.meta.extra.get("dataset_id"),
+        "steps": cfg.av.av_steps,
+        "lr": cfg.av.av_lr,
+        "batch_size": cfg.av.av_batch_size,
+        "grad_accum": cfg.av.av_grad_accum,
+        "seed": cfg.run.seed,
+        "dtype": cfg.model.dtype,
+        "explanation_format": claims.format_record(data.train.meta.extra),
+    }
     meta = make_av_meta(data.train.meta, d_model, cfg.model.model, data.injection_scale, cfg.av.av_lora_r, provenance)
     model.to(acc.device)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.av.av_lr, weight_decay=0.0)
@@ -281,8 +337,22 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     model, optimizer = acc.prepare(model, optimizer)
     tracker = Tracker(cfg, "train-av", is_main=acc.is_main_process)
     tracker.forget_after(start_step)  # steps after the checkpoint are trained (and logged) again
-    trainer = AVTrainer(cfg.av, cfg.run.seed, acc, model, tokenizer, meta, data, optimizer, scheduler, tracker,
-                        cfg.output_dir / "av", cfg.save, state, fingerprint)
+    trainer = AVTrainer(
+        cfg.av,
+        cfg.run.seed,
+        acc,
+        model,
+        tokenizer,
+        meta,
+        data,
+        optimizer,
+        scheduler,
+        tracker,
+        cfg.output_dir / "av",
+        cfg.save,
+        state,
+        fingerprint,
+    )
     if start_step < cfg.av.av_steps:
         trainer.fit(start_step, cfg.logging.log_every, cfg.logging.progress)
     else:  # resumed a finished run: nothing to train, report and republish
@@ -290,14 +360,23 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
         trainer.evaluate(start_step)
     final = publish_final(trainer.last_checkpoint, cfg.output_dir / "av") if acc.is_main_process else None
     ev = trainer.last_eval
-    summary = {"val_loss": ev["av/val_loss"], "val_loss_shuffled": ev["av/val_loss_shuffled"],
-               "shuffle_gap": ev["av/shuffle_gap"], "val_loss_start": trainer.start_eval.get("av/val_loss"),
-               "shuffle_gap_start": trainer.start_eval.get("av/shuffle_gap"), "non_latin_rate": ev.get("av/non_latin_rate"),
-               "extraction_fail_rate": ev.get("av/extraction_fail_rate"),
-               "samples": [tuple(r) for r in ev.get("samples", [])[:3]], "checkpoint": str(final) if final else None,
-               "injection_scale": data.injection_scale, "tokens_per_s": trainer.tokens_per_s,
-               "train_s": round(trainer.train_s, 1),
-               "steps": cfg.av.av_steps, "resumed_from_step": start_step, "wall_s": round(time.time() - start, 1)}
+    summary = {
+        "val_loss": ev["av/val_loss"],
+        "val_loss_shuffled": ev["av/val_loss_shuffled"],
+        "shuffle_gap": ev["av/shuffle_gap"],
+        "val_loss_start": trainer.start_eval.get("av/val_loss"),
+        "shuffle_gap_start": trainer.start_eval.get("av/shuffle_gap"),
+        "non_latin_rate": ev.get("av/non_latin_rate"),
+        "extraction_fail_rate": ev.get("av/extraction_fail_rate"),
+        "samples": [tuple(r) for r in ev.get("samples", [])[:3]],
+        "checkpoint": str(final) if final else None,
+        "injection_scale": data.injection_scale,
+        "tokens_per_s": trainer.tokens_per_s,
+        "train_s": round(trainer.train_s, 1),
+        "steps": cfg.av.av_steps,
+        "resumed_from_step": start_step,
+        "wall_s": round(time.time() - start, 1),
+    }
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     tracker.finish()
     return summary
@@ -305,6 +384,7 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
 
 def describe(summary: dict[str, Any]) -> str:
     """A few readable lines: speed, val loss real vs shuffled (the evidence), three samples next to their teacher."""
+
     def num(key: str, fmt: str) -> str:
         return "-" if summary.get(key) is None else format(summary[key], fmt)
 

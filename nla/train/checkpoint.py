@@ -19,8 +19,9 @@ import shutil
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,14 +40,21 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 # Keys added after checkpoints were written, with the value those checkpoints trained with: a resume
 # compares a checkpoint that predates the key as if it had saved this value.
 IMPLIED_BY_OLDER_CHECKPOINTS = {"top_k": 50}  # transformers' generate applied top-50 before top_k was an option
-_MAY_CHANGE_ON_RESUME = re.compile(r"(_steps|_every|_val_rows)$|^(max_new_tokens|output_dir|resume|device|av_eval_at_start|rollout_engine|vllm_python|vllm_memory_gb)$")
+_MAY_CHANGE_ON_RESUME = re.compile(
+    r"(_steps|_every|_val_rows)$|^(max_new_tokens|output_dir|resume|device|av_eval_at_start|rollout_engine|vllm_python|vllm_memory_gb)$"
+)
 
 
 def training_fingerprint(cfg: NLAConfig, *sections: str, processes: int = 1, **extra: Any) -> dict[str, Any]:
     """What a checkpoint was trained with: the model, the seed, every key of `sections` (e.g. "ar")
     except run length and reporting, and `extra` (e.g. the dataset id). A resume compares it.
     Batch sizes count all `processes` (a run may resume on another process count, same global batch)."""
-    out: dict[str, Any] = {"model": cfg.model.model, "layer": cfg.model.layer, "dtype": cfg.model.dtype, "seed": cfg.run.seed}
+    out: dict[str, Any] = {
+        "model": cfg.model.model,
+        "layer": cfg.model.layer,
+        "dtype": cfg.model.dtype,
+        "seed": cfg.run.seed,
+    }
     for name in sections:
         for k, v in dataclasses.asdict(getattr(cfg, name)).items():
             if k.endswith("_batch_size"):
@@ -56,17 +64,30 @@ def training_fingerprint(cfg: NLAConfig, *sections: str, processes: int = 1, **e
     return {**out, **extra}
 
 
-def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], state: dict[str, Any],
-                    optimizers: dict[str, Any] | None = None, keep: int = 2) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    write: Callable[[Path], None],
+    state: dict[str, Any],
+    optimizers: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
     """`write(tmp_dir)` writes model files; we add training state and RNG, then rename into place."""
     root = Path(root)
     target = root / f"checkpoint-{step:06d}"
     with atomic_dir(target) as tmp, write_errors(target):
         write(tmp)
-        torch.save({"optimizers": {k: v.state_dict() for k, v in (optimizers or {}).items()},
-                    "torch_rng": torch.get_rng_state()}, tmp / "training_state.pt")
+        torch.save(
+            {
+                "optimizers": {k: v.state_dict() for k, v in (optimizers or {}).items()},
+                "torch_rng": torch.get_rng_state(),
+            },
+            tmp / "training_state.pt",
+        )
         extra = {"python_rng": _jsonable(random.getstate()), "numpy_rng": _jsonable(np.random.get_state())}
-        atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, "layout": LAYOUT, **state, "rng": extra}, indent=2))
+        atomic_write_text(
+            tmp / STATE_FILE, json.dumps({"step": step, "layout": LAYOUT, **state, "rng": extra}, indent=2)
+        )
     for old in sorted(list_checkpoints(root))[:-keep] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -106,8 +127,10 @@ def resolve_resume(resume: str, root: str | Path) -> Path | None:
         return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE}); pass a checkpoint-N folder, "
-                          "'auto' or 'never'.")
+        raise ConfigError(
+            f"--resume {resume}: not a complete checkpoint (no {STATE_FILE}); pass a checkpoint-N folder, "
+            "'auto' or 'never'."
+        )
     return path
 
 
@@ -121,9 +144,11 @@ def start_from(resume: str, root: str | Path, fingerprint: dict[str, Any], is_ma
         remove_stale_temps(root)
     existing = list_checkpoints(root)
     if resume == "never" and existing:
-        raise ConfigError(f"{root} already holds checkpoints up to step {_step(existing[-1])} from an earlier run; "
-                          "continue it with --resume auto, start over with --resume restart (moves them aside), "
-                          "or use another --output_dir.")
+        raise ConfigError(
+            f"{root} already holds checkpoints up to step {_step(existing[-1])} from an earlier run; "
+            "continue it with --resume auto, start over with --resume restart (moves them aside), "
+            "or use another --output_dir."
+        )
     if resume == "restart" and existing and is_main:
         aside = root / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         aside.mkdir(parents=True)
@@ -136,16 +161,20 @@ def start_from(resume: str, root: str | Path, fingerprint: dict[str, Any], is_ma
         return None
     state = json.loads((path / STATE_FILE).read_text())
     if state.get("layout") != LAYOUT:
-        raise ConfigError(f"{path} predates this version's checkpoint layout {LAYOUT} (its data order and optimizer "
-                          "names differ); start over with --resume restart, or finish it with the nla version that wrote it.")
+        raise ConfigError(
+            f"{path} predates this version's checkpoint layout {LAYOUT} (its data order and optimizer "
+            "names differ); start over with --resume restart, or finish it with the nla version that wrote it."
+        )
     saved = state.get("fingerprint")
     if saved is not None:
         saved = {**{k: v for k, v in IMPLIED_BY_OLDER_CHECKPOINTS.items() if k in fingerprint}, **saved}
         changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
         if changed:
             diffs = ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {fingerprint.get(k)!r})" for k in changed[:6])
-            raise ConfigError(f"{path} was trained with other settings: {diffs}; put them back to continue it, or "
-                              "start over with --resume restart (or another --output_dir).")
+            raise ConfigError(
+                f"{path} was trained with other settings: {diffs}; put them back to continue it, or "
+                "start over with --resume restart (or another --output_dir)."
+            )
     print(f"[resume] resuming from {path} (step {state.get('step')})", file=sys.stderr)
     return path
 

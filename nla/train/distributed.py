@@ -23,7 +23,7 @@ def make_accelerator(device: str = "auto"):
 
 def rank_share(rows, accelerator):
     """This process's share of `rows` (a list or tensor): every num_processes-th row, from its rank."""
-    return rows[accelerator.process_index::accelerator.num_processes]
+    return rows[accelerator.process_index :: accelerator.num_processes]
 
 
 def mean_over_processes(values: dict[str, float], accelerator) -> dict[str, float]:

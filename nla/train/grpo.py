@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,10 +90,24 @@ class StepOut:
 class JointTrainer:
     """GRPO on the AV + supervised AR, on one shared PEFT base model."""
 
-    def __init__(self, model: nn.Module, verbalizer: Verbalizer, ar: ARModel, tokenizer, cfg: RLConfig,
-                 mse_scale: float, target_var: float, av_opt: torch.optim.Optimizer, ar_opt: torch.optim.Optimizer,
-                 av_sched=None, ar_sched=None, accelerator=None, max_grad_norm: float = 1.0,
-                 sft_ar: ARModel | None = None, engine=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        verbalizer: Verbalizer,
+        ar: ARModel,
+        tokenizer,
+        cfg: RLConfig,
+        mse_scale: float,
+        target_var: float,
+        av_opt: torch.optim.Optimizer,
+        ar_opt: torch.optim.Optimizer,
+        av_sched=None,
+        ar_sched=None,
+        accelerator=None,
+        max_grad_norm: float = 1.0,
+        sft_ar: ARModel | None = None,
+        engine=None,
+    ):
         self.model, self.verbalizer, self.ar, self.tokenizer, self.cfg = model, verbalizer, ar, tokenizer, cfg
         self.sft_ar = sft_ar  # frozen SFT AR (adapter AR_REF): scores held-out explanations RL never trained it on
         self.mse_scale, self.target_var = mse_scale, target_var
@@ -104,9 +119,18 @@ class JointTrainer:
         self.av_version = 0  # AV updates so far: an engine holding another version gets the new weights
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, vectors: torch.Tensor, contexts: list, seed: int, start: dict[str, Any], tracker: Tracker,
-            save: Callable[[int, dict[str, Any]], None], val: HeldOut | None = None, log_every: int = 1,
-            show_progress: bool = True) -> list[dict[str, float]]:
+    def fit(
+        self,
+        vectors: torch.Tensor,
+        contexts: list,
+        seed: int,
+        start: dict[str, Any],
+        tracker: Tracker,
+        save: Callable[[int, dict[str, Any]], None],
+        val: HeldOut | None = None,
+        log_every: int = 1,
+        show_progress: bool = True,
+    ) -> list[dict[str, float]]:
         """Steps from `start` (step, cursor) to rl_steps on the rows `vectors` [N, d] (raw, every process
         the same; each takes its share of every global batch from `loop.row_stream`). Logs every
         `log_every` steps, a samples table every rl_table_every (each claim marked against the
@@ -118,8 +142,9 @@ class JointTrainer:
         history = []
         first = int(start["step"])
         is_main = acc is None or acc.is_main_process
-        bar = progress(range(first, rc.rl_steps), enabled=is_main and show_progress, desc="rl", initial=first,
-                       total=rc.rl_steps)
+        bar = progress(
+            range(first, rc.rl_steps), enabled=is_main and show_progress, desc="rl", initial=first, total=rc.rl_steps
+        )
         for step in bar:
             rows = row_stream(len(vectors), seed, cursor, global_batch)
             rows = torch.tensor(rank_share(rows, acc) if acc is not None else rows)
@@ -190,8 +215,9 @@ class JointTrainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self, vectors: torch.Tensor, seed: int,
-                 contexts: list | None = None) -> tuple[dict[str, float], list[str | None]]:
+    def evaluate(
+        self, vectors: torch.Tensor, seed: int, contexts: list | None = None
+    ) -> tuple[dict[str, float], list[str | None]]:
         """A step's rollout, score and rewards on held-out vectors, with no update -> (`rl/val_*`
         metrics, the explanations, G per vector in order).
 
@@ -205,8 +231,11 @@ class JointTrainer:
             ro = self.rollout(vectors, contexts)
             sc = self.score(ro, train=False)
             rw = self.reward_terms(ro, sc)
-            m = {"reward_mean": float(rw.total.mean()), "extraction_fail_rate": float(ro.failed.float().mean()),
-                 **self.reconstruction_metrics(ro, sc)}
+            m = {
+                "reward_mean": float(rw.total.mean()),
+                "extraction_fail_rate": float(ro.failed.float().mean()),
+                **self.reconstruction_metrics(ro, sc),
+            }
             if self.sft_ar is not None:  # the same explanations read by the SFT AR: the AV's own change
                 m["fve_nrm_sft_ar"] = self.sft_ar_fve(ro, sc.usable)
         return {f"rl/val_{k}": v for k, v in m.items()}, ro.explanations  # broken ones too: the claims report them
@@ -241,10 +270,18 @@ class JointTrainer:
         if self.cfg.claim_reward:
             if contexts is None or len(contexts) != len(vectors):
                 raise ValueError("claim_reward needs each vector's context.")
-            truth = torch.tensor([claims.truth_share(self.verbalizer.format, e, contexts[i // g])
-                                  for i, e in enumerate(explanations)])
-        return RolloutOut(ro, vectors.repeat_interleave(g, 0).float().cpu(), injected.repeat_interleave(g, 0).float().cpu(),
-                          explanations, failed, n_tokens, truth)
+            truth = torch.tensor(
+                [claims.truth_share(self.verbalizer.format, e, contexts[i // g]) for i, e in enumerate(explanations)]
+            )
+        return RolloutOut(
+            ro,
+            vectors.repeat_interleave(g, 0).float().cpu(),
+            injected.repeat_interleave(g, 0).float().cpu(),
+            explanations,
+            failed,
+            n_tokens,
+            truth,
+        )
 
     def score(self, ro: RolloutOut, train: bool = True) -> ScoreOut:
         """AR forward with grad (its graph serves update_ar, so the AR runs once per step)."""
@@ -266,9 +303,19 @@ class JointTrainer:
 
     def reward_terms(self, ro: RolloutOut, sc: ScoreOut) -> rewards.Rewards:
         return rewards.compute_rewards(
-            sc.mse, ro.failed | sc.over_length, ro.n_tokens, sc.pred, ro.targets,
-            kind=self.cfg.reward, length_coef=self.cfg.length_penalty, contrastive_coef=self.cfg.contrastive_coef,
-            scale=self.mse_scale, group_size=self.cfg.group_size, claim_truth=ro.truth, claim_coef=self.cfg.claim_reward)
+            sc.mse,
+            ro.failed | sc.over_length,
+            ro.n_tokens,
+            sc.pred,
+            ro.targets,
+            kind=self.cfg.reward,
+            length_coef=self.cfg.length_penalty,
+            contrastive_coef=self.cfg.contrastive_coef,
+            scale=self.mse_scale,
+            group_size=self.cfg.group_size,
+            claim_truth=ro.truth,
+            claim_coef=self.cfg.claim_reward,
+        )
 
     def update_av(self, ro: RolloutOut, advantages: torch.Tensor) -> AVUpdateOut:
         r = ro.rollout
@@ -287,8 +334,9 @@ class JointTrainer:
         # One update per rollout (on-policy): old log-probs are the current ones, detached. The
         # ratio is 1 and the clip inactive, but the gradient is the GRPO gradient; the clip
         # matters if more than one update is ever taken on the same rollouts.
-        policy_loss, clip_fraction = rewards.clipped_policy_loss(lp, lp.detach(), advantages.to(device), r.response_mask,
-                                                                 self.cfg.clip_eps)
+        policy_loss, clip_fraction = rewards.clipped_policy_loss(
+            lp, lp.detach(), advantages.to(device), r.response_mask, self.cfg.clip_eps
+        )
         kl = rewards.k3_kl(lp, ref_lp, r.response_mask) if ref_lp is not None else torch.zeros((), device=device)
         loss = policy_loss + self.cfg.kl_coef * kl
         loss.backward()
@@ -298,8 +346,15 @@ class JointTrainer:
         engine_k3 = float("nan")
         if r.engine_logprobs is not None:  # ~0 when the engine sampled with the trainer's weights and prompt
             engine_k3 = float(rewards.k3_kl(r.engine_logprobs, lp.detach(), r.response_mask))
-        return AVUpdateOut(float(loss.detach()), float(policy_loss.detach()), float(kl.detach()), float(clip_fraction),
-                           grad_norm, skipped, engine_k3)
+        return AVUpdateOut(
+            float(loss.detach()),
+            float(policy_loss.detach()),
+            float(kl.detach()),
+            float(clip_fraction),
+            grad_norm,
+            skipped,
+            engine_k3,
+        )
 
     # ------------------------------------------------------------------ helpers
     def reconstruction_metrics(self, ro: RolloutOut, sc: ScoreOut) -> dict[str, float]:
@@ -318,8 +373,9 @@ class JointTrainer:
         sync_gradients(params, self.accelerator)
         return float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
 
-    def step_metrics(self, ro: RolloutOut, sc: ScoreOut, rw: rewards.Rewards, av: AVUpdateOut,
-                     ar_grad_norm: float, ar_skipped: bool) -> StepOut:
+    def step_metrics(
+        self, ro: RolloutOut, sc: ScoreOut, rw: rewards.Rewards, av: AVUpdateOut, ar_grad_norm: float, ar_skipped: bool
+    ) -> StepOut:
         ok = sc.usable
         n_groups = ro.targets.shape[0] // self.cfg.group_size
         m: dict[str, float] = {
@@ -328,9 +384,14 @@ class JointTrainer:
             "rl/extraction_fail_rate": float(ro.failed.float().mean()),
             "rl/response_len": float(ro.n_tokens.float().mean()),
             "rl/non_latin_rate": metrics.non_latin_rate(ro.rollout.texts),
-            "rl/kl": av.kl, "rl/policy_loss": av.policy_loss, "rl/clip_fraction": av.clip_fraction,
-            "rl/av_grad_norm": av.grad_norm, "rl/av_skipped_step": float(av.skipped),
-            "ar/loss": float(sc.loss.detach()), "ar/grad_norm": ar_grad_norm, "ar/skipped_step": float(ar_skipped),
+            "rl/kl": av.kl,
+            "rl/policy_loss": av.policy_loss,
+            "rl/clip_fraction": av.clip_fraction,
+            "rl/av_grad_norm": av.grad_norm,
+            "rl/av_skipped_step": float(av.skipped),
+            "ar/loss": float(sc.loss.detach()),
+            "ar/grad_norm": ar_grad_norm,
+            "ar/skipped_step": float(ar_skipped),
         }
         m |= {f"rl/{k}": v for k, v in self.reconstruction_metrics(ro, sc).items()}
         m["rl/n_groups"] = float(n_groups)
@@ -339,8 +400,10 @@ class JointTrainer:
         if self.engine.name != "hf":
             m["rl/engine_k3"] = av.engine_k3
         fve = metrics.fve_from_mse(sc.mse, self.target_var)
-        samples = [(i // self.cfg.group_size, e or FAILED, float(fve[i]) if ok[i] else float("nan"))
-                   for i, e in enumerate(ro.explanations)]
+        samples = [
+            (i // self.cfg.group_size, e or FAILED, float(fve[i]) if ok[i] else float("nan"))
+            for i, e in enumerate(ro.explanations)
+        ]
         return StepOut(m, samples)
 
 
@@ -363,7 +426,7 @@ def sync_gradients(params: list[nn.Parameter], accelerator) -> None:
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
         offset += n
 
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -94,8 +95,10 @@ class OptimizerStep:
             self.skipped += 1
             self.consecutive += 1
             if self.consecutive >= MAX_CONSECUTIVE_SKIPS:
-                raise DivergedError(f"{MAX_CONSECUTIVE_SKIPS} {self.name.upper()} steps in a row had non-finite gradients; "
-                                   f"lower the {self.name.upper()} learning rate or use --dtype float32.")
+                raise DivergedError(
+                    f"{MAX_CONSECUTIVE_SKIPS} {self.name.upper()} steps in a row had non-finite gradients; "
+                    f"lower the {self.name.upper()} learning rate or use --dtype float32."
+                )
         else:
             self.optimizer.step()
             self.consecutive = 0
