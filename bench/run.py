@@ -14,9 +14,10 @@ Prints one line per measurement and, last, one JSON object. Keys:
   av_sft_prefix_speedup     that step without / with the shared prompt prefix (the prompt before the
                             marker computed once per batch), median of interleaved pairs
   rl_step_s                 one JointTrainer.step on n vectors x G samples (median)
-  rl_overhead_ratio         that step / the sum of its parts timed alone on the same state and seed
-                            (rollout generate + AV forward/backward + AR forward/backward, + the
-                            reference forward when kl_coef > 0)
+  rl_overhead_ratio         that step / the sum of its parts, each one of JointTrainer's own phase
+                            methods called alone on the same state and seed (rollout; AV forward and
+                            backward; AR forward and backward; the reference forward when kl_coef > 0):
+                            what the step adds on top (rewards, optimizer steps, metrics) stays small
   rollout_tokens_per_s_hf / _vllm   (--vllm, or `make vllm` done) G samples per vector at the RL
                             temperature from the same AV and vectors, generated tokens/s, median of
                             interleaved pairs (A B B A ...); engine start-up excluded
@@ -46,24 +47,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+from nla.core import templates
+from nla.core.config import RLConfig
+from nla.core.sidecar import Meta
+from nla.data.corpus import BUILTIN, iter_documents
+from nla.data.extract import choose_marker
+from nla.models.ar import ARModel, build_ar, identity_head
+from nla.models.av import IGNORE, Verbalizer, build_generation_batch, build_sft_batch, prompt_ids, response_logprobs
+from nla.models.backbone import block_output, decoder_layers
+from nla.models.injection import InjectionHook
+from nla.models.lora import lora_config
+from nla.models.sources import load_causal_lm, load_tokenizer, resolve_model
+from nla.train.grpo import AR, AV, AV_REF, JointTrainer, adapter_parameters
 
-from nla.core import templates  # noqa: E402
-from nla.core.config import RLConfig  # noqa: E402
-from nla.core.sidecar import Meta  # noqa: E402
-from nla.data.corpus import BUILTIN, iter_documents  # noqa: E402
-from nla.data.extract import choose_marker  # noqa: E402
-from nla.models.ar import ARModel, build_ar, identity_head  # noqa: E402
-from nla.models.av import Verbalizer, build_generation_batch, build_sft_batch, prompt_ids, response_logprobs  # noqa: E402
-from nla.models.backbone import block_output, decoder_layers  # noqa: E402
-from nla.models.injection import InjectionHook  # noqa: E402
-from nla.models.lora import lora_config  # noqa: E402
-from nla.models.sources import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
-from nla.train.grpo import AR, AV, AV_REF, JointTrainer, adapter_parameters  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # where --append finds docs/benchmarks.md
 
 TARGETS = {"injection_overhead_ratio": 1.03, "rl_overhead_ratio": 1.3}
 EXPLANATION = "a Python tutorial; defining a function; the next line is its body"
@@ -228,8 +227,8 @@ def hook_seconds_per_generate(
     with torch.no_grad():
         prompt_embeds, step_embeds = emb(ids), emb(ids[:, -1:])
     hook.set_vectors(vectors)
-    prompt = min(timed(lambda: hook._hook(emb, (ids,), {}, prompt_embeds)) for _ in range(repeats))
-    step = min(timed(lambda: hook._hook(emb, (ids[:, -1:],), {}, step_embeds)) for _ in range(repeats))
+    prompt = min(timed(lambda: hook.on_embeddings(emb, (ids,), {}, prompt_embeds)) for _ in range(repeats))
+    step = min(timed(lambda: hook.on_embeddings(emb, (ids[:, -1:],), {}, step_embeds)) for _ in range(repeats))
     return prompt + (new_tokens - 1) * step
 
 
@@ -278,7 +277,7 @@ def bench_av_sft(ctx: Context, s: Sizes) -> dict[str, float]:
     responses = [templates.av_response(f"{EXPLANATION}, case {i}") for i in range(s.train_batch)]
     batch = build_sft_batch(ctx.tokenizer, prompt_ids(ctx.tokenizer, ctx.meta), responses)
     vectors = torch.randn(s.train_batch, ctx.d_model)
-    response = batch["labels"] != -100
+    response = batch["labels"] != IGNORE
 
     def step(share_prefix: bool = True) -> None:
         opt.zero_grad(set_to_none=True)
@@ -318,37 +317,23 @@ def joint_setup(ctx: Context, s: Sizes) -> tuple[JointTrainer, Any, Verbalizer, 
     return trainer, model, verbalizer, ar, cfg
 
 
-def rl_parts(
-    model, verbalizer: Verbalizer, ar: ARModel, tokenizer, vectors: torch.Tensor, cfg: RLConfig, seed: int
-) -> dict[str, float]:
-    """The step's essential work timed alone, on the same state and seed (no optimizer steps)."""
-    g, seconds = cfg.group_size, {}
-    model.set_adapter(AV)
-    model.eval()
+def rl_parts(trainer: JointTrainer, vectors: torch.Tensor, seed: int) -> dict[str, float]:
+    """The step's essential work, each of the trainer's own phases called alone on the same state and
+    seed, with no optimizer step: the rollout (sampling and parsing), the reference forward (when
+    kl_coef > 0), the AV's forward and backward, the AR's forward and backward."""
+    seconds = {}
     torch.manual_seed(seed)
     start = time.perf_counter()
-    ro = verbalizer.rollout(vectors, g, cfg.temperature, cfg.max_response_tokens)
+    ro = trainer.rollout(vectors)
     seconds["rollout"] = time.perf_counter() - start
-    rows = vectors.repeat_interleave(g, 0)
-    lp_args = (ro.sequences, ro.attention_mask, ro.response_mask, rows, verbalizer.hook)
-    if cfg.kl_coef > 0:
-        model.set_adapter(AV_REF)
+    if trainer.cfg.kl_coef > 0:
         with torch.no_grad():
-            seconds["av_ref_forward"] = timed(lambda: response_logprobs(model, *lp_args))
-    model.set_adapter(AV)
-    model.train()
-    seconds["av_forward_backward"] = timed(lambda: response_logprobs(model, *lp_args).sum().backward())
-    model.set_adapter(AR)
-    ar.train()
-    texts = [templates.extract_explanation(t) or "" for t in ro.texts]
-
-    def ar_fb() -> None:
-        inputs = ar.encode(texts, tokenizer)
-        (ar(inputs.input_ids, inputs.attention_mask) - rows.float()).pow(2).mean().backward()
-
-    seconds["ar_forward_backward"] = timed(ar_fb)
-    model.zero_grad(set_to_none=True)
-    ar.head.zero_grad(set_to_none=True)
+            seconds["av_ref_forward"] = timed(lambda: trainer.av_logprobs(ro, AV_REF))
+    trainer.model.train()
+    seconds["av_forward_backward"] = timed(lambda: trainer.av_logprobs(ro).sum().backward())
+    seconds["ar_forward_backward"] = timed(lambda: trainer.score(ro).loss.backward())
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.ar.head.zero_grad(set_to_none=True)
     return seconds
 
 
@@ -421,11 +406,11 @@ def bench_engines(ctx: Context, s: Sizes, vllm_python: str) -> dict[str, float]:
 
 def bench_rl(ctx: Context, s: Sizes) -> dict[str, float]:
     """Per repeat: the parts alone, then one JointTrainer.step from the same state and seed."""
-    trainer, model, verbalizer, ar, cfg = joint_setup(ctx, s)
+    trainer = joint_setup(ctx, s)[0]
     vectors = torch.randn(s.rl_n, ctx.d_model, generator=torch.Generator().manual_seed(1)) * ctx.scale
     steps, sums, parts = [], [], []
     for r in range(s.rl_repeats):
-        p = rl_parts(model, verbalizer, ar, ctx.tokenizer, vectors, cfg, seed=100 + r)
+        p = rl_parts(trainer, vectors, seed=100 + r)
         torch.manual_seed(100 + r)
         step_s = timed(lambda: trainer.step(vectors))
         if r == 0 and s.rl_repeats > 1:

@@ -35,7 +35,7 @@ from nla.models.sources import (
     damaged,
     load_adapter,
     load_truncated_backbone,
-    lora_config,
+    saved_lora_config,
     unreadable_weights,
 )
 
@@ -328,7 +328,7 @@ def attach_to_shared_base(
             f"{directory} is a full-weight AR; only LoRA ARs can share a base model (use load_ar instead)."
         )
     meta.verify(tokenizer, d_model=text_config(model.config).hidden_size, where=str(directory / MODEL_META))
-    config = lora_config(directory)
+    config = saved_lora_config(directory)
     config.layers_to_transform, config.inference_mode = list(range(meta.layer_index + 1)), not trainable
     if isinstance(model, PeftModel):
         model.add_adapter(adapter_name, config)

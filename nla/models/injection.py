@@ -159,7 +159,7 @@ class InjectionHook:
     def attach(self) -> InjectionHook:
         if self._handle is None:  # attaching twice would inject twice per call and double-count
             module = self.model.get_input_embeddings()
-            self._handle = module.register_forward_hook(self._hook, with_kwargs=True)
+            self._handle = module.register_forward_hook(self.on_embeddings, with_kwargs=True)
         return self
 
     def remove(self) -> None:
@@ -177,7 +177,9 @@ class InjectionHook:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+    def on_embeddings(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        """The forward hook itself (public so a benchmark can time its own cost): the embedding
+        output with each marker row replaced, or None when the call has no marker."""
         self.calls += 1
         input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("input"))
         if input_ids is None or input_ids.dim() != 2:

@@ -296,7 +296,7 @@ def load_adapter(base, directory: str | Path, **kw):
         raise damaged(Path(directory) / "adapter_model.safetensors", err) from None
 
 
-def lora_config(directory: str | Path):
+def saved_lora_config(directory: str | Path):
     """The LoRA config saved in an adapter folder."""
     from peft import LoraConfig
 

@@ -317,20 +317,24 @@ class JointTrainer:
             claim_coef=self.cfg.claim_reward,
         )
 
+    def av_logprobs(self, ro: RolloutOut, adapter: str = AV) -> torch.Tensor:
+        """Per-token log-probs of the rollouts' responses under one adapter (AV, or AV_REF for the KL
+        term), with the vectors the AV saw injected; the caller picks grad or no grad."""
+        r = ro.rollout
+        self.model.set_adapter(adapter)
+        vecs = ro.injected.to(r.sequences.device)
+        return response_logprobs(self.model, r.sequences, r.attention_mask, r.response_mask, vecs, self.verbalizer.hook)
+
     def update_av(self, ro: RolloutOut, advantages: torch.Tensor) -> AVUpdateOut:
         r = ro.rollout
         device = r.sequences.device
-        vecs = ro.injected.to(device)
-        hook = self.verbalizer.hook
         ref_lp = None
         if self.cfg.kl_coef > 0:
-            self.model.set_adapter(AV_REF)
             with torch.no_grad():
-                ref_lp = response_logprobs(self.model, r.sequences, r.attention_mask, r.response_mask, vecs, hook)
-        self.model.set_adapter(AV)
+                ref_lp = self.av_logprobs(ro, AV_REF)
         self.model.train()
         self.av_opt.zero_grad(set_to_none=True)
-        lp = response_logprobs(self.model, r.sequences, r.attention_mask, r.response_mask, vecs, hook)
+        lp = self.av_logprobs(ro)
         # One update per rollout (on-policy): old log-probs are the current ones, detached. The
         # ratio is 1 and the clip inactive, but the gradient is the GRPO gradient; the clip
         # matters if more than one update is ever taken on the same rollouts.
