@@ -314,11 +314,34 @@ def test_bad_input_is_one_line_with_the_fix(
     rc = main(filled)
     err = capsys.readouterr().err.strip().splitlines()
     message = [line for line in err if line.startswith("nla ")]
-    assert rc == 2 and len(message) == 1, err[-5:]
+    assert rc == 2 and len(message) == 1 and err[-1] == message[0], err[-5:]  # one line, nothing after it
     assert fragment in message[0] and "Traceback" not in "\n".join(err), message
     assert "sk-abcdefghijklmnop" not in message[0]  # a pasted key is never echoed
     for done in tmp_path.rglob("final"):  # nothing that looks complete was written
         raise AssertionError(f"{done} written by a failing run")
+
+
+def test_an_unreachable_hub_is_one_line_naming_the_model(tmp_path):
+    """--allow_hub with no hub to reach: transformers' two-line message (whose last line does not name
+    the model) becomes one line with the model and the fix. A subprocess, since the hub library reads
+    HF_HUB_OFFLINE when imported."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "WANDB_MODE": "disabled"}
+    args = ["datagen", "--config", SMOKE, "--model", "nla-test/no-such-model", "--allow_hub", "true"]
+    out = subprocess.run(
+        [sys.executable, "-m", "nla", *args, "--output_dir", str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and err[-1].startswith("nla datagen: error:"), err[-5:]
+    assert "'nla-test/no-such-model'" in err[-1] and "--model DIR" in err[-1], err[-1]
+    assert "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize("damaged_file", ["value_head.safetensors", "adapter_model.safetensors"])

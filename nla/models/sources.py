@@ -303,6 +303,20 @@ def saved_lora_config(directory: str | Path):
     return LoraConfig.from_pretrained(str(directory))
 
 
+def load_error(what: str, path: str, err: OSError) -> ModelError:
+    """One line naming the model and the fix for a failed transformers load (whose own message
+    spans lines and, for an unreachable hub, does not name the model)."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    if Path(path).expanduser().exists():
+        fix = "is it a complete model folder (config.json, weights, tokenizer files)?"
+    else:
+        fix = (
+            f"{path!r} is read as a hub id: check the id and the network (HF_ENDPOINT, a proxy, HF_HUB_OFFLINE), "
+            "or download it once and pass its folder with --model DIR."
+        )
+    return ModelError(f"could not load {what} from {path!r}: {first} Fix: {fix}")
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -312,7 +326,10 @@ def pick_device(name: str = "auto") -> torch.device:
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise load_error("a tokenizer", path, err) from None
     if tok.pad_token_id is None:
         # pad == eos is common on small chat models; we always pass attention masks, so this is safe.
         tok.pad_token = tok.eos_token
@@ -327,7 +344,7 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
             path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **kw
         )
     except OSError as err:
-        raise ModelError(f"Could not load a causal LM from {path!r}: {err}") from None
+        raise load_error("a causal LM", path, err) from None
 
 
 @contextlib.contextmanager
@@ -360,7 +377,10 @@ def load_truncated_backbone(
     """
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise load_error("the AR's config", path, err) from None
     text = text_config(config)  # multimodal models: truncate the language model, keep the rest as is
     n_layers = text.num_hidden_layers
     if layer is not None:
@@ -380,7 +400,7 @@ def load_truncated_backbone(
                 output_loading_info=True,
             )
     except OSError as err:
-        raise ModelError(f"Could not load the AR backbone from {path!r}: {err}") from None
+        raise load_error("the AR backbone", path, err) from None
     # saved ARs have no final norm (`norm.*`, or `language_model.norm.*` inside a multimodal model)
     missing = [k for k in info.get("missing_keys", []) if not k.startswith(("norm.", "language_model.norm."))]
     if missing:
