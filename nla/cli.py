@@ -67,25 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nla {stage}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # the file system said no: name the file and what to do
+        from nla.core.io import describe_os_error
+
         if debug:
             raise
         print(f"nla {stage}: error: {describe_os_error(err)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 2
-
-
-def describe_os_error(err: OSError) -> str:
-    import errno
-
-    what = f"{err.strerror or err}: {err.filename}" if err.filename else str(err)
-    hints = {
-        errno.ENOSPC: "the disk is full: free space or point --output_dir/--data_dir elsewhere (complete checkpoints are kept)",
-        errno.EACCES: "no permission: choose an --output_dir you can write to",
-        errno.EROFS: "read-only file system: choose an --output_dir you can write to",
-        errno.ENOTDIR: "a path that must be a folder is a file: choose another --output_dir",
-        errno.EEXIST: "a path that must be a folder is a file: choose another --output_dir",
-    }
-    hint = hints.get(err.errno)
-    return f"{what}; {hint}" if hint else what
 
 
 if __name__ == "__main__":

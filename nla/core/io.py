@@ -124,3 +124,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def describe_os_error(err: OSError) -> str:
+    """The one description of a file-system failure (the CLI prints it): the file and what to do.
+    Writers that fail some other way on a full disk are turned into an OSError by `write_errors`."""
+    what = f"{err.strerror or err}: {err.filename}" if err.filename else str(err)
+    hints = {
+        errno.ENOSPC: "the disk is full: free space or point --output_dir/--data_dir elsewhere, then rerun "
+        "(finished datagen chunks and complete checkpoints are kept)",
+        errno.EACCES: "no permission: choose an --output_dir you can write to",
+        errno.EROFS: "read-only file system: choose an --output_dir you can write to",
+        errno.ENOTDIR: "a path that must be a folder is a file: choose another --output_dir",
+        errno.EEXIST: "a path that must be a folder is a file: choose another --output_dir",
+    }
+    hint = hints.get(err.errno)
+    return f"{what}; {hint}" if hint else what

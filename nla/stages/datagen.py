@@ -20,12 +20,9 @@ neither finished chunks nor cached teacher calls.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,20 +81,6 @@ def resolve_layer(cfg: NLAConfig, n_layers: int) -> int:
     return layer
 
 
-@contextlib.contextmanager
-def disk_errors(work: Path) -> Iterator[None]:
-    """Turn a full disk into one line saying what to do; atomic writes left no partial file."""
-    try:
-        yield
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise
-        raise DatagenError(
-            f"disk full while writing {err.filename or 'the datasets'}: free space or pass --data_dir "
-            f"on another disk, then rerun (finished chunks in {work} are kept)."
-        ) from None
-
-
 def _prepare(cfg: NLAConfig, state, work: Path, teacher: Teacher | None):
     """Everything that can fail before the extraction, checked before it: the model and tokenizer,
     the layer, the chat template, the teacher (main process) -> (model, tokenizer, layer, teacher).
@@ -144,26 +127,23 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
             **({"predict_next": True} if predict_next else {}),
         },
     )
-    with disk_errors(work):
-        scan = _extract(cfg, tok, model, layer, store, state)
-        if scan is None:  # a non-main process: its chunks are on disk, the main process does the rest
-            return {}
-        spec = choose_marker(tok, scan.seen_chars, scan.seen_ids)
-        rows, vectors = scan.rows, scan.rows.matrix()
-        splits = [split_of(cfg.run.seed, d, cfg.data.split_weights) for d in rows.doc_id]
-        check_split_documents(rows.doc_id, splits, cfg.data.split_weights)  # before any teacher call
-        need = [i for i, s in enumerate(splits) if s in TEACHER_SPLITS]  # RL rows get no explanation
-        tails = [rows.context[i][-cfg.teacher.teacher_context_chars :] for i in need]
-        explained = explain(teacher, tails, TeacherCache(work / "teacher_cache.jsonl"), cfg.logging.progress)
-        explanation: list[str | None] = [None] * len(rows)
-        for i, e in zip(need, explained.explanations):
-            explanation[i] = (
-                e if e is None or fmt is None else fmt.with_facts(e, Row(rows.context[i], rows.next_token[i]))
-            )
-        check_teacher_answers(teacher, explained, [splits[i] for i in need], cfg.teacher.teacher_malformed_warn)
-        norms = norm_stats(vectors)
-        extra = _meta_extra(cfg, store, teacher, explained, norms)
-        counts = _write_splits(cfg.data_dir, rows, vectors, splits, explanation, spec, layer, cfg.model.model, extra)
+    scan = _extract(cfg, tok, model, layer, store, state)
+    if scan is None:  # a non-main process: its chunks are on disk, the main process does the rest
+        return {}
+    spec = choose_marker(tok, scan.seen_chars, scan.seen_ids)
+    rows, vectors = scan.rows, scan.rows.matrix()
+    splits = [split_of(cfg.run.seed, d, cfg.data.split_weights) for d in rows.doc_id]
+    check_split_documents(rows.doc_id, splits, cfg.data.split_weights)  # before any teacher call
+    need = [i for i, s in enumerate(splits) if s in TEACHER_SPLITS]  # RL rows get no explanation
+    tails = [rows.context[i][-cfg.teacher.teacher_context_chars :] for i in need]
+    explained = explain(teacher, tails, TeacherCache(work / "teacher_cache.jsonl"), cfg.logging.progress)
+    explanation: list[str | None] = [None] * len(rows)
+    for i, e in zip(need, explained.explanations):
+        explanation[i] = e if e is None or fmt is None else fmt.with_facts(e, Row(rows.context[i], rows.next_token[i]))
+    check_teacher_answers(teacher, explained, [splits[i] for i in need], cfg.teacher.teacher_malformed_warn)
+    norms = norm_stats(vectors)
+    extra = _meta_extra(cfg, store, teacher, explained, norms)
+    counts = _write_splits(cfg.data_dir, rows, vectors, splits, explanation, spec, layer, cfg.model.model, extra)
     samples = [(rows.context[i][-TAIL_CHARS:], explanation[i]) for i in need if explanation[i] is not None][:3]
     result = {
         "rows": counts,
