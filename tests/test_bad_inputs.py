@@ -176,7 +176,7 @@ CASES = [
         "rows",
     ),
     ("max_docs zero", ["datagen", "--config", SMOKE, "--max_docs", "0"], "max_docs"),
-    ("negative temperature", ["rl", "--config", SMOKE, "--temperature", "-1"], "temperature"),
+    ("negative temperature", ["rl", "--config", SMOKE, "--rl_temperature", "-1"], "temperature"),
     (
         "negative verbalize temperature",
         ["verbalize", "--config", SMOKE, "--text", "x", "--verbalize_temperature", "-1"],
@@ -194,8 +194,8 @@ CASES = [
         ["datagen", "--config", SMOKE, "--model", "{model}", "--corpus", "hf:x:y", "--output_dir", "{tmp}/hf"],
         "--allow_hub true",
     ),
-    ("group size 1", ["rl", "--config", SMOKE, "--group_size", "1"], "group_size"),
-    ("unknown rollout engine", ["rl", "--config", SMOKE, "--rollout_engine", "sglang"], "'hf' or 'vllm'"),
+    ("group size 1", ["rl", "--config", SMOKE, "--rl_group_size", "1"], "group_size"),
+    ("unknown rollout engine", ["rl", "--config", SMOKE, "--rl_rollout_engine", "sglang"], "'hf' or 'vllm'"),
     ("negative lr", ["train-ar", "--config", SMOKE, "--ar_lr", "-1"], "ar_lr"),
     ("verbalize without input", ["verbalize", "--config", SMOKE, "--checkpoint", "{tmp}"], "exactly one input"),
     (
@@ -203,7 +203,7 @@ CASES = [
         ["verbalize", "--config", SMOKE, "--checkpoint", "{tmp}", "--text", "x", "--vectors", "{tmp}/v.npy"],
         "exactly one input",
     ),
-    ("eval without checkpoint", ["eval", "--config", SMOKE, "--output_dir", "{tmp}/nowhere"], "--av DIR"),
+    ("eval without checkpoint", ["eval", "--config", SMOKE, "--output_dir", "{tmp}/nowhere"], "--av_checkpoint DIR"),
     (
         "api key pasted as variable name",
         [

@@ -41,9 +41,9 @@ def test_no_prefix_turns_off_a_boolean_as_help_shows_it():
 
 def test_validation_gives_fix():
     with pytest.raises(ConfigError, match="neg_mse"):
-        parse_config(["--reward", "mse"])
+        parse_config(["--rl_reward", "mse"])
     with pytest.raises(ConfigError, match="group_size"):
-        from_flat_dict({"group_size": 1})
+        from_flat_dict({"rl_group_size": 1})
     with pytest.raises(ConfigError, match="split_fractions"):
         from_flat_dict({"split_fractions": "0.5,0.5"})
 
@@ -128,3 +128,22 @@ def test_plain_http_teacher_to_another_host_is_warned():
         warnings.simplefilter("error")
         OpenAITeacher("http://localhost:8000/v1", "m", api_key="k")
         OpenAITeacher("https://teacher.example.org/v1", "m", api_key="k")
+
+
+def test_old_option_names_still_work_and_warn_once(tmp_path, capsys):
+    from nla.core import config
+
+    config._warned.clear()
+    path = tmp_path / "old.yaml"
+    path.write_text("group_size: 6\nmax_response_tokens: 40\n")
+    cfg, _ = parse_config(["--config", str(path), "--kl_coef", "0.2", "--temperature=0.5", "--av", "x/av"])
+    assert (cfg.rl.rl_group_size, cfg.rl.rl_max_new_tokens, cfg.rl.rl_kl_coef) == (6, 40, 0.2)
+    assert cfg.rl.rl_temperature == 0.5 and cfg.av.av_checkpoint == "x/av"
+    parse_config(["--kl_coef", "0.3"])
+    err = capsys.readouterr().err
+    assert err.count("'kl_coef' is now 'rl_kl_coef'") == 1 and "'av' is now 'av_checkpoint'" in err
+    assert from_flat_dict({"max_new_tokens": 12}).av.av_max_new_tokens == 12  # a run's old config.yaml
+    with pytest.raises(ConfigError, match="sets both 'group_size' and its new name 'rl_group_size'"):
+        from_flat_dict({"group_size": 4, "rl_group_size": 8})
+    assert all(new in config.valid_keys() for new in config.ALIASES.values())
+    assert not set(config.ALIASES) & set(config.valid_keys())  # an old name is never also a current one

@@ -95,7 +95,7 @@ def config(root, out, **over):
         "output_dir": str(out),
         "resume": "never",
         "av_lora_r": 8,
-        "max_new_tokens": 24,
+        "av_max_new_tokens": 24,
         "teacher": "extractive",
         **over,
     }
@@ -411,15 +411,8 @@ def test_reference_release_pair_scores_like_ours(toy, tmp_path, ar_layer_field):
     ours = run(
         config(toy, tmp_path / "ours"), eval_args(checkpoint=str(toy / "run"), data=data, paraphrase_control=False)
     )
-    ref = run(
-        config(toy, tmp_path / "ref"),
-        eval_args(
-            av=str(tmp_path / "release" / "av"),
-            ar=str(tmp_path / "release" / "ar"),
-            data=data,
-            paraphrase_control=False,
-        ),
-    )
+    release = {f"{role}_checkpoint": str(tmp_path / "release" / role) for role in ("av", "ar")}
+    ref = run(config(toy, tmp_path / "ref", **release), eval_args(data=data, paraphrase_control=False))
     assert ref["var_source"].startswith("these_vectors")  # the release sidecar records no training Var
     assert ref["mse_mean"] == pytest.approx(ours["mse_mean"], abs=1e-4) and ref["cos_mean"] == pytest.approx(
         ours["cos_mean"], abs=1e-5
@@ -445,7 +438,7 @@ def test_reference_release_pair_scores_like_ours(toy, tmp_path, ar_layer_field):
 
 
 def test_checkpoint_resolution(toy, tmp_path):
-    """A run folder means rl/final when RL ran, else the SFT finals; --av/--ar override halves."""
+    """A run folder means rl/final when RL ran, else the SFT finals; --av_checkpoint/--ar_checkpoint override halves."""
     from nla.models.pair import resolve_paths
 
     run_dir = toy / "run"
@@ -502,7 +495,7 @@ def test_bad_checkpoint_is_a_one_line_cli_error(toy, tmp_path, capsys, kind, mes
             str(toy / "data" / "test.parquet"),
             "--output_dir",
             str(tmp_path / "out"),
-            "--max_new_tokens",
+            "--av_max_new_tokens",
             "24",
         ]
     )
@@ -515,7 +508,7 @@ def test_missing_inputs_are_one_line_cli_errors(toy, tmp_path, capsys):
     base = ["eval", "--config", SMOKE, "--output_dir", str(tmp_path / "out")]
     assert cli(base + ["--checkpoint", str(tmp_path / "nowhere")]) == 2
     assert cli(base + ["--checkpoint", str(toy / "run"), "--data", str(tmp_path / "none.parquet")]) == 2
-    assert cli(base + ["--av", str(toy / "run" / "av" / "final")]) == 2  # eval needs an AR
+    assert cli(base + ["--av_checkpoint", str(toy / "run" / "av" / "final")]) == 2  # eval needs an AR
     # an AR that reads explanations is no context oracle: refused before any explaining
     assert cli(base + ["--checkpoint", str(toy / "run"), "--oracle_ar", str(toy / "run" / "ar" / "final")]) == 2
     errors = [e for e in capsys.readouterr().err.strip().splitlines() if e.startswith("nla eval")]
@@ -842,7 +835,7 @@ def test_eval_with_an_llm_judge_on_a_real_server(toy, tmp_path, capsys, monkeypa
             "false",
             "--reinjection_rows",
             "0",
-            "--max_new_tokens",
+            "--av_max_new_tokens",
             "24",
         ]
         monkeypatch.setenv("NLA_TEST_JUDGE_KEY", "wrong")

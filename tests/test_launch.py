@@ -19,7 +19,7 @@ def test_published_configs_validate(name):
     cfg, _ = parse_config(["--config", f"configs/{name}"])
     layer, scale = PUBLISHED[name]
     assert cfg.model.layer == layer and cfg.av.injection_scale == scale
-    assert cfg.model.allow_hub and cfg.rl.group_size == 8 and cfg.rl.max_response_tokens == 150
+    assert cfg.model.allow_hub and cfg.rl.rl_group_size == 8 and cfg.rl.rl_max_new_tokens == 150
     assert "launch" in Path(f"configs/{name}").read_text().splitlines()[1] + Path(f"configs/{name}").read_text()
 
 

@@ -115,6 +115,17 @@ def test_a_checkpoint_of_the_old_layout_is_refused_in_one_line(tmp_path):
 def test_a_checkpoint_older_than_a_key_resumes_only_with_the_value_it_used(tmp_path):
     root = tmp_path / "rl"
     path = save_checkpoint(root, 4, lambda d: None, {"cursor": 4, "fingerprint": {"lr": 1}})  # written before top_k
-    assert start_from("auto", root, {"lr": 1, "top_k": 50}) == path  # the value generate used unasked
-    with pytest.raises(ConfigError, match=r"top_k \(checkpoint 50, now 0\)"):
-        start_from("auto", root, {"lr": 1, "top_k": 0})
+    assert start_from("auto", root, {"lr": 1, "rl_top_k": 50}) == path  # the value generate used unasked
+    with pytest.raises(ConfigError, match=r"rl_top_k \(checkpoint 50, now 0\)"):
+        start_from("auto", root, {"lr": 1, "rl_top_k": 0})
+
+
+def test_a_checkpoint_written_under_old_option_names_resumes(tmp_path):
+    """A fingerprint saved before the rl_ prefix compares under the new names: same values resume,
+    a changed one is named by its new name."""
+    root = tmp_path / "rl"
+    old = {"group_size": 8, "kl_coef": 0.01, "rl_top_k": 50}
+    path = save_checkpoint(root, 4, lambda d: None, {"cursor": 4, "fingerprint": old})
+    assert start_from("auto", root, {"rl_group_size": 8, "rl_kl_coef": 0.01, "rl_top_k": 50}) == path
+    with pytest.raises(ConfigError, match=r"rl_group_size \(checkpoint 8, now 4\)"):
+        start_from("auto", root, {"rl_group_size": 4, "rl_kl_coef": 0.01, "rl_top_k": 50})

@@ -80,25 +80,25 @@ def _cfg(out, model_dir, *extra):
             "5e-3",
             "--ar_batch_size",
             "8",
-            "--max_new_tokens",
+            "--av_max_new_tokens",
             "28",
             "--rl_steps",
             "8",
             "--rl_batch_size",
             "8",
-            "--group_size",
+            "--rl_group_size",
             "4",
             "--rl_av_lr",
             "2e-3",
             "--rl_ar_lr",
             "1e-6",
-            "--kl_coef",
+            "--rl_kl_coef",
             "0.0",
-            "--max_response_tokens",
+            "--rl_max_new_tokens",
             "28",
             "--rl_save_every",
             "4",
-            "--temperature",
+            "--rl_temperature",
             "1.0",
             "--ar_eval_every",
             "60",
@@ -242,13 +242,21 @@ def _adapters(checkpoint) -> dict[str, torch.Tensor]:
 
 def test_resume_is_exact(warm_start, toy_model_dir, tmp_path):
     _run_rl(
-        warm_start, toy_model_dir, tmp_path / "straight", "--rl_steps", "4", "--rl_save_every", "2", "--kl_coef", "0.01"
+        warm_start,
+        toy_model_dir,
+        tmp_path / "straight",
+        "--rl_steps",
+        "4",
+        "--rl_save_every",
+        "2",
+        "--rl_kl_coef",
+        "0.01",
     )
     _run_rl(
-        warm_start, toy_model_dir, tmp_path / "split", "--rl_steps", "2", "--rl_save_every", "2", "--kl_coef", "0.01"
+        warm_start, toy_model_dir, tmp_path / "split", "--rl_steps", "2", "--rl_save_every", "2", "--rl_kl_coef", "0.01"
     )
     _run_rl(
-        warm_start, toy_model_dir, tmp_path / "split", "--rl_steps", "4", "--rl_save_every", "2", "--kl_coef", "0.01"
+        warm_start, toy_model_dir, tmp_path / "split", "--rl_steps", "4", "--rl_save_every", "2", "--rl_kl_coef", "0.01"
     )
     a, b = _adapters(tmp_path / "straight" / "rl" / "final"), _adapters(tmp_path / "split" / "rl" / "final")
     sft = _adapters_sft(warm_start)
@@ -266,7 +274,7 @@ def test_resume_is_exact(warm_start, toy_model_dir, tmp_path):
 def test_the_grounded_term_refuses_a_format_no_rule_checks(warm_start, toy_model_dir, tmp_path):
     """The toy AV writes free text: paying for true claims would pay nothing, silently. Refused instead."""
     with pytest.raises(ConfigError, match="claim_reward 0.5: the AV writes the free format"):
-        _run_rl(warm_start, toy_model_dir, tmp_path / "cr", "--claim_reward", "0.5", "--rl_steps", "1")
+        _run_rl(warm_start, toy_model_dir, tmp_path / "cr", "--rl_claim_reward", "0.5", "--rl_steps", "1")
 
 
 def test_held_out_check_leaves_training_unchanged(warm_start, toy_model_dir, tmp_path):
@@ -318,7 +326,7 @@ def _joint(warm_start, toy_model_dir, tmp_path):
         warm_start / "av" / "final",
         "--ar_checkpoint",
         warm_start / "ar" / "final",
-        "--kl_coef",
+        "--rl_kl_coef",
         "0.01",
     )
     model, tok, verbalizer, ar, _, sft_ar = rl.load_joint(
@@ -410,10 +418,10 @@ def test_the_grounded_claim_term_pays_each_rollout_for_its_own_rows_claims(warm_
     from nla.core import claims
 
     trainer, _ = _joint(warm_start, toy_model_dir, tmp_path)
-    trainer.cfg = replace(trainer.cfg, claim_reward=0.5)
+    trainer.cfg = replace(trainer.cfg, rl_claim_reward=0.5)
     trainer.verbalizer.format = claims.ExtractiveFormat(claim_types=("quote",))
     vectors = load_split(warm_start / "data" / "rl.parquet").vectors[:2]
-    g = trainer.cfg.group_size
+    g = trainer.cfg.rl_group_size
     with pytest.raises(ValueError, match="context"):
         trainer.rollout(vectors)
     # The toy AV's one-word answers are wrapped the way the format writes a quote.

@@ -63,7 +63,7 @@ def config(toy, out, **overrides):
         "data_dir": str(toy / "data"),
         "output_dir": str(out),
         "av_lora_r": 8,
-        "max_new_tokens": 24,
+        "av_max_new_tokens": 24,
         **overrides,
     }
     return from_flat_dict(values)

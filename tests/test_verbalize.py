@@ -118,7 +118,7 @@ def test_cli_text_with_rerank(toy, tmp_path, capsys):
             "--rerank_with_ar",
             "--verbalize_temperature",
             "1.0",
-            "--max_new_tokens",
+            "--av_max_new_tokens",
             "24",
             "--output_dir",
             str(tmp_path / "run"),
@@ -144,16 +144,18 @@ def test_cli_text_with_rerank(toy, tmp_path, capsys):
 def test_cli_vectors_file_and_no_ar(toy, tmp_path, capsys):
     """Reference-style AV only (no AR): explanations without scores; rerank then refuses."""
     av = str(toy / "run" / "av" / "final")
-    base = ["verbalize", "--config", SMOKE, "--output_dir", str(tmp_path / "run"), "--max_new_tokens", "24"]
-    code = cli(base + ["--av", av, "--vectors", str(toy / "data" / "test.parquet"), "--verbalize_temperature", "0"])
+    base = ["verbalize", "--config", SMOKE, "--output_dir", str(tmp_path / "run"), "--av_max_new_tokens", "24"]
+    code = cli(
+        base + ["--av_checkpoint", av, "--vectors", str(toy / "data" / "test.parquet"), "--verbalize_temperature", "0"]
+    )
     assert code == 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "verbalize" / "explanations.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and rows[5]["doc_id"] == "test-5" and "fve_nrm" not in rows[0]
     assert rows[0]["temperature"] == 0 and rows[0]["selection"] == "greedy"  # its own option, not RL's temperature
     capsys.readouterr()
-    assert cli(base + ["--av", av, "--text", TEXT, "--rerank_with_ar", "--num_samples", "2"]) == 2
-    assert cli(base + ["--av", av, "--text", TEXT, "--vectors", "x.npy"]) == 2
-    assert cli(base + ["--av", av, "--text", TEXT, "--positions", "500"]) == 2
+    assert cli(base + ["--av_checkpoint", av, "--text", TEXT, "--rerank_with_ar", "--num_samples", "2"]) == 2
+    assert cli(base + ["--av_checkpoint", av, "--text", TEXT, "--vectors", "x.npy"]) == 2
+    assert cli(base + ["--av_checkpoint", av, "--text", TEXT, "--positions", "500"]) == 2
     errors = [e for e in capsys.readouterr().err.splitlines() if e.startswith("nla verbalize")]
     assert [e.split(": error: ")[0] for e in errors] == ["nla verbalize"] * 3, errors
     assert "no AR found" in errors[0] and "exactly one input" in errors[1] and "beyond its" in errors[2]

@@ -359,7 +359,7 @@ def mark(fmt: ExplanationFormat, explanation: str | None, context: str | Row) ->
 def truth_share(fmt: ExplanationFormat, explanation: str | None, context: str | Row) -> float:
     """The share of an explanation's claims that its format's checks find true of `context` (a
     malformed or unchecked claim counts as not true); 0 for no explanation or no claims. RL's
-    grounded claim term (`--claim_reward`) pays this."""
+    grounded claim term (`--rl_claim_reward`) pays this."""
     if explanation is None:
         return 0.0
     verdicts = [c["verdict"] for c in mark(fmt, explanation, context)["claims"]]

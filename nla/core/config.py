@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,59 @@ import yaml
 from nla.core.claims import ExtractiveFormat
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"
+
+
+# Old option names, still read on the command line, in YAML configs and in a run's saved config.yaml,
+# each with one warning per process (README: "Renamed options"). RL keys all carry the rl_ prefix;
+# every generation cap is <who>_max_new_tokens; one name per checkpoint option.
+ALIASES: dict[str, str] = {
+    "group_size": "rl_group_size",
+    "temperature": "rl_temperature",
+    "top_k": "rl_top_k",
+    "kl_coef": "rl_kl_coef",
+    "clip_eps": "rl_clip_eps",
+    "reward": "rl_reward",
+    "contrastive_coef": "rl_contrastive_coef",
+    "length_penalty": "rl_length_penalty",
+    "claim_reward": "rl_claim_reward",
+    "advantage_norm": "rl_advantage_norm",
+    "max_response_tokens": "rl_max_new_tokens",
+    "rollout_engine": "rl_rollout_engine",
+    "vllm_python": "rl_vllm_python",
+    "vllm_memory_gb": "rl_vllm_memory_gb",
+    "max_new_tokens": "av_max_new_tokens",
+    "av": "av_checkpoint",  # nla eval / verbalize
+    "ar": "ar_checkpoint",
+}
+_warned: set[str] = set()
+
+
+def current_name(key: str) -> str:
+    """The option's name now (an old name warns once, then maps to its new one)."""
+    new = ALIASES.get(key)
+    if new is None:
+        return key
+    if key not in _warned:
+        _warned.add(key)
+        print(f"[nla] option {key!r} is now {new!r}; the old name still works.", file=sys.stderr)
+    return new
+
+
+def _current_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        new = current_name(key)
+        if new != key and new in values:
+            raise ConfigError(f"{source} sets both {key!r} and its new name {new!r}; keep {new!r}.")
+        out[new] = value
+    return out
+
+
+def _current_flag(arg: str) -> str:
+    if not arg.startswith("--") or arg == "--":
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return f"--{current_name(name)}{eq}{value}"
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -308,7 +362,7 @@ class AVConfig:
     injection_scale: float | None = _help(
         "Norm the injected vector is rescaled to (default: the dataset's suggested p75 norm).", default=None
     )
-    max_new_tokens: int = _help("Explanation length cap when generating.", default=64)
+    av_max_new_tokens: int = _help("Explanation length cap when generating.", default=64)
     av_checkpoint: str | None = _help("AV checkpoint to load (default: <output_dir>/av/final).", default=None)
 
     def __post_init__(self) -> None:
@@ -316,41 +370,41 @@ class AVConfig:
             raise ConfigError("av_lr must be > 0, av_steps >= 0, av_batch_size >= 1.")
         if self.injection_scale is not None and self.injection_scale <= 0:
             raise ConfigError("injection_scale must be > 0.")
-        _positive(self, "av_eval_every", "av_val_rows", "av_save_every", "av_grad_accum", "max_new_tokens")
+        _positive(self, "av_eval_every", "av_val_rows", "av_save_every", "av_grad_accum", "av_max_new_tokens")
 
 
 @dataclass
 class RLConfig:
     rl_steps: int = _help("Joint RL steps.", default=50)
     rl_batch_size: int = _help("Activation vectors per RL step (per process).", default=4)
-    group_size: int = _help("GRPO samples per vector.", default=4)
+    rl_group_size: int = _help("GRPO samples per vector.", default=4)
     rl_av_lr: float = _help("AV learning rate during RL.", default=1e-5)
     rl_ar_lr: float = _help("AR learning rate during RL.", default=5e-5)
-    temperature: float = _help("Rollout sampling temperature.", default=1.0)
-    top_k: int = _help(
+    rl_temperature: float = _help("Rollout sampling temperature.", default=1.0)
+    rl_top_k: int = _help(
         "Rollouts sample from the k likeliest tokens (0: all); 50 is what transformers' generate used unasked.",
         default=50,
     )
-    kl_coef: float = _help("Weight of the k3 KL to the frozen SFT AV (0 skips reference log-probs).", default=0.01)
-    clip_eps: float = _help("PPO ratio clip.", default=0.2)
-    reward: str = _help("'neg_mse' (-MSE_nrm) or 'neg_log_mse'.", default="neg_mse")
-    contrastive_coef: float = _help(
+    rl_kl_coef: float = _help("Weight of the k3 KL to the frozen SFT AV (0 skips reference log-probs).", default=0.01)
+    rl_clip_eps: float = _help("PPO ratio clip.", default=0.2)
+    rl_reward: str = _help("'neg_mse' (-MSE_nrm) or 'neg_log_mse'.", default="neg_mse")
+    rl_contrastive_coef: float = _help(
         "Weight of the contrastive term (own vector vs others in batch) against template collapse.", default=0.0
     )
-    length_penalty: float = _help("Reward penalty per explanation token.", default=0.0)
-    claim_reward: float = _help(
+    rl_length_penalty: float = _help("Reward penalty per explanation token.", default=0.0)
+    rl_claim_reward: float = _help(
         "Weight of the grounded claim term: the reward adds weight x the share of the explanation's "
         "claims its format's checks find true of the row's context. Off (0) by default: the "
         "paper's RL never sees the context; a run with it on says so in its checkpoints and "
         "eval report.",
         default=0.0,
     )
-    advantage_norm: str = _help(
+    rl_advantage_norm: str = _help(
         "Divide each group's centred rewards by the group's std ('group', GRPO) or by one std "
         "over the batch ('batch').",
         default="group",
     )
-    max_response_tokens: int = _help("Rollout length cap; hitting it gives the failure reward.", default=150)
+    rl_max_new_tokens: int = _help("Rollout length cap; hitting it gives the failure reward.", default=150)
     rl_save_every: int = _help("Checkpoint every N RL steps.", default=25)
     rl_shuffle_control: bool = _help(
         "Control run: the AV sees another row's vector while the AR must reconstruct the row's own.", default=False
@@ -362,35 +416,35 @@ class RLConfig:
         default=32,
     )
     rl_val_every: int = _help("Also measure rl/val_* every N steps (0: only at the start and the end).", default=0)
-    rollout_engine: str = _help(
+    rl_rollout_engine: str = _help(
         "Who samples the rollouts: 'hf' (transformers generate + the injection hook, the reference) "
         "or 'vllm' (a vLLM engine in its own environment, `make vllm`; fed prompt embeddings, "
         "merged AV weights pushed after every update).",
         default="hf",
     )
-    vllm_python: str | None = _help(
+    rl_vllm_python: str | None = _help(
         "The Python of the vLLM environment (default: $NLA_VLLM_PYTHON, else .venv-vllm/bin/python).", default=None
     )
-    vllm_memory_gb: float = _help(
+    rl_vllm_memory_gb: float = _help(
         "The vLLM engine's KV cache in GiB (it shares the device with the trainer).", default=2.0
     )
 
     def __post_init__(self) -> None:
-        if self.rollout_engine not in ("hf", "vllm"):
-            raise ConfigError(f"rollout_engine={self.rollout_engine!r}: use 'hf' or 'vllm'.")
-        if self.reward not in ("neg_mse", "neg_log_mse"):
-            raise ConfigError(f"reward={self.reward!r}: use 'neg_mse' or 'neg_log_mse'.")
-        if self.advantage_norm not in ("group", "batch"):
-            raise ConfigError(f"advantage_norm={self.advantage_norm!r}: use 'group' or 'batch'.")
-        if self.claim_reward < 0:
-            raise ConfigError(f"claim_reward={self.claim_reward}: must be >= 0 (it pays for true claims).")
-        if self.group_size < 2:
-            raise ConfigError("group_size must be >= 2 (GRPO normalises rewards within a group).")
-        if self.temperature < 0 or self.top_k < 0:
+        if self.rl_rollout_engine not in ("hf", "vllm"):
+            raise ConfigError(f"rl_rollout_engine={self.rl_rollout_engine!r}: use 'hf' or 'vllm'.")
+        if self.rl_reward not in ("neg_mse", "neg_log_mse"):
+            raise ConfigError(f"rl_reward={self.rl_reward!r}: use 'neg_mse' or 'neg_log_mse'.")
+        if self.rl_advantage_norm not in ("group", "batch"):
+            raise ConfigError(f"rl_advantage_norm={self.rl_advantage_norm!r}: use 'group' or 'batch'.")
+        if self.rl_claim_reward < 0:
+            raise ConfigError(f"rl_claim_reward={self.rl_claim_reward}: must be >= 0 (it pays for true claims).")
+        if self.rl_group_size < 2:
+            raise ConfigError("rl_group_size must be >= 2 (GRPO normalises rewards within a group).")
+        if self.rl_temperature < 0 or self.rl_top_k < 0:
             raise ConfigError(
-                f"temperature={self.temperature}, top_k={self.top_k}: both must be >= 0 (0 = greedy / all tokens)."
+                f"rl_temperature={self.rl_temperature}, rl_top_k={self.rl_top_k}: both must be >= 0 (0 = greedy / all tokens)."
             )
-        _positive(self, "rl_save_every", "rl_batch_size", "max_response_tokens")
+        _positive(self, "rl_save_every", "rl_batch_size", "rl_max_new_tokens")
 
 
 @dataclass
@@ -519,6 +573,7 @@ def check_keys(keys: Iterable[str], source: str, also_valid: Iterable[str] = ())
 
 
 def from_flat_dict(values: dict[str, Any]) -> NLAConfig:
+    values = _current_keys(values, "config")
     check_keys(values, "config")
     sections = {}
     for name, cls in SECTIONS.items():
@@ -541,6 +596,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not UTF-8 text; pass a YAML config file.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a YAML mapping of key: value.")
+    data = _current_keys(data, str(path))
     check_keys(data, str(path))
     return data
 
@@ -553,22 +609,25 @@ def parse_config(argv: list[str] | None = None, extra: Iterable[type] = ()) -> t
     """Parse `--config FILE` plus CLI overrides into an NLAConfig (and any stage-specific dataclasses)."""
     from trl import TrlParser
 
-    argv = list(argv or [])
+    argv = [_current_flag(a) for a in argv or []]
+    from_yaml: dict[str, Any] = {}
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
             raise ConfigError("--config needs a file path.")
-        load_yaml(argv[i + 1])  # friendly unknown-key error before trl's generic one
+        from_yaml = load_yaml(argv[i + 1])  # names an unknown key, reads old names
+        argv = argv[:i] + argv[i + 2 :]
     extra = list(extra)
     extra_keys = [f.name for cls in extra for f in dataclasses.fields(cls)]
-    flags = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and a not in ("--config", "--help")]
+    flags = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and a != "--help"]
     # `--no_X` is how `--help` shows turning off a boolean X that defaults to true: it is X too.
     booleans = _bool_keys(extra)
     flags = [f[3:] if f.startswith("no_") and f[3:] in booleans else f for f in flags]
     check_keys([f for f in flags if f not in extra_keys], "the command line", extra_keys)
     parser = TrlParser([*SECTIONS.values(), *extra])
-    try:
-        parsed = parser.parse_args_and_config(argv)
+    try:  # the YAML sets defaults, the command line overrides them
+        parser.set_defaults_with_config(**from_yaml)
+        parsed = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     n = len(SECTIONS)

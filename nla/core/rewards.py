@@ -131,11 +131,11 @@ def reward_record(rc) -> dict[str, Any]:
     """What an RL run's reward was made of (`rc`: its RLConfig), kept in every RL checkpoint and its
     summary, so eval can say it beside the numbers: a grounded claim term saw the contexts."""
     return {
-        "reward": rc.reward,
-        "claim_reward": rc.claim_reward,
-        "contrastive_coef": rc.contrastive_coef,
-        "length_penalty": rc.length_penalty,
-        "advantage_norm": rc.advantage_norm,
+        "reward": rc.rl_reward,
+        "claim_reward": rc.rl_claim_reward,
+        "contrastive_coef": rc.rl_contrastive_coef,
+        "length_penalty": rc.rl_length_penalty,
+        "advantage_norm": rc.rl_advantage_norm,
     }
 
 

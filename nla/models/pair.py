@@ -49,16 +49,12 @@ def option(text: str, default: Any = None) -> Any:
 
 @dataclass
 class CheckpointArgs:
-    """Which AV/AR to load (and which model reads text): shared by `nla verbalize` and `nla eval`."""
+    """Which NLA to load (and which model reads text): shared by `nla verbalize` and `nla eval`. A
+    single AV or AR folder (ours, or a reference release) is --av_checkpoint / --ar_checkpoint,
+    which override the checkpoint's own."""
 
     checkpoint: str | None = option(
         "NLA checkpoint: a folder holding av/ and ar/ (e.g. <run>/rl/final), or a run folder."
-    )
-    av: str | None = option(
-        "AV folder (ours, or a reference release: HF folder + nla_meta.yaml); overrides the checkpoint's AV."
-    )
-    ar: str | None = option(
-        "AR folder (ours, or a reference release); overrides the checkpoint's AR (optional for verbalize)."
     )
     target_model: str | None = option(
         "Model that extracts activations from text input; unset: the AV sidecar's base_checkpoint."
@@ -101,7 +97,7 @@ def _split_checkpoint(root: Path) -> CheckpointPaths:
         raise SidecarError(f"{root / MODEL_META}: role is {role!r}; expected av/actor or ar/critic.")
     raise ConfigError(
         f"no NLA checkpoint in {root}: expected av/ and ar/ folders with nla_meta.yaml (e.g. <run>/rl/final), "
-        "a run folder, or pass --av DIR --ar DIR."
+        "a run folder, or pass --av_checkpoint DIR --ar_checkpoint DIR."
     )
 
 
@@ -121,11 +117,11 @@ def resolve_paths(
     )
     if paths.av is None:
         raise ConfigError(
-            f"no AV found{f' in {checkpoint}' if checkpoint else ''}: pass --checkpoint DIR (holding av/) or --av DIR."
+            f"no AV found{f' in {checkpoint}' if checkpoint else ''}: pass --checkpoint DIR (holding av/) or --av_checkpoint DIR."
         )
     if need_ar and paths.ar is None:
         raise ConfigError(
-            f"no AR found{f' in {checkpoint}' if checkpoint else ''}: pass --checkpoint DIR (holding ar/) or --ar DIR."
+            f"no AR found{f' in {checkpoint}' if checkpoint else ''}: pass --checkpoint DIR (holding ar/) or --ar_checkpoint DIR."
         )
     return paths
 
@@ -136,7 +132,7 @@ def model_folder(path: str | Path, sub: str) -> Path:
     if (path / sub / MODEL_META).is_file():
         return path / sub
     if not (path / MODEL_META).is_file():
-        found = _split_checkpoint(path)  # a run folder or checkpoint given as --av/--ar
+        found = _split_checkpoint(path)  # a run folder or checkpoint given as --av_checkpoint/--ar
         pick = found.av if sub == "av" else found.ar
         if pick is None:
             raise SidecarError(f"{path / MODEL_META} not found: every NLA checkpoint needs its nla_meta.yaml sidecar.")
@@ -195,7 +191,7 @@ class NLA:
         if self.meta.layer_index is None:
             raise SidecarError(
                 f"{self.paths.av}: the AV sidecar names no layer (a released AV keeps it on its AR); "
-                "pass the AR too (--ar DIR), or give vectors instead of texts."
+                "pass the AR too (--ar_checkpoint DIR), or give vectors instead of texts."
             )
         return self.meta.layer_index
 
@@ -228,7 +224,7 @@ class NLA:
         """Explanations -> [n, d] fp32 on the CPU (None/failed texts read as '')."""
         ar = ar or self.ar
         if ar is None:
-            raise ConfigError("this needs an AR: pass --checkpoint DIR holding ar/, or --ar DIR.")
+            raise ConfigError("this needs an AR: pass --checkpoint DIR holding ar/, or --ar_checkpoint DIR.")
         return ar.predict([t or "" for t in texts], tokenizer or self.ar_tokenizer)
 
     @contextlib.contextmanager
@@ -299,18 +295,16 @@ def load_nla(
     return NLA(verbalizer, ar_model, ar_tok, paths, target_model, source, dtype)
 
 
-def load_from_config(
-    cfg, checkpoint: str | None, av: str | None, ar: str | None, need_ar: bool, target_model: str | None = None
-) -> NLA:
-    """`load_nla` for a stage: `--av_checkpoint`/`--ar_checkpoint` fill in for --av/--ar, and with
-    no checkpoint at all the run folder `--output_dir` is searched (rl/final, else the SFT finals)."""
-    av = av or cfg.av.av_checkpoint
-    ar = ar or cfg.ar.ar_checkpoint
+def load_from_config(cfg, checkpoint: str | None, need_ar: bool, target_model: str | None = None) -> NLA:
+    """`load_nla` for a stage: `--av_checkpoint`/`--ar_checkpoint` override the checkpoint's AV/AR,
+    and with no checkpoint at all the run folder `--output_dir` is searched (rl/final, else the SFT
+    finals)."""
+    av, ar = cfg.av.av_checkpoint, cfg.ar.ar_checkpoint
     if checkpoint is None and av is None:
         if not cfg.output_dir.is_dir():
             raise ConfigError(
                 f"no checkpoint given and --output_dir {cfg.output_dir} does not exist: "
-                "pass --checkpoint DIR, or --av DIR [--ar DIR]."
+                "pass --checkpoint DIR, or --av_checkpoint DIR [--ar_checkpoint DIR]."
             )
         checkpoint = cfg.output_dir
     return load_nla(
@@ -320,7 +314,7 @@ def load_from_config(
         need_ar=need_ar,
         device=cfg.run.device,
         dtype=cfg.model.dtype,
-        max_new_tokens=cfg.av.max_new_tokens,
+        max_new_tokens=cfg.av.av_max_new_tokens,
         target_model=target_model,
         source=ModelSource.of(cfg.model),
     )

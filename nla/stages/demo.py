@@ -209,9 +209,15 @@ def main(argv: list[str]) -> int:
         print(train_av.describe(av))
 
         _banner("4/6 eval of the SFT pair on held-out documents")
-        sft_args = evaluate.EvalArgs(av=str(cfg.output_dir / "av" / "final"), ar=str(cfg.output_dir / "ar" / "final"))
         eval_cfg, rl_cfg = eval_configs(cfg, oracle)
-        sft_report = timed("eval_sft", evaluate.run, eval_cfg, sft_args, report_dir=cfg.output_dir / "eval_sft")
+        sft_pair = {f"{role}_checkpoint": str(cfg.output_dir / role / "final") for role in ("av", "ar")}
+        sft_report = timed(
+            "eval_sft",
+            evaluate.run,
+            eval_cfg.replace(**sft_pair),
+            evaluate.EvalArgs(),
+            report_dir=cfg.output_dir / "eval_sft",
+        )
 
         _banner("5/6 joint RL: GRPO on the AV, live AR as reward, AR co-trained")
         rl_out = timed("rl", rl.run, cfg, acc)
@@ -219,6 +225,7 @@ def main(argv: list[str]) -> int:
 
         _banner("6/6 eval of the RL checkpoint on the same held-out documents")
         rl_args = evaluate.EvalArgs(checkpoint=rl_out["checkpoint"])
+        rl_cfg = rl_cfg.replace(av_checkpoint=None, ar_checkpoint=None)  # the RL checkpoint's own pair
         rl_report = timed("eval_rl", evaluate.run, rl_cfg, rl_args, report_dir=cfg.output_dir / "eval_rl")
     finally:
         acc.end_training()

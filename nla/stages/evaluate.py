@@ -1,7 +1,7 @@
 """`nla eval`: how much of an activation the explanations carry, with the controls that keep it honest.
 
     nla eval --checkpoint runs/demo/rl/final --data runs/demo/data/test.parquet --output_dir runs/demo/eval
-    nla eval --av release/av --ar release/ar --texts docs.jsonl --output_dir out --independent_ar other/ar
+    nla eval --av_checkpoint release/av --ar_checkpoint release/ar --texts docs.jsonl --output_dir out --independent_ar other/ar
     (multi-GPU: eval is a single-process job, minutes on one GPU for thousands of rows; run it plainly,
      not under `accelerate launch`, e.g. `CUDA_VISIBLE_DEVICES=0 nla eval ...` next to a training run)
 
@@ -180,7 +180,7 @@ def explain_rows(cfg: NLAConfig, args: EvalArgs, nla: NLA, vectors: torch.Tensor
     explain = _explainer(
         nla,
         args.eval_temperature,
-        cfg.av.max_new_tokens,
+        cfg.av.av_max_new_tokens,
         cfg.logging.progress,
         cfg.eval.eval_batch_size + 2 * greedy,
         samples,
@@ -232,7 +232,7 @@ def evaluate(
     show, timing, greedy = cfg.logging.progress, {}, args.eval_temperature == 0
     t0 = time.time()
     explanations, samples, uninformative_texts = explain_rows(cfg, args, nla, vectors)
-    explain_controls = _explainer(nla, args.eval_temperature, cfg.av.max_new_tokens, show, cfg.eval.eval_batch_size)
+    explain_controls = _explainer(nla, args.eval_temperature, cfg.av.av_max_new_tokens, show, cfg.eval.eval_batch_size)
     timing["verbalize_s"] = time.time() - t0
     pred = nla.predict(explanations)
     report: dict[str, Any] = {
@@ -454,9 +454,9 @@ def run(
     """Evaluate and write the report; returns the report dict (what report.json holds)."""
     args = args or EvalArgs()
     began = time.time()
-    nla = nla or load_from_config(cfg, args.checkpoint, args.av, args.ar, need_ar=True, target_model=args.target_model)
+    nla = nla or load_from_config(cfg, args.checkpoint, need_ar=True, target_model=args.target_model)
     if nla.ar is None:
-        raise ConfigError("eval needs an AR: pass --checkpoint DIR holding ar/, or --ar DIR.")
+        raise ConfigError("eval needs an AR: pass --checkpoint DIR holding ar/, or --ar_checkpoint DIR.")
     out_dir = Path(report_dir or args.report_dir or cfg.output_dir)
     check_extra_ars(cfg)
     if (judge := make_judge(cfg)) is not None:

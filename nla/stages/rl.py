@@ -88,7 +88,7 @@ def load_joint(cfg: NLAConfig, sft_av: Path, sft_ar: Path, resume: Path | None, 
     if sft_ar_model is not None:
         sft_ar_model.to(device)
     verbalizer = Verbalizer(
-        model, tokenizer, av_meta, injection_scale_of(av_meta, str(sft_av)), cfg.rl.max_response_tokens
+        model, tokenizer, av_meta, injection_scale_of(av_meta, str(sft_av)), cfg.rl.rl_max_new_tokens
     )
     return model, tokenizer, verbalizer, ar, av_meta, sft_ar_model
 
@@ -129,9 +129,9 @@ def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path
     model, tokenizer, verbalizer, ar, av_meta, sft_ar_model = load_joint(
         cfg, sft_av, sft_ar, resume, acc.device, source
     )
-    if rc.claim_reward and not verbalizer.format.checked_types:
+    if rc.rl_claim_reward and not verbalizer.format.checked_types:
         raise ConfigError(
-            f"--claim_reward {rc.claim_reward}: the AV writes the {verbalizer.format.name} format, whose "
+            f"--rl_claim_reward {rc.rl_claim_reward}: the AV writes the {verbalizer.format.name} format, whose "
             "claims no rule checks; the grounded term needs a checkable format (teacher extractive)."
         )
     data.meta.verify(tokenizer, d_model=text_config(model.config).hidden_size, where=str(data.path))
@@ -146,17 +146,19 @@ def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path
     av_opt = torch.optim.AdamW(av_params, lr=rc.rl_av_lr, weight_decay=0.0)
     ar_opt = torch.optim.AdamW(ar_params, lr=rc.rl_ar_lr, weight_decay=0.0)
     av_sched, ar_sched = schedule(av_opt, rc.rl_steps, "constant"), schedule(ar_opt, rc.rl_steps, "constant")
-    engine_model = source.resolve(av_meta.base_model) if rc.rollout_engine == "vllm" else None  # the folder vllm loads
-    longest = len(prompt_ids(tokenizer, av_meta)) + rc.max_response_tokens  # the engine's context length
+    engine_model = (
+        source.resolve(av_meta.base_model) if rc.rl_rollout_engine == "vllm" else None
+    )  # the folder vllm loads
+    longest = len(prompt_ids(tokenizer, av_meta)) + rc.rl_max_new_tokens  # the engine's context length
     engine = make_engine(
-        rc.rollout_engine,
+        rc.rl_rollout_engine,
         verbalizer,
         engine_model,
-        rc.vllm_python,
+        rc.rl_vllm_python,
         cfg.model.dtype,
         cfg.run.seed + acc.process_index,
         max_model_len=longest,
-        memory_gb=rc.vllm_memory_gb,
+        memory_gb=rc.rl_vllm_memory_gb,
         log_path=cfg.output_dir / f"vllm_worker_{acc.process_index}.log",
     )
     trainer = JointTrainer(

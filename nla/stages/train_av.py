@@ -204,7 +204,9 @@ class AVTrainer:
     def sample_table(self) -> tuple[list[list[str]], float, float]:
         """Greedy explanations for the first val rows: (rows [context_tail, teacher, av], non-Latin rate, fail rate)."""
         val, n = self.data.val, min(SAMPLE_ROWS, len(self.data.val))
-        verbalizer = Verbalizer(self.unwrapped, self.tok, self.meta, self.data.injection_scale, self.cfg.max_new_tokens)
+        verbalizer = Verbalizer(
+            self.unwrapped, self.tok, self.meta, self.data.injection_scale, self.cfg.av_max_new_tokens
+        )
         samples = [s[0] for s in verbalizer.verbalize(val.vectors[:n], temperature=0.0)]
         contexts = val.columns.get("detokenized_text_truncated") or [""] * n
         rows = [

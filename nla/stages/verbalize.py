@@ -2,7 +2,7 @@
 
     nla verbalize --checkpoint runs/demo/rl/final --text "def add(a, b): return a + b" --positions 3,7
     nla verbalize --checkpoint runs/demo/rl/final --texts docs.jsonl --num_samples 4 --rerank_with_ar
-    nla verbalize --av release/av --ar release/ar --vectors acts.npy --verbalize_temperature 0 --out expl.jsonl
+    nla verbalize --av_checkpoint release/av --ar_checkpoint release/ar --vectors acts.npy --verbalize_temperature 0 --out expl.jsonl
     (multi-GPU: a single-process job; run it plainly, e.g. `CUDA_VISIBLE_DEVICES=0 nla verbalize ...`)
 
 Input: `--text` (every token position, or `--positions 3,7,12`), `--texts FILE.jsonl` (rows with
@@ -230,7 +230,7 @@ def verbalize_rows(
     if num_samples < 1:
         raise ConfigError("--num_samples must be >= 1.")
     if rerank_with_ar and nla.ar is None:
-        raise ConfigError("--rerank_with_ar needs an AR: pass --checkpoint DIR holding ar/, or --ar DIR.")
+        raise ConfigError("--rerank_with_ar needs an AR: pass --checkpoint DIR holding ar/, or --ar_checkpoint DIR.")
     samples = nla.explain(vectors, num_samples, temperature, max_new_tokens)
     var, var_source = nla.variance(vectors) if nla.ar is not None else (None, "none")
     mse = None
@@ -345,9 +345,7 @@ def run(cfg: NLAConfig, args: VerbalizeArgs | None = None, nla: NLA | None = Non
     given = [name for name in ("text", "texts", "vectors") if getattr(args, name) is not None]
     if len(given) != 1:
         raise ConfigError(f"give exactly one input: --text, --texts or --vectors (got {given or 'none'}).")
-    nla = nla or load_from_config(
-        cfg, args.checkpoint, args.av, args.ar, need_ar=args.rerank_with_ar, target_model=args.target_model
-    )
+    nla = nla or load_from_config(cfg, args.checkpoint, need_ar=args.rerank_with_ar, target_model=args.target_model)
     positions = parse_positions(args.positions)
     if args.vectors is not None:
         vectors, info = read_vectors(args.vectors, nla.d_model)
@@ -359,7 +357,7 @@ def run(cfg: NLAConfig, args: VerbalizeArgs | None = None, nla: NLA | None = Non
         )
         vectors, info = extract_text_rows(nla, docs, cfg.data.max_doc_tokens, cfg.data.extract_batch_size)
     rows = verbalize_rows(
-        nla, vectors, args.num_samples, args.verbalize_temperature, cfg.av.max_new_tokens, args.rerank_with_ar
+        nla, vectors, args.num_samples, args.verbalize_temperature, cfg.av.av_max_new_tokens, args.rerank_with_ar
     )
     rows = [{**i, **r} for i, r in zip(info, rows)]
     out = output_path(cfg, args)
