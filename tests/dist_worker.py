@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from nla.stages import rl, train_ar, train_av
 from nla.stages.stage import start_stage
-from nla.train import grpo
+from nla.train import ar_sft, av_sft, grpo
 from nla.train.distributed import make_accelerator
 
 STAGES = {"train-av": train_av, "train-ar": train_ar, "rl": rl}
@@ -37,8 +37,8 @@ def _capture(cls, grab):
     cls.__init__ = wrapped
 
 
-_capture(train_av.AVTrainer, lambda t: {"": t.unwrapped})
-_capture(train_ar.ARTrainer, lambda t: {"": t.ar})
+_capture(av_sft.AVTrainer, lambda t: {"": t.unwrapped})
+_capture(ar_sft.ARTrainer, lambda t: {"": t.ar})
 _capture(grpo.JointTrainer, lambda t: {"": t.model, "ar_head.": t.ar.head})
 
 

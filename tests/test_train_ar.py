@@ -13,11 +13,11 @@ from nla.core.config import ConfigError, from_flat_dict
 from nla.core.metrics import fve_nrm
 from nla.core.sidecar import Meta, make_token_spec
 from nla.core.templates import ar_prompt
-from nla.core.tracking import Tracker
 from nla.data.splits import derangement, write_split
 from nla.models.ar import build_ar, load_ar
-from nla.stages.train_ar import ARRows, ARTrainer, main, run, run_shuffled_control
+from nla.stages.train_ar import main, run, run_shuffled_control
 from nla.testing import nan_gradients_once
+from nla.train.ar_sft import ARRows, ARTrainer
 
 WORDS = ["apple", "river", "engine", "purple", "violin", "castle"]
 SMOKE = "configs/smoke.yaml"
@@ -191,18 +191,15 @@ def test_non_finite_steps_are_skipped(tiny_model_dir, tiny_tokenizer, tmp_path):
         rows,
         rows,
         acc,
-        Tracker(cfg, "t", True),
-        tmp_path / "ar",
-        lambda *a: None,
         opt,
         sched,
         {},
     )
     nan_gradients_once(trainer.stepper, ar.trainable_parameters())
     head0 = ar.head.weight.detach().clone()
-    trainer.train_step()
+    trainer.train_step(0)
     assert trainer.skipped == 1 and torch.equal(ar.head.weight, head0)
-    trainer.train_step()
+    trainer.train_step(1)
     assert trainer.skipped == 1 and not torch.equal(ar.head.weight, head0) and torch.isfinite(ar.head.weight).all()
 
 
@@ -278,7 +275,7 @@ def test_oracle_ar_reads_the_raw_context_tail(tiny_model_dir, tiny_tokenizer, tm
     instead of the explanation. Here only the context names the word, so only the oracle learns."""
     from nla.core.templates import ORACLE_CONTEXT_CHARS, context_tail
     from nla.data.splits import load_split
-    from nla.stages.train_ar import ar_texts
+    from nla.train.ar_sft import ar_texts
 
     write_task(tmp_path / "data", tiny_tokenizer, tiny_model_dir)
     for name in ("ar_sft", "val"):  # move the word from the explanation into the context

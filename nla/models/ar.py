@@ -42,6 +42,7 @@ from nla.models.sources import (
 # Longer AR prompts are flagged (`over_length`): SFT drops them, RL gives them the failure reward.
 AR_MAX_TOKENS = 256
 HEAD_FILE = "value_head.safetensors"
+AR_ROLES = ("ar", "critic")  # a sidecar's role for an AR; "critic": older reference sidecars
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
@@ -224,7 +225,7 @@ def read_ar_meta(directory: Path) -> Meta:
     if meta.kind != "nla_model":
         raise SidecarError(f"{where}: kind is {meta.kind!r}, not nla_model; point at an AR checkpoint, not a dataset.")
     role = meta.extra.get("role", "ar")
-    if role not in ("ar", "critic"):
+    if role not in AR_ROLES:
         raise SidecarError(
             f"{where}: role is {role!r}; this is not an AR checkpoint (pass the AR folder, e.g. <run>/ar/final)."
         )

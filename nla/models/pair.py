@@ -34,12 +34,10 @@ from nla.core import templates
 from nla.core.config import ConfigError
 from nla.core.metrics import target_variance
 from nla.core.sidecar import MODEL_META, Meta, SidecarError
-from nla.models.ar import ARModel, load_ar, mse_scale_of
+from nla.models.ar import AR_ROLES, ARModel, load_ar, mse_scale_of
 from nla.models.av import AV_ROLES, Sample, Verbalizer, load_av
 from nla.models.backbone import text_config
 from nla.models.sources import ModelError, ModelSource, pick_device
-
-AR_ROLES = ("ar", "critic")  # "critic": older reference sidecars
 
 
 def option(text: str, default: Any = None) -> Any:

@@ -318,6 +318,7 @@ def load_error(what: str, path: str, err: OSError) -> ModelError:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The one choice of device: "auto" is CUDA when a GPU is visible, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

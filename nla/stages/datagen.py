@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from nla import __version__
 from nla.core import templates
@@ -50,6 +49,7 @@ from nla.data.extract import (
 from nla.data.splits import SPLITS, split_path, write_split
 from nla.data.teacher import Explained, Teacher, TeacherCache, explain, make_teacher
 from nla.models.backbone import default_layer, text_config
+from nla.models.sources import pick_device
 
 TEACHER_SPLITS = ("av_sft", "ar_sft", "val", "test")  # rows that need an explanation
 RESPONSE_SPLITS = ("av_sft", "val", "test")  # rows that carry the AV's target text
@@ -229,8 +229,7 @@ def _process_state(cfg: NLAConfig):
     from accelerate import PartialState
 
     # without CUDA, Accelerate joins the process group only with cpu=True (else each process runs alone)
-    cpu = cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
-    return PartialState(cpu=cpu)
+    return PartialState(cpu=pick_device(cfg.run.device).type == "cpu")
 
 
 def _extract(cfg: NLAConfig, tok, model, layer: int, store: ChunkStore, state) -> ScanResult | None:

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from nla.core import seeds
 from nla.core.claims import Row
 from nla.core.config import ConfigError, NLAConfig
 from nla.core.rewards import describe_reward, reward_record
@@ -35,16 +34,17 @@ from nla.models.sources import ModelSource
 from nla.stages.plots import plot_rl_curve, rl_curve_points
 from nla.stages.stage import seed_everything, start_stage
 from nla.train.checkpoint import (
+    Saver,
     load_checkpoint_state,
     publish_final,
     resolve_resume,
-    save_checkpoint,
     start_from,
     training_fingerprint,
 )
 from nla.train.distributed import make_accelerator, rank_share
-from nla.train.grpo import AR, AR_REF, AV, AV_REF, HeldOut, JointTrainer, adapter_parameters
+from nla.train.grpo import AR, AR_REF, AV, AV_REF, HeldOut, JointTrainer, RLRows, adapter_parameters
 from nla.train.loop import restore_skips, schedule
+from nla.train.trainer import Cadence
 
 
 def sft_paths(cfg: NLAConfig) -> tuple[Path, Path]:
@@ -184,9 +184,9 @@ def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path
     return trainer, state, av_meta, _with(ar_meta, {"ar_target_variance": var})
 
 
-def checkpoint_writer(trainer: JointTrainer, root: Path, av_meta, ar_meta, state: dict[str, Any], acc):
-    """save(step, loop_state): the AV and AR as two folders a later stage loads like SFT ones, plus
-    the training state; `state` supplies what every checkpoint repeats (fingerprint, SFT paths, ...)."""
+def checkpoint_writer(trainer: JointTrainer, root: Path, av_meta, ar_meta, state: dict[str, Any], acc) -> Saver:
+    """The run's `Saver`: the AV and AR as two folders a later stage loads like SFT ones, plus the
+    training state; `state` supplies what every checkpoint repeats (fingerprint, SFT paths)."""
     model, tokenizer = trainer.model, trainer.tokenizer
 
     def write(tmp: Path, step: int) -> None:
@@ -207,13 +207,7 @@ def checkpoint_writer(trainer: JointTrainer, root: Path, av_meta, ar_meta, state
         write_meta(tmp / "av" / MODEL_META, _with(av_meta, training))
         save_shared_ar(model, trainer.ar, tmp / "ar", _with(ar_meta, training), AR, tokenizer)
 
-    def save(step: int, loop_state: dict[str, Any]) -> None:
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            save_checkpoint(root, step, lambda d: write(d, step), {**loop_state, **state}, trainer.saved_optimizers())
-        acc.wait_for_everyone()
-
-    return save
+    return Saver(root, write, trainer.saved_optimizers, state, acc, last=resolve_resume("auto", root))
 
 
 def output_root(cfg: NLAConfig) -> Path:
@@ -266,34 +260,19 @@ def _train(
     tracker = Tracker(cfg, root.name, is_main=acc.is_main_process)
     tracker.forget_after(int(state["step"]))  # steps after the checkpoint are trained (and logged) again
     val = held_out_rows(cfg, acc)
-    val_start = state.get("val_start")
-    if val is not None and int(state["step"]) == 0:
-        val_start = trainer.validate(val, cfg.run.seed + seeds.HELD_OUT_SAMPLING)
-        tracker.log(val_start, 0)
-    save = checkpoint_writer(
-        trainer,
-        root,
-        av_meta,
-        ar_meta,
-        {"sft_av": str(sft_av), "sft_ar": str(sft_ar), "val_start": val_start, "fingerprint": fingerprint},
-        acc,
-    )
+    trainer.rows = RLRows(data.vectors, claim_rows(data), cfg.run.seed, int(state["cursor"]), val)
+    trainer.val_start = state.get("val_start")  # a resumed run still reports where it started
+    fixed = {"sft_av": str(sft_av), "sft_ar": str(sft_ar), "fingerprint": fingerprint}
+    save = checkpoint_writer(trainer, root, av_meta, ar_meta, fixed, acc)
     began = time.time()
-    history = trainer.fit(
-        data.vectors,
-        claim_rows(data),
-        cfg.run.seed,
-        state,
-        tracker,
-        save,
-        val,
-        cfg.logging.log_every,
-        cfg.logging.progress,
+    cadence = Cadence(rc.rl_steps, cfg.logging.log_every, rc.rl_val_every, rc.rl_save_every)
+    result = trainer.fit(
+        int(state["step"]), cadence, tracker, save, cfg.logging.progress, acc.is_main_process, val is not None
     )
+    history = result.history
     final = root / "final"
-    last = resolve_resume("auto", root)
-    if acc.is_main_process and last is not None:
-        final = publish_final(last, root)
+    if acc.is_main_process and save.last is not None:
+        final = publish_final(save.last, root)
     summary: dict[str, Any] = {
         "steps": rc.rl_steps,
         "checkpoint": str(final),
@@ -308,10 +287,9 @@ def _train(
         summary["reward_first"] = first["rl/reward_mean"]
         summary["reward_last"] = sum(h["rl/reward_mean"] for h in tail) / len(tail)
         summary["seconds_per_step"] = summary["wall_s"] / max(1, len(history))
-    if val is not None:  # every process: the metric gather is collective
-        val_end = trainer.validate(val, cfg.run.seed + seeds.HELD_OUT_SAMPLING)
-        tracker.log(val_end, rc.rl_steps)
-        summary["val_start"], summary["val"] = _short(val_start), _short(val_end)
+    if val is not None:
+        val_end = result.val
+        summary["val_start"], summary["val"] = _short(trainer.val_start), _short(val_end)
         tracker.summary(val_end)
         if acc.is_main_process:
             curve = rl_curve_points(tracker.jsonl, root.name)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nla.core.config import ConfigError, NLAConfig
+from nla.core.config import ALIASES, ConfigError, NLAConfig
 from nla.core.io import atomic_dir, atomic_write_text, write_errors
 
 STATE_FILE = "trainer_state.json"
@@ -39,9 +39,10 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 # Keys a resumed run may change: how long it runs and how it reports, not what it trains.
 # Keys added after checkpoints were written, with the value those checkpoints trained with: a resume
 # compares a checkpoint that predates the key as if it had saved this value.
-IMPLIED_BY_OLDER_CHECKPOINTS = {"top_k": 50}  # transformers' generate applied top-50 before top_k was an option
+IMPLIED_BY_OLDER_CHECKPOINTS = {"rl_top_k": 50}  # transformers' generate applied top-50 before top_k was an option
 _MAY_CHANGE_ON_RESUME = re.compile(
-    r"(_steps|_every|_val_rows)$|^(max_new_tokens|output_dir|resume|device|av_eval_at_start|rollout_engine|vllm_python|vllm_memory_gb)$"
+    r"(_steps|_every|_val_rows)$|^(av_max_new_tokens|output_dir|resume|device|av_eval_at_start|rl_rollout_engine|rl_vllm_python|"
+    r"rl_vllm_memory_gb)$"
 )
 
 
@@ -91,6 +92,37 @@ def save_checkpoint(
     for old in sorted(list_checkpoints(root))[:-keep] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+class Saver:
+    """The one checkpoint callback every trainer's `fit` calls: `saver(step, loop_state)` writes
+    `<root>/checkpoint-<step>` on the main process (`write(tmp_dir, step)` puts the models in, the
+    trainer's optimizers and `loop_state` plus the fixed `state` go beside them) with every process
+    in step around it; `last` is the newest checkpoint (a resumed one until the first save)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        write: Callable[[Path, int], None],
+        optimizers: Callable[[], dict[str, Any]],
+        state: dict[str, Any],
+        accelerator=None,
+        last: Path | None = None,
+    ):
+        self.root, self.write, self.optimizers, self.state = Path(root), write, optimizers, state
+        self.acc, self.last = accelerator, last
+
+    def __call__(self, step: int, loop_state: dict[str, Any]) -> None:
+        self._barrier()
+        if self.acc is None or self.acc.is_main_process:
+            write = self.write
+            save_checkpoint(self.root, step, lambda d: write(d, step), {**loop_state, **self.state}, self.optimizers())
+        self.last = self.root / f"checkpoint-{step:06d}"  # on every process: all know a save happened
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.acc is not None:
+            self.acc.wait_for_everyone()
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -166,7 +198,8 @@ def start_from(resume: str, root: str | Path, fingerprint: dict[str, Any], is_ma
             "names differ); start over with --resume restart, or finish it with the nla version that wrote it."
         )
     saved = state.get("fingerprint")
-    if saved is not None:
+    if saved is not None:  # a checkpoint written before an option was renamed saved its old name
+        saved = {ALIASES.get(k, k): v for k, v in saved.items()}
         saved = {**{k: v for k, v in IMPLIED_BY_OLDER_CHECKPOINTS.items() if k in fingerprint}, **saved}
         changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
         if changed:

@@ -11,11 +11,13 @@ import os
 
 import torch
 
+from nla.models.sources import pick_device
+
 
 def make_accelerator(device: str = "auto"):
     from accelerate import Accelerator
 
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    cpu = pick_device(device).type == "cpu"
     if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     return Accelerator(cpu=cpu)

@@ -6,22 +6,22 @@ peft's `set_adapter` also flips `requires_grad`, so each phase builds gradients 
 adapter: the AR update can never push gradient into the AV, nor the AV update into the AR.
 
 A step, top to bottom (docs/design.md §8):
-  rollout    G samples per vector from the AV at temperature T, capped at max_response_tokens
+  rollout    G samples per vector from the AV at temperature T, capped at rl_max_new_tokens
   score      the AR reads each explanation; the forward keeps its graph for the AR update
   update_ar  one supervised MSE step on the successful explanations (shares the score forward)
   rewards    -MSE_nrm (or -log), -2 for failures, optional length / contrastive / grounded claim
              terms; then the advantages: rewards centred within each group, divided by the
-             group's std (or the batch's: advantage_norm)
-  update_av  clipped policy loss + kl_coef * k3 KL to av_ref (reference pass skipped if kl_coef=0)
-The trainer receives ready objects and owns the loop (`fit`: batches, logging, the held-out
-check, checkpoints through a callback); `nla/stages/rl.py` loads the models and writes the summary.
+             group's std (or the batch's: rl_advantage_norm)
+  update_av  clipped policy loss + rl_kl_coef * k3 KL to av_ref (reference pass skipped if 0)
+The trainer receives ready objects; the loop is the shared `trainer.Trainer.fit` (batches, logging,
+the held-out check, checkpoints through one callback); `nla/stages/rl.py` loads the models and
+writes the summary.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,13 +30,14 @@ from torch import nn
 
 from nla.core import claims, metrics, rewards, seeds
 from nla.core.config import RLConfig
-from nla.core.tracking import Tracker, progress
+from nla.core.tracking import Tracker
 from nla.data.splits import derangement
 from nla.models.ar import ARModel
 from nla.models.av import Rollout, Verbalizer, response_logprobs
 from nla.models.engines import HFEngine
 from nla.train.distributed import mean_over_processes, rank_share
 from nla.train.loop import OptimizerStep, row_stream, skip_counts
+from nla.train.trainer import MAX_GRAD_NORM, Trainer
 
 AV, AV_REF, AR, AR_REF = "av", "av_ref", "ar", "ar_ref"
 FAILED = "<failed>"  # a failed rollout in the samples table
@@ -48,6 +49,20 @@ class HeldOut:
 
     vectors: torch.Tensor  # [n, d] raw
     contexts: list[claims.Row]  # each row's context and facts (claims are checked against them)
+
+
+@dataclass
+class RLRows:
+    """What `fit` trains on: the rl split's vectors [N, d] (raw, the same on every process), one
+    context per vector (`claims.Row`: the grounded term and the samples table check against it),
+    the data-order seed, the rows already consumed (a resumed checkpoint's cursor), and the
+    held-out rows of the check (None: no check)."""
+
+    vectors: torch.Tensor
+    contexts: list
+    seed: int
+    cursor: int = 0
+    val: HeldOut | None = None
 
 
 @dataclass
@@ -87,8 +102,11 @@ class StepOut:
     samples: list[tuple[int, str, float]] = field(default_factory=list)  # (row of group, explanation, fve)
 
 
-class JointTrainer:
-    """GRPO on the AV + supervised AR, on one shared PEFT base model."""
+class JointTrainer(Trainer):
+    """GRPO on the AV + supervised AR, on one shared PEFT base model; `fit` (the shared loop) needs
+    `rows`, `step` alone does not."""
+
+    name = "rl"
 
     def __init__(
         self,
@@ -104,9 +122,10 @@ class JointTrainer:
         av_sched=None,
         ar_sched=None,
         accelerator=None,
-        max_grad_norm: float = 1.0,
+        max_grad_norm: float = MAX_GRAD_NORM,
         sft_ar: ARModel | None = None,
         engine=None,
+        rows: RLRows | None = None,
     ):
         self.model, self.verbalizer, self.ar, self.tokenizer, self.cfg = model, verbalizer, ar, tokenizer, cfg
         self.sft_ar = sft_ar  # frozen SFT AR (adapter AR_REF): scores held-out explanations RL never trained it on
@@ -117,70 +136,66 @@ class JointTrainer:
         self.ar_step = OptimizerStep(AR, ar_opt, ar_sched, lambda: self._clip(ar_opt))
         self.engine = engine or HFEngine(verbalizer)  # samples the rollouts (models/engines.py)
         self.av_version = 0  # AV updates so far: an engine holding another version gets the new weights
+        self.rows = rows
+        self.val_start: dict[str, float] | None = None  # the held-out check before the first step
+        self.last_step: tuple[StepOut, torch.Tensor] | None = None  # (the last step's output, its rows)
 
-    # ------------------------------------------------------------------ the loop
-    def fit(
-        self,
-        vectors: torch.Tensor,
-        contexts: list,
-        seed: int,
-        start: dict[str, Any],
-        tracker: Tracker,
-        save: Callable[[int, dict[str, Any]], None],
-        val: HeldOut | None = None,
-        log_every: int = 1,
-        show_progress: bool = True,
-    ) -> list[dict[str, float]]:
-        """Steps from `start` (step, cursor) to rl_steps on the rows `vectors` [N, d] (raw, every process
-        the same; each takes its share of every global batch from `loop.row_stream`). Logs every
-        `log_every` steps, a samples table every rl_table_every (each claim marked against the
-        row's context), the held-out check (`validate`) every rl_val_every, and calls `save(step,
-        state)` every rl_save_every and at the end. -> the per-step metrics (averaged over processes)."""
-        rc, acc = self.cfg, self.accelerator
-        n_proc = acc.num_processes if acc is not None else 1
-        global_batch, cursor = rc.rl_batch_size * n_proc, int(start["cursor"])
-        history = []
-        first = int(start["step"])
-        is_main = acc is None or acc.is_main_process
-        bar = progress(
-            range(first, rc.rl_steps), enabled=is_main and show_progress, desc="rl", initial=first, total=rc.rl_steps
-        )
-        for step in bar:
-            rows = row_stream(len(vectors), seed, cursor, global_batch)
-            rows = torch.tensor(rank_share(rows, acc) if acc is not None else rows)
-            cursor += global_batch
-            device = acc.device if acc is not None else vectors.device
-            out = self.step(vectors[rows].to(device), [contexts[int(r)] for r in rows])
-            m = mean_over_processes(out.metrics, acc)
-            history.append(m)
-            done = step + 1
-            if done % log_every == 0 or step == 0:
-                tracker.log(m, done)
-                bar.set_postfix_str(describe_metrics(m))
-            if rc.rl_table_every and done % rc.rl_table_every == 0:
-                table = []
-                for g, text, fve in out.samples:
-                    context = contexts[int(rows[g])]
-                    marks = claims.mark(self.verbalizer.format, None if text == FAILED else text, context)
-                    table.append([claims.context_text(context)[-160:], text, claims.marked_text(marks), fve])
-                tracker.log_table("rl/samples", ["context_tail", "explanation", "claims", "fve_nrm"], table, done)
-            if val is not None and rc.rl_val_every and done % rc.rl_val_every == 0 and done < rc.rl_steps:
-                tracker.log(self.validate(val, seed + seeds.HELD_OUT_SAMPLING), done)
-            if done % rc.rl_save_every == 0 or done == rc.rl_steps:
-                save(done, {"cursor": cursor, "skipped": skip_counts(self.av_step, self.ar_step)})
-        return history
+    # ------------------------------------------------------------------ the loop (Trainer.fit)
+    def train_step(self, step: int) -> dict[str, float]:
+        """The next global batch of `rows` (each process takes its share from `loop.row_stream`)
+        through `step` -> its metrics, averaged over processes."""
+        r, acc = self.rows, self.accelerator
+        if r is None:
+            raise ValueError("JointTrainer.fit needs its rows: JointTrainer(..., rows=RLRows(...)).")
+        global_batch = self.cfg.rl_batch_size * (acc.num_processes if acc is not None else 1)
+        ids = row_stream(len(r.vectors), r.seed, r.cursor, global_batch)
+        ids = torch.tensor(rank_share(ids, acc) if acc is not None else ids)
+        r.cursor += global_batch
+        device = acc.device if acc is not None else r.vectors.device
+        out = self.step(r.vectors[ids].to(device), [r.contexts[int(i)] for i in ids])
+        self.last_step = (out, ids)
+        return mean_over_processes(out.metrics, acc)
+
+    def postfix(self, metrics_: dict[str, float]) -> str:
+        return describe_metrics(metrics_)
+
+    def after_step(self, done: int, tracker: Tracker) -> None:
+        """Every rl_table_every steps, the step's samples as a table, each claim marked against its row."""
+        if not self.cfg.rl_table_every or done % self.cfg.rl_table_every or self.last_step is None:
+            return
+        out, ids = self.last_step
+        table = []
+        for g, text, fve in out.samples:
+            context = self.rows.contexts[int(ids[g])]
+            marks = claims.mark(self.verbalizer.format, None if text == FAILED else text, context)
+            table.append([claims.context_text(context)[-160:], text, claims.marked_text(marks), fve])
+        tracker.log_table("rl/samples", ["context_tail", "explanation", "claims", "fve_nrm"], table, done)
+
+    def loop_state(self, done: int) -> dict[str, Any]:
+        cursor = self.rows.cursor if self.rows is not None else 0
+        return {"cursor": cursor, "skipped": skip_counts(self.av_step, self.ar_step), "val_start": self.val_start}
+
+    def validate(self, step: int) -> dict[str, float]:
+        """The held-out check on `rows.val` (`validate_on`); {} when there is none. Step 0's result
+        is kept (`val_start`: every checkpoint repeats it, so a resumed run still reports it)."""
+        if self.rows is None or self.rows.val is None:
+            return {}
+        out = self.validate_on(self.rows.val, self.rows.seed + seeds.HELD_OUT_SAMPLING)
+        if step == 0:
+            self.val_start = out
+        return out
 
     def saved_optimizers(self) -> dict[str, Any]:
         """Both optimizers and schedules under their checkpoint names (`loop.OptimizerStep.saved`)."""
         return {**self.av_step.saved(), **self.ar_step.saved()}
 
-    def validate(self, val: HeldOut, seed: int) -> dict[str, float]:
-        """`evaluate` on this process's held-out vectors, averaged over processes, and the claim
+    def validate_on(self, val: HeldOut, seed: int) -> dict[str, float]:
+        """`validate_here` on this process's held-out vectors, averaged over processes, and the claim
         checks and collapse signals (`rl/val_claims/*`) on every process's explanations together
         (collective: every process calls it)."""
-        m, explanations = self.evaluate(val.vectors, seed, val.contexts)
+        m, explanations = self.validate_here(val.vectors, seed, val.contexts)
         m = mean_over_processes(m, self.accelerator)
-        g = self.cfg.group_size
+        g = self.cfg.rl_group_size
         contexts = [c for c in val.contexts for _ in range(g)]
         if self.accelerator is not None and self.accelerator.num_processes > 1:
             from accelerate.utils import gather_object
@@ -207,7 +222,7 @@ class JointTrainer:
             ar_grad_norm, ar_skipped = self.update_ar(sc)
         with timer("rewards"):  # the reward terms, then group-normalised advantages
             rw = self.reward_terms(ro, sc)
-            adv = rewards.group_advantages(rw.total, self.cfg.group_size, scale=self.cfg.advantage_norm)
+            adv = rewards.group_advantages(rw.total, self.cfg.rl_group_size, scale=self.cfg.rl_advantage_norm)
         with timer("update_av"):
             av = self.update_av(ro, adv)
         out = self.step_metrics(ro, sc, rw, av, ar_grad_norm, ar_skipped)
@@ -215,7 +230,7 @@ class JointTrainer:
         return out
 
     @torch.no_grad()
-    def evaluate(
+    def validate_here(
         self, vectors: torch.Tensor, seed: int, contexts: list | None = None
     ) -> tuple[dict[str, float], list[str | None]]:
         """A step's rollout, score and rewards on held-out vectors, with no update -> (`rl/val_*`
@@ -257,17 +272,17 @@ class JointTrainer:
         explanation's claims are checked against its own row's context (`contexts`)."""
         self.model.set_adapter(AV)
         self.model.eval()
-        g = self.cfg.group_size
+        g = self.cfg.rl_group_size
         injected = vectors
         if self.cfg.rl_shuffle_control:
             injected = vectors[derangement(len(vectors), int(torch.randint(0, 2**31 - 1, ()))).to(vectors.device)]
-        ro = self.engine.rollout(injected, g, self.cfg.temperature, self.cfg.max_response_tokens, self.cfg.top_k)
+        ro = self.engine.rollout(injected, g, self.cfg.rl_temperature, self.cfg.rl_max_new_tokens, self.cfg.rl_top_k)
         answers = [claims.read_answer(self.verbalizer.format, t) for t in ro.texts]  # a broken format is a failure
         explanations = [e for e, _ in answers]
         failed = torch.tensor([not usable for _, usable in answers]) | ro.hit_cap.cpu()
         n_tokens = ro.response_mask.sum(-1).cpu()
         truth = None
-        if self.cfg.claim_reward:
+        if self.cfg.rl_claim_reward:
             if contexts is None or len(contexts) != len(vectors):
                 raise ValueError("claim_reward needs each vector's context.")
             truth = torch.tensor(
@@ -308,13 +323,13 @@ class JointTrainer:
             ro.n_tokens,
             sc.pred,
             ro.targets,
-            kind=self.cfg.reward,
-            length_coef=self.cfg.length_penalty,
-            contrastive_coef=self.cfg.contrastive_coef,
+            kind=self.cfg.rl_reward,
+            length_coef=self.cfg.rl_length_penalty,
+            contrastive_coef=self.cfg.rl_contrastive_coef,
             scale=self.mse_scale,
-            group_size=self.cfg.group_size,
+            group_size=self.cfg.rl_group_size,
             claim_truth=ro.truth,
-            claim_coef=self.cfg.claim_reward,
+            claim_coef=self.cfg.rl_claim_reward,
         )
 
     def av_logprobs(self, ro: RolloutOut, adapter: str = AV) -> torch.Tensor:
@@ -329,7 +344,7 @@ class JointTrainer:
         r = ro.rollout
         device = r.sequences.device
         ref_lp = None
-        if self.cfg.kl_coef > 0:
+        if self.cfg.rl_kl_coef > 0:
             with torch.no_grad():
                 ref_lp = self.av_logprobs(ro, AV_REF)
         self.model.train()
@@ -339,10 +354,10 @@ class JointTrainer:
         # ratio is 1 and the clip inactive, but the gradient is the GRPO gradient; the clip
         # matters if more than one update is ever taken on the same rollouts.
         policy_loss, clip_fraction = rewards.clipped_policy_loss(
-            lp, lp.detach(), advantages.to(device), r.response_mask, self.cfg.clip_eps
+            lp, lp.detach(), advantages.to(device), r.response_mask, self.cfg.rl_clip_eps
         )
         kl = rewards.k3_kl(lp, ref_lp, r.response_mask) if ref_lp is not None else torch.zeros((), device=device)
-        loss = policy_loss + self.cfg.kl_coef * kl
+        loss = policy_loss + self.cfg.rl_kl_coef * kl
         loss.backward()
         grad_norm, skipped = self.av_step()
         if not skipped:
@@ -368,7 +383,7 @@ class JointTrainer:
         if not ok.any():
             return dict.fromkeys(("mse_nrm", "fve_nrm", "top1_in_batch"), float("nan"))
         mse = float(sc.mse[ok].mean())
-        top1 = top1_in_batch(sc.pred[ok], ro.targets[ok], ro.targets[:: self.cfg.group_size], self.mse_scale)
+        top1 = top1_in_batch(sc.pred[ok], ro.targets[ok], ro.targets[:: self.cfg.rl_group_size], self.mse_scale)
         return {"mse_nrm": mse, "fve_nrm": metrics.fve_from_mse(mse, self.target_var), "top1_in_batch": top1}
 
     def _clip(self, opt: torch.optim.Optimizer) -> float:
@@ -381,7 +396,7 @@ class JointTrainer:
         self, ro: RolloutOut, sc: ScoreOut, rw: rewards.Rewards, av: AVUpdateOut, ar_grad_norm: float, ar_skipped: bool
     ) -> StepOut:
         ok = sc.usable
-        n_groups = ro.targets.shape[0] // self.cfg.group_size
+        n_groups = ro.targets.shape[0] // self.cfg.rl_group_size
         m: dict[str, float] = {
             "rl/reward_mean": float(rw.total.mean()),
             "rl/reward_std": float(rw.total.std(unbiased=False)),
@@ -405,7 +420,7 @@ class JointTrainer:
             m["rl/engine_k3"] = av.engine_k3
         fve = metrics.fve_from_mse(sc.mse, self.target_var)
         samples = [
-            (i // self.cfg.group_size, e or FAILED, float(fve[i]) if ok[i] else float("nan"))
+            (i // self.cfg.rl_group_size, e or FAILED, float(fve[i]) if ok[i] else float("nan"))
             for i, e in enumerate(ro.explanations)
         ]
         return StepOut(m, samples)
