@@ -133,39 +133,9 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     )
     tracker.forget_after(int(start.get("step", 0)))  # steps after the checkpoint are trained (and logged) again
 
-    def meta_fn(scale: float, var: float, step: int):
-        return model_meta(
-            ar,
-            train_split.meta,
-            cfg.model.model,
-            scale,
-            {
-                "ar_target_variance": var,
-                "control": "shuffled_targets" if control else None,
-                "ar_text": cfg.ar.ar_text,
-                "training": {
-                    "stage": "train-ar",
-                    "step": step,
-                    "ar_steps": cfg.ar.ar_steps,
-                    "ar_lr": cfg.ar.ar_lr,
-                    "ar_batch_size": cfg.ar.ar_batch_size,
-                    "ar_grad_accum": cfg.ar.ar_grad_accum,
-                    "num_processes": acc.num_processes,
-                    "dtype": cfg.model.dtype,
-                    "seed": cfg.run.seed,
-                    "train_rows": len(train.ids),
-                    "dataset": str(train_split.path),
-                    "dataset_id": train_split.meta.extra.get("dataset_id"),
-                },
-            },
-        )
-
     trainer = ARTrainer(cfg.ar, cfg.run.seed, ar, model, tokenizer, train, val, acc, opt, sched, start)
 
-    def write(tmp: Path, step: int) -> None:
-        save_ar(ar, tmp / "ar", meta_fn(trainer.scale, trainer.var, step), tokenizer)
-
-    save = Saver(root, write, trainer.saved_optimizers, {"fingerprint": fingerprint}, acc, last=resume)
+    save = _saver(cfg, trainer, train_split, root, {"fingerprint": fingerprint}, acc, resume)
     began = time.time()
     cadence = Cadence(cfg.ar.ar_steps, cfg.logging.log_every, cfg.ar.ar_eval_every, cfg.ar.ar_save_every)
     result = trainer.fit(int(start.get("step", 0)), cadence, tracker, save, cfg.logging.progress, acc.is_main_process)
@@ -176,6 +146,37 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     tracker.finish()
     return summary
+
+
+def _saver(cfg: NLAConfig, trainer: ARTrainer, train_split: Split, root: Path, state, acc, resume) -> Saver:
+    """The checkpoint callback: the AR with a sidecar recording its Var, control and training."""
+    control = cfg.ar.ar_shuffle_targets
+
+    def write(tmp: Path, step: int) -> None:
+        training = {
+            "stage": "train-ar",
+            "step": step,
+            "ar_steps": cfg.ar.ar_steps,
+            "ar_lr": cfg.ar.ar_lr,
+            "ar_batch_size": cfg.ar.ar_batch_size,
+            "ar_grad_accum": cfg.ar.ar_grad_accum,
+            "num_processes": acc.num_processes,
+            "dtype": cfg.model.dtype,
+            "seed": cfg.run.seed,
+            "train_rows": len(trainer.train.ids),
+            "dataset": str(train_split.path),
+            "dataset_id": train_split.meta.extra.get("dataset_id"),
+        }
+        extra = {
+            "ar_target_variance": trainer.var,
+            "control": "shuffled_targets" if control else None,
+            "ar_text": cfg.ar.ar_text,
+            "training": training,
+        }
+        meta = model_meta(trainer.ar, train_split.meta, cfg.model.model, trainer.scale, extra)
+        save_ar(trainer.ar, tmp / "ar", meta, trainer.tok)
+
+    return Saver(root, write, trainer.saved_optimizers, state, acc, last=resume)
 
 
 def _summary(
