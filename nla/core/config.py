@@ -24,6 +24,8 @@ import yaml
 from nla.core.claims import ExtractiveFormat
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"
+# Sampling keeps the k likeliest tokens: transformers' generate default, explicit so every engine matches it.
+TOP_K = 50
 
 
 # Old option names, still read on the command line, in YAML configs and in a run's saved config.yaml,
@@ -383,7 +385,7 @@ class RLConfig:
     rl_temperature: float = _help("Rollout sampling temperature.", default=1.0)
     rl_top_k: int = _help(
         "Rollouts sample from the k likeliest tokens (0: all); 50 is what transformers' generate used unasked.",
-        default=50,
+        default=TOP_K,
     )
     rl_kl_coef: float = _help("Weight of the k3 KL to the frozen SFT AV (0 skips reference log-probs).", default=0.01)
     rl_clip_eps: float = _help("PPO ratio clip.", default=0.2)

@@ -27,14 +27,12 @@ import torch
 from torch import nn
 
 from nla.core import claims, templates
+from nla.core.config import TOP_K
 from nla.core.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
 from nla.models.injection import InjectionHook, repeat_for_samples
 from nla.models.sources import ModelSource, load_adapter, pick_device
 
 IGNORE = -100  # label value that the loss skips
-TOP_K = (
-    50  # sampling keeps the 50 likeliest tokens: transformers' generate default, explicit so every engine matches it
-)
 AV_SUBDIR = "av"  # a training checkpoint holds the AV under <ckpt>/av/
 AV_ROLES = ("av", "actor")  # 'actor' is what older reference sidecars say
 

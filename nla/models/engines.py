@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nla.models.av import TOP_K, Rollout, Verbalizer, assemble_rollout, build_generation_batch
+from nla.core.config import TOP_K
+from nla.models.av import Rollout, Verbalizer, assemble_rollout, build_generation_batch
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 DEFAULT_VLLM_PYTHON = ".venv-vllm/bin/python"
