@@ -55,3 +55,22 @@ def test_bench_tiny_model_keys_and_ratios(tiny_model_dir):
     assert result["layer"] == 1 and result["cpu_count"] >= 1 and result["torch"] == torch.__version__
     json.dumps(result)  # the last line of the CLI must be one JSON object
     assert "command" not in result  # added by main(), which also writes files; run_all writes none
+
+
+def test_probe_reads_the_own_token_from_a_tiny_models_vectors(tiny_model_dir, tmp_path):
+    """bench/probe.py end to end on a real datagen output (tiny model, 60 documents): every target has
+    its numbers, and the position's own token, which the residual stream carries, is read above the
+    majority label (the probe would fail this if it read nothing)."""
+    from nla.cli import main as nla_main
+
+    out = tmp_path / "run"
+    args = ["datagen", "--config", "configs/smoke.yaml", "--model", str(tiny_model_dir), "--output_dir", str(out)]
+    assert nla_main([*args, "--teacher", "extractive", "--teacher_claims", "quote,next", "--max_docs", "60"]) == 0
+    spec = importlib.util.spec_from_file_location("nla_bench_probe", BENCH.parent / "probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    results = probe.measure(out / "data", [1, 2], epochs=100, seed=0)
+    assert set(results) == {"token", "token -1", "model's next token"}
+    for r in results.values():
+        assert all(0.0 <= r[k] <= 1.0 for k in ("probe", "majority", "from_own_token", "seen_in_train"))
+    assert results["token"]["probe"] > results["token"]["majority"] + 0.1, results["token"]

@@ -35,6 +35,7 @@ from nla.models.sources import (
     damaged,
     load_adapter,
     load_truncated_backbone,
+    role_folder,
     saved_lora_config,
     unreadable_weights,
 )
@@ -213,11 +214,6 @@ def model_meta(ar: ARModel, base: Meta, base_checkpoint: str, mse_scale: float, 
     )
 
 
-def resolve_ar_dir(path: Path) -> Path:
-    """Accept a checkpoint folder holding `ar/`, or the AR folder itself."""
-    return path / "ar" if (path / "ar").is_dir() else path
-
-
 def read_ar_meta(directory: Path) -> Meta:
     meta = read_meta(directory)  # raises "... not found: needs its nla_meta.yaml"
     raw = yaml.safe_load((directory / MODEL_META).read_text()) or {}
@@ -253,7 +249,7 @@ def load_ar(
     """
     from safetensors.torch import load_file
 
-    directory = resolve_ar_dir(Path(path))
+    directory = role_folder(path, "ar")
     if not directory.is_dir():
         raise ModelError(f"AR checkpoint {directory} not found; train one with `nla train-ar` or pass --ar_checkpoint.")
     meta = read_ar_meta(directory)
@@ -322,7 +318,7 @@ def attach_to_shared_base(
     from peft import PeftModel, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    directory = resolve_ar_dir(Path(path))
+    directory = role_folder(path, "ar")
     meta = read_ar_meta(directory)
     if not (directory / "adapter_config.json").is_file():
         raise ModelError(

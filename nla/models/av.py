@@ -30,7 +30,7 @@ from nla.core import claims, templates
 from nla.core.config import TOP_K
 from nla.core.sidecar import MODEL_META, Meta, SidecarError, read_meta, write_meta
 from nla.models.injection import InjectionHook, repeat_for_samples
-from nla.models.sources import ModelSource, load_adapter, pick_device
+from nla.models.sources import ModelSource, load_adapter, pick_device, role_folder
 
 IGNORE = -100  # label value that the loss skips
 AV_SUBDIR = "av"  # a training checkpoint holds the AV under <ckpt>/av/
@@ -405,16 +405,6 @@ def save_av(model: nn.Module, tokenizer, meta: Meta, out_dir: str | Path) -> Pat
     return out_dir
 
 
-def resolve_av_dir(path: str | Path) -> Path:
-    """A checkpoint folder holding av/, or the AV folder itself."""
-    path = Path(path)
-    if (path / AV_SUBDIR / MODEL_META).is_file() or (path / AV_SUBDIR).is_dir():
-        return path / AV_SUBDIR
-    if not path.is_dir():
-        raise SidecarError(f"AV checkpoint {path} not found: run `nla train-av` or pass --av_checkpoint DIR.")
-    return path
-
-
 def injection_scale_of(meta: Meta, where: str) -> float:
     scale = (meta.extra.get("extraction") or {}).get("injection_scale")
     if scale is None or float(scale) <= 0:
@@ -464,7 +454,9 @@ def load_av(
     source: ModelSource = ModelSource(),
 ) -> Verbalizer:
     """Load an AV (ours or the reference release format), verified against the live tokenizer."""
-    av_dir = resolve_av_dir(path)
+    av_dir = role_folder(path, AV_SUBDIR)
+    if not av_dir.is_dir():
+        raise SidecarError(f"AV checkpoint {av_dir} not found: run `nla train-av` or pass --av_checkpoint DIR.")
     meta = read_av_meta(av_dir)
     scale = injection_scale_of(meta, str(av_dir))
     has_tokenizer = (av_dir / "tokenizer_config.json").is_file()

@@ -37,7 +37,7 @@ from nla.core.sidecar import MODEL_META, Meta, SidecarError
 from nla.models.ar import AR_ROLES, ARModel, load_ar, mse_scale_of
 from nla.models.av import AV_ROLES, Sample, Verbalizer, load_av
 from nla.models.backbone import text_config
-from nla.models.sources import ModelError, ModelSource, pick_device
+from nla.models.sources import ModelError, ModelSource, pick_device, role_folder
 
 
 def option(text: str, default: Any = None) -> Any:
@@ -126,9 +126,7 @@ def resolve_paths(
 
 def model_folder(path: str | Path, sub: str) -> Path:
     """A folder holding `<sub>/nla_meta.yaml`, or the model folder itself."""
-    path = Path(path)
-    if (path / sub / MODEL_META).is_file():
-        return path / sub
+    path = role_folder(path, sub)
     if not (path / MODEL_META).is_file():
         found = _split_checkpoint(path)  # a run folder or checkpoint given as --av_checkpoint/--ar
         pick = found.av if sub == "av" else found.ar

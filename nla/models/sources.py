@@ -317,6 +317,14 @@ def load_error(what: str, path: str, err: OSError) -> ModelError:
     return ModelError(f"could not load {what} from {path!r}: {first} Fix: {fix}")
 
 
+def role_folder(path: str | Path, role: str) -> Path:
+    """The one way a model folder is found in a path: a checkpoint folder holding `<role>/` (role
+    "av" or "ar": `<run>/rl/final`, `<run>/av/final`, a training checkpoint) or the folder itself.
+    Run folders (rl/final, else the SFT finals) are `pair.model_folder`'s, built on this."""
+    path = Path(path)
+    return path / role if (path / role).is_dir() else path
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """The one choice of device: "auto" is CUDA when a GPU is visible, else the CPU."""
     if name == "auto":
