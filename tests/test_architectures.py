@@ -18,8 +18,8 @@ from nla.models.av import IGNORE, build_sft_batch, response_logprobs
 from nla.models.backbone import block_output, decoder_layers
 from nla.models.injection import InjectionHook, rescale
 from nla.models.lora import apply_lora, untargeted_projections
+from nla.models.patching import next_token_logprobs
 from nla.models.sources import load_causal_lm
-from nla.stages.reinjection import next_token_logprobs
 from nla.testing import ARCHITECTURES, build_tiny_tokenizer, save_tiny_architecture
 
 LAYER = 1

@@ -22,8 +22,8 @@ from nla.core.config import from_flat_dict, load_yaml
 from nla.core.metrics import normalize, target_variance
 from nla.core.sidecar import Meta, make_token_spec
 from nla.data.splits import write_split
+from nla.data.teacher import LocalParaphraser
 from nla.stages.controls import (
-    LocalParaphraser,
     Scorer,
     control_fves,
     length_curve,
@@ -699,8 +699,9 @@ def test_reinjection_patch_touches_only_the_last_position_at_layer_k(tiny_tokeni
     lengths and several patches in turn; a mean patch scores exactly the mean baseline."""
     from nla.models.ar import pad_batch
     from nla.models.backbone import decoder_layers
+    from nla.models.patching import next_token_logprobs
     from nla.models.sources import load_causal_lm
-    from nla.stages.reinjection import next_token_logprobs, reinjection_scores
+    from nla.stages.reinjection import reinjection_scores
     from nla.testing import save_tiny_model
 
     model = load_causal_lm(str(save_tiny_model(tmp_path / "m", initializer_range=0.2))).eval()

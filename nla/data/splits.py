@@ -18,11 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from nla.core import templates
 from nla.core.config import ConfigError
 from nla.core.io import atomic_file
 from nla.core.sidecar import Meta, dataset_meta_path, read_meta, write_meta
 
 SPLITS = ("av_sft", "ar_sft", "rl", "val", "test")
+TEACHER_SPLITS = ("av_sft", "ar_sft", "val", "test")  # rows that need an explanation
+RESPONSE_SPLITS = ("av_sft", "val", "test")  # rows that carry the AV's target text
 
 
 @dataclass
@@ -92,6 +95,28 @@ def spread_rows(doc_ids: list[Any], limit: int, seed: int = 0) -> list[int]:
             if turn < len(groups[j]) and len(picked) < limit:
                 picked.append(groups[j][turn])
     return sorted(picked)
+
+
+def split_columns(
+    name: str, rows, idx: list[int], layer: int, explanation: list[str | None], av_message: str
+) -> dict[str, list[Any]]:
+    """The column layout of split `name` for `rows` (datagen's, indexed by `idx`): the reference
+    release's columns, the model's next token where it was recorded, the prompt each model reads,
+    and on the AV's splits its target text."""
+    columns: dict[str, list[Any]] = {
+        "doc_id": [rows.doc_id[i] for i in idx],
+        "position": [rows.position[i] for i in idx],
+        "n_raw_tokens": [rows.n_raw_tokens[i] for i in idx],
+        "activation_layer": [layer] * len(idx),
+        "detokenized_text_truncated": [rows.context[i] for i in idx],
+    }
+    if any(t is not None for t in rows.next_token):
+        columns["model_next_token"] = [rows.next_token[i] for i in idx]
+    columns["explanation"] = [explanation[i] for i in idx]
+    columns["prompt"] = [templates.ar_prompt(explanation[i]) if name == "ar_sft" else av_message for i in idx]
+    if name in RESPONSE_SPLITS:
+        columns["response"] = [templates.av_response(explanation[i]) for i in idx]
+    return columns
 
 
 def load_split(path: str | Path, max_rows: int | None = None, seed: int = 0) -> Split:

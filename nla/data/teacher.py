@@ -476,3 +476,25 @@ def explain(
         if len(result.samples) < 3:
             result.samples.append(answer)
     return result
+
+
+class LocalParaphraser(LocalTeacher):
+    """The local teacher, asked to rewrite an explanation (PARAPHRASE_TEMPLATE) instead of writing one."""
+
+    @classmethod
+    def wrap(cls, teacher: LocalTeacher) -> LocalParaphraser:
+        p = cls(
+            teacher.model,
+            teacher.tokenizer,
+            "",
+            teacher.max_new_tokens,
+            teacher.temperature,
+            teacher.batch_size,
+            teacher.prefill,
+        )
+        p.identity = f"paraphrase:{templates.PARAPHRASE_TEMPLATE!r}:{teacher.identity}"  # its own cache keys
+        return p
+
+    def prompt_text(self, explanation: str) -> str:
+        messages = [{"role": "user", "content": templates.PARAPHRASE_TEMPLATE.format(explanation=explanation)}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + self.prefill

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from nla.core import metrics, seeds, templates
+from nla.core import metrics, seeds
 from nla.core.claims import split_claims
 from nla.core.config import ConfigError, NLAConfig
 from nla.data.splits import derangement
-from nla.data.teacher import LocalTeacher, TeacherCache, make_teacher
+from nla.data.teacher import LocalParaphraser, TeacherCache, make_teacher
 from nla.data.teacher import explain as teacher_explain
 from nla.models.pair import NLA
 
@@ -182,28 +182,6 @@ def rewritten_scores(
 
 
 # ---------------------------------------------------------------- paraphrase control
-
-
-class LocalParaphraser(LocalTeacher):
-    """The local teacher, asked to rewrite an explanation (PARAPHRASE_TEMPLATE) instead of writing one."""
-
-    @classmethod
-    def wrap(cls, teacher: LocalTeacher) -> LocalParaphraser:
-        p = cls(
-            teacher.model,
-            teacher.tokenizer,
-            "",
-            teacher.max_new_tokens,
-            teacher.temperature,
-            teacher.batch_size,
-            teacher.prefill,
-        )
-        p.identity = f"paraphrase:{templates.PARAPHRASE_TEMPLATE!r}:{teacher.identity}"  # its own cache keys
-        return p
-
-    def prompt_text(self, explanation: str) -> str:
-        messages = [{"role": "user", "content": templates.PARAPHRASE_TEMPLATE.format(explanation=explanation)}]
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + self.prefill
 
 
 def reverse_claims(text: str) -> str:

@@ -46,13 +46,11 @@ from nla.data.extract import (
     stable_int,
     stable_unit,
 )
-from nla.data.splits import SPLITS, split_path, write_split
+from nla.data.splits import SPLITS, TEACHER_SPLITS, split_columns, split_path, write_split
 from nla.data.teacher import Explained, Teacher, TeacherCache, explain, make_teacher
 from nla.models.backbone import default_layer, text_config
 from nla.models.sources import pick_device
 
-TEACHER_SPLITS = ("av_sft", "ar_sft", "val", "test")  # rows that need an explanation
-RESPONSE_SPLITS = ("av_sft", "val", "test")  # rows that carry the AV's target text
 SUMMARY = "datagen_summary.json"
 TAIL_CHARS = 160  # context shown next to sample explanations
 
@@ -344,22 +342,7 @@ def _write_splits(
         idx = [
             i for i, s in enumerate(splits) if s == name and (name not in TEACHER_SPLITS or explanation[i] is not None)
         ]
-        columns: dict[str, list[Any]] = {
-            "doc_id": [rows.doc_id[i] for i in idx],
-            "position": [rows.position[i] for i in idx],
-            "n_raw_tokens": [rows.n_raw_tokens[i] for i in idx],
-            "activation_layer": [layer] * len(idx),
-            "detokenized_text_truncated": [rows.context[i] for i in idx],
-            **(
-                {"model_next_token": [rows.next_token[i] for i in idx]}
-                if any(t is not None for t in rows.next_token)
-                else {}
-            ),
-            "explanation": [explanation[i] for i in idx],
-            "prompt": [templates.ar_prompt(explanation[i]) if name == "ar_sft" else av_message for i in idx],
-        }
-        if name in RESPONSE_SPLITS:
-            columns["response"] = [templates.av_response(explanation[i]) for i in idx]
+        columns = split_columns(name, rows, idx, layer, explanation, av_message)
         # a deep copy per split
         meta = Meta(
             "nla_dataset",
