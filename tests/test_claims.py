@@ -271,6 +271,20 @@ def test_truth_share_is_the_share_of_claims_checked_true():
     assert claims.truth_share(claims.FreeFormat(), "about headers", context) == 0.0  # unchecked is never true
 
 
+def test_a_true_quote_can_be_paid_by_its_length():
+    """--rl_claim_quote_chars N: a true quote counts len / N (at most 1), a false one 0, other claims 1."""
+    fmt = claims.ExtractiveFormat(claim_types=("quote",))
+    context = "The parser returns the header value.\nThe header value"
+    share = lambda text, n: claims.truth_share(fmt, text, context, quote_chars=n)  # noqa: E731
+    assert share('ends with "value"', 16) == 5 / 16 and share('ends with "value"', 0) == 1.0
+    assert share('ends with "header value"', 16) == 12 / 16 > share('ends with "value"', 16)
+    assert share('ends with "The header value"', 16) == 1.0  # 16 characters: in full
+    assert share('ends with "\nThe header value"', 16) == 1.0  # longer: still at most 1
+    assert share('ends with "the header value"', 16) == 0.0  # one character wrong: the whole quote is false
+    topical = claims.ExtractiveFormat()
+    assert claims.truth_share(topical, 'ends with "value"; about header', context, quote_chars=10) == (0.5 + 1) / 2
+
+
 def test_the_next_token_claim_is_checked_against_the_rows_recorded_prediction():
     fmt = claims.ExtractiveFormat(claim_types=("quote", "next"))
     row = claims.Row("The value of x", " is")

@@ -356,14 +356,24 @@ def mark(fmt: ExplanationFormat, explanation: str | None, context: str | Row) ->
     return {"format_ok": parsed.ok, "claims": out}
 
 
-def truth_share(fmt: ExplanationFormat, explanation: str | None, context: str | Row) -> float:
+def truth_share(fmt: ExplanationFormat, explanation: str | None, context: str | Row, quote_chars: int = 0) -> float:
     """The share of an explanation's claims that its format's checks find true of `context` (a
     malformed or unchecked claim counts as not true); 0 for no explanation or no claims. RL's
-    grounded claim term (`--rl_claim_reward`) pays this."""
+    grounded claim term (`--rl_claim_reward`) pays this. With `quote_chars` > 0 a true quote counts
+    its length over that many characters (at most 1), so a longer true quote is worth more than the
+    token alone (`--rl_claim_quote_chars`)."""
     if explanation is None:
         return 0.0
-    verdicts = [c["verdict"] for c in mark(fmt, explanation, context)["claims"]]
-    return sum(v == "true" for v in verdicts) / len(verdicts) if verdicts else 0.0
+    marks = mark(fmt, explanation, context)["claims"]
+    worth = [
+        0.0
+        if c["verdict"] != "true"
+        else min(1.0, len(c["value"]) / quote_chars)
+        if quote_chars and c["type"] == "quote"
+        else 1.0
+        for c in marks
+    ]
+    return sum(worth) / len(worth) if worth else 0.0
 
 
 SYMBOLS = {"true": "✓", "false": "✗", "unchecked": "?", MALFORMED: "!"}

@@ -401,6 +401,12 @@ class RLConfig:
         "eval report.",
         default=0.0,
     )
+    rl_claim_quote_chars: int = _help(
+        "With the grounded term, a true quote is paid its length over this many characters (at most 1) "
+        "instead of in full, so saying more of the text, truthfully, pays more than the token alone "
+        "(0: every true quote pays in full).",
+        default=0,
+    )
     rl_advantage_norm: str = _help(
         "Divide each group's centred rewards by the group's std ('group', GRPO) or by one std "
         "over the batch ('batch').",
@@ -438,6 +444,8 @@ class RLConfig:
             raise ConfigError(f"rl_reward={self.rl_reward!r}: use 'neg_mse' or 'neg_log_mse'.")
         if self.rl_advantage_norm not in ("group", "batch"):
             raise ConfigError(f"rl_advantage_norm={self.rl_advantage_norm!r}: use 'group' or 'batch'.")
+        if self.rl_claim_quote_chars < 0:
+            raise ConfigError(f"rl_claim_quote_chars={self.rl_claim_quote_chars}: must be >= 0.")
         if self.rl_claim_reward < 0:
             raise ConfigError(f"rl_claim_reward={self.rl_claim_reward}: must be >= 0 (it pays for true claims).")
         if self.rl_group_size < 2:

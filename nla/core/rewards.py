@@ -133,6 +133,7 @@ def reward_record(rc) -> dict[str, Any]:
     return {
         "reward": rc.rl_reward,
         "claim_reward": rc.rl_claim_reward,
+        "claim_quote_chars": rc.rl_claim_quote_chars,
         "contrastive_coef": rc.rl_contrastive_coef,
         "length_penalty": rc.rl_length_penalty,
         "advantage_norm": rc.rl_advantage_norm,
@@ -149,6 +150,11 @@ def describe_reward(record: dict[str, Any] | None) -> str | None:
         parts.append(
             f"+ {record['claim_reward']} x the share of claims checked true of the row's context (the grounded "
             "term: this RL saw the contexts, which the paper's reward never does)"
+            + (
+                f", a true quote counting its length over {record['claim_quote_chars']} characters"
+                if record.get("claim_quote_chars")
+                else ""
+            )
         )
     parts += [f"+ contrastive x {record['contrastive_coef']}"] if record.get("contrastive_coef") else []
     parts += [f"- {record['length_penalty']} per token"] if record.get("length_penalty") else []

@@ -39,7 +39,10 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 # Keys a resumed run may change: how long it runs and how it reports, not what it trains.
 # Keys added after checkpoints were written, with the value those checkpoints trained with: a resume
 # compares a checkpoint that predates the key as if it had saved this value.
-IMPLIED_BY_OLDER_CHECKPOINTS = {"rl_top_k": 50}  # transformers' generate applied top-50 before top_k was an option
+IMPLIED_BY_OLDER_CHECKPOINTS = {
+    "rl_top_k": 50,  # transformers' generate applied top-50 before top_k was an option
+    "rl_claim_quote_chars": 0,  # every true quote paid in full
+}
 _MAY_CHANGE_ON_RESUME = re.compile(
     r"(_steps|_every|_val_rows)$|^(av_max_new_tokens|output_dir|resume|device|av_eval_at_start|rl_rollout_engine|rl_vllm_python|"
     r"rl_vllm_memory_gb)$"

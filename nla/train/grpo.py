@@ -286,7 +286,10 @@ class JointTrainer(Trainer):
             if contexts is None or len(contexts) != len(vectors):
                 raise ValueError("claim_reward needs each vector's context.")
             truth = torch.tensor(
-                [claims.truth_share(self.verbalizer.format, e, contexts[i // g]) for i, e in enumerate(explanations)]
+                [
+                    claims.truth_share(self.verbalizer.format, e, contexts[i // g], self.cfg.rl_claim_quote_chars)
+                    for i, e in enumerate(explanations)
+                ]
             )
         return RolloutOut(
             ro,
