@@ -5,8 +5,8 @@ file), so field names are unique across the dataclasses and the CLI is flat:
 
     nla train-ar --config configs/embedded.yaml --ar_lr 1e-4 --output_dir runs/x
 
-Parsing is trl's `TrlParser` (YAML sets defaults, CLI overrides); we pre-check YAML keys to name
-an unknown key, a close match and the valid keys."""
+We read the YAML (naming an unknown key, a close match and the valid keys, and mapping old option
+names through `ALIASES`) and hand it to trl's `TrlParser` as defaults; the CLI overrides them."""
 
 from __future__ import annotations
 
