@@ -106,7 +106,7 @@ def resolve_paths(
     need_ar: bool = True,
 ) -> CheckpointPaths:
     """The AV and AR folders to load; `av`/`ar` override the halves found in `checkpoint`."""
-    for name, value in (("checkpoint", checkpoint), ("av", av), ("ar", ar)):
+    for name, value in (("checkpoint", checkpoint), ("av_checkpoint", av), ("ar_checkpoint", ar)):
         if value is not None and not Path(value).exists():
             raise ConfigError(f"--{name} {value}: no such folder.")
     found = _split_checkpoint(Path(checkpoint)) if checkpoint is not None else CheckpointPaths(None, None)
