@@ -31,10 +31,9 @@ def targets(split, tokenizer, offsets: list[int]) -> dict[str, list[int | str]]:
     """Per row: the token ids at each offset back from the position (1 = its own token), the own
     token again for the lookup baseline, and the model's next token where datagen recorded it."""
     ids = [tokenizer.encode(c or "", add_special_tokens=False) for c in split.column("detokenized_text_truncated")]
-    out: dict[str, list] = {f"token -{k - 1}" if k > 1 else "token": [] for k in offsets}
+    out: dict[str, list] = {}
     for k in offsets:
-        key = f"token -{k - 1}" if k > 1 else "token"
-        out[key] = [row[-k] if len(row) >= k else -1 for row in ids]
+        out[f"token -{k - 1}" if k > 1 else "token"] = [row[-k] if len(row) >= k else -1 for row in ids]
     out["_own"] = [row[-1] if row else -1 for row in ids]
     if "model_next_token" in split.columns:
         out["model's next token"] = list(split.column("model_next_token"))
@@ -94,7 +93,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--epochs", type=int, default=300, help="full-batch Adam steps per probe")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     results = measure(args.data_dir, [int(k) for k in args.offsets.split(",")], args.epochs, args.seed)
     print(f"{'target':<22} {'probe':>6} {'majority':>9} {'own token':>10} {'seen':>5}")
     for name, r in results.items():

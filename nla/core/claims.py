@@ -364,16 +364,14 @@ def truth_share(fmt: ExplanationFormat, explanation: str | None, context: str | 
     token alone (`--rl_claim_quote_chars`)."""
     if explanation is None:
         return 0.0
+
+    def worth(c: dict[str, Any]) -> float:
+        if c["verdict"] != "true":
+            return 0.0
+        return min(1.0, len(c["value"]) / quote_chars) if quote_chars and c["type"] == "quote" else 1.0
+
     marks = mark(fmt, explanation, context)["claims"]
-    worth = [
-        0.0
-        if c["verdict"] != "true"
-        else min(1.0, len(c["value"]) / quote_chars)
-        if quote_chars and c["type"] == "quote"
-        else 1.0
-        for c in marks
-    ]
-    return sum(worth) / len(worth) if worth else 0.0
+    return sum(map(worth, marks)) / len(marks) if marks else 0.0
 
 
 SYMBOLS = {"true": "✓", "false": "✗", "unchecked": "?", MALFORMED: "!"}

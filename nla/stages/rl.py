@@ -37,7 +37,6 @@ from nla.train.checkpoint import (
     Saver,
     load_checkpoint_state,
     publish_final,
-    resolve_resume,
     start_from,
     training_fingerprint,
 )
@@ -184,9 +183,12 @@ def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path
     return trainer, state, av_meta, _with(ar_meta, {"ar_target_variance": var})
 
 
-def checkpoint_writer(trainer: JointTrainer, root: Path, av_meta, ar_meta, state: dict[str, Any], acc) -> Saver:
+def checkpoint_writer(
+    trainer: JointTrainer, root: Path, av_meta, ar_meta, state: dict[str, Any], acc, resume: Path | None
+) -> Saver:
     """The run's `Saver`: the AV and AR as two folders a later stage loads like SFT ones, plus the
-    training state; `state` supplies what every checkpoint repeats (fingerprint, SFT paths)."""
+    training state; `state` supplies what every checkpoint repeats (fingerprint, SFT paths); until the
+    first save, the newest checkpoint is the one resumed."""
     model, tokenizer = trainer.model, trainer.tokenizer
 
     def write(tmp: Path, step: int) -> None:
@@ -207,7 +209,7 @@ def checkpoint_writer(trainer: JointTrainer, root: Path, av_meta, ar_meta, state
         write_meta(tmp / "av" / MODEL_META, _with(av_meta, training))
         save_shared_ar(model, trainer.ar, tmp / "ar", _with(ar_meta, training), AR, tokenizer)
 
-    return Saver(root, write, trainer.saved_optimizers, state, acc, last=resolve_resume("auto", root))
+    return Saver(root, write, trainer.saved_optimizers, state, acc, last=resume)
 
 
 def output_root(cfg: NLAConfig) -> Path:
@@ -238,7 +240,7 @@ def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     resume = start_from(cfg.run.resume, root, fingerprint, acc.is_main_process)
     trainer, state, av_meta, ar_meta = build_trainer(cfg, data, sft_av, sft_ar, resume, acc)
     try:
-        return _train(cfg, acc, trainer, state, av_meta, ar_meta, data, root, sft_av, sft_ar, fingerprint)
+        return _train(cfg, acc, trainer, state, av_meta, ar_meta, data, root, sft_av, sft_ar, fingerprint, resume)
     finally:
         trainer.engine.close()
 
@@ -255,6 +257,7 @@ def _train(
     sft_av: Path,
     sft_ar: Path,
     fingerprint: dict[str, Any],
+    resume: Path | None,
 ) -> dict[str, Any]:
     rc = cfg.rl
     tracker = Tracker(cfg, root.name, is_main=acc.is_main_process)
@@ -263,7 +266,7 @@ def _train(
     trainer.rows = RLRows(data.vectors, claim_rows(data), cfg.run.seed, int(state["cursor"]), val)
     trainer.val_start = state.get("val_start")  # a resumed run still reports where it started
     fixed = {"sft_av": str(sft_av), "sft_ar": str(sft_ar), "fingerprint": fingerprint}
-    save = checkpoint_writer(trainer, root, av_meta, ar_meta, fixed, acc)
+    save = checkpoint_writer(trainer, root, av_meta, ar_meta, fixed, acc, resume)
     began = time.time()
     cadence = Cadence(rc.rl_steps, cfg.logging.log_every, rc.rl_val_every, rc.rl_save_every)
     result = trainer.fit(
