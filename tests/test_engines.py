@@ -116,6 +116,51 @@ def test_merged_weights_are_peft_merge(tmp_path):
     assert all(torch.allclose(merged[k], reference[k], atol=1e-6) for k in reference)
 
 
+def test_the_saved_adapter_is_the_av_alone(tmp_path):
+    """Adapter sync writes one adapter of a model holding several (as RL's does): peft loads it onto a
+    fresh base as exactly the AV, and it is a small share of the merged weights."""
+    from peft import PeftModel
+
+    from nla.models.engines import save_adapter
+    from nla.models.lora import lora_config
+
+    model_dir = save_tiny_model(tmp_path / "m", initializer_range=0.2)
+    v = _verbalizer(model_dir)
+    v.model.add_adapter("other", lora_config(4))
+    _perturb(v.model, seed=7)  # both adapters now non-zero
+    v.model.set_adapter("default")
+    written = save_adapter(v.model, "default", tmp_path / "adapter")
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    with torch.no_grad():
+        ours = v.model(input_ids=ids).logits
+        fresh = PeftModel.from_pretrained(load_causal_lm(str(model_dir)), str(tmp_path / "adapter")).eval()
+        theirs = fresh(input_ids=ids).logits
+        v.model.set_adapter("other")
+        other = v.model(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5) and not torch.allclose(ours, other, atol=1e-3)
+    assert written < sum(t.numel() * t.element_size() for t in merged_state_dict(v.model, "default").values()) / 4
+
+
+def test_sync_modes_resolve_by_device_and_adapter(tmp_path):
+    from nla.models.engines import EngineError, cpu_share, lora_rank_for, resolve_sync
+
+    v = _verbalizer(save_tiny_model(tmp_path / "m", initializer_range=0.2))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_sync("auto", v.model, "default", cpu) == "merged"
+    assert resolve_sync("auto", v.model, "default", cuda) == "adapter"
+    assert resolve_sync("merged", v.model, "default", cuda) == "merged"
+    assert lora_rank_for(v.model, "default") == 8  # rank 4 served at vLLM's next allowed rank
+    plain = _verbalizer(tmp_path / "m", lora=False)
+    assert resolve_sync("auto", plain.model, "default", cuda) == "merged"
+    with pytest.raises(EngineError, match="fully fine-tuned"):
+        resolve_sync("adapter", plain.model, "default", cpu)
+    with pytest.raises(EngineError, match="rl_engine_sync='both'"):
+        resolve_sync("both", v.model, "default", cpu)
+    assert cpu_share(0, 1) is None
+    shares = [cpu_share(i, 2) for i in range(2)]  # disjoint, non-empty shares of this process's cores
+    assert all(shares) and not set(shares[0].split(",")) & set(shares[1].split(","))
+
+
 def test_a_missing_vllm_environment_says_how_to_build_it(tmp_path):
     from nla.models.engines import EngineError, find_vllm_python
 
@@ -132,12 +177,14 @@ def tiny_av_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("vllm-tiny"), initializer_range=0.2, n_heads=2)
 
 
-@pytest.fixture(scope="module")
-def engine(vllm_python, tiny_av_dir):
-    from nla.models.engines import VLLMEngine
+@pytest.fixture(scope="module", params=["merged", "adapter"])
+def engine(request, vllm_python, tiny_av_dir):
+    """A vLLM engine synced either way (--rl_engine_sync): every test below holds for both."""
+    from nla.models.engines import VLLMEngine, lora_rank_for
 
     v = _verbalizer(tiny_av_dir)
-    eng = VLLMEngine(v, str(tiny_av_dir), vllm_python, max_model_len=128)
+    rank = lora_rank_for(v.model, "default") if request.param == "adapter" else 0
+    eng = VLLMEngine(v, str(tiny_av_dir), vllm_python, max_model_len=128, sync_mode=request.param, lora_rank=rank)
     yield eng
     eng.close()
 
@@ -194,6 +241,8 @@ def test_greedy_parity_across_weight_updates(engine):
 
 @pytest.mark.vllm
 def test_without_the_cache_reset_the_engine_is_stale(engine):
+    if engine.sync_mode == "adapter":
+        pytest.skip("a new adapter gets a new LoRA id, which vLLM's prefix cache keys on: the reset is kept anyway")
     v = engine.verbalizer
     vectors = torch.randn(6, v.meta.d_model, generator=torch.Generator().manual_seed(2)) * 3
     engine.sync(v.model, "default", 100)
@@ -227,8 +276,8 @@ def test_rl_step_at_temperature_zero_is_the_same_with_either_engine(vllm_python,
     train_av.run(cfg)
     data = load_split(out / "data" / "rl.parquet")
     sft_av, sft_ar = out / "av" / "final" / "av", out / "ar" / "final" / "ar"
-    texts = {}
-    for name in ("hf", "vllm"):
+    texts, sync_bytes = {}, {}
+    for name, sync in (("hf", "auto"), ("vllm", "merged"), ("vllm", "adapter")):  # adapter: the AV's of four
         cfg = _cfg(
             out / name,
             model_dir,
@@ -236,6 +285,8 @@ def test_rl_step_at_temperature_zero_is_the_same_with_either_engine(vllm_python,
             "0",
             "--rl_rollout_engine",
             name,
+            "--rl_engine_sync",
+            sync,
             "--rl_vllm_python",
             vllm_python,
             "--rl_val_rows",
@@ -254,12 +305,34 @@ def test_rl_step_at_temperature_zero_is_the_same_with_either_engine(vllm_python,
             steps.append(trainer.step(data.vectors[4:8]))
         finally:
             trainer.engine.close()
-        texts[name] = [[s[1] for s in step.samples] for step in steps]
+        texts[f"{name}-{sync}"] = [[s[1] for s in step.samples] for step in steps]
         if name == "vllm":
             assert all(abs(step.metrics["rl/engine_k3"]) < 1e-3 for step in steps), [
                 s.metrics["rl/engine_k3"] for s in steps
             ]
-    assert texts["vllm"] == texts["hf"]
+            sync_bytes[sync] = steps[-1].metrics["rl/sync_bytes"]
+    assert texts["vllm-merged"] == texts["hf-auto"] == texts["vllm-adapter"]
+    assert 0 < sync_bytes["adapter"] < sync_bytes["merged"] / 4  # only the AV's LoRA weights travel
+
+
+@pytest.mark.vllm
+def test_sampled_tokens_carry_the_trainers_logprobs(engine):
+    """At temperature 0.7 (RL's sampling) the engine's log-probs of its own samples are the trainer's:
+    k3 ~ 0, as `rl/engine_k3` reads it, after a weight update synced either way."""
+    from nla.core.rewards import k3_kl
+
+    v = engine.verbalizer
+    _perturb(v.model, seed=400)
+    engine.sync(v.model, "default", 400)
+    vectors = torch.randn(4, v.meta.d_model, generator=torch.Generator().manual_seed(5)) * 3
+    from nla.models.injection import repeat_for_samples
+
+    ro = engine.rollout(vectors, 4, 0.7, 10)
+    each = repeat_for_samples(vectors, 4)
+    lp = response_logprobs(v.model, ro.sequences, ro.attention_mask, ro.response_mask, each, v.hook)
+    t = ro.prompt_len
+    assert abs(float(k3_kl(ro.engine_logprobs[:, t:], lp[:, t:], ro.response_mask[:, t:]))) < 1e-3
+    assert engine.sync_bytes > 0
 
 
 @pytest.mark.vllm

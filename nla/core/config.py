@@ -24,6 +24,8 @@ import yaml
 from nla.core.claims import ExtractiveFormat
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"
+# How a rollout engine gets the AV's weights (models/engines.py).
+SYNC_MODES = ("auto", "adapter", "merged")
 # Sampling keeps the k likeliest tokens: transformers' generate default, explicit so every engine matches it.
 TOP_K = 50
 
@@ -436,10 +438,18 @@ class RLConfig:
     rl_vllm_memory_gb: float = _help(
         "The vLLM engine's KV cache in GiB (it shares the device with the trainer).", default=2.0
     )
+    rl_engine_sync: str = _help(
+        "How the vllm engine gets the AV's weights after each update: 'adapter' (only the AV's LoRA "
+        "weights, sampled with a LoRA request), 'merged' (base + LoRA delta, every weight reloaded), or "
+        "'auto' (adapter on CUDA, merged on CPU, where vLLM's LoRA kernels are slower; docs/benchmarks.md).",
+        default="auto",
+    )
 
     def __post_init__(self) -> None:
         if self.rl_rollout_engine not in ("hf", "vllm"):
             raise ConfigError(f"rl_rollout_engine={self.rl_rollout_engine!r}: use 'hf' or 'vllm'.")
+        if self.rl_engine_sync not in SYNC_MODES:
+            raise ConfigError(f"rl_engine_sync={self.rl_engine_sync!r}: use {', '.join(map(repr, SYNC_MODES))}.")
         if self.rl_reward not in ("neg_mse", "neg_log_mse"):
             raise ConfigError(f"rl_reward={self.rl_reward!r}: use 'neg_mse' or 'neg_log_mse'.")
         if self.rl_advantage_norm not in ("group", "batch"):

@@ -9,10 +9,15 @@ engine's numbers:
   vllm  a vLLM engine in its own environment (`make vllm`), fed the prompt as input embeddings:
         the embedding module's output with the hook on, i.e. the token embeddings (any embedding
         scale included) with the marker's row replaced by the rescaled vector. After every AV
-        update the trainer pushes the AV's merged weights (base + LoRA delta) and the engine
-        clears its prefix cache (cached keys/values of the prompt were computed with the old
+        update the trainer syncs the engine (`--rl_engine_sync`): `merged` pushes the AV's merged
+        weights (base + LoRA delta, every weight of the model), `adapter` only the AV's LoRA
+        weights, which the engine serves as a LoRA request on its unchanged base. Either way the
+        engine clears its prefix cache (cached keys/values of the prompt were computed with the old
         weights). It also returns each sampled token's log-prob, which the trainer compares with
         its own (`rl/engine_k3`, ~0 when both run the same weights on the same prompt).
+
+In a multi-process run every process starts its own engine, on its own GPU, or on CPU bound to its
+share of the cores (`cpu_share`), samples its own rows and syncs its own copy.
 
 docs/design.md note 20 says why vLLM runs as a child process (it pins older transformers).
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -29,11 +35,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nla.core.config import TOP_K
+from nla.core.config import SYNC_MODES, TOP_K
 from nla.models.av import Rollout, Verbalizer, assemble_rollout, build_generation_batch
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 DEFAULT_VLLM_PYTHON = ".venv-vllm/bin/python"
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM can be started with (max_lora_rank)
 
 
 class EngineError(RuntimeError):
@@ -47,6 +54,9 @@ class HFEngine:
 
     def __init__(self, verbalizer: Verbalizer):
         self.verbalizer = verbalizer
+
+    sync_mode = "none"
+    sync_bytes = 0
 
     def sync(self, model: nn.Module, adapter: str, version: int) -> float:
         return 0.0
@@ -93,6 +103,55 @@ def merged_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]
     return out
 
 
+def save_adapter(model: nn.Module, adapter: str, folder: Path) -> int:
+    """`adapter`'s LoRA weights and config in peft's format (what vLLM loads as a LoRA request) ->
+    bytes written."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    weights = get_peft_model_state_dict(model, adapter_name=adapter)
+    folder.mkdir(parents=True)
+    save_file({k: t.detach().contiguous().cpu() for k, t in weights.items()}, folder / "adapter_model.safetensors")
+    model.peft_config[adapter].save_pretrained(str(folder))
+    return sum(f.stat().st_size for f in folder.iterdir())
+
+
+def resolve_sync(mode: str, model: nn.Module, adapter: str, device: torch.device) -> str:
+    """`--rl_engine_sync` for this AV on this device: 'auto' is adapter on CUDA and merged elsewhere
+    (vLLM's CPU LoRA kernels are slower than a merged model's: docs/benchmarks.md)."""
+    if mode not in SYNC_MODES:
+        raise EngineError(f"rl_engine_sync={mode!r}: use {', '.join(map(repr, SYNC_MODES))}.")
+    has_adapter = adapter in getattr(model, "peft_config", {})
+    if mode == "adapter" and not has_adapter:
+        raise EngineError(
+            "rl_engine_sync=adapter needs a LoRA AV, but this one is fully fine-tuned (av_lora_r 0): use merged."
+        )
+    if mode == "auto":
+        return "adapter" if device.type == "cuda" and has_adapter else "merged"
+    return mode
+
+
+def lora_rank_for(model: nn.Module, adapter: str) -> int:
+    """The smallest rank vLLM accepts as max_lora_rank that holds `adapter`'s."""
+    r = model.peft_config[adapter].r
+    for allowed in LORA_RANKS:
+        if allowed >= r:
+            return allowed
+    raise EngineError(f"the AV's LoRA rank {r} is above vLLM's largest ({LORA_RANKS[-1]}): use rl_engine_sync=merged.")
+
+
+def cpu_share(index: int, count: int) -> str | None:
+    """The cores (vLLM's VLLM_CPU_OMP_THREADS_BIND list) for process `index` of `count` on this machine:
+    its contiguous share of the cores this process may run on; None for a single process."""
+    if count <= 1:
+        return None
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if len(cores) < count:
+        raise EngineError(f"{count} processes on {len(cores)} cores: each vllm engine needs a core of its own.")
+    share = len(cores) // count
+    return ",".join(str(c) for c in cores[index * share : (index + 1) * share])
+
+
 class VLLMEngine:
     """A vLLM engine in a child process (`vllm_worker.py`, run by the vLLM environment's Python)."""
 
@@ -108,10 +167,24 @@ class VLLMEngine:
         max_model_len: int = 1024,
         memory_gb: float = 2.0,
         log_path: str | Path | None = None,
+        sync_mode: str = "merged",
+        lora_rank: int = 0,
+        cpus: str | None = None,
+        rank: int | None = None,
     ):
+        """`sync_mode` adapter needs `lora_rank` (what the engine serves, `lora_rank_for`); `cpus`
+        binds a CPU engine to those cores unless VLLM_CPU_OMP_THREADS_BIND is set; `rank` (a process
+        of a multi-process run) is named in every error."""
+        if sync_mode not in ("adapter", "merged"):
+            raise EngineError(f"engine sync {sync_mode!r}: use 'adapter' or 'merged' (resolve_sync).")
+        if sync_mode == "adapter" and lora_rank <= 0:
+            raise EngineError("engine sync 'adapter' needs the AV's LoRA rank.")
         self.verbalizer = verbalizer
+        self.sync_mode = sync_mode
+        self.sync_bytes = 0  # written by the latest sync that pushed anything
         self.version = -1  # the AV version whose weights the engine holds (-1: the base model's)
         self.reset_cache = True  # tests switch it off to show the stale-cache failure
+        self.who = f"rank {rank}: " if rank is not None else ""
         python = find_vllm_python(python)
         # weights and prompts pass through files: in memory (/dev/shm) where the machine has it
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
@@ -126,6 +199,8 @@ class VLLMEngine:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
             env["CUDA_VISIBLE_DEVICES"] = ids[device.index or 0]
+        elif cpus is not None:  # the user's own binding wins
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpus)
         self.proc = subprocess.Popen(
             [python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env
         )
@@ -138,36 +213,50 @@ class VLLMEngine:
                 "max_model_len": max_model_len,
                 "seed": seed,
                 "memory_gb": memory_gb,
+                "lora_rank": lora_rank if sync_mode == "adapter" else 0,
             }
         )
         self.start_s, self.vllm_version = reply["seconds"], reply["version"]
 
     def _ask(self, request: dict) -> dict:
         if self.proc.poll() is not None:
-            raise EngineError(f"the vLLM worker exited (code {self.proc.returncode}); its log: {self.log_path}")
+            raise EngineError(
+                f"{self.who}the vLLM worker exited (code {self.proc.returncode}); its log: {self.log_path}"
+            )
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise EngineError(f"the vLLM worker exited during {request['op']!r}; its log: {self.log_path}")
+            raise EngineError(f"{self.who}the vLLM worker exited during {request['op']!r}; its log: {self.log_path}")
         reply = json.loads(line)
         if not reply.pop("ok"):
-            raise EngineError(f"vLLM worker, {request['op']!r}: {reply['error']} (log: {self.log_path})")
+            raise EngineError(f"{self.who}vLLM worker, {request['op']!r}: {reply['error']} (log: {self.log_path})")
         return reply
 
     def _file(self, name: str) -> str:
         return str(Path(self._dir.name) / name)
 
     def sync(self, model: nn.Module, adapter: str, version: int) -> float:
-        """Push `adapter`'s merged weights unless the engine holds `version` already -> seconds."""
+        """Give the engine `adapter`'s weights unless it holds `version` already -> seconds. Merged:
+        the whole model, reloaded in place; adapter: the LoRA weights in a folder of their own, which
+        the engine serves from then on (the previous version's folder is removed once replaced)."""
         if version == self.version:
             return 0.0
         began = time.time()
-        from safetensors.torch import save_file
+        if self.sync_mode == "adapter":
+            folder = Path(self._file(f"adapter-{version}"))
+            shutil.rmtree(folder, ignore_errors=True)  # a version synced again (tests) starts clean
+            self.sync_bytes = save_adapter(model, adapter, folder)
+            self._ask({"op": "adapter", "path": str(folder), "reset_cache": self.reset_cache})
+            if self.version != version:
+                shutil.rmtree(self._file(f"adapter-{self.version}"), ignore_errors=True)
+        else:
+            from safetensors.torch import save_file
 
-        path = self._file("weights.safetensors")
-        save_file(merged_state_dict(model, adapter), path)
-        self._ask({"op": "load", "weights": path, "reset_cache": self.reset_cache})
+            path = self._file("weights.safetensors")
+            save_file(merged_state_dict(model, adapter), path)
+            self.sync_bytes = os.path.getsize(path)
+            self._ask({"op": "load", "weights": path, "reset_cache": self.reset_cache})
         self.version = version
         return time.time() - began
 
@@ -252,9 +341,31 @@ def make_engine(
     max_model_len: int = 1024,
     memory_gb: float = 2.0,
     log_path: str | Path | None = None,
+    sync: str = "auto",
+    adapter: str = "default",
+    cpus: str | None = None,
+    rank: int | None = None,
 ):
+    """The rollout engine `name` for `verbalizer`; for vllm, `sync` is --rl_engine_sync for the AV's
+    adapter named `adapter`, `cpus` a CPU engine's cores (`cpu_share`) and `rank` this process's in a
+    multi-process run (named in its errors)."""
     if name == "hf":
         return HFEngine(verbalizer)
     if name == "vllm":
-        return VLLMEngine(verbalizer, model_dir, python, dtype, seed, max_model_len, memory_gb, log_path)
+        model = verbalizer.model
+        mode = resolve_sync(sync, model, adapter, verbalizer.device)
+        return VLLMEngine(
+            verbalizer,
+            model_dir,
+            python,
+            dtype,
+            seed,
+            max_model_len,
+            memory_gb,
+            log_path,
+            sync_mode=mode,
+            lora_rank=lora_rank_for(model, adapter) if mode == "adapter" else 0,
+            cpus=cpus if verbalizer.device.type == "cpu" else None,
+            rank=rank,
+        )
     raise EngineError(f"rollout_engine={name!r}: use 'hf' or 'vllm'.")

@@ -8,7 +8,8 @@ Protocol: one JSON object per line on stdin, one JSON reply per line on the orig
 (vLLM's own logging goes to stderr). Tensors travel as safetensors files in a folder both sides
 can read. Requests:
 
-  {"op": "start", "model": DIR, "dtype": "float32", "max_model_len": N, "seed": S, "memory_gb": G}
+  {"op": "start", "model": DIR, "dtype": "float32", "max_model_len": N, "seed": S, "memory_gb": G,
+   "lora_rank": R}  (R > 0: LoRA requests up to rank R are served; 0: none)
   {"op": "generate", "embeds": FILE, "n": G, "temperature": T, "max_tokens": M, "stop": [ids], "seed": S,
    "top_k": K}  (K 0: every token; the trainer sends its own, 50 by default, as transformers' generate uses)
       FILE holds `embeds` [rows, t, d]: every prompt row as input embeddings (marker row = the
@@ -19,6 +20,11 @@ can read. Requests:
       clear the prefix cache: a cached prompt's keys and values were computed with the old
       weights, and vLLM would otherwise reuse them. `reset_cache: false` exists for the test that
       shows why. Reply: {"seconds": s}
+  {"op": "adapter", "path": DIR, "reset_cache": true}
+      Sample every later request with the LoRA adapter in DIR (peft's adapter_config.json and
+      adapter_model.safetensors) instead of the one before, which is dropped; the base weights stay.
+      Each adapter gets a new id, so nothing cached under the old one is reused; the prefix cache is
+      cleared as after "load". Reply: {"seconds": s}
   {"op": "stop"}
 Every reply has "ok"; a failure replies {"ok": false, "error": "..."} and the worker keeps serving.
 """
@@ -46,17 +52,20 @@ def serve() -> None:
             if op == "stop":
                 out.write(json.dumps({"ok": True}) + "\n")
                 break
-            reply = {"start": start, "generate": generate, "load": load}[op](state, **req)
+            reply = {"start": start, "generate": generate, "load": load, "adapter": adapter}[op](state, **req)
             out.write(json.dumps({"ok": True, **reply}) + "\n")
         except Exception as err:  # reported to the trainer, which raises it with this text
             traceback.print_exc(file=sys.stderr)
             out.write(json.dumps({"ok": False, "error": f"{type(err).__name__}: {err}"}) + "\n")
 
 
-def start(state: dict, model: str, dtype: str, max_model_len: int, seed: int, memory_gb: float) -> dict:
+def start(
+    state: dict, model: str, dtype: str, max_model_len: int, seed: int, memory_gb: float, lora_rank: int = 0
+) -> dict:
     from vllm import LLM
 
     began = time.time()
+    lora = {"enable_lora": True, "max_lora_rank": lora_rank, "max_loras": 1} if lora_rank else {}
     # Blocks of 32 tokens (the smallest the CPU backend takes; its default is 128): only whole blocks
     # are prefix-cached, and the AV prompt before the marker, the same for every row, is short.
     # the trainer shares the device: a fixed KV cache
@@ -70,7 +79,9 @@ def start(state: dict, model: str, dtype: str, max_model_len: int, seed: int, me
         enable_prefix_caching=True,
         block_size=32,
         kv_cache_memory_bytes=int(memory_gb * 2**30),
+        **lora,
     )
+    state["lora"] = None
     return {"seconds": time.time() - began, "version": __import__("vllm").__version__}
 
 
@@ -92,7 +103,9 @@ def generate(
         seed=None if greedy else seed,
         skip_special_tokens=False,
     )
-    outputs = state["llm"].generate([{"prompt_embeds": r} for r in rows], params, use_tqdm=False)
+    outputs = state["llm"].generate(
+        [{"prompt_embeds": r} for r in rows], params, use_tqdm=False, lora_request=state["lora"]
+    )
     token_ids, logprobs = [], []
     for o in outputs:
         samples = o.outputs * n if greedy else sorted(o.outputs, key=lambda c: c.index)
@@ -111,6 +124,23 @@ def load(state: dict, weights: str, reset_cache: bool = True) -> dict:
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(tensors.items())})
     if reset_cache:
         llm.reset_prefix_cache()
+    return {"seconds": time.time() - began}
+
+
+def adapter(state: dict, path: str, reset_cache: bool = True) -> dict:
+    from vllm.lora.request import LoRARequest
+
+    began = time.time()
+    engine, old = state["llm"].llm_engine, state["lora"]
+    new_id = old.lora_int_id + 1 if old else 1
+    request = LoRARequest(f"av-{new_id}", new_id, path)
+    if old is not None:
+        engine.remove_lora(old.lora_int_id)
+    if not engine.add_lora(request):
+        raise RuntimeError(f"vLLM did not load the adapter in {path}")
+    state["lora"] = request
+    if reset_cache:
+        state["llm"].reset_prefix_cache()
     return {"seconds": time.time() - began}
 
 

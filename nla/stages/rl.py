@@ -28,7 +28,7 @@ from nla.data.splits import load_split, split_path
 from nla.models.ar import attach_to_shared_base, mse_scale_of, read_ar_meta, save_shared_ar
 from nla.models.av import Verbalizer, injection_scale_of, load_av_model, prompt_ids, read_av_meta
 from nla.models.backbone import text_config
-from nla.models.engines import make_engine
+from nla.models.engines import cpu_share, make_engine
 from nla.models.pair import check_pair, resolve_paths, strict_variance
 from nla.models.sources import ModelSource
 from nla.stages.plots import plot_rl_curve, rl_curve_points
@@ -40,7 +40,7 @@ from nla.train.checkpoint import (
     start_from,
     training_fingerprint,
 )
-from nla.train.distributed import make_accelerator, rank_share
+from nla.train.distributed import local_processes, make_accelerator, rank_share
 from nla.train.grpo import AR, AR_REF, AV, AV_REF, HeldOut, JointTrainer, RLRows, adapter_parameters
 from nla.train.loop import restore_skips, schedule
 from nla.train.trainer import Cadence
@@ -159,6 +159,10 @@ def build_trainer(cfg: NLAConfig, data, sft_av: Path, sft_ar: Path, resume: Path
         max_model_len=longest,
         memory_gb=rc.rl_vllm_memory_gb,
         log_path=cfg.output_dir / f"vllm_worker_{acc.process_index}.log",
+        sync=rc.rl_engine_sync,
+        adapter=AV,
+        cpus=cpu_share(acc.local_process_index, local_processes(acc)) if rc.rl_rollout_engine == "vllm" else None,
+        rank=acc.process_index if acc.num_processes > 1 else None,
     )
     trainer = JointTrainer(
         model,
@@ -285,6 +289,8 @@ def _train(
     }
     if hasattr(trainer.engine, "start_s"):
         summary["engine_start_s"] = round(trainer.engine.start_s, 1)
+        summary["engine_sync"] = trainer.engine.sync_mode
+        summary["sync_bytes"] = trainer.engine.sync_bytes
     if history:
         first, tail = history[0], history[-max(1, len(history) // 5) :]
         summary["reward_first"] = first["rl/reward_mean"]

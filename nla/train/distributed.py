@@ -23,6 +23,11 @@ def make_accelerator(device: str = "auto"):
     return Accelerator(cpu=cpu)
 
 
+def local_processes(accelerator) -> int:
+    """How many processes of the run share this machine (the launcher's LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+
+
 def rank_share(rows, accelerator):
     """This process's share of `rows` (a list or tensor): every num_processes-th row, from its rank."""
     return rows[accelerator.process_index :: accelerator.num_processes]

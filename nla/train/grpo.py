@@ -227,6 +227,8 @@ class JointTrainer(Trainer):
             av = self.update_av(ro, adv)
         out = self.step_metrics(ro, sc, rw, av, ar_grad_norm, ar_skipped)
         out.metrics.update({f"rl/time_{k}_s": v for k, v in timer.seconds.items()})
+        if self.engine.name != "hf":  # what the latest sync wrote: the whole model, or only the AV's adapter
+            out.metrics["rl/sync_bytes"] = float(self.engine.sync_bytes)
         return out
 
     @torch.no_grad()
