@@ -18,12 +18,15 @@ Prints one line per measurement and, last, one JSON object. Keys:
                             methods called alone on the same state and seed (rollout; AV forward and
                             backward; AR forward and backward; the reference forward when kl_coef > 0):
                             what the step adds on top (rewards, optimizer steps, metrics) stays small
-  rollout_tokens_per_s_hf / _vllm   (--vllm, or `make vllm` done) G samples per vector at the RL
-                            temperature from the same AV and vectors, generated tokens/s, median of
-                            interleaved pairs (A B B A ...); engine start-up excluded
-  rollout_engine_speedup    vllm / hf tokens per second; vllm_engine_start_s reported apart
-  rl_step_s_hf / _vllm      one JointTrainer.step with each engine (the vllm step includes its
-                            weight sync, rl_sync_s_vllm), interleaved, median
+  rollout_tokens_per_s_hf / _vllm_merged / _vllm_adapter   (--vllm, or `make vllm` done) G samples
+                            per vector at the RL temperature from the same AV and vectors, generated
+                            tokens/s, median of rotated rounds (A B C, B C A, ...); start-up excluded;
+                            the vllm engine synced each way (--rl_engine_sync merged / adapter)
+  rollout_engine_speedup    vllm (merged) / hf tokens per second; vllm_engine_start_s reported apart
+  rl_step_s_hf / _vllm_merged / _vllm_adapter   one JointTrainer.step with each engine (a vllm step
+                            includes its weight sync, rl_sync_s_merged / _adapter), rotated, median;
+                            adapter_vs_merged_step_ratio their ratio
+  sync_bytes_merged / _adapter   bytes one sync writes: the whole merged model, or the AV's adapter
   peak_rss_mb, machine info and the exact command.
 The budget targets (injection <= 1.03, RL <= 1.3) are checked here and reported as `*_met`,
 never asserted by timed tests. Nothing is written unless asked: --out FILE (JSON), --append (a section
@@ -337,31 +340,35 @@ def rl_parts(trainer: JointTrainer, vectors: torch.Tensor, seed: int) -> dict[st
     return seconds
 
 
-def interleaved(a: Callable[[], float], b: Callable[[], float], repeats: int) -> tuple[list[float], list[float]]:
-    """`repeats` pairs of measurements, the order alternating (A B, B A, ...) so a load that changes
-    during the run hits both alike. Each callable returns its own number."""
-    xs, ys = [], []
+def rotated(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """`repeats` rounds of one measurement each, the order rotating every round (A B C, B C A, ...) so
+    a load that changes during the run hits all alike. Each callable returns its own number."""
+    names, out = list(fns), {name: [] for name in fns}
     for r in range(repeats):
-        if r % 2 == 0:
-            xs.append(a()), ys.append(b())
-        else:
-            ys.append(b()), xs.append(a())
-    return xs, ys
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            out[name].append(fns[name]())
+    return out
 
 
 def bench_engines(ctx: Context, s: Sizes, vllm_python: str) -> dict[str, float]:
-    """hf vs vllm rollouts (tokens/s) and RL steps, from one AV and one set of vectors, interleaved."""
-    from nla.models.engines import HFEngine, VLLMEngine
+    """hf vs vllm rollouts (tokens/s) and RL steps, the vllm engine synced both ways
+    (--rl_engine_sync merged and adapter), from one AV and one set of vectors, rotated."""
+    from nla.models.engines import HFEngine, VLLMEngine, lora_rank_for
 
     trainer, model, verbalizer, _, cfg = joint_setup(ctx, s)
-    with torch.no_grad():  # a LoRA that changes the output, so the engine must hold the merged weights
+    with torch.no_grad():  # a LoRA that changes the output, so the engine must hold the AV's weights
         for p in adapter_parameters(model, AV):
             p.add_(torch.randn_like(p) * 0.01)
     vectors = torch.randn(s.rl_n, ctx.d_model, generator=torch.Generator().manual_seed(1)) * ctx.scale
-    hf = HFEngine(verbalizer)
-    vllm = VLLMEngine(verbalizer, ctx.model_path, vllm_python, ctx.dtype, max_model_len=512)
+    engines: dict[str, Any] = {"hf": HFEngine(verbalizer)}
+    first_sync = {}
     try:
-        sync_s = vllm.sync(model, AV, 0)
+        for mode in ("merged", "adapter"):
+            rank = lora_rank_for(model, AV) if mode == "adapter" else 0
+            engines[mode] = VLLMEngine(
+                verbalizer, ctx.model_path, vllm_python, ctx.dtype, max_model_len=512, sync_mode=mode, lora_rank=rank
+            )
+            first_sync[mode] = engines[mode].sync(model, AV, 0)
         model.set_adapter(AV)
 
         def rate(engine) -> Callable[[], float]:
@@ -372,36 +379,45 @@ def bench_engines(ctx: Context, s: Sizes, vllm_python: str) -> dict[str, float]:
 
             return run
 
-        rate(hf)(), rate(vllm)()  # warm-up
-        tok_hf, tok_vllm = interleaved(rate(hf), rate(vllm), s.rl_repeats)
+        for engine in engines.values():  # warm-up
+            rate(engine)()
+        tokens = rotated({name: rate(e) for name, e in engines.items()}, s.rl_repeats)
+        syncs: dict[str, list[float]] = {"merged": [], "adapter": []}
 
-        def step(engine) -> Callable[[], float]:
-            def run() -> float:
-                trainer.engine = engine
+        def step(name: str) -> Callable[[], float]:
+            def run() -> float:  # every step updates the AV, so the next one syncs it
+                trainer.engine = engines[name]
                 torch.manual_seed(0)
                 out = trainer.step(vectors)
-                syncs.append(out.metrics["rl/time_sync_s"]) if engine is vllm else None
+                if name in syncs:
+                    syncs[name].append(out.metrics["rl/time_sync_s"])
                 return sum(v for k, v in out.metrics.items() if k.startswith("rl/time_"))
 
             return run
 
-        syncs: list[float] = []
-        step_hf, step_vllm = interleaved(step(hf), step(vllm), s.rl_repeats)
+        steps = rotated({name: step(name) for name in engines}, s.rl_repeats)
     finally:
-        vllm.close()
+        for engine in engines.values():
+            engine.close()
     med = statistics.median
-    return {
-        "rollout_tokens_per_s_hf": med(tok_hf),
-        "rollout_tokens_per_s_vllm": med(tok_vllm),
-        "rollout_engine_speedup": med(tok_vllm) / med(tok_hf),
-        "vllm_engine_start_s": vllm.start_s,
-        "vllm_first_sync_s": sync_s,
-        "rl_step_s_hf": med(step_hf),
-        "rl_step_s_vllm": med(step_vllm),
-        "rl_sync_s_vllm": med(syncs),
+    out = {
+        "rollout_tokens_per_s_hf": med(tokens["hf"]),
+        "rl_step_s_hf": med(steps["hf"]),
         "engine_rows": float(s.rl_n * s.rl_group),
-        "vllm_version": vllm.vllm_version,
+        "vllm_version": engines["merged"].vllm_version,
+        "vllm_engine_start_s": engines["merged"].start_s,
     }
+    for mode in ("merged", "adapter"):
+        out |= {
+            f"rollout_tokens_per_s_vllm_{mode}": med(tokens[mode]),
+            f"rl_step_s_vllm_{mode}": med(steps[mode]),
+            f"rl_sync_s_{mode}": med(syncs[mode]),
+            f"sync_bytes_{mode}": float(engines[mode].sync_bytes),
+            f"vllm_first_sync_s_{mode}": first_sync[mode],
+        }
+    out["rollout_engine_speedup"] = out["rollout_tokens_per_s_vllm_merged"] / out["rollout_tokens_per_s_hf"]
+    out["adapter_vs_merged_step_ratio"] = out["rl_step_s_vllm_adapter"] / out["rl_step_s_vllm_merged"]
+    return out
 
 
 def bench_rl(ctx: Context, s: Sizes) -> dict[str, float]:
@@ -533,12 +549,18 @@ def markdown(result: dict[str, Any], load: tuple[float, float]) -> str:
         "rl_overhead_met",
         "generate_new_tokens_per_s",
         "rollout_tokens_per_s_hf",
-        "rollout_tokens_per_s_vllm",
+        "rollout_tokens_per_s_vllm_merged",
+        "rollout_tokens_per_s_vllm_adapter",
         "rollout_engine_speedup",
         "vllm_engine_start_s",
         "rl_step_s_hf",
-        "rl_step_s_vllm",
-        "rl_sync_s_vllm",
+        "rl_step_s_vllm_merged",
+        "rl_step_s_vllm_adapter",
+        "adapter_vs_merged_step_ratio",
+        "rl_sync_s_merged",
+        "rl_sync_s_adapter",
+        "sync_bytes_merged",
+        "sync_bytes_adapter",
         "peak_rss_mb",
     ]
     keys = [k for k in keys if k in result]
