@@ -36,6 +36,7 @@ at the end of docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -58,7 +59,15 @@ from nla.core.sidecar import Meta
 from nla.data.corpus import BUILTIN, iter_documents
 from nla.data.extract import choose_marker
 from nla.models.ar import ARModel, build_ar, identity_head
-from nla.models.av import IGNORE, Verbalizer, build_generation_batch, build_sft_batch, prompt_ids, response_logprobs
+from nla.models.av import (
+    IGNORE,
+    Verbalizer,
+    build_generation_batch,
+    build_sft_batch,
+    prompt_ids,
+    response_logprobs,
+    shared_prefix_length,
+)
 from nla.models.backbone import block_output, decoder_layers
 from nla.models.injection import InjectionHook
 from nla.models.lora import lora_config
@@ -442,6 +451,70 @@ def bench_rl(ctx: Context, s: Sizes) -> dict[str, float]:
     return out
 
 
+def bench_memory(ctx: Context, s: Sizes) -> dict[str, float]:
+    """`nla plan`'s estimate against the tensor memory a real RL step holds (nla.train.memory):
+    each phase alone (rollout; AV reference forward + AV forward and backward; AR forward and
+    backward) and one whole JointTrainer.step, fed the lengths the rollout produced."""
+    from nla.core.config import ARConfig, AVConfig, ModelConfig, NLAConfig
+    from nla.models.sources import meta_model
+    from nla.stages.plan import FLOAT32, arch_of, estimate
+    from nla.train.memory import TensorPeak
+
+    trainer, model, _, _, rl = joint_setup(ctx, s)
+    vectors = torch.randn(s.rl_n, ctx.d_model, generator=torch.Generator().manual_seed(1)) * ctx.scale
+    measured = {}
+    torch.manual_seed(0)
+    with TensorPeak() as m:
+        ro = trainer.rollout(vectors)
+    measured["rollout"] = m.peak
+    trainer.model.train()
+    with TensorPeak() as m:
+        with torch.no_grad():
+            trainer.av_logprobs(ro, AV_REF)
+        trainer.av_logprobs(ro).sum().backward()
+    measured["av"] = m.peak
+    with TensorPeak() as m:
+        trainer.score(ro).loss.backward()
+    measured["ar"] = m.peak
+    model.zero_grad(set_to_none=True)
+    trainer.ar.head.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    with TensorPeak() as m:
+        trainer.step(vectors)
+    measured["step"] = m.peak
+
+    r = ro.rollout
+    ids, mask = build_generation_batch(ctx.tokenizer, 2, ctx.meta)
+    marker = ctx.meta.tokens.injection_token_id
+    suffix = ids.shape[1] - shared_prefix_length(ids, mask, marker, ids[0].tolist().index(marker))
+    ar_tokens = trainer.ar.encode([e or "" for e in ro.explanations], ctx.tokenizer).input_ids.shape[1]
+    cfg = NLAConfig(
+        model=ModelConfig(dtype=ctx.dtype, layer=ctx.layer),
+        ar=ARConfig(ar_lora_r=s.lora_r),
+        av=AVConfig(av_lora_r=s.lora_r),
+        rl=dataclasses.replace(rl, rl_val_rows=0),  # the bench's trainer has no SFT AR to score with
+    )
+    a = arch_of(meta_model(ctx.model_path))
+    plan = estimate(a, cfg, r.prompt_len, suffix, ar_tokens, new_tokens=r.sequences.shape[1] - r.prompt_len)
+    phases, trainer_plan = plan["phases"], plan["trainer"]
+    av_lora, ar_trained = s.lora_r * sum(a.lora_widths), s.lora_r * sum(a.lora_widths[: ctx.layer + 1]) + a.d_model**2
+    estimated = {
+        "rollout": phases["rollout (hf generate)"],
+        "av": phases["AV update"] + FLOAT32 * av_lora,  # + the AV's gradients
+        "ar": phases["AR update"] + FLOAT32 * ar_trained,  # + the AR's
+        "step": trainer_plan["gradients + AdamW"] + max(phases.values()),
+    }
+    out: dict[str, float] = {}
+    for k in measured:
+        out[f"memory_measured_mb_{k}"] = measured[k] / 2**20
+        out[f"memory_estimated_mb_{k}"] = estimated[k] / 2**20
+        out[f"memory_estimate_ratio_{k}"] = estimated[k] / measured[k]
+    out["memory_estimate_within_25pct"] = all(
+        0.75 <= out[f"memory_estimate_ratio_{k}"] <= 1.25 for k in ("av", "ar", "step")
+    )
+    return out
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -496,6 +569,7 @@ def run_all(
         ("ar", bench_ar),
         ("av_sft", bench_av_sft),
         ("rl", bench_rl),
+        ("memory", bench_memory),
     ]
     if vllm_python:
         parts.append(("engines", lambda c, s: bench_engines(c, s, vllm_python)))
@@ -608,7 +682,9 @@ def main(argv: list[str]) -> int:
         help="also compare the hf and vllm rollout engines (PYTHON: the vLLM environment's python; "
         "default $NLA_VLLM_PYTHON or .venv-vllm/bin/python)",
     )
-    ap.add_argument("--only", default=None, help="comma-separated parts: injection,extraction,ar,av_sft,rl,engines")
+    ap.add_argument(
+        "--only", default=None, help="comma-separated parts: injection,extraction,ar,av_sft,rl,memory,engines"
+    )
     ap.add_argument("--rl_n", type=int, default=None, help="vectors per RL step / engine rollout (default: the sizes')")
     ap.add_argument("--rl_group", type=int, default=None, help="samples per vector")
     ap.add_argument("--rl_tokens", type=int, default=None, help="rollout length cap")

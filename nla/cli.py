@@ -16,6 +16,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "rl": ("nla.stages.rl", "joint RL: GRPO on the AV with the live AR as reward, AR co-trained"),
     "verbalize": ("nla.stages.verbalize", "explanations for text or vectors from a checkpoint"),
     "eval": ("nla.stages.evaluate", "faithfulness report with controls"),
+    "plan": ("nla.stages.plan", "memory per process of an RL run, from the model's config alone"),
     "demo": ("nla.stages.demo", "the whole pipeline on the embedded model, small budget"),
 }
 

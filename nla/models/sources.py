@@ -356,6 +356,19 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
         raise load_error("a causal LM", path, err) from None
 
 
+def meta_model(path: str, trust_remote_code: bool = False):
+    """The model at `path` (a folder or a cached hub id) built from its config on the meta device:
+    every module and shape, no weights read, no memory used (`nla plan`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise load_error("a model config", path, err) from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 @contextlib.contextmanager
 def _quiet_transformers():
     """The load report lists every dropped block K+1.. as UNEXPECTED (we check missing keys
