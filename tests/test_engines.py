@@ -158,7 +158,16 @@ def test_sync_modes_resolve_by_device_and_adapter(tmp_path):
         resolve_sync("both", v.model, "default", cpu)
     assert cpu_share(0, 1) is None
     shares = [cpu_share(i, 2) for i in range(2)]  # disjoint, non-empty shares of this process's cores
-    assert all(shares) and not set(shares[0].split(",")) & set(shares[1].split(","))
+    assert all(shares) and not set(shares[0]) & set(shares[1])
+
+
+def test_a_failed_engine_names_its_rank(tmp_path):
+    """In a multi-process run the rank whose engine died is named in the one-line error."""
+    from nla.models.engines import EngineError, VLLMEngine
+
+    model_dir = save_tiny_model(tmp_path / "m", initializer_range=0.2)
+    with pytest.raises(EngineError, match=r"^rank 1: the vLLM worker exited"):
+        VLLMEngine(_verbalizer(model_dir), str(model_dir), python="/bin/false", rank=1, log_path=tmp_path / "w.log")
 
 
 def test_a_missing_vllm_environment_says_how_to_build_it(tmp_path):

@@ -140,16 +140,16 @@ def lora_rank_for(model: nn.Module, adapter: str) -> int:
     raise EngineError(f"the AV's LoRA rank {r} is above vLLM's largest ({LORA_RANKS[-1]}): use rl_engine_sync=merged.")
 
 
-def cpu_share(index: int, count: int) -> str | None:
-    """The cores (vLLM's VLLM_CPU_OMP_THREADS_BIND list) for process `index` of `count` on this machine:
-    its contiguous share of the cores this process may run on; None for a single process."""
+def cpu_share(index: int, count: int) -> list[int] | None:
+    """The cores a CPU engine of process `index` of `count` on this machine runs on: its contiguous
+    share of the cores this process may use; None for a single process (every core)."""
     if count <= 1:
         return None
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     if len(cores) < count:
         raise EngineError(f"{count} processes on {len(cores)} cores: each vllm engine needs a core of its own.")
     share = len(cores) // count
-    return ",".join(str(c) for c in cores[index * share : (index + 1) * share])
+    return cores[index * share : (index + 1) * share]
 
 
 class VLLMEngine:
@@ -169,12 +169,12 @@ class VLLMEngine:
         log_path: str | Path | None = None,
         sync_mode: str = "merged",
         lora_rank: int = 0,
-        cpus: str | None = None,
+        cpus: list[int] | None = None,
         rank: int | None = None,
     ):
         """`sync_mode` adapter needs `lora_rank` (what the engine serves, `lora_rank_for`); `cpus`
-        binds a CPU engine to those cores unless VLLM_CPU_OMP_THREADS_BIND is set; `rank` (a process
-        of a multi-process run) is named in every error."""
+        pins a CPU engine to those cores with one thread each; `rank` (a process of a multi-process
+        run) is named in every error."""
         if sync_mode not in ("adapter", "merged"):
             raise EngineError(f"engine sync {sync_mode!r}: use 'adapter' or 'merged' (resolve_sync).")
         if sync_mode == "adapter" and lora_rank <= 0:
@@ -199,8 +199,6 @@ class VLLMEngine:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
             env["CUDA_VISIBLE_DEVICES"] = ids[device.index or 0]
-        elif cpus is not None:  # the user's own binding wins
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpus)
         self.proc = subprocess.Popen(
             [python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env
         )
@@ -214,6 +212,7 @@ class VLLMEngine:
                 "seed": seed,
                 "memory_gb": memory_gb,
                 "lora_rank": lora_rank if sync_mode == "adapter" else 0,
+                "cpus": cpus if device.type == "cpu" else None,
             }
         )
         self.start_s, self.vllm_version = reply["seconds"], reply["version"]
@@ -343,7 +342,7 @@ def make_engine(
     log_path: str | Path | None = None,
     sync: str = "auto",
     adapter: str = "default",
-    cpus: str | None = None,
+    cpus: list[int] | None = None,
     rank: int | None = None,
 ):
     """The rollout engine `name` for `verbalizer`; for vllm, `sync` is --rl_engine_sync for the AV's

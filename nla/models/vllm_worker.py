@@ -9,7 +9,8 @@ Protocol: one JSON object per line on stdin, one JSON reply per line on the orig
 can read. Requests:
 
   {"op": "start", "model": DIR, "dtype": "float32", "max_model_len": N, "seed": S, "memory_gb": G,
-   "lora_rank": R}  (R > 0: LoRA requests up to rank R are served; 0: none)
+   "lora_rank": R, "cpus": [ids] or null}  (R > 0: LoRA requests up to rank R are served; 0: none;
+   cpus: run on those cores, one thread each, as one of several engines sharing a CPU machine)
   {"op": "generate", "embeds": FILE, "n": G, "temperature": T, "max_tokens": M, "stop": [ids], "seed": S,
    "top_k": K}  (K 0: every token; the trainer sends its own, 50 by default, as transformers' generate uses)
       FILE holds `embeds` [rows, t, d]: every prompt row as input embeddings (marker row = the
@@ -60,11 +61,25 @@ def serve() -> None:
 
 
 def start(
-    state: dict, model: str, dtype: str, max_model_len: int, seed: int, memory_gb: float, lora_rank: int = 0
+    state: dict,
+    model: str,
+    dtype: str,
+    max_model_len: int,
+    seed: int,
+    memory_gb: float,
+    lora_rank: int = 0,
+    cpus: list[int] | None = None,
 ) -> dict:
+    began = time.time()
+    if cpus:  # before vLLM starts: its CPU backend refuses thread changes once running
+        import torch
+
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(len(cpus))
+    if hasattr(os, "sched_getaffinity"):  # in the worker's log, for whoever checks the split
+        print(f"nla vllm worker: cores {sorted(os.sched_getaffinity(0))}", file=sys.stderr, flush=True)
     from vllm import LLM
 
-    began = time.time()
     lora = {"enable_lora": True, "max_lora_rank": lora_rank, "max_loras": 1} if lora_rank else {}
     # Blocks of 32 tokens (the smallest the CPU backend takes; its default is 128): only whole blocks
     # are prefix-cached, and the AV prompt before the marker, the same for every row, is short.
