@@ -368,6 +368,43 @@ def test_each_phase_only_moves_its_own_adapter(warm_start, toy_model_dir, tmp_pa
     assert out.kl >= 0.0
 
 
+def test_micro_batches_give_the_whole_steps_update(warm_start, toy_model_dir, tmp_path):
+    """`rl_micro_batch` 3 (uneven pieces of 8 rollouts) gives the AV and AR the gradient the whole step
+    at once does, to float rounding, and the same losses; the pieces are what one backward holds.
+    (Gradients, not weights, are compared: AdamW's first step divides each gradient by its own size,
+    which turns rounding in a near-zero component into a full-size change.)"""
+    import dataclasses
+
+    vectors = load_split(warm_start / "data" / "rl.parquet").vectors[:2]
+    grads, outs, ro = {}, {}, None
+    for micro in (0, 3):
+        trainer, params = _joint(warm_start, toy_model_dir, tmp_path / str(micro))
+        trainer.cfg = dataclasses.replace(trainer.cfg, rl_micro_batch=micro, rl_group_size=4)
+        assert [r.stop - r.start for r in trainer.chunks(8)] == ([8] if micro == 0 else [3, 3, 2])
+        if ro is None:
+            torch.manual_seed(0)
+            ro = trainer.rollout(vectors)  # the same rollouts for both (the AVs are equal)
+        grads[micro] = {}
+        for a, stepper in ((grpo.AV, trainer.av_step), (grpo.AR, trainer.ar_step)):  # the gradients applied
+            take = stepper.optimizer.step
+
+            def step(take=take, a=a, micro=micro, params=params):
+                grads[micro][a] = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params[a]]
+                return take()
+
+            stepper.optimizer.step = step
+        sc = trainer.score(ro)
+        trainer.update_ar(sc)
+        av = trainer.update_av(ro, torch.linspace(-1, 1, len(ro.explanations)))
+        outs[micro] = (float(sc.loss), av.loss, av.policy_loss, av.kl, av.grad_norm)
+    for a in (grpo.AV, grpo.AR):
+        scale = max(float(g.abs().max()) for g in grads[0][a])
+        assert scale > 0, a  # a real gradient, so equality means something
+        same = all(torch.allclose(x, y, rtol=1e-4, atol=1e-5 * scale) for x, y in zip(grads[0][a], grads[3][a]))
+        assert same, a
+    assert outs[3] == pytest.approx(outs[0], rel=1e-4, abs=1e-7)
+
+
 def test_a_non_finite_gradient_skips_that_update_in_both_phases(warm_start, toy_model_dir, tmp_path):
     """Fault injection on real gradients (as a bf16 overflow would produce): the poisoned update is
     skipped and counted, the next one applies."""

@@ -438,6 +438,11 @@ class RLConfig:
     rl_vllm_memory_gb: float = _help(
         "The vLLM engine's KV cache in GiB (it shares the device with the trainer).", default=2.0
     )
+    rl_micro_batch: int = _help(
+        "Rollouts per forward and backward in the AV and AR updates (0: the whole step at once). The "
+        "gradient is the same to float rounding; activation memory scales with it (`nla plan`).",
+        default=0,
+    )
     rl_engine_sync: str = _help(
         "How the vllm engine gets the AV's weights after each update: 'adapter' (only the AV's LoRA "
         "weights, sampled with a LoRA request), 'merged' (base + LoRA delta, every weight reloaded), or "
@@ -448,6 +453,8 @@ class RLConfig:
     def __post_init__(self) -> None:
         if self.rl_rollout_engine not in ("hf", "vllm"):
             raise ConfigError(f"rl_rollout_engine={self.rl_rollout_engine!r}: use 'hf' or 'vllm'.")
+        if self.rl_micro_batch < 0:
+            raise ConfigError(f"rl_micro_batch={self.rl_micro_batch}: must be >= 0 (0: the whole step at once).")
         if self.rl_engine_sync not in SYNC_MODES:
             raise ConfigError(f"rl_engine_sync={self.rl_engine_sync!r}: use {', '.join(map(repr, SYNC_MODES))}.")
         if self.rl_reward not in ("neg_mse", "neg_log_mse"):

@@ -152,15 +152,18 @@ def estimate(
     heads = 1 + int(with_ar_ref)
     trainable = av_lora + ar_lora + d * d
     per_block = layer_activation_bytes(a, b, r)
-    av_tokens = suffix_tokens + new  # the shared prompt prefix runs once, its KV cache repeated
-    prefix = prompt_tokens - suffix_tokens
+    micro = min(rows, rc.rl_micro_batch or rows)  # the rows one forward and backward holds
+    # The prompt before the marker is the same for every row: with more than one row per forward it
+    # runs once (one row, its activations kept for the gradient) and its cache is repeated.
+    prefix = prompt_tokens - suffix_tokens if micro > 1 else 0
+    av_tokens = prompt_tokens - prefix + new
     phases = {
         "rollout (hf generate)": kv_cache_bytes(a, rows, prompt_tokens + new, b) + rows * a.vocab * FLOAT32 * 2,
-        "AV update": rows * av_tokens * a.layers * per_block
-        + attention_kv_bytes(a, rows, prefix + av_tokens, b, a.layers)
-        + logits_bytes(a, rows, new, b),
-        "AR update": rows * ar_tokens * (k + 1) * layer_activation_bytes(a, b, cfg.ar.ar_lora_r)
-        + attention_kv_bytes(a, rows, ar_tokens, b, k + 1),
+        "AV update": (micro * av_tokens + prefix) * a.layers * per_block
+        + attention_kv_bytes(a, micro, prefix + av_tokens, b, a.layers)
+        + logits_bytes(a, micro, new, b),
+        "AR update": micro * ar_tokens * (k + 1) * layer_activation_bytes(a, b, cfg.ar.ar_lora_r)
+        + attention_kv_bytes(a, micro, ar_tokens, b, k + 1),
     }
     largest = max(phases, key=phases.get)
     trainer = {
@@ -244,7 +247,8 @@ def main(argv: list[str]) -> int:
         f"nla plan: {cfg.model.model} ({a.name}, {a.params / 1e9:.2f}B parameters, {a.layers} blocks, d {a.d_model}), "
         f"{cfg.model.dtype}, layer {layer}; RL step of {rc.rl_batch_size} x {rc.rl_group_size} rollouts, "
         f"AV prompt {prompt} tokens{'' if counted else ' (assumed)'} + {rc.rl_max_new_tokens} new, "
-        f"LoRA r {cfg.av.av_lora_r}/{cfg.ar.ar_lora_r}, engine {rc.rl_rollout_engine}"
+        f"LoRA r {cfg.av.av_lora_r}/{cfg.ar.ar_lora_r}, micro-batch {rc.rl_micro_batch or 'whole step'}, "
+        f"engine {rc.rl_rollout_engine}"
     )
     print(table(plan, args.gpu_memory_gb))
     return 0

@@ -45,7 +45,7 @@ IMPLIED_BY_OLDER_CHECKPOINTS = {
 }
 _MAY_CHANGE_ON_RESUME = re.compile(
     r"(_steps|_every|_val_rows)$|^(av_max_new_tokens|output_dir|resume|device|av_eval_at_start|rl_rollout_engine|rl_vllm_python|"
-    r"rl_vllm_memory_gb|rl_engine_sync)$"
+    r"rl_vllm_memory_gb|rl_engine_sync|rl_micro_batch)$"
 )
 
 

@@ -81,7 +81,7 @@ class ScoreOut:
     pred: torch.Tensor  # [N, d] fp32 AR predictions before the AR update (detached)
     mse: torch.Tensor  # [N] MSE_nrm of pred vs target
     over_length: torch.Tensor  # [N] bool: AR prompt longer than the AR's max length
-    loss: torch.Tensor  # AR loss on usable rows, graph kept for update_ar
+    loss: torch.Tensor  # AR loss on usable rows (detached: score has already run its backward)
     usable: torch.Tensor  # [N] bool: rows the AR trains on
 
 
@@ -303,22 +303,42 @@ class JointTrainer(Trainer):
             truth,
         )
 
+    def chunks(self, rows: int) -> list[slice]:
+        """The step's rows in `rl_micro_batch`-row pieces (one piece when 0): what one forward and
+        backward of the AV or the AR holds activations for."""
+        size = self.cfg.rl_micro_batch or rows
+        return [slice(i, min(i + size, rows)) for i in range(0, rows, size)]
+
     def score(self, ro: RolloutOut, train: bool = True) -> ScoreOut:
-        """AR forward with grad (its graph serves update_ar, so the AR runs once per step)."""
+        """The AR's predictions of every rollout's vector; training, also the AR loss's gradient
+        (each micro-batch's forward and backward in turn, the loss a mean over the step's usable
+        rows, so the gradient is the whole step's whatever the micro-batch), which update_ar applies."""
         self.model.set_adapter(AR)
         self.ar.train(train)
-        inputs = self.ar.encode([e or "" for e in ro.explanations], self.tokenizer)
-        pred = self.ar(inputs.input_ids, inputs.attention_mask)  # [N, d] fp32
-        targets = ro.targets.to(pred.device)
-        per_row = metrics.mse_nrm(pred, targets, self.mse_scale)  # [N]
-        usable = (~ro.failed & ~inputs.over_length).to(pred.device)
-        # A masked mean (0 when nothing is usable) keeps every rank's backward and all-reduce in step.
-        loss = (per_row * usable).sum() / usable.sum().clamp_min(1)
-        return ScoreOut(pred.detach().float().cpu(), per_row.detach().cpu(), inputs.over_length, loss, usable.cpu())
+        texts = [e or "" for e in ro.explanations]
+        ids = self.ar.token_ids(texts, self.tokenizer)
+        over = torch.tensor([len(x) > self.ar.max_length for x in ids], dtype=torch.bool)
+        usable = ~ro.failed & ~over
+        n_usable = max(1, int(usable.sum()))
+        if train:
+            self.ar_opt.zero_grad(set_to_none=True)
+        preds, losses = [], []
+        for rows in self.chunks(len(texts)):
+            inputs = self.ar.pad_ids(ids[rows], self.tokenizer)
+            with torch.set_grad_enabled(train):
+                pred = self.ar(inputs.input_ids, inputs.attention_mask)  # [n, d] fp32
+                per_row = metrics.mse_nrm(pred, ro.targets[rows].to(pred.device), self.mse_scale)
+                # A masked mean (0 when nothing is usable) keeps every rank's backward and all-reduce in step.
+                loss = (per_row * usable[rows].to(pred.device)).sum() / n_usable
+            if train:
+                loss.backward()
+            preds.append(pred.detach().float().cpu())
+            losses.append(per_row.detach().cpu())
+        mse = torch.cat(losses)
+        return ScoreOut(torch.cat(preds), mse, over, (mse * usable).sum() / n_usable, usable)
 
     def update_ar(self, sc: ScoreOut) -> tuple[float, bool]:
-        self.ar_opt.zero_grad(set_to_none=True)
-        sc.loss.backward()
+        """Apply the gradient `score` left (all-reduced across processes inside ar_step)."""
         return self.ar_step()
 
     def reward_terms(self, ro: RolloutOut, sc: ScoreOut) -> rewards.Rewards:
@@ -337,47 +357,60 @@ class JointTrainer(Trainer):
             claim_coef=self.cfg.rl_claim_reward,
         )
 
-    def av_logprobs(self, ro: RolloutOut, adapter: str = AV) -> torch.Tensor:
-        """Per-token log-probs of the rollouts' responses under one adapter (AV, or AV_REF for the KL
-        term), with the vectors the AV saw injected; the caller picks grad or no grad."""
+    def av_logprobs(self, ro: RolloutOut, adapter: str = AV, rows: slice = slice(None)) -> torch.Tensor:
+        """Per-token log-probs of the rollouts' responses (`rows` of them) under one adapter (AV, or
+        AV_REF for the KL term), with the vectors the AV saw injected; the caller picks grad or not."""
         r = ro.rollout
         self.model.set_adapter(adapter)
-        vecs = ro.injected.to(r.sequences.device)
-        return response_logprobs(self.model, r.sequences, r.attention_mask, r.response_mask, vecs, self.verbalizer.hook)
+        vecs = ro.injected[rows].to(r.sequences.device)
+        return response_logprobs(
+            self.model, r.sequences[rows], r.attention_mask[rows], r.response_mask[rows], vecs, self.verbalizer.hook
+        )
 
     def update_av(self, ro: RolloutOut, advantages: torch.Tensor) -> AVUpdateOut:
+        """One GRPO update of the AV, its forward and backward run one micro-batch at a time
+        (`chunks`): each piece's token-mean losses weighted by its share of the step's response
+        tokens, so the summed gradient is the whole step's."""
         r = ro.rollout
         device = r.sequences.device
-        ref_lp = None
-        if self.cfg.rl_kl_coef > 0:
-            with torch.no_grad():
-                ref_lp = self.av_logprobs(ro, AV_REF)
+        advantages = advantages.to(device)
+        total_tokens = r.response_mask.sum().clamp_min(1)
         self.model.train()
         self.av_opt.zero_grad(set_to_none=True)
-        lp = self.av_logprobs(ro)
-        # One update per rollout (on-policy): old log-probs are the current ones, detached. The
-        # ratio is 1 and the clip inactive, but the gradient is the GRPO gradient; the clip
-        # matters if more than one update is ever taken on the same rollouts.
-        policy_loss, clip_fraction = rewards.clipped_policy_loss(
-            lp, lp.detach(), advantages.to(device), r.response_mask, self.cfg.rl_clip_eps
-        )
-        kl = rewards.k3_kl(lp, ref_lp, r.response_mask) if ref_lp is not None else torch.zeros((), device=device)
-        loss = policy_loss + self.cfg.rl_kl_coef * kl
-        loss.backward()
+        sums = torch.zeros(4, device=device)  # loss, policy loss, kl, clip fraction (token-weighted)
+        engine_k3 = torch.zeros((), device=device)
+        for rows in self.chunks(r.sequences.shape[0]):
+            mask = r.response_mask[rows]
+            share = mask.sum() / total_tokens
+            ref_lp = None
+            if self.cfg.rl_kl_coef > 0:
+                with torch.no_grad():
+                    ref_lp = self.av_logprobs(ro, AV_REF, rows)
+            lp = self.av_logprobs(ro, AV, rows)
+            # One update per rollout (on-policy): old log-probs are the current ones, detached. The
+            # ratio is 1 and the clip inactive, but the gradient is the GRPO gradient; the clip
+            # matters if more than one update is ever taken on the same rollouts.
+            policy_loss, clip_fraction = rewards.clipped_policy_loss(
+                lp, lp.detach(), advantages[rows], mask, self.cfg.rl_clip_eps
+            )
+            kl = rewards.k3_kl(lp, ref_lp, mask) if ref_lp is not None else torch.zeros((), device=device)
+            loss = policy_loss + self.cfg.rl_kl_coef * kl
+            (loss * share).backward()
+            sums += share * torch.stack([loss.detach(), policy_loss.detach(), kl.detach(), clip_fraction])
+            if r.engine_logprobs is not None:  # ~0 when the engine sampled with the trainer's weights and prompt
+                engine_k3 += share * rewards.k3_kl(r.engine_logprobs[rows], lp.detach(), mask)
         grad_norm, skipped = self.av_step()
         if not skipped:
             self.av_version += 1
-        engine_k3 = float("nan")
-        if r.engine_logprobs is not None:  # ~0 when the engine sampled with the trainer's weights and prompt
-            engine_k3 = float(rewards.k3_kl(r.engine_logprobs, lp.detach(), r.response_mask))
+        loss, policy_loss, kl, clip_fraction = sums.tolist()
         return AVUpdateOut(
-            float(loss.detach()),
-            float(policy_loss.detach()),
-            float(kl.detach()),
-            float(clip_fraction),
+            loss,
+            policy_loss,
+            kl,
+            clip_fraction,
             grad_norm,
             skipped,
-            engine_k3,
+            float(engine_k3) if r.engine_logprobs is not None else float("nan"),
         )
 
     # ------------------------------------------------------------------ helpers
