@@ -81,6 +81,7 @@ def start(
     from vllm import LLM
 
     lora = {"enable_lora": True, "max_lora_rank": lora_rank, "max_loras": 1} if lora_rank else {}
+    share = gpu_share()
     # Blocks of 32 tokens (the smallest the CPU backend takes; its default is 128): only whole blocks
     # are prefix-cached, and the AV prompt before the marker, the same for every row, is short.
     # the trainer shares the device: a fixed KV cache
@@ -94,10 +95,29 @@ def start(
         enable_prefix_caching=True,
         block_size=32,
         kv_cache_memory_bytes=int(memory_gb * 2**30),
+        **share,
         **lora,
     )
     state["lora"] = None
     return {"seconds": time.time() - began, "version": __import__("vllm").__version__}
+
+
+def gpu_share() -> dict:
+    """On a GPU the trainer got there first: vLLM refuses to start unless the free memory covers its
+    gpu_memory_utilization (0.9 of the card by default, even with an explicit KV cache size), so ask
+    for what is free now, less a margin. Nothing on CPU, where that check does not apply."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    free, total = torch.cuda.mem_get_info()
+    share = max(0.02, min(0.9, free / total - 0.02))
+    print(
+        f"nla vllm worker: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free, gpu_memory_utilization {share:.3f}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {"gpu_memory_utilization": share}
 
 
 def generate(

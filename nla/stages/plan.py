@@ -214,6 +214,11 @@ def table(plan: dict[str, Any], gpu_gb: float) -> str:
     if engine:
         lines.append("vllm engine (per process)")
         lines += [f"  {k:<34}{gib(v)}" for k, v in engine.items()]
+        if engine["KV cache one step needs"] > engine["KV cache (reserved)"]:
+            lines.append(
+                "  the reserved KV cache is smaller than one step's rollouts: vLLM will run them in turns "
+                "(slower); --rl_vllm_memory_gb sets it"
+            )
     lines.append("step phases (activations)")
     lines += [f"  {k:<34}{gib(v)}" for k, v in plan["phases"].items()]
     if gpu_gb:
