@@ -64,7 +64,8 @@ def test_weights_and_adapters_are_the_models_own(tmp_path):
 
 def test_a_cached_hub_config_is_planned_offline(tmp_path):
     """Qwen2.5-7B by hub id from an HF cache holding its config.json alone: the published parameter
-    count, no weights, and the verdict for an 80 GiB GPU."""
+    count, no weights, and the verdict for an 80 GiB GPU: the whole step at once does not fit, the
+    config's micro-batch does."""
     snapshot = tmp_path / "hf" / "hub" / "models--Qwen--Qwen2.5-7B-Instruct" / "snapshots" / "abc"
     snapshot.mkdir(parents=True)
     shutil.copy(ROOT / "bench" / "model_configs" / "qwen2.5-7b-instruct" / "config.json", snapshot)
@@ -73,21 +74,27 @@ def test_a_cached_hub_config_is_planned_offline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "WANDB_MODE": "disabled"}
     args = ["plan", "--config", "configs/qwen2.5-7b-l20.yaml", "--rl_rollout_engine", "vllm", "--gpu_memory_gb"]
     done = subprocess.run(
-        [sys.executable, "-m", "nla.cli", *args, "80"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    assert "Qwen2ForCausalLM, 7.62B parameters, 28 blocks" in done.stdout  # the published 7.6B
-    assert "AV prompt 48 tokens (assumed)" in done.stdout  # no tokenizer in the cache
-    assert "vllm engine" in done.stdout and "does NOT fit" in done.stdout
-    small = subprocess.run(
-        [sys.executable, "-m", "nla.cli", *args, "80", "--rl_batch_size", "1", "--rl_group_size", "2"],
+        [sys.executable, "-m", "nla.cli", *args, "80", "--rl_micro_batch", "0"],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert "trainer + engine" in small.stdout and ": fits" in small.stdout, small.stdout
+    assert done.returncode == 0, done.stderr
+    assert "Qwen2ForCausalLM, 7.62B parameters, 28 blocks" in done.stdout  # the published 7.6B
+    assert "AV prompt 48 tokens (assumed)" in done.stdout  # no tokenizer in the cache
+    assert "vllm engine" in done.stdout and "does NOT fit" in done.stdout
+    small = subprocess.run(
+        [sys.executable, "-m", "nla.cli", *args, "80"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "micro-batch 8" in small.stdout and "trainer + engine" in small.stdout, small.stdout
+    assert ": fits" in small.stdout and "does NOT fit" not in small.stdout, small.stdout
 
 
 def test_the_update_phases_follow_the_micro_batch(tmp_path):

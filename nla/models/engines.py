@@ -51,12 +51,11 @@ class HFEngine:
     """transformers `generate` + the injection hook, on the trainer's own model (nothing to sync)."""
 
     name = "hf"
+    sync_mode = "none"
+    sync_bytes = 0
 
     def __init__(self, verbalizer: Verbalizer):
         self.verbalizer = verbalizer
-
-    sync_mode = "none"
-    sync_bytes = 0
 
     def sync(self, model: nn.Module, adapter: str, version: int) -> float:
         return 0.0
