@@ -23,25 +23,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nla.core.config import ConfigError, NLAConfig, _help, parse_config
+from nla.core.config import ConfigError, NLAConfig, parse_config
 from nla.models.backbone import decoder_layers, text_config
 from nla.models.lora import NOT_LANGUAGE_MODEL, TARGET_MODULES
 
 GIB = 2**30
 FLOAT32 = 4
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-AR_TEMPLATE_TOKENS = 16  # the AR's prompt around an explanation (chat template and instruction), about
+AR_TEMPLATE_TOKENS = 16  # about the AR prompt's tokens around an explanation (chat template, instruction)
 DEFAULT_PROMPT_TOKENS = 48  # the AV prompt when no tokenizer is at hand to count it
 DEFAULT_SUFFIX_TOKENS = 12  # of which from the marker's left neighbour on (the rest is a shared prefix)
 
 
 @dataclass
 class PlanArgs:
-    gpu_memory_gb: float = _help(
-        "Say whether the run fits a GPU of this many GiB (0: only print the table).", default=0.0
+    gpu_memory_gb: float = field(
+        default=0.0, metadata={"help": "Say whether the run fits a GPU of this many GiB (0: only print the table)."}
     )
-    prompt_tokens: int = _help(
-        "The AV prompt's length in tokens (0: count it with the model's tokenizer, else assume 48).", default=0
+    prompt_tokens: int = field(
+        default=0,
+        metadata={"help": "The AV prompt's length in tokens (0: count it with the model's tokenizer, else assume 48)."},
     )
 
 
