@@ -46,6 +46,7 @@ ALIASES: dict[str, str] = {
     "advantage_norm": "rl_advantage_norm",
     "max_response_tokens": "rl_max_new_tokens",
     "rollout_engine": "rl_rollout_engine",
+    "engine_sync": "rl_engine_sync",  # the spelling issue #30 asked for
     "vllm_python": "rl_vllm_python",
     "vllm_memory_gb": "rl_vllm_memory_gb",
     "max_new_tokens": "av_max_new_tokens",
