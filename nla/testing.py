@@ -121,15 +121,18 @@ def tiny_config(arch: str, vocab_size: int, special: dict[str, int], d_model: in
     raise ValueError(f"unknown architecture {arch!r}; one of {ARCHITECTURES}")
 
 
-def save_tiny_architecture(out_dir: str | Path, arch: str, seed: int = 0) -> Path:
-    """An HF folder holding a tiny random model of `arch` and the tiny tokenizer (`--model DIR`)."""
+def save_tiny_architecture(
+    out_dir: str | Path, arch: str, seed: int = 0, vocab_size: int = 600, d_model: int = 64
+) -> Path:
+    """An HF folder holding a tiny random model of `arch` and the tiny tokenizer (`--model DIR`); another
+    `vocab_size` gives a tokenizer that splits the same text differently."""
     import torch
     import transformers as tf
 
     out_dir = Path(out_dir)
-    tok = build_tiny_tokenizer()
+    tok = build_tiny_tokenizer(vocab_size)
     special = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    config = tiny_config(arch, len(tok), special)
+    config = tiny_config(arch, len(tok), special, d_model)
     torch.manual_seed(seed)
     cls = tf.Gemma3ForConditionalGeneration if arch == "gemma3-multimodal" else tf.AutoModelForCausalLM
     model = cls.from_config(config) if cls is tf.AutoModelForCausalLM else cls(config)

@@ -173,6 +173,13 @@ class DataConfig:
     )
     extract_batch_size: int = _help("Documents per extraction forward pass.", default=8)
     data_dir: str | None = _help("Datasets folder (default: <output_dir>/data).", default=None)
+    paired_model: str | None = _help(
+        "A second model B for a cross-model NLA: datagen also records B's activation at the same place in "
+        "each row's text (the B token ending where the row's token ends; rows without one are dropped and "
+        "counted), as a dataset of its own under <data_dir>/paired/.",
+        default=None,
+    )
+    paired_layer: int | None = _help("B's block for --paired_model (default: B's ~2/3 depth).", default=None)
 
     def __post_init__(self) -> None:
         parts = self.split_weights
@@ -338,6 +345,15 @@ class ARConfig:
         "Vectors are normalised to this norm before MSE (default sqrt(d_model)).", default=None
     )
     ar_checkpoint: str | None = _help("AR checkpoint to load (default: <output_dir>/ar/final).", default=None)
+    ar_model: str | None = _help(
+        "Train the AR of another model: model B of `nla datagen --paired_model B`, reading the same "
+        "explanations and predicting B's activation (<data_dir>/paired/); saved under <output_dir>/ar_b "
+        "(ar_oracle_b with --ar_text context).",
+        default=None,
+    )
+    ar_layer: int | None = _help(
+        "With --ar_model: the block of B the paired data holds (a check; default: what the data says).", default=None
+    )
 
     def __post_init__(self) -> None:
         if self.ar_lr <= 0 or self.ar_steps < 0 or self.ar_batch_size < 1 or self.ar_oracle_steps < 0:

@@ -33,7 +33,7 @@ from nla.core import templates
 from nla.core.claims import Row
 from nla.core.config import ConfigError, NLAConfig
 from nla.core.io import atomic_write_text, remove_temp_files
-from nla.core.sidecar import Meta, TokenSpec, dataset_meta_path
+from nla.core.sidecar import Meta, SidecarError, TokenSpec, dataset_meta_path
 from nla.core.tracking import Tracker
 from nla.data.corpus import iter_documents
 from nla.data.extract import (
@@ -46,6 +46,7 @@ from nla.data.extract import (
     stable_int,
     stable_unit,
 )
+from nla.data.paired import Paired, extract_paired, paired_dir, subset
 from nla.data.splits import SPLITS, TEACHER_SPLITS, split_columns, split_path, write_split
 from nla.data.teacher import Explained, Teacher, TeacherCache, explain, make_teacher
 from nla.models.backbone import default_layer, text_config
@@ -129,7 +130,13 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
     if scan is None:  # a non-main process: its chunks are on disk, the main process does the rest
         return {}
     spec = choose_marker(tok, scan.seen_chars, scan.seen_ids)
-    rows, vectors = scan.rows, scan.rows.matrix()
+    rows, paired = scan.rows, None
+    if cfg.data.paired_model:  # before the teacher: rows without a partner in B are dropped, never explained
+        del model  # A's forwards are done: B's copy takes its place
+        paired = _pair(cfg, tok, rows, scan, work, store.identity)
+        rows = subset(rows, paired.keep)
+        _check_paired(cfg, paired)
+    vectors = rows.matrix()
     splits = [split_of(cfg.run.seed, d, cfg.data.split_weights) for d in rows.doc_id]
     check_split_documents(rows.doc_id, splits, cfg.data.split_weights)  # before any teacher call
     need = [i for i, s in enumerate(splits) if s in TEACHER_SPLITS]  # RL rows get no explanation
@@ -141,7 +148,36 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
     check_teacher_answers(teacher, explained, [splits[i] for i in need], cfg.teacher.teacher_malformed_warn)
     norms = norm_stats(vectors)
     extra = _meta_extra(cfg, store, teacher, explained, norms)
+    if paired is not None:
+        extra["paired"] = {**paired.record(cfg.model.model, layer), "role": "a"}
+    for name in SPLITS:  # a paired dataset from an earlier run must not outlive the rows it paired
+        for path in (
+            split_path(paired_dir(cfg.data_dir), name),
+            dataset_meta_path(split_path(paired_dir(cfg.data_dir), name)),
+        ):
+            path.unlink(missing_ok=True)
     counts = _write_splits(cfg.data_dir, rows, vectors, splits, explanation, spec, layer, cfg.model.model, extra)
+    if paired is not None:  # B's dataset: the same rows, splits and explanations; B's vectors and marker
+        b_vectors = paired.rows.matrix()
+        b_norms = norm_stats(b_vectors)
+        b_extra = json.loads(json.dumps(extra)) | {
+            "dataset_id": f"{extra['dataset_id']}-paired-L{paired.layer}",
+            "activation_norms": b_norms,
+            "suggested_injection_scale": b_norms["p75"],
+            "paired": {**paired.record(cfg.model.model, layer), "role": "b"},
+        }
+        paired_dir(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        _write_splits(
+            paired_dir(cfg.data_dir),
+            paired.rows,
+            b_vectors,
+            splits,
+            explanation,
+            paired.spec,
+            paired.layer,
+            paired.model,
+            b_extra,
+        )
     samples = [(rows.context[i][-TAIL_CHARS:], explanation[i]) for i in need if explanation[i] is not None][:3]
     result = {
         "rows": counts,
@@ -166,6 +202,9 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
         "teacher_calls": explained.n_calls,
         "teacher_raw_samples": explained.samples,
         "extract_s": round(scan.extract_seconds, 2),
+        "paired": None
+        if paired is None
+        else {**paired.record(cfg.model.model, layer), "extract_s": round(paired.seconds, 2)},
         "teacher_s": round(explained.seconds, 2),
         "wall_s": round(time.perf_counter() - started, 2),
     }
@@ -173,6 +212,52 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
     atomic_write_text(cfg.data_dir / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False))
     _log(cfg, summary)
     return {**result, "wall_s": summary["wall_s"], "summary_path": str(cfg.data_dir / SUMMARY)}
+
+
+def _pair(cfg: NLAConfig, tok, rows: Rows, scan: ScanResult, work: Path, identity: dict[str, Any]) -> Paired:
+    """B's rows for A's (nla/data/paired.py): B loaded here, on A's device, and let go after."""
+    from nla.models.sources import ModelSource
+
+    source = ModelSource.of(cfg.model)
+    path = source.resolve(cfg.data.paired_model)
+    tok_b = source.tokenizer(path)
+    model_b = source.causal_lm(path, cfg.model.dtype).to(pick_device(cfg.run.device)).eval()
+    needed = set(rows.doc_id)
+    texts = {
+        d.doc_id: d.text
+        for d in iter_documents(cfg.data.corpus, cfg.data.text_field, cfg.data.max_docs, cfg.model.allow_hub)
+        if d.doc_id in needed
+    }
+    try:
+        return extract_paired(
+            rows,
+            texts,
+            tok,
+            tok_b,
+            model_b,
+            cfg.data.paired_model,
+            cfg.data.paired_layer,
+            work,
+            identity,
+            cfg.data.max_doc_tokens,
+            cfg.data.extract_batch_size,
+            scan.seen_chars,
+        )
+    except SidecarError as err:
+        raise DatagenError(f"--paired_model {cfg.data.paired_model}: {err}") from None
+
+
+def _check_paired(cfg: NLAConfig, paired: Paired) -> None:
+    if not paired.keep:
+        raise DatagenError(
+            f"none of the {paired.positions} positions has a partner in {cfg.data.paired_model}'s tokenization "
+            "(no B token ends where the row's token ends); the two tokenizers never agree on a boundary here."
+        )
+    print(
+        f"[nla datagen] paired with {cfg.data.paired_model} block {paired.layer}: {len(paired.keep)} of "
+        f"{paired.positions} positions aligned ({paired.positions - len(paired.keep)} dropped)",
+        file=sys.stderr,
+    )
 
 
 def check_split_documents(doc_ids: list[str], splits: list[str], weights: list[float]) -> None:
@@ -287,7 +372,8 @@ def _meta_extra(
     cfg: NLAConfig, store: ChunkStore, teacher: Teacher, explained: Explained, norms: dict[str, float]
 ) -> dict[str, Any]:
     model_name = Path(cfg.model.model).name.replace(":", "-")
-    fingerprint = stable_int(store.identity, cfg.data.corpus, cfg.data.max_docs, teacher.identity)
+    pairing = [cfg.data.paired_model, cfg.data.paired_layer] if cfg.data.paired_model else []  # its rows differ
+    fingerprint = stable_int(store.identity, cfg.data.corpus, cfg.data.max_docs, teacher.identity, *pairing)
     dataset_id = f"{model_name}-L{store.identity['layer']}-{fingerprint:016x}"
     return {
         "dataset_id": dataset_id,

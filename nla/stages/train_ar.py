@@ -30,6 +30,7 @@ from nla.core import seeds
 from nla.core.config import ConfigError, NLAConfig
 from nla.core.sidecar import SidecarError
 from nla.core.tracking import Tracker
+from nla.data.paired import check_paired, paired_dir
 from nla.data.splits import Split, derangement, load_split, split_path
 from nla.models.ar import build_ar, load_ar, model_meta, save_ar
 from nla.models.sources import ModelSource
@@ -79,16 +80,27 @@ def _load_data(cfg: NLAConfig, tokenizer) -> tuple[Split, Split]:
 
 
 def output_root(cfg: NLAConfig) -> Path:
-    """Where this AR's checkpoints go: <output_dir>/ar, or the control's or the oracle's folder."""
-    return cfg.output_dir / (
-        CONTROL_DIR if cfg.ar.ar_shuffle_targets else ORACLE_DIR if cfg.ar.ar_text == "context" else "ar"
-    )
+    """Where this AR's checkpoints go: <output_dir>/ar, or the control's or the oracle's folder; for
+    model B of paired data (--ar_model) the same names ending in _b."""
+    name = CONTROL_DIR if cfg.ar.ar_shuffle_targets else ORACLE_DIR if cfg.ar.ar_text == "context" else "ar"
+    return cfg.output_dir / (f"{name}_b" if cfg.ar.ar_model else name)
+
+
+def cross_config(cfg: NLAConfig) -> NLAConfig:
+    """With --ar_model B: the same run reading B's paired dataset (<data_dir>/paired) with B as the
+    model; refuses paired data of another model or layer (one line)."""
+    if not cfg.ar.ar_model:
+        return cfg
+    folder = paired_dir(cfg.data_dir)
+    record = check_paired(split_path(folder, "ar_sft"), cfg.ar.ar_model, cfg.ar.ar_layer)
+    return cfg.replace(model=cfg.ar.ar_model, layer=record["layer_b"], data_dir=str(folder))
 
 
 def run(cfg: NLAConfig, accelerator=None) -> dict[str, Any]:
     """Train the AR (or, with ar_shuffle_targets, the shuffled-target control); return key numbers."""
     seed_everything(cfg.run.seed)  # run() called directly (demo, tests) is as reproducible as the CLI
     acc = accelerator or make_accelerator(cfg.run.device)
+    cfg = cross_config(cfg)
     control, oracle = cfg.ar.ar_shuffle_targets, cfg.ar.ar_text == "context"
     root = output_root(cfg)
     source = ModelSource.of(cfg.model)
@@ -172,6 +184,7 @@ def _saver(cfg: NLAConfig, trainer: ARTrainer, train_split: Split, root: Path, s
             "control": "shuffled_targets" if control else None,
             "ar_text": cfg.ar.ar_text,
             "training": training,
+            **({"paired": train_split.meta.extra["paired"]} if cfg.ar.ar_model else {}),
         }
         meta = model_meta(trainer.ar, train_split.meta, cfg.model.model, trainer.scale, extra)
         save_ar(trainer.ar, tmp / "ar", meta, trainer.tok)
