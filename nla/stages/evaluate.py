@@ -54,8 +54,9 @@ from nla.data.extract import choose_positions
 from nla.data.judge import make_judge
 from nla.data.splits import load_split, split_path
 from nla.models.ar import read_ar_meta
-from nla.models.pair import NLA, CheckpointArgs, load_checked_ar, load_from_config, model_folder, option
+from nla.models.pair import NLA, CheckpointArgs, load_checked_ar, load_from_config, model_folder, option, resolve_paths
 from nla.models.sources import ModelError
+from nla.stages import cross
 from nla.stages.controls import (
     Explain,
     Scorer,
@@ -86,6 +87,9 @@ class EvalArgs(CheckpointArgs):
     report_dir: str | None = option("Where report.json/report.md/plots go; unset: --output_dir.")
     eval_temperature: float = option("AV sampling temperature for eval (0 = greedy).", 0.0)
     paraphrase_control: bool = option("Run the paraphrase control (the teacher rewrites each explanation).", True)
+    own_av: str | None = option(
+        "Cross pair only (an AR of --ar_model B): B's own AV, read by the same AR on the same rows (B's same-model NLA)."
+    )
 
 
 # ---------------------------------------------------------------- data
@@ -454,6 +458,10 @@ def run(
     """Evaluate and write the report; returns the report dict (what report.json holds)."""
     args = args or EvalArgs()
     began = time.time()
+    if args.checkpoint is None and cfg.av.av_checkpoint and cfg.ar.ar_checkpoint:
+        paths = resolve_paths(None, cfg.av.av_checkpoint, cfg.ar.ar_checkpoint)
+        if cross.is_cross(paths):  # A's AV, B's AR: nla/stages/cross.py
+            return cross.evaluate_cross(cfg, args, paths, Path(report_dir or args.report_dir or cfg.output_dir))
     nla = nla or load_from_config(cfg, args.checkpoint, need_ar=True, target_model=args.target_model)
     if nla.ar is None:
         raise ConfigError("eval needs an AR: pass --checkpoint DIR holding ar/, or --ar_checkpoint DIR.")
@@ -478,6 +486,6 @@ def main(argv: list[str]) -> int:
         argv, "eval", extra=[EvalArgs], folder=lambda c, ex: Path(ex[0].report_dir or c.output_dir)
     )
     report = run(cfg, args)
-    print(format_table(report))
+    print(cross.format_table(report) if report.get("kind") == "cross" else format_table(report))
     print(f"[eval] {report['n']} rows, {report['wall_s']}s -> {report['files']['report_md']}")
     return 0

@@ -48,10 +48,13 @@ def reinjection_scores(
     layer: int,
     batch_size: int = 8,
     seed: int = 0,
+    rescale: bool = True,
 ) -> dict[str, Any]:
     """The report's `reinjection` section and one KL per row (None where the row was left out).
 
-    `vectors` [n, d] raw activations; `reconstructions` [n, d] the AR's predictions (any scale)."""
+    `vectors` [n, d] raw activations; `reconstructions` [n, d] the AR's predictions (any scale),
+    rescaled to each activation's norm; with `rescale=False` patched as given (e.g. an additive
+    patch: the activation plus something)."""
     device = next(model.parameters()).device
     n = len(contexts)
     token_ids = [tokenizer(c, add_special_tokens=True)["input_ids"] if c else [] for c in contexts]
@@ -72,7 +75,9 @@ def reinjection_scores(
         v = vectors[batch].to(device)
         norms = v.norm(dim=-1, keepdim=True)
         patches = {
-            "reconstruction": _rescaled(reconstructions[batch].float().to(device), norms),
+            "reconstruction": _rescaled(reconstructions[batch].float().to(device), norms)
+            if rescale
+            else reconstructions[batch].float().to(device),
             "mean": _rescaled(mean.to(device).expand_as(v), norms),
             "shuffled": _rescaled(vectors[other[batch]].to(device), norms),
             "zero": torch.zeros_like(v),
