@@ -7,7 +7,7 @@ ARGS   ?=
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.nla-installed
 
-.PHONY: demo demo-long test test-all setup vllm clean-venv
+.PHONY: demo demo-long demo-cross test test-all setup vllm clean-venv
 
 setup: $(STAMP)
 
@@ -20,6 +20,9 @@ demo: $(STAMP)
 
 demo-long: $(STAMP)
 	$(VENV)/bin/nla demo --config configs/embedded-long.yaml $(ARGS)
+
+demo-cross: $(STAMP)
+	$(VENV)/bin/nla demo --config configs/embedded-cross.yaml $(ARGS)
 
 vllm: $(VLLM_STAMP)
 

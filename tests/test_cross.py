@@ -132,3 +132,18 @@ def test_datagen_through_eval_cross(paired_run, tmp_path):
     assert len(rows) == report["n"]
     assert "Cross-model channel" in (report_dir / "report.md").read_text()
     assert (report_dir / "report.html").read_text().startswith("<!doctype html>")
+
+
+def test_the_cross_demo(paired_run, tmp_path):
+    """`nla demo` with paired_model (what `make demo-cross` runs): A's data and AV, B's AR, B's oracle
+    and B's own AV, and the channel, in summary.json."""
+    a, b, _ = paired_run
+    out = tmp_path / "demo"
+    argv = [*_common(out), "--model", str(a), "--paired_model", str(b), "--paired_layer", str(LAYER_B)]
+    assert main(["demo", *argv, "--eval_max_rows", "8"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    cross = summary["cross"]
+    assert cross["kind"] == "cross" and cross["checkpoint"]["av"] == str(out / "av" / "final" / "av")
+    assert {"nla", "translator", "own_nla", "oracle"} <= set(cross["channels"])
+    assert (out / "eval_cross" / "report.md").is_file() and (out / "b" / "av" / "final").is_dir()
+    assert not (out / "rl").exists() and summary["datagen"]["paired"]["aligned"] > 0

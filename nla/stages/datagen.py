@@ -188,6 +188,9 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
         "activations_per_s": scan.activations_per_s,
         "teacher_tokens_per_s": explained.tokens_per_s,
         "data_dir": str(cfg.data_dir),
+        "paired": None
+        if paired is None
+        else {**paired.record(cfg.model.model, layer), "extract_s": round(paired.seconds, 2)},
     }
     summary = {
         **result,
@@ -202,9 +205,6 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
         "teacher_calls": explained.n_calls,
         "teacher_raw_samples": explained.samples,
         "extract_s": round(scan.extract_seconds, 2),
-        "paired": None
-        if paired is None
-        else {**paired.record(cfg.model.model, layer), "extract_s": round(paired.seconds, 2)},
         "teacher_s": round(explained.seconds, 2),
         "wall_s": round(time.perf_counter() - started, 2),
     }

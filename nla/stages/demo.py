@@ -11,6 +11,13 @@ FVE by step, read by the live AR and by the SFT AR) -> eval of the RL checkpoint
      "control_margin": {...}, "lookup_margin": {...}}   (each eval report carries its claims and lookups)
 Every stage resumes (datagen caches chunks and teacher answers, trainers restart from their newest
 checkpoint), so a second `make demo` only redoes what is missing.
+
+With `paired_model` (configs/embedded-cross.yaml, `make demo-cross`) the demo is the cross-model
+channel's tour instead: datagen also records model B's activations at the same places; A's AV warm
+start; B's AR on the same explanations, B's context oracle and B's own AV; then the channel, A's AV
+writing and B's AR reading, against the translator and B's own NLA (nla/stages/cross.py) ->
+`<output_dir>/eval_cross/report.md`, summary.json {"cross": <its report>, ...}. The channel's AV is
+A's SFT AV: it imitates the teacher whose text B's AR learned to read (A's RL AV is tuned to A's AR).
 """
 
 from __future__ import annotations
@@ -166,6 +173,57 @@ def report(cfg, summary: dict[str, Any]) -> None:
     print(f"[demo] final checkpoint: {summary['checkpoint']}")
 
 
+def cross_demo(cfg, acc, timed) -> dict[str, Any]:
+    """The cross-model channel's tour (paired_model set): A's data and AV, B's AR, oracle and AV, the channel."""
+    from nla.stages import datagen, evaluate, train_ar, train_av
+
+    _banner(
+        f"1/6 datagen: A's activations + teacher explanations, and B's ({cfg.data.paired_model}) at the same places"
+    )
+    data = timed("datagen", datagen.run, cfg)
+    print(datagen.describe(data))
+    _banner("2/6 A's AV warm start (A's activation -> explanation)")
+    print(train_av.describe(timed("train_av", train_av.run, cfg, acc)))
+    b = cfg.replace(ar_model=cfg.data.paired_model)
+    _banner("3/6 B's AR on the same explanations, predicting B's activation, with a shuffled-target control")
+    ar = timed("train_ar_b", train_ar.run, b, acc)
+    control = timed("train_ar_b_control", train_ar.run_shuffled_control, b, acc, max(10, cfg.ar.ar_steps // 5))
+    print(train_ar.format_table(ar, control))
+    _banner("4/6 B's context-oracle AR (reads the raw context: the ceiling for any text)")
+    oracle_cfg = b.replace(ar_text="context", ar_steps=cfg.ar.ar_oracle_steps or cfg.ar.ar_steps)
+    print(train_ar.format_table(timed("train_ar_b_oracle", train_ar.run, oracle_cfg, acc)))
+    _banner("5/6 B's own AV on B's side of the same rows (the same-model NLA)")
+    own = train_ar.cross_config(b).replace(ar_model=None, output_dir=str(cfg.output_dir / "b"))
+    print(train_av.describe(timed("train_av_b", train_av.run, own, acc)))
+    _banner("6/6 the channel: A's AV -> B's AR, against the translator, B's own NLA and B's lookups")
+    pair = cfg.replace(
+        av_checkpoint=str(cfg.output_dir / "av" / "final"),
+        ar_checkpoint=str(train_ar.output_root(b) / "final"),
+        oracle_ar=str(train_ar.output_root(oracle_cfg) / "final"),
+    )
+    own_av = str(cfg.output_dir / "b" / "av" / "final")
+    report = timed(
+        "eval_cross", evaluate.run, pair, evaluate.EvalArgs(own_av=own_av), report_dir=cfg.output_dir / "eval_cross"
+    )
+    return {
+        "cross": report,
+        "datagen": {k: data[k] for k in ("rows", "norms", "paired") if k in data},
+        "ar_b": {k: v for k, v in ar.items() if k != "history"},
+        "ar_b_shuffled_control": control,
+    }
+
+
+def cross_report(cfg, summary: dict[str, Any]) -> None:
+    from nla.stages.cross import format_table
+
+    atomic_write_text(cfg.output_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    _banner("the cross-model channel (held-out rows; strict FVE on B; controls alongside)")
+    print(format_table(summary["cross"]))
+    print(f"\n[demo] stage seconds: {summary['stage_seconds']}")
+    print(f"[demo] total {summary['wall_s']:.0f}s; report: {summary['cross']['files']['report_md']}")
+    print(f"[demo] summary: {cfg.output_dir / 'summary.json'}")
+
+
 def main(argv: list[str]) -> int:
     from nla.stages import datagen, evaluate, rl, train_ar, train_av
     from nla.train.distributed import make_accelerator
@@ -184,6 +242,13 @@ def main(argv: list[str]) -> int:
         timings[name] = round(time.time() - start, 1)
         return out
 
+    if cfg.data.paired_model:
+        try:
+            out = cross_demo(cfg, acc, timed)
+        finally:
+            acc.end_training()
+        cross_report(cfg, {**out, "wall_s": round(time.time() - began, 1), "stage_seconds": timings})
+        return 0
     try:
         _banner("1/6 datagen: activations + teacher explanations")
         data = timed("datagen", datagen.run, cfg)
