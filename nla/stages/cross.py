@@ -382,7 +382,7 @@ def write_cross_report(report: dict[str, Any], rows: list[dict], out_dir: Path) 
     for r in examples:
         md += [
             f"- `…{r['context'][-60:]!r}`",
-            f"  - A's AV: {r['explanation']!r} (fve on B {r['fve_nrm_b']:+.2f})",
+            f"  - A's AV: {r['explanation']!r} (fve on B {r['fve_nrm_b']:+.2f}; {_verdicts(r)})",
             f"  - teacher: {r['teacher_explanation']!r}",
             *([f"  - B's own AV: {r['own_explanation']!r}"] if "own_explanation" in r else []),
         ]
@@ -392,7 +392,8 @@ def write_cross_report(report: dict[str, Any], rows: list[dict], out_dir: Path) 
     )
     items = "".join(
         f"<tr><td><code>{html.escape(r['context'][-80:])}</code></td><td>{html.escape(str(r['explanation']))}</td>"
-        f"<td>{r['fve_nrm_b']:+.2f}</td><td>{html.escape(str(r['teacher_explanation']))}</td></tr>"
+        f"<td>{r['fve_nrm_b']:+.2f}</td><td>{html.escape(_verdicts(r))}</td>"
+        f"<td>{html.escape(str(r['teacher_explanation']))}</td></tr>"
         for r in examples
     )
     page = (
@@ -405,10 +406,18 @@ def write_cross_report(report: dict[str, Any], rows: list[dict], out_dir: Path) 
             for h in ("channel", "strict FVE on B", "top-1", "reinjection KL (recovered)", "size", "readable")
         )
         + f"</tr>{cells}</table><h2>{len(examples)} random rows</h2><table><tr><th>context</th>"
-        f"<th>A's explanation</th><th>FVE on B</th><th>teacher</th></tr>{items}</table>"
+        f"<th>A's explanation</th><th>FVE on B</th><th>its claims</th><th>teacher</th></tr>{items}</table>"
     )
     atomic_write_text(files["report_html"], page)
     return {k: str(v) for k, v in files.items()}
+
+
+def _verdicts(row: dict) -> str:
+    """Each claim's check, e.g. `quote false`; or why there is none."""
+    if row.get("failed"):
+        return "no explanation extracted"
+    marks = [f"{c['type']} {c['verdict']}" for c in row.get("claims") or []]
+    return ", ".join(marks) or "no claims"
 
 
 def _examples(rows: list[dict]) -> list[dict]:
