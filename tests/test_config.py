@@ -56,10 +56,22 @@ def test_saved_config_round_trips(tmp_path):
     assert again.to_dict() == cfg.to_dict()
 
 
-@pytest.mark.parametrize("name", ["embedded.yaml", "embedded-long.yaml", "smoke.yaml"])
+@pytest.mark.parametrize("name", ["embedded.yaml", "embedded-long.yaml", "embedded-cross.yaml", "smoke.yaml"])
 def test_shipped_configs_parse(name):
     cfg, _ = parse_config(["--config", f"configs/{name}"])
     assert cfg.model.model
+
+
+def test_the_cross_config_is_the_demo_s_with_model_b_paired_in():
+    demo, _ = parse_config(["--config", "configs/embedded.yaml"])
+    cross, _ = parse_config(["--config", "configs/embedded-cross.yaml"])
+    differ = {
+        (section, key)
+        for section, values in cross.to_dict().items()
+        for key, value in (values.items() if isinstance(values, dict) else [])
+        if demo.to_dict()[section][key] != value
+    }
+    assert {key for _, key in differ} == {"output_dir", "paired_model", "paired_layer"}
 
 
 def test_keys_unique_across_sections():
