@@ -85,7 +85,7 @@ def test_the_cross_ar_refuses_another_model(paired_run, tmp_path, capsys):
     assert rc != 0 and "not block 1" in capsys.readouterr().err
 
 
-def test_datagen_through_eval_cross(paired_run, tmp_path):
+def test_datagen_through_eval_cross(paired_run, tmp_path, capsys):
     a, b, out = paired_run
     base = [*_common(out), "--model", str(a)]
     assert main(["train-ar", *base, "--ar_model", str(b)]) == 0
@@ -128,6 +128,26 @@ def test_datagen_through_eval_cross(paired_run, tmp_path):
     for name in ("nla", "translator", "translator_added", "own_nla", "oracle"):
         r = report["reinjection"][name]
         assert r["kl"] >= 0 and r["kl_mean_baseline"] >= 0
+    # B's own AV must explain B: A's AV in its place is refused in one line, before any work
+    wrong = [
+        "eval",
+        *base,
+        "--av_checkpoint",
+        str(out / "av" / "final"),
+        "--ar_checkpoint",
+        str(out / "ar_b" / "final"),
+        "--own_av",
+        str(out / "av" / "final"),
+        "--report_dir",
+        str(tmp_path / "wrong"),
+    ]
+    assert main(wrong) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--own_av" in err and f"not block {LAYER_B} of" in err
+    same_model = list(wrong)
+    same_model[wrong.index("--av_checkpoint") + 1] = str(out / "b" / "av" / "final")
+    assert main(same_model) == 2  # B's AV and B's AR: a same-model pair, where --own_av means nothing
+    assert "--own_av is for a cross pair" in capsys.readouterr().err
     rows = (report_dir / "rows.jsonl").read_text().splitlines()
     assert len(rows) == report["n"]
     assert "Cross-model channel" in (report_dir / "report.md").read_text()

@@ -43,7 +43,7 @@ from nla.data.paired import check_paired, paired_split, same_rows
 from nla.data.splits import derangement, load_split, split_path
 from nla.models.ar import load_ar, mse_scale_of, read_ar_meta
 from nla.models.av import load_av
-from nla.models.pair import CheckpointPaths, strict_variance
+from nla.models.pair import CheckpointPaths, model_folder, strict_variance
 from nla.models.sources import ModelError, ModelSource, pick_device
 from nla.stages.controls import Scorer
 from nla.stages.faithfulness import TRAINING_SPLITS, claim_checks, explanation_format, text_free_baselines
@@ -107,6 +107,13 @@ def evaluate_cross(cfg, args, paths: CheckpointPaths, out_dir: Path) -> dict[str
             f"AV {paths.av} explains block {av.meta.layer_index} of {av.meta.base_model!r}, but AR {paths.ar} was "
             f"trained on pairs from block {record['layer_a']} of {record['model_a']!r}; use the AV of that model."
         )
+    if args.own_av:  # checked before any work: B's own AV must explain B's block
+        own_meta = read_meta(model_folder(args.own_av, "av"))
+        if own_meta.base_model != record["model_b"] or own_meta.layer_index != record["layer_b"]:
+            raise SidecarError(
+                f"--own_av {args.own_av} explains block {own_meta.layer_index} of {own_meta.base_model!r}, "
+                f"not block {record['layer_b']} of {record['model_b']!r}."
+            )
     a, b = _rows(cfg, args, record)
     a.meta.verify(av.tokenizer, where=str(a.path))
     b.meta.verify(tok_b, d_model=ar.d_model, where=str(b.path))
@@ -150,11 +157,6 @@ def evaluate_cross(cfg, args, paths: CheckpointPaths, out_dir: Path) -> dict[str
     )
     if args.own_av:
         own = load_av(args.own_av, cfg.run.device, cfg.model.dtype, max_new, source)
-        if own.meta.base_model != record["model_b"] or own.meta.layer_index != record["layer_b"]:
-            raise SidecarError(
-                f"--own_av {args.own_av} explains block {own.meta.layer_index} of {own.meta.base_model!r}, "
-                f"not block {record['layer_b']} of {record['model_b']!r}."
-            )
         own_texts, _ = _explain(own, yb, temp, max_new, bs)
         own_tokens = [len(tok_b.encode(e, add_special_tokens=False)) if e else 0 for e in own_texts]
         add(

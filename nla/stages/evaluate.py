@@ -462,6 +462,11 @@ def run(
         paths = resolve_paths(None, cfg.av.av_checkpoint, cfg.ar.ar_checkpoint)
         if cross.is_cross(paths):  # A's AV, B's AR: nla/stages/cross.py
             return cross.evaluate_cross(cfg, args, paths, Path(report_dir or args.report_dir or cfg.output_dir))
+    if args.own_av:
+        raise ConfigError(
+            "--own_av is for a cross pair: an AR trained with `nla train-ar --ar_model B` (--ar_checkpoint) and "
+            "the other model's AV (--av_checkpoint)."
+        )
     nla = nla or load_from_config(cfg, args.checkpoint, need_ar=True, target_model=args.target_model)
     if nla.ar is None:
         raise ConfigError("eval needs an AR: pass --checkpoint DIR holding ar/, or --ar_checkpoint DIR.")
