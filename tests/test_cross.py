@@ -96,26 +96,15 @@ def test_datagen_through_eval_cross(paired_run, tmp_path, capsys):
     ar_meta = read_ar_meta(out / "ar_b" / "final" / "ar")
     assert ar_meta.extra["paired"]["model_b"] == str(b) and ar_meta.base_model == str(b)
     report_dir = tmp_path / "eval"
-    rc = main(
-        [
-            "eval",
-            *base,
-            "--av_checkpoint",
-            str(out / "av" / "final"),
-            "--ar_checkpoint",
-            str(out / "ar_b" / "final"),
-            "--oracle_ar",
-            str(out / "ar_oracle_b" / "final"),
-            "--own_av",
-            str(out / "b" / "av" / "final"),
-            "--report_dir",
-            str(report_dir),
-            "--paraphrase_control",
-            "false",
-            "--reinjection_rows",
-            "6",
-        ]
-    )
+
+    def eval_argv(av, own_av, report, *extra) -> list[str]:
+        folders = ["--av_checkpoint", str(av), "--ar_checkpoint", str(out / "ar_b" / "final"), "--own_av", str(own_av)]
+        return ["eval", *base, *folders, "--report_dir", str(report), *extra]
+
+    b_av = out / "b" / "av" / "final"
+    oracle = ["--oracle_ar", str(out / "ar_oracle_b" / "final")]
+    quick = ["--paraphrase_control", "false", "--reinjection_rows", "6"]
+    rc = main(eval_argv(out / "av" / "final", b_av, report_dir, *oracle, *quick))
     assert rc == 0
     report = json.loads((report_dir / "report.json").read_text())
     assert report["kind"] == "cross"
@@ -129,23 +118,11 @@ def test_datagen_through_eval_cross(paired_run, tmp_path, capsys):
         r = report["reinjection"][name]
         assert r["kl"] >= 0 and r["kl_mean_baseline"] >= 0
     # B's own AV must explain B: A's AV in its place is refused in one line, before any work
-    wrong = [
-        "eval",
-        *base,
-        "--av_checkpoint",
-        str(out / "av" / "final"),
-        "--ar_checkpoint",
-        str(out / "ar_b" / "final"),
-        "--own_av",
-        str(out / "av" / "final"),
-        "--report_dir",
-        str(tmp_path / "wrong"),
-    ]
+    wrong = eval_argv(out / "av" / "final", out / "av" / "final", tmp_path / "wrong")
     assert main(wrong) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--own_av" in err and f"not block {LAYER_B} of" in err
-    same_model = list(wrong)
-    same_model[wrong.index("--av_checkpoint") + 1] = str(out / "b" / "av" / "final")
+    same_model = eval_argv(b_av, out / "av" / "final", tmp_path / "wrong")
     assert main(same_model) == 2  # B's AV and B's AR: a same-model pair, where --own_av means nothing
     assert "--own_av is for a cross pair" in capsys.readouterr().err
     rows = (report_dir / "rows.jsonl").read_text().splitlines()

@@ -76,6 +76,24 @@ def _rows(cfg, args, record: dict[str, Any]):
     return a, b
 
 
+def _check_extra_models(cfg, args, record: dict[str, Any]) -> None:
+    """Before any work: --own_av must explain B's block and --oracle_ar be B's context oracle."""
+    if args.own_av:
+        own = read_meta(model_folder(args.own_av, "av"))
+        if own.base_model != record["model_b"] or own.layer_index != record["layer_b"]:
+            raise SidecarError(
+                f"--own_av {args.own_av} explains block {own.layer_index} of {own.base_model!r}, "
+                f"not block {record['layer_b']} of {record['model_b']!r}."
+            )
+    if cfg.eval.oracle_ar:
+        oracle = read_ar_meta(model_folder(cfg.eval.oracle_ar, "ar"))
+        if oracle.extra.get("ar_text") != "context" or oracle.base_model != record["model_b"]:
+            raise SidecarError(
+                f"--oracle_ar {cfg.eval.oracle_ar} is not B's context-oracle AR; train one with "
+                "`nla train-ar --ar_model B --ar_text context` (-> <output_dir>/ar_oracle_b/final)."
+            )
+
+
 def _training_pairs(folder_a: Path, split_names) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for name in split_names:
@@ -107,13 +125,7 @@ def evaluate_cross(cfg, args, paths: CheckpointPaths, out_dir: Path) -> dict[str
             f"AV {paths.av} explains block {av.meta.layer_index} of {av.meta.base_model!r}, but AR {paths.ar} was "
             f"trained on pairs from block {record['layer_a']} of {record['model_a']!r}; use the AV of that model."
         )
-    if args.own_av:  # checked before any work: B's own AV must explain B's block
-        own_meta = read_meta(model_folder(args.own_av, "av"))
-        if own_meta.base_model != record["model_b"] or own_meta.layer_index != record["layer_b"]:
-            raise SidecarError(
-                f"--own_av {args.own_av} explains block {own_meta.layer_index} of {own_meta.base_model!r}, "
-                f"not block {record['layer_b']} of {record['model_b']!r}."
-            )
+    _check_extra_models(cfg, args, record)
     a, b = _rows(cfg, args, record)
     a.meta.verify(av.tokenizer, where=str(a.path))
     b.meta.verify(tok_b, d_model=ar.d_model, where=str(b.path))
@@ -135,15 +147,13 @@ def evaluate_cross(cfg, args, paths: CheckpointPaths, out_dir: Path) -> dict[str
         preds[name] = pred
         channels[name] = {**scorer.headline(pred, yb), **info}
 
+    def add_text(name: str, texts: list, label: str, **info) -> None:
+        """A text channel: B's AR reads `texts`; its size is their mean length in B's tokens."""
+        per_vector = sum(len(tok_b.encode(t, add_special_tokens=False)) if t else 0 for t in texts) / len(texts)
+        add(name, predict(texts), label=label, size=f"{per_vector:.1f} tokens", tokens_per_vector=per_vector, **info)
+
     n = len(xa)
-    tokens = [len(tok_b.encode(e, add_special_tokens=False)) if e else 0 for e in explanations]
-    add(
-        "nla",
-        predict(explanations),
-        label="text: A's AV -> B's AR (the NLA channel)",
-        size=f"{sum(tokens) / n:.1f} tokens",
-        tokens_per_vector=sum(tokens) / n,
-    )
+    add_text("nla", explanations, "text: A's AV -> B's AR (the NLA channel)")
     translator_x, translator_y = _training_pairs(a.path.parent, TRAINING_SPLITS)
     val_x, val_y = _training_pairs(a.path.parent, ("val",))
     translator = fit_translator(translator_x, translator_y, val_x, val_y)
@@ -158,23 +168,11 @@ def evaluate_cross(cfg, args, paths: CheckpointPaths, out_dir: Path) -> dict[str
     if args.own_av:
         own = load_av(args.own_av, cfg.run.device, cfg.model.dtype, max_new, source)
         own_texts, _ = _explain(own, yb, temp, max_new, bs)
-        own_tokens = [len(tok_b.encode(e, add_special_tokens=False)) if e else 0 for e in own_texts]
-        add(
-            "own_nla",
-            predict(own_texts),
-            label="text: B's own AV -> B's AR (same-model NLA)",
-            size=f"{sum(own_tokens) / n:.1f} tokens",
-            explanations=own_texts,
-        )
+        add_text("own_nla", own_texts, "text: B's own AV -> B's AR (same-model NLA)", explanations=own_texts)
         del own
     contexts_b = [c or "" for c in b.columns["detokenized_text_truncated"]]
     if cfg.eval.oracle_ar:
         oracle, oracle_tok = load_ar(Path(cfg.eval.oracle_ar), device=device, dtype=cfg.model.dtype, source=source)
-        if oracle.meta.extra.get("ar_text") != "context" or oracle.meta.base_model != record["model_b"]:
-            raise SidecarError(
-                f"--oracle_ar {cfg.eval.oracle_ar} is not B's context-oracle AR; train one with "
-                "`nla train-ar --ar_model B --ar_text context` (-> <output_dir>/ar_oracle_b/final)."
-            )
         oracle_pred = oracle.predict([templates.context_tail(c) for c in contexts_b], oracle_tok)
         add("oracle", oracle_pred, label="ceiling: B's AR reading the raw context", size="the context")
         del oracle

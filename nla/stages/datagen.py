@@ -151,11 +151,9 @@ def run(cfg: NLAConfig, teacher: Teacher | None = None) -> dict[str, Any]:
     if paired is not None:
         extra["paired"] = {**paired.record(cfg.model.model, layer), "role": "a"}
     for name in SPLITS:  # a paired dataset from an earlier run must not outlive the rows it paired
-        for path in (
-            split_path(paired_dir(cfg.data_dir), name),
-            dataset_meta_path(split_path(paired_dir(cfg.data_dir), name)),
-        ):
-            path.unlink(missing_ok=True)
+        stale = split_path(paired_dir(cfg.data_dir), name)
+        stale.unlink(missing_ok=True)
+        dataset_meta_path(stale).unlink(missing_ok=True)
     counts = _write_splits(cfg.data_dir, rows, vectors, splits, explanation, spec, layer, cfg.model.model, extra)
     if paired is not None:  # B's dataset: the same rows, splits and explanations; B's vectors and marker
         b_vectors = paired.rows.matrix()
