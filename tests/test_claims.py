@@ -253,7 +253,7 @@ def test_a_format_without_the_topic_writes_and_accepts_only_the_quote():
     record = claims.format_record({"teacher": {"provider": "extractive", "claims": ["quote"]}})
     assert claims.format_for(record).claim_types == ("quote",)
     assert claims.format_for({"provider": "extractive"}).claim_types == ("quote", "topic")  # a record from before
-    for bad in ("topic", "quote,quote", "quote,colour", ""):
+    for bad in ("topic", "next,topic", "quote,quote", "quote,colour", ""):
         with pytest.raises(ConfigError, match="teacher_claims"):
             TeacherConfig(teacher_claims=bad)
 
@@ -299,6 +299,7 @@ def test_the_next_token_claim_is_checked_against_the_rows_recorded_prediction():
     assert claims.truth_share(fmt, text, row.context) == 0.5
     # Order and repetition are the grammar's: the prediction after the quote, once.
     assert not fmt.parse('predicts " is"; ends with "x"').ok
+    assert not fmt.parse('predicts " is"').ok  # the quote is always there
     assert not fmt.parse('ends with "x"; predicts " is"; predicts " is"').ok
     assert not claims.ExtractiveFormat(claim_types=("quote",)).parse(text).ok  # a format without it rejects it
     assert fmt.with_facts('ends with "x"', row.context) == 'ends with "x"'  # no recorded fact: no claim
@@ -318,3 +319,22 @@ def test_next_token_accuracy_and_chance_use_each_rows_own_prediction():
     assert nxt["n"] == 4 and nxt["accuracy"] == pytest.approx(2 / 3)  # the unrecorded row is left out
     assert nxt["chance"] == pytest.approx(0.0)  # " c" vs row 1's " f", " f" vs " i", " x" vs " c"
     assert s["types"]["quote"]["accuracy"] == 1.0
+
+
+def test_a_claim_listed_before_the_quote_is_written_and_required_before_it():
+    """--teacher_claims next,quote: the prediction first (the AV writes it before the quote, the AR
+    still reads the quote last); the grammar holds the AV to that order."""
+    fmt = claims.ExtractiveFormat(claim_types=("next", "quote"))
+    row = claims.Row("The value of x", " is")
+    text = fmt.with_facts(fmt.write(row.context, 16), row)
+    assert text == 'predicts " is"; ends with "The value of x"' and fmt.parse(text).ok
+    assert [c["verdict"] for c in claims.mark(fmt, text, row)["claims"]] == ["true", "true"]
+    assert not fmt.parse('ends with "x"; predicts " is"').ok  # the other order breaks this format
+    assert fmt.parse('ends with "x"').ok  # a row without a recorded prediction: the quote alone
+    assert fmt.with_facts('ends with "x"', row.context) == 'ends with "x"'
+    # With the topic in between, each claim goes to its place, and a quote holding ';' stays whole.
+    three = claims.ExtractiveFormat(claim_types=("topic", "next", "quote"))
+    context = "header; value and header value; a"
+    written = three.with_facts(three.write(context, 16), claims.Row(context, "\n"))
+    assert written == 'about header; predicts "\n"; ends with " header value; a"' and three.parse(written).ok
+    assert ExtractiveTeacher(claims=("next", "quote")).identity.endswith(":claims=next,quote")

@@ -4,7 +4,8 @@ An explanation is a list of claims, split at the format's own separators (`split
 teacher format declares its grammar and a checker per claim type (`ExplanationFormat`):
 
 - `extractive` (the model-free teacher): `ends with "LAST CHARACTERS"; about TOPIC`. Exactly one
-  quote claim first, then at most one topic claim; anything else is a malformed claim and breaks
+  quote claim and each further claim at most once, in the format's order (`--teacher_claims`; the
+  quote first unless the list puts another claim before it); anything else is a malformed claim and breaks
   the format (RL's `ends with "class"; class"; about class` does, and so does an empty quote,
   `ends with ""`, which the teacher never writes). The quote is checked four ways
   (`exact`: the context ends with it, each whitespace run read as a line break or a space, trailing
@@ -182,13 +183,14 @@ LEGACY_CLAIMS = ("quote", "topic")  # what a format record without a claim list 
 
 @dataclass
 class ExtractiveFormat:
-    """`ends with "…"; about TOPIC; predicts "…"` (nla.data.teacher.ExtractiveTeacher writes the first
-    two, datagen the last: it ran the model): one quote claim, then each further claim of
-    `claim_types` at most once, in that order (the topic is left out where the context has no topic
-    word, the prediction where the row records none). `context_chars`: how much context the teacher
-    read (its topic rule saw only that tail, so the checks do too). Without a claim list: quote and
-    topic, what the format said before the list was a choice (`--teacher_claims`, whose default is
-    the quote alone)."""
+    """`ends with "…"; about TOPIC; predicts "…"` (nla.data.teacher.ExtractiveTeacher writes the quote
+    and the topic, datagen the prediction: it ran the model): exactly one quote claim and each further
+    claim of `claim_types` at most once, all in that order (the topic is left out where the context
+    has no topic word, the prediction where the row records none). The order is the list's:
+    `("next", "quote")` writes `predicts "…"; ends with "…"`, the prediction first. `context_chars`:
+    how much context the teacher read (its topic rule saw only that tail, so the checks do too).
+    Without a claim list: quote and topic, what the format said before the list was a choice
+    (`--teacher_claims`, whose default is the quote alone)."""
 
     context_chars: int = 600
     claim_types: tuple[str, ...] = LEGACY_CLAIMS
@@ -199,10 +201,10 @@ class ExtractiveFormat:
         self.claim_types = tuple(self.claim_types)
         unknown = [c for c in self.claim_types if c not in EXTRACTIVE_CLAIMS]
         repeated = len(set(self.claim_types)) < len(self.claim_types)
-        if not self.claim_types or self.claim_types[0] != "quote" or unknown or repeated:
+        if "quote" not in self.claim_types or unknown or repeated:
             raise ValueError(
-                f"extractive claims {list(self.claim_types)}: 'quote' first, then any of "
-                f"{list(EXTRACTIVE_CLAIMS[1:])}, each once."
+                f"extractive claims {list(self.claim_types)}: 'quote' and any of "
+                f"{list(EXTRACTIVE_CLAIMS[1:])}, each once, in the order they are written."
             )
 
     @property
@@ -213,17 +215,23 @@ class ExtractiveFormat:
         """The teacher's explanation of `context` (already cut to what the teacher reads): the claims
         read from the text (the fact claims are added by `with_facts`)."""
         tail = text_tail(context, quote_chars)
-        claims = [f"ends with {quote(tail)}" if tail else "an empty text"]
         topic = topic_word(context) if "topic" in self.claim_types else None
-        return "; ".join(claims + ([f"about {topic}"] if topic else []))
+        written = {"quote": f"ends with {quote(tail)}" if tail else "an empty text"}
+        if topic:
+            written["topic"] = f"about {topic}"
+        return "; ".join(written[k] for k in self.claim_types if k in written)
 
     def with_facts(self, explanation: str, row: str | Row) -> str:
         """`explanation` with the claims this format makes from the row's facts (`predicts "X"`, the
-        model's own next token), where the row records them."""
+        model's own next token) put in their place in the format's order, where the row records them."""
         row = as_row(row)
-        if "next" in self.claim_types and row.next_token is not None:
-            return f"{explanation}; predicts {quote(row.next_token)}"
-        return explanation
+        if "next" not in self.claim_types or row.next_token is None:
+            return explanation
+        claims = split_claims(explanation)
+        before = self.claim_types[: self.claim_types.index("next")]  # the kinds written ahead of it
+        at = sum(self.claim(c).kind in before for c in claims)
+        claims.insert(at, f"predicts {quote(row.next_token)}")
+        return "; ".join(claims)
 
     def claim(self, text: str) -> Claim:
         """One claim of this format, or MALFORMED (a claim type the format does not write is malformed too)."""
@@ -244,7 +252,7 @@ class ExtractiveFormat:
         claims = [self.claim(c) for c in split_claims(explanation)]
         kinds = [c.kind for c in claims]
         in_order = kinds == [k for k in self.claim_types if k in kinds]  # known kinds, in the format's order
-        return Parsed(claims, kinds[:1] == ["quote"] and in_order and len(set(kinds)) == len(kinds))
+        return Parsed(claims, "quote" in kinds and in_order and len(set(kinds)) == len(kinds))
 
     def check(self, claim: Claim, context: str | Row) -> dict[str, float]:
         row = as_row(context)

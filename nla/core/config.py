@@ -248,9 +248,10 @@ class TeacherConfig:
         default=16,
     )
     teacher_claims: str = _help(
-        "What the extractive teacher says, in order: 'quote' (the exact ending, always first), then "
-        "any of 'topic' (the context's most frequent long word) and 'next' (the model's own most "
-        "likely next token there: datagen runs the whole model to record it), comma-separated. "
+        "What the extractive teacher says, in the order written: 'quote' (the exact ending, always "
+        "there) and any of 'topic' (the context's most frequent long word) and 'next' (the model's own "
+        "most likely next token there: datagen runs the whole model to record it), comma-separated "
+        "('next,quote' writes the prediction before the quote). "
         "The topic is off by default: measured, the AV got it right at about chance and it "
         "lowered the pair.",
         default="quote",
