@@ -177,7 +177,7 @@ _TOPIC = re.compile(r"about (\S.*)", re.S)
 _NEXT = re.compile(r'predicts "(.*)"', re.S)
 
 
-EXTRACTIVE_CLAIMS = ("quote", "topic", "next")  # what the extractive format can say, in its order
+EXTRACTIVE_CLAIMS = ("quote", "topic", "next")  # what the extractive format can say (in any order a list gives)
 LEGACY_CLAIMS = ("quote", "topic")  # what a format record without a claim list means (it predates the choice)
 
 
