@@ -58,9 +58,10 @@ def test_bench_tiny_model_keys_and_ratios(tiny_model_dir):
 
 
 def test_probe_reads_the_own_token_from_a_tiny_models_vectors(tiny_model_dir, tmp_path):
-    """bench/probe.py end to end on a real datagen output (tiny model, 60 documents): every target has
-    its numbers, and the position's own token, which the residual stream carries, is read above the
-    majority label (the probe would fail this if it read nothing)."""
+    """bench/probe.py end to end on a real datagen output (tiny model, 60 documents): every fact has
+    its numbers; the position's own token, which the residual stream carries, is read above the
+    majority label (the probe would fail this if it read nothing); knowing the own token a second
+    time adds nothing to the token reader's FVE (6 test rows here: the FVEs themselves mean little)."""
     from nla.cli import main as nla_main
 
     out = tmp_path / "run"
@@ -70,7 +71,31 @@ def test_probe_reads_the_own_token_from_a_tiny_models_vectors(tiny_model_dir, tm
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     results = probe.measure(out / "data", [1, 2], epochs=100, seed=0)
-    assert set(results) == {"token", "token -1", "model's next token"}
+    rules = {"starts a word", "position / 32", *probe.CONTEXT_RULES}
+    assert set(results) == {"token", "token -1", "model's next token", *rules}
     for r in results.values():
         assert all(0.0 <= r[k] <= 1.0 for k in ("probe", "majority", "from_own_token", "seen_in_train"))
-    assert results["token"]["probe"] > results["token"]["majority"] + 0.1, results["token"]
+        assert all(math.isfinite(r[k]) for k in ("fve_token", "fve_with_truth", "fve_with_probe"))
+    token = results["token"]
+    assert token["probe"] > token["majority"] + 0.1, token
+    assert abs(token["fve_with_truth"] - token["fve_token"]) < 0.01, token
+
+
+def test_probe_context_rules_on_constructed_contexts():
+    """Each rule on contexts built to have one answer, and its other answer."""
+    spec = importlib.util.spec_from_file_location("nla_bench_probe", BENCH.parent / "probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.kind_of_line("Some prose.\n    x = f(y") == "code"
+    assert probe.kind_of_line("Intro\n>>> print(") == "code"
+    assert probe.kind_of_line("Items:\n- the first") == "list item"
+    assert probe.kind_of_line("    indented once\nback to prose") == "prose"
+    assert probe.in_brackets("call f(a, b") == "inside"
+    assert probe.in_brackets("call f(a, b) and") == "outside"
+    assert probe.in_brackets("(old)\n\nnew paragraph [") == "inside"
+    assert probe.in_quotes("use `len") == "inside"
+    assert probe.in_quotes('say "hi" then') == "outside"
+    assert probe.words_into_sentence("Done. The") == "0-1"
+    assert probe.words_into_sentence("Done. The cat sat on the mat") == "5-9"
+    assert probe.chars_into_line("a\nabc") == "<8"
+    assert probe.chars_into_line("x" * 40) == "32-63"
