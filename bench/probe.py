@@ -109,17 +109,24 @@ def targets(split, tokenizer, offsets: list[int]) -> dict[str, list[int | str]]:
     return out
 
 
-def fit_probe(x: torch.Tensor, labels: list, epochs: int, seed: int) -> Callable[[torch.Tensor], list]:
-    """A softmax probe fit full-batch; returns the reader: vectors -> predicted labels."""
+def fit_probe(x: torch.Tensor, labels: list, epochs: int, seed: int, hidden: int = 0) -> Callable[[torch.Tensor], list]:
+    """A softmax probe fit full-batch (linear, or with `hidden` > 0 one GELU layer of that width
+    with dropout: does a nonlinear reader find more?); returns the reader: vectors -> labels."""
     classes = {c: i for i, c in enumerate(sorted(set(labels), key=str))}
     y = torch.tensor([classes[c] for c in labels])
     torch.manual_seed(seed)
-    probe = torch.nn.Linear(x.shape[1], len(classes))
+    if hidden > 0:
+        layers = [torch.nn.Dropout(0.2), torch.nn.Linear(x.shape[1], hidden), torch.nn.GELU(), torch.nn.Dropout(0.3)]
+        probe = torch.nn.Sequential(*layers, torch.nn.Linear(hidden, len(classes)))
+    else:
+        probe = torch.nn.Linear(x.shape[1], len(classes))
     opt = torch.optim.Adam(probe.parameters(), lr=1e-3, weight_decay=1e-4)
+    probe.train()
     for _ in range(epochs):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(probe(x), y).backward()
         opt.step()
+    probe.eval()
     inverse = {i: c for c, i in classes.items()}
 
     @torch.no_grad()
@@ -145,7 +152,7 @@ def ridge_fve(x_train, y_train, x_test, y_test, scale: float) -> float:
     return metrics.fve_nrm(metrics.normalize(pred, scale), y_test, scale)
 
 
-def measure(data_dir: Path, offsets: list[int], epochs: int, seed: int) -> dict[str, dict[str, float]]:
+def measure(data_dir: Path, offsets: list[int], epochs: int, seed: int, hidden: int = 0) -> dict[str, dict[str, float]]:
     splits = [load_split(split_path(data_dir, s)) for s in TRAIN_SPLITS]
     test = load_split(split_path(data_dir, "test"))
     tokenizer = ModelSource().tokenizer(test.meta.base_model)
@@ -162,7 +169,7 @@ def measure(data_dir: Path, offsets: list[int], epochs: int, seed: int) -> dict[
     fve_token = ridge_fve(own_train, y_train, own_test, y_test, scale)
     results = {}
     for name in [k for k in train_t if not k.startswith("_") and k in test_t]:
-        read = fit_probe(x_train, train_t[name], epochs, seed)(x_test)
+        read = fit_probe(x_train, train_t[name], epochs, seed, hidden)(x_test)
         truth = test_t[name]
         majority = collections.Counter(train_t[name]).most_common(1)[0][0]
         table = collections.defaultdict(collections.Counter)
@@ -195,8 +202,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--offsets", default="1,2,3,4", help="token offsets back from the position (1: its own)")
     parser.add_argument("--epochs", type=int, default=300, help="full-batch Adam steps per probe")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=0, help="0: linear probes; N: one hidden layer of width N")
     args = parser.parse_args(argv)
-    results = measure(args.data_dir, [int(k) for k in args.offsets.split(",")], args.epochs, args.seed)
+    offsets = [int(k) for k in args.offsets.split(",")]
+    results = measure(args.data_dir, offsets, args.epochs, args.seed, args.hidden)
     print(f"strict FVE of a reader that knows only the own token: {next(iter(results.values()))['fve_token']:.3f}")
     print(f"{'fact':<22} {'probe':>6} {'majority':>9} {'own token':>10} {'seen':>5} {'+truth':>7} {'+probe':>7}")
     for name, r in results.items():
@@ -204,7 +213,9 @@ def main(argv: list[str]) -> int:
             f"{name:<22} {r['probe']:>6.3f} {r['majority']:>9.3f} {r['from_own_token']:>10.3f} {r['seen_in_train']:>5.2f}"
             f" {r['fve_with_truth'] - r['fve_token']:>+7.3f} {r['fve_with_probe'] - r['fve_token']:>+7.3f}"
         )
-    print(json.dumps({"data_dir": str(args.data_dir), "epochs": args.epochs, "results": results}))
+    print(
+        json.dumps({"data_dir": str(args.data_dir), "epochs": args.epochs, "hidden": args.hidden, "results": results})
+    )
     return 0
 
 

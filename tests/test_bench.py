@@ -99,3 +99,21 @@ def test_probe_context_rules_on_constructed_contexts():
     assert probe.words_into_sentence("Done. The cat sat on the mat") == "5-9"
     assert probe.chars_into_line("a\nabc") == "<8"
     assert probe.chars_into_line("x" * 40) == "32-63"
+
+
+def test_probe_reads_a_planted_label_linear_and_hidden():
+    """fit_probe on vectors whose label is planted in one direction: both readers find it on fresh
+    rows; shuffled labels are read at about chance (a probe that memorised would fail the first,
+    one that read nothing the second)."""
+    spec = importlib.util.spec_from_file_location("nla_bench_probe", BENCH.parent / "probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 16, generator=g)
+    labels = ["a" if v > 0 else "b" for v in x[:, 3].tolist()]
+    shuffled = [labels[i] for i in torch.randperm(600, generator=g).tolist()]
+    for hidden in (0, 32):
+        read = probe.fit_probe(x[:400], labels[:400], epochs=500, seed=0, hidden=hidden)(x[400:])
+        assert sum(p == t for p, t in zip(read, labels[400:])) / 200 > 0.75, hidden
+        read = probe.fit_probe(x[:400], shuffled[:400], epochs=500, seed=0, hidden=hidden)(x[400:])
+        assert sum(p == t for p, t in zip(read, shuffled[400:])) / 200 < 0.65, hidden
