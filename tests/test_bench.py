@@ -57,6 +57,14 @@ def test_bench_tiny_model_keys_and_ratios(tiny_model_dir):
     assert "command" not in result  # added by main(), which also writes files; run_all writes none
 
 
+def _probe_module():
+    """bench/probe.py, a script outside the package, loaded as a module."""
+    spec = importlib.util.spec_from_file_location("nla_bench_probe", BENCH.parent / "probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    return probe
+
+
 def test_probe_reads_the_own_token_from_a_tiny_models_vectors(tiny_model_dir, tmp_path):
     """bench/probe.py end to end on a real datagen output (tiny model, 60 documents): every fact has
     its numbers; the position's own token, which the residual stream carries, is read above the
@@ -67,9 +75,7 @@ def test_probe_reads_the_own_token_from_a_tiny_models_vectors(tiny_model_dir, tm
     out = tmp_path / "run"
     args = ["datagen", "--config", "configs/smoke.yaml", "--model", str(tiny_model_dir), "--output_dir", str(out)]
     assert nla_main([*args, "--teacher", "extractive", "--teacher_claims", "quote,next", "--max_docs", "60"]) == 0
-    spec = importlib.util.spec_from_file_location("nla_bench_probe", BENCH.parent / "probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _probe_module()
     results = probe.measure(out / "data", [1, 2], epochs=100, seed=0)
     rules = {"starts a word", "position / 32", *probe.CONTEXT_RULES}
     assert set(results) == {"token", "token -1", "model's next token", *rules}
@@ -83,9 +89,7 @@ def test_probe_reads_the_own_token_from_a_tiny_models_vectors(tiny_model_dir, tm
 
 def test_probe_context_rules_on_constructed_contexts():
     """Each rule on contexts built to have one answer, and its other answer."""
-    spec = importlib.util.spec_from_file_location("nla_bench_probe", BENCH.parent / "probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _probe_module()
     assert probe.kind_of_line("Some prose.\n    x = f(y") == "code"
     assert probe.kind_of_line("Intro\n>>> print(") == "code"
     assert probe.kind_of_line("Items:\n- the first") == "list item"
@@ -103,11 +107,9 @@ def test_probe_context_rules_on_constructed_contexts():
 
 def test_probe_reads_a_planted_label_linear_and_hidden():
     """fit_probe on vectors whose label is planted in one direction: both readers find it on fresh
-    rows; shuffled labels are read at about chance (a probe that memorised would fail the first,
-    one that read nothing the second)."""
-    spec = importlib.util.spec_from_file_location("nla_bench_probe", BENCH.parent / "probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    rows, and shuffled labels at about chance (a probe that read nothing would fail the first; one
+    scored on the rows it was fit on, the second)."""
+    probe = _probe_module()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(600, 16, generator=g)
     labels = ["a" if v > 0 else "b" for v in x[:, 3].tolist()]
