@@ -2,7 +2,7 @@
 fact about a position, how well a linear probe reads it from the layer-K vector (could an AV say
 it?) and how much of the vector it explains beyond the position's own token (would an AR use it?).
 
-    python bench/probe.py --data_dir runs/demo-long/data            # ~5 minutes on 2 CPU cores
+    python bench/probe.py --data_dir runs/demo-long/data            # ~1.5 minutes on 2 CPU cores
 
 Every fact is checkable on the row's context (the document up to and including the position's
 token): the tokens before the position, the model's own next-token prediction where datagen
@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from nla.core import metrics
+from nla.core.translate import fit_ridge
 from nla.data.splits import load_split, split_path
 from nla.models.sources import ModelSource
 
@@ -143,12 +144,12 @@ def one_hot(values: list, classes: dict) -> torch.Tensor:
     return x
 
 
-def ridge_fve(x_train, y_train, x_test, y_test, scale: float) -> float:
-    """Strict FVE on test of a ridge map with intercept, solved in the dual (rows < one-hot columns)."""
-    mu_x, mu_y = x_train.mean(0), y_train.mean(0)
-    a, b = x_train - mu_x, y_train - mu_y
-    alpha = torch.linalg.solve(a @ a.T + RIDGE_LAMBDA * torch.eye(len(a)), b)
-    pred = (x_test - mu_x) @ (a.T @ alpha) + mu_y
+def ridge_fve(
+    fit: tuple[torch.Tensor, torch.Tensor], x_test: torch.Tensor, y_test: torch.Tensor, scale: float
+) -> float:
+    """Strict FVE on test of a ridge map `fit` = (W, b) from `translate.fit_ridge`."""
+    weight, bias = fit
+    pred = (x_test.double() @ weight + bias).float()
     return metrics.fve_nrm(metrics.normalize(pred, scale), y_test, scale)
 
 
@@ -166,7 +167,7 @@ def measure(data_dir: Path, offsets: list[int], epochs: int, seed: int, hidden: 
     test_t = targets(test, tokenizer, offsets)
     own = {c: i for i, c in enumerate(sorted(set(train_t["_own"])))}
     own_train, own_test = one_hot(train_t["_own"], own), one_hot(test_t["_own"], own)
-    fve_token = ridge_fve(own_train, y_train, own_test, y_test, scale)
+    fve_token = ridge_fve(fit_ridge(own_train, y_train, RIDGE_LAMBDA), own_test, y_test, scale)
     results = {}
     for name in [k for k in train_t if not k.startswith("_") and k in test_t]:
         read = fit_probe(x_train, train_t[name], epochs, seed, hidden)(x_test)
@@ -177,7 +178,7 @@ def measure(data_dir: Path, offsets: list[int], epochs: int, seed: int, hidden: 
             table[own_id][value] += 1
         from_token = [table[o].most_common(1)[0][0] if o in table else None for o in test_t["_own"]]
         classes = {c: i for i, c in enumerate(sorted(set(train_t[name]), key=str))}
-        x_fact = torch.cat([own_train, one_hot(train_t[name], classes)], 1)
+        fit = fit_ridge(torch.cat([own_train, one_hot(train_t[name], classes)], 1), y_train, RIDGE_LAMBDA)
         n = len(truth)
         results[name] = {
             "probe": sum(p == t for p, t in zip(read, truth)) / n,
@@ -186,12 +187,8 @@ def measure(data_dir: Path, offsets: list[int], epochs: int, seed: int, hidden: 
             "seen_in_train": sum(t in classes for t in truth) / n,
             "classes": len(classes),
             "fve_token": fve_token,
-            "fve_with_truth": ridge_fve(
-                x_fact, y_train, torch.cat([own_test, one_hot(truth, classes)], 1), y_test, scale
-            ),
-            "fve_with_probe": ridge_fve(
-                x_fact, y_train, torch.cat([own_test, one_hot(read, classes)], 1), y_test, scale
-            ),
+            "fve_with_truth": ridge_fve(fit, torch.cat([own_test, one_hot(truth, classes)], 1), y_test, scale),
+            "fve_with_probe": ridge_fve(fit, torch.cat([own_test, one_hot(read, classes)], 1), y_test, scale),
         }
     return results
 
